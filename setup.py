@@ -1,0 +1,23 @@
+"""ordmoe-megatron: OrdMoE expert-rank training for Megatron-Core MoE models.
+
+torch is deliberately *not* listed in install_requires: megatron-core already requires
+torch>=2.6 and the README's install step puts in the CPU wheel (torch==2.13.0) first, or keeps a
+CUDA build that is already installed. Listing torch here could make pip resolve a CUDA wheel.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="ordmoe-megatron",
+    version="0.1.0",
+    description="OrdMoE (routing-score tier ranking) for Megatron-Core expert-parallel training",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ordmoe_megatron", "ordmoe_megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=["megatron-core==0.16.1", "sentencepiece", "numpy"],
+    extras_require={
+        "test": ["pytest", "matplotlib", "transformers", "safetensors"],
+        "te": ["transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["ordmoe-pretrain=ordmoe_megatron.pretrain:main"]},
+)
