@@ -1,0 +1,88 @@
+"""The OrdMoE objective in plain PyTorch (method page §3), no Megatron import.
+
+Shapes: ``C`` paths, ``N`` sequences, ``S`` positions. ``path_logprobs[j, i]`` is the mean
+target log-likelihood of sequence ``i`` on path ``j`` (Eq. 7).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+ADVANTAGE_MODES = ("zscore", "center", "raw")
+
+
+def default_rewards(num_tiers: int) -> list[float]:
+    """Evenly spaced from 1 to 0 (``[1.0, 0.5, 0.0]`` for three tiers); ``[1.0]`` for one."""
+    if num_tiers == 1:
+        return [1.0]
+    return [1.0 - j / (num_tiers - 1) for j in range(num_tiers)]
+
+
+def rank_advantages(rewards: Sequence[float] | torch.Tensor, mode: str = "zscore") -> torch.Tensor:
+    """Advantages of the fixed tier rewards (Eq. 8 and the two open alternatives).
+
+    ``zscore``: ``(r - mean) / std`` with the population std (zero for a single tier);
+    ``center``: ``r - mean``; ``raw``: ``r``.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    if mode == "raw":
+        adv = r
+    elif mode == "center":
+        adv = r - r.mean()
+    elif mode == "zscore":
+        std = r.std(unbiased=False)
+        adv = (r - r.mean()) / std if std > 0 else torch.zeros_like(r)
+    else:
+        raise ValueError(f"--ordmoe-advantage='{mode}' is not one of {', '.join(ADVANTAGE_MODES)}")
+    return adv.float()
+
+
+def expert_rank_loss(
+    path_logprobs: torch.Tensor,
+    rewards: Sequence[float] | torch.Tensor,
+    mode: str = "zscore",
+    floor: Optional[float] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``L_ERL = -(1/N) sum_i sum_j A_j * path_logprobs[j, i]`` (Eq. 9).
+
+    ``floor``: a path with a negative advantage whose log-likelihood is already below the floor
+    keeps its value in the loss but gets no gradient, so it is not pushed further towards -inf.
+    ``reduction``: ``mean`` over sequences, ``sum``, or ``none`` (one value per sequence).
+    """
+    if path_logprobs.dim() != 2:
+        raise ValueError(f"path_logprobs must be [C, N], got shape {tuple(path_logprobs.shape)}")
+    adv = rank_advantages(rewards, mode).to(path_logprobs.device, path_logprobs.dtype)
+    if adv.numel() != path_logprobs.shape[0]:
+        raise ValueError(f"{adv.numel()} rewards for {path_logprobs.shape[0]} paths")
+    logprobs = path_logprobs
+    if floor is not None:
+        stop_push = (adv < 0).unsqueeze(1) & (path_logprobs.detach() < floor)
+        logprobs = torch.where(stop_push, path_logprobs.detach(), path_logprobs)
+    per_sequence = -(adv.unsqueeze(1) * logprobs).sum(dim=0)
+    if reduction == "none":
+        return per_sequence
+    if reduction == "sum":
+        return per_sequence.sum()
+    if reduction == "mean":
+        return per_sequence.mean()
+    raise ValueError(f"reduction='{reduction}' is not one of mean, sum, none")
+
+
+def sequence_logprobs(token_nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-path, per-sequence mean target log-likelihood (Eq. 7).
+
+    ``token_nll`` is ``[C, N, S]`` (negative log-likelihood of each target, as Megatron's
+    ``compute_language_model_loss`` returns it); ``loss_mask`` is ``[N, S]``. A sequence with
+    no counted token gets 0.
+    """
+    mask = loss_mask.to(token_nll.dtype)
+    return -(token_nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def tier_order_correct(path_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per sequence: 1.0 where ``L_1 > L_2 > ... > L_C`` holds strictly, else 0.0."""
+    if path_logprobs.shape[0] == 1:
+        return torch.ones_like(path_logprobs[0])
+    return (path_logprobs[:-1] > path_logprobs[1:]).all(dim=0).to(path_logprobs.dtype)

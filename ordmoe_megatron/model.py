@@ -1,0 +1,96 @@
+"""``OrdMoEGPTModel``: Megatron's ``GPTModel`` that runs all ``C`` tier paths in one forward.
+
+The embedded input ``[s, b, h]`` is repeated path-major into ``[s, C*b, h]`` (path ``j`` owns
+batch rows ``j*b .. (j+1)*b-1``); labels and per-sample masks are repeated the same way. Every
+layer then processes all paths at once, each MoE layer doing one dispatch and one combine, and
+the output is the per-token loss ``[C*b, s]`` (with labels) or logits for every path.
+Attention, dense MLPs, embeddings and the output layer are shared weights; rows never mix.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+
+from ordmoe_megatron.config import OrdMoEConfig
+from ordmoe_megatron.router import TierRouter
+from ordmoe_megatron.specs import ordmoe_layer_spec
+
+
+def moe_layer_numbers(config) -> list[int]:
+    """1-based numbers of the MoE layers under ``config.moe_layer_freq``."""
+    freq = getattr(config, "moe_layer_freq", 1)
+    if isinstance(freq, int):
+        return [l for l in range(1, config.num_layers + 1) if (l - 1) % freq == 0]
+    return [l for l, is_moe in enumerate(freq, start=1) if is_moe]
+
+
+class OrdMoEGPTModel(GPTModel):
+    """``GPTModel`` with OrdMoE tier paths; takes the same arguments plus ``ordmoe``.
+
+    Pass the layer spec you would give ``GPTModel``; its MoE routers become ``TierRouter``s.
+    OrdMoE adds no parameters: the state dict is a plain ``GPTModel``'s (plus the running score
+    means with ``ranking='average'``).
+    """
+
+    def __init__(self, config, transformer_layer_spec, *args, ordmoe: OrdMoEConfig, **kwargs):
+        ordmoe.validate_for_model(config, moe_layer_numbers(config))
+        super().__init__(config, ordmoe_layer_spec(transformer_layer_spec, ordmoe), *args, **kwargs)
+        self.ordmoe = ordmoe
+        self.num_paths = 1
+        self.set_num_paths(ordmoe.num_tiers)
+
+    def tier_routers(self) -> list[TierRouter]:
+        return [m for m in self.modules() if isinstance(m, TierRouter)]
+
+    def set_num_paths(self, num_paths: int) -> None:
+        """Run ``num_paths`` tier paths (1 = the plain top-K model, e.g. for generation)."""
+        if not 1 <= num_paths <= self.ordmoe.num_tiers:
+            raise ValueError(f"num_paths={num_paths} must be between 1 and --ordmoe-num-tiers={self.ordmoe.num_tiers}")
+        self.num_paths = num_paths
+        for router in self.tier_routers():
+            router.num_input_paths = num_paths
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        decoder_input: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        *args,
+        padding_mask: Optional[torch.Tensor] = None,
+        **kwargs,
+    ):
+        paths = self.num_paths
+        if paths > 1:
+            if self.pre_process:
+                if decoder_input is None:
+                    decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+                    padding_mask = self._scatter_padding_mask(padding_mask)
+                decoder_input = decoder_input.repeat(1, paths, 1)
+            labels = _repeat_batch(labels, paths, dim=0)
+            padding_mask = _repeat_batch(padding_mask, paths, dim=0)
+            if attention_mask is not None and attention_mask.shape[0] > 1:
+                attention_mask = _repeat_batch(attention_mask, paths, dim=0)
+        return super().forward(
+            input_ids, position_ids, attention_mask, decoder_input, labels, *args, padding_mask=padding_mask, **kwargs
+        )
+
+    def _scatter_padding_mask(self, padding_mask):
+        # GPTModel scatters the padding mask for sequence parallelism only when it embeds the
+        # input itself; we embed here (to fan out), so we do the same.
+        if padding_mask is None or not self.config.sequence_parallel:
+            return padding_mask
+        scattered = tensor_parallel.scatter_to_sequence_parallel_region(padding_mask.transpose(0, 1).contiguous())
+        return scattered.transpose(0, 1).contiguous()
+
+
+def _repeat_batch(tensor: Optional[torch.Tensor], paths: int, dim: int) -> Optional[torch.Tensor]:
+    if tensor is None:
+        return None
+    reps = [1] * tensor.dim()
+    reps[dim] = paths
+    return tensor.repeat(*reps)

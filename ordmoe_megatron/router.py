@@ -1,0 +1,117 @@
+"""The tier router: Megatron's ``TopKRouter`` on path 1, tier-constrained routing on paths 2..C.
+
+Plugged in through ``MoESubmodules.router`` (see ``specs.py``). The model stacks its ``C`` paths
+along the batch dimension (``[s, C*b, h]``, path-major), so one router call routes every path
+and the MoE layer does one dispatch and one combine for all of them.
+
+Path 1 goes through ``TopKRouter.routing`` untouched: its probabilities and routing map are bit
+for bit the standard ones, and it alone feeds the load-balancing losses, the z-loss and the
+expert-bias token counts. Paths 2..C get tier ``j`` of their own scores with the model's gating
+rule, and carry no auxiliary loss.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.moe_utils import apply_random_logits, topk_routing_with_score_function
+from megatron.core.transformer.moe.router import TopKRouter
+
+from ordmoe_megatron.config import OrdMoEConfig
+from ordmoe_megatron.tiers import rank_order, select_tier
+
+
+class TierRouter(TopKRouter):
+    """``TopKRouter`` that also routes the lower tiers of an OrdMoE model."""
+
+    def __init__(self, config, pg_collection=None, *, ordmoe: OrdMoEConfig):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.ordmoe = ordmoe
+        self.tiers = ordmoe.tiers(config.num_moe_experts, config.moe_router_topk)
+        # Paths stacked on the batch dimension of this layer's input; the model sets it.
+        self.num_input_paths = 1
+        # Tokens per expert on each path in the last forward, for the per-tier load logs.
+        self.tier_load: Optional[torch.Tensor] = None
+        if ordmoe.ranking == "average":
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            # Running mean of routing scores: training state, saved with the model.
+            self.register_buffer("score_sum", torch.zeros(config.num_moe_experts, dtype=torch.float64, device=device))
+            self.register_buffer("score_count", torch.zeros((), dtype=torch.float64, device=device))
+
+    @property
+    def tier_routing_active(self) -> bool:
+        return self.layer_number is None or self.ordmoe.in_scope(self.layer_number)
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        paths = self.num_input_paths
+        if paths == 1:
+            probs, routing_map = super().forward(input, padding_mask=padding_mask)
+            self.tier_load = routing_map.detach().sum(0, keepdim=True).float()
+            return probs, routing_map
+
+        self._maintain_float32_expert_bias()
+        input = self.apply_input_jitter(input)
+        logits = self.gating(input)
+        if self.config.moe_router_force_load_balancing:
+            logits = apply_random_logits(logits)
+        seq, stacked, n = logits.shape
+        batch = stacked // paths
+        per_path = logits.view(seq, paths, batch, n)
+        path1_padding = None if padding_mask is None else padding_mask.reshape(seq, paths, batch)[:, 0]
+
+        # Path 1: exactly TopKRouter (z-loss, aux losses, expert-bias counts see path 1 only).
+        path1_logits = per_path[:, 0].contiguous()
+        probs = [None] * paths
+        maps = [None] * paths
+        probs[0], maps[0] = self.routing(path1_logits, padding_mask=path1_padding)
+        if self.ordmoe.ranking == "average":
+            self._update_score_mean(path1_logits.view(-1, n))
+
+        for j in range(1, paths):
+            tier_logits = per_path[:, j].reshape(-1, n)
+            if self.tier_routing_active:
+                probs[j], maps[j] = select_tier(
+                    tier_logits,
+                    self.tiers[j],
+                    self.topk,
+                    score_function=self.score_function,
+                    use_pre_softmax=self.config.moe_router_pre_softmax,
+                    scaling_factor=self.config.moe_router_topk_scaling_factor,
+                    expert_bias=self.expert_bias,
+                    order=self._tier_order(tier_logits),
+                )
+            else:  # out-of-scope layer: the standard top-K on every path, no auxiliary losses
+                probs[j], maps[j] = topk_routing_with_score_function(
+                    tier_logits,
+                    self.topk,
+                    use_pre_softmax=self.config.moe_router_pre_softmax,
+                    scaling_factor=self.config.moe_router_topk_scaling_factor,
+                    score_function=self.score_function,
+                    expert_bias=self.expert_bias,
+                    fused=self.config.moe_router_fusion,
+                )
+        self.tier_load = torch.stack([m.detach().sum(0) for m in maps]).float()
+        stack = lambda xs: torch.stack([x.view(seq, batch, n) for x in xs], dim=1).view(-1, n)
+        return stack(probs), stack(maps)
+
+    def _tier_order(self, tier_logits: torch.Tensor) -> Optional[torch.Tensor]:
+        """The expert order that tiers are cut from, where it is not the token's own scores."""
+        if self.ordmoe.grouping == "random":
+            # Default generator: identical on all tensor-parallel ranks of the same data.
+            keys = torch.rand(tier_logits.shape, device=tier_logits.device)
+            return rank_order(keys)
+        if self.ordmoe.ranking == "average":
+            return rank_order(self.score_sum / self.score_count.clamp(min=1))
+        return None
+
+    @torch.no_grad()
+    def _update_score_mean(self, logits: torch.Tensor) -> None:
+        if not (self.training and torch.is_grad_enabled()):
+            return  # evaluation and activation recomputation do not count
+        scores = torch.sigmoid(logits.float()) if self.score_function == "sigmoid" else torch.softmax(logits.float(), -1)
+        stats = torch.cat([scores.sum(0).double(), torch.tensor([scores.shape[0]], dtype=torch.float64, device=scores.device)])
+        if dist.is_initialized() and self.tp_dp_cp_group is not None and dist.get_world_size(self.tp_dp_cp_group) > 1:
+            dist.all_reduce(stats, group=self.tp_dp_cp_group)
+        self.score_sum += stats[:-1]
+        self.score_count += stats[-1]
