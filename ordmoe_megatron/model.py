@@ -39,19 +39,24 @@ class OrdMoEGPTModel(GPTModel):
         ordmoe.validate_for_model(config, moe_layer_numbers(config))
         super().__init__(config, ordmoe_layer_spec(transformer_layer_spec, ordmoe), *args, **kwargs)
         self.ordmoe = ordmoe
-        self.num_paths = 1
-        self.set_num_paths(ordmoe.num_tiers)
+        self.path_tiers = [0]
+        self.set_path_tiers(list(range(ordmoe.num_tiers)))
 
     def tier_routers(self) -> list[TierRouter]:
         return [m for m in self.modules() if isinstance(m, TierRouter)]
 
-    def set_num_paths(self, num_paths: int) -> None:
-        """Run ``num_paths`` tier paths (1 = the plain top-K model, e.g. for generation)."""
-        if not 1 <= num_paths <= self.ordmoe.num_tiers:
-            raise ValueError(f"num_paths={num_paths} must be between 1 and --ordmoe-num-tiers={self.ordmoe.num_tiers}")
-        self.num_paths = num_paths
+    @property
+    def num_paths(self) -> int:
+        return len(self.path_tiers)
+
+    def set_path_tiers(self, path_tiers: list[int]) -> None:
+        """Which tier each stacked path runs: ``[0, 1, .., C-1]`` trains OrdMoE (the default),
+        ``[0]`` is the plain top-K model (generation), ``[j]`` runs tier ``j`` alone."""
+        if not path_tiers or any(not 0 <= t < self.ordmoe.num_tiers for t in path_tiers):
+            raise ValueError(f"path tiers {path_tiers} must be tier indices 0..{self.ordmoe.num_tiers - 1}")
+        self.path_tiers = list(path_tiers)
         for router in self.tier_routers():
-            router.num_input_paths = num_paths
+            router.path_tiers = self.path_tiers
 
     def forward(
         self,

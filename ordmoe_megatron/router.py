@@ -29,8 +29,9 @@ class TierRouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection)
         self.ordmoe = ordmoe
         self.tiers = ordmoe.tiers(config.num_moe_experts, config.moe_router_topk)
-        # Paths stacked on the batch dimension of this layer's input; the model sets it.
-        self.num_input_paths = 1
+        # The tier each path stacked on this layer's batch dimension runs (0 = standard top-K);
+        # the model sets it: [0] is plain top-K, [0, 1, .., C-1] the fused OrdMoE forward.
+        self.path_tiers = [0]
         # Tokens per expert on each path in the last forward, for the per-tier load logs.
         self.tier_load: Optional[torch.Tensor] = None
         if ordmoe.ranking == "average":
@@ -44,8 +45,7 @@ class TierRouter(TopKRouter):
         return self.layer_number is None or self.ordmoe.in_scope(self.layer_number)
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        paths = self.num_input_paths
-        if paths == 1:
+        if self.path_tiers == [0]:
             probs, routing_map = super().forward(input, padding_mask=padding_mask)
             self.tier_load = routing_map.detach().sum(0, keepdim=True).float()
             return probs, routing_map
@@ -56,24 +56,35 @@ class TierRouter(TopKRouter):
         if self.config.moe_router_force_load_balancing:
             logits = apply_random_logits(logits)
         seq, stacked, n = logits.shape
+        paths = len(self.path_tiers)
         batch = stacked // paths
         per_path = logits.view(seq, paths, batch, n)
-        path1_padding = None if padding_mask is None else padding_mask.reshape(seq, paths, batch)[:, 0]
+        path0_padding = None if padding_mask is None else padding_mask.reshape(seq, paths, batch)[:, 0]
 
-        # Path 1: exactly TopKRouter (z-loss, aux losses, expert-bias counts see path 1 only).
-        path1_logits = per_path[:, 0].contiguous()
-        probs = [None] * paths
-        maps = [None] * paths
-        probs[0], maps[0] = self.routing(path1_logits, padding_mask=path1_padding)
-        if self.ordmoe.ranking == "average":
-            self._update_score_mean(path1_logits.view(-1, n))
-
-        for j in range(1, paths):
-            tier_logits = per_path[:, j].reshape(-1, n)
-            if self.tier_routing_active:
-                probs[j], maps[j] = select_tier(
+        probs, maps = [], []
+        for p, tier in enumerate(self.path_tiers):
+            path_logits = per_path[:, p].contiguous()
+            if tier == 0 or not self.tier_routing_active:
+                if p == 0:  # exactly TopKRouter: z-loss, aux losses and expert-bias counts
+                    path_probs, path_map = self.routing(path_logits, padding_mask=path0_padding)
+                    # Evaluation and activation recomputation do not count towards the means.
+                    if self.ordmoe.ranking == "average" and self.training and torch.is_grad_enabled():
+                        self._update_score_mean(path_logits.view(-1, n))
+                else:  # the standard top-K on another path: no auxiliary losses
+                    path_probs, path_map = topk_routing_with_score_function(
+                        path_logits.view(-1, n),
+                        self.topk,
+                        use_pre_softmax=self.config.moe_router_pre_softmax,
+                        scaling_factor=self.config.moe_router_topk_scaling_factor,
+                        score_function=self.score_function,
+                        expert_bias=self.expert_bias,
+                        fused=self.config.moe_router_fusion,
+                    )
+            else:
+                tier_logits = path_logits.view(-1, n)
+                path_probs, path_map = select_tier(
                     tier_logits,
-                    self.tiers[j],
+                    self.tiers[tier],
                     self.topk,
                     score_function=self.score_function,
                     use_pre_softmax=self.config.moe_router_pre_softmax,
@@ -81,19 +92,10 @@ class TierRouter(TopKRouter):
                     expert_bias=self.expert_bias,
                     order=self._tier_order(tier_logits),
                 )
-            else:  # out-of-scope layer: the standard top-K on every path, no auxiliary losses
-                probs[j], maps[j] = topk_routing_with_score_function(
-                    tier_logits,
-                    self.topk,
-                    use_pre_softmax=self.config.moe_router_pre_softmax,
-                    scaling_factor=self.config.moe_router_topk_scaling_factor,
-                    score_function=self.score_function,
-                    expert_bias=self.expert_bias,
-                    fused=self.config.moe_router_fusion,
-                )
-        self.tier_load = torch.stack([m.detach().sum(0) for m in maps]).float()
-        stack = lambda xs: torch.stack([x.view(seq, batch, n) for x in xs], dim=1).view(-1, n)
-        return stack(probs), stack(maps)
+            probs.append(path_probs.view(seq, batch, n))
+            maps.append(path_map.view(seq, batch, n))
+        self.tier_load = torch.stack([m.detach().sum((0, 1)) for m in maps]).float()
+        return torch.stack(probs, dim=1).view(-1, n), torch.stack(maps, dim=1).view(-1, n)
 
     def _tier_order(self, tier_logits: torch.Tensor) -> Optional[torch.Tensor]:
         """The expert order that tiers are cut from, where it is not the token's own scores."""
@@ -107,8 +109,6 @@ class TierRouter(TopKRouter):
 
     @torch.no_grad()
     def _update_score_mean(self, logits: torch.Tensor) -> None:
-        if not (self.training and torch.is_grad_enabled()):
-            return  # evaluation and activation recomputation do not count
         scores = torch.sigmoid(logits.float()) if self.score_function == "sigmoid" else torch.softmax(logits.float(), -1)
         stats = torch.cat([scores.sum(0).double(), torch.tensor([scores.shape[0]], dtype=torch.float64, device=scores.device)])
         if dist.is_initialized() and self.tp_dp_cp_group is not None and dist.get_world_size(self.tp_dp_cp_group) > 1:

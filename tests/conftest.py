@@ -1,0 +1,25 @@
+"""Shared fixtures: a single-process Megatron (gloo on CPU, or NCCL when a GPU is present)."""
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def megatron_single_process():
+    """torch.distributed with world size 1 and Megatron's parallel state (all sizes 1)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from ordmoe_megatron import cpu_emulation
+
+    cpu_emulation.enable()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, rank=0, world_size=1)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1234)
+    yield parallel_state
