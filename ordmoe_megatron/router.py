@@ -32,7 +32,8 @@ class TierRouter(TopKRouter):
         # The tier each path stacked on this layer's batch dimension runs (0 = standard top-K);
         # the model sets it: [0] is plain top-K, [0, 1, .., C-1] the fused OrdMoE forward.
         self.path_tiers = [0]
-        # Tokens per expert on each path in the last forward, for the per-tier load logs.
+        # Tokens per expert on each path, summed over forwards until the trainer resets it
+        # (per-tier load logs).
         self.tier_load: Optional[torch.Tensor] = None
         if ordmoe.ranking == "average":
             device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
@@ -47,7 +48,7 @@ class TierRouter(TopKRouter):
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         if self.path_tiers == [0]:
             probs, routing_map = super().forward(input, padding_mask=padding_mask)
-            self.tier_load = routing_map.detach().sum(0, keepdim=True).float()
+            self._count_load(routing_map.detach().sum(0, keepdim=True))
             return probs, routing_map
 
         self._maintain_float32_expert_bias()
@@ -94,8 +95,12 @@ class TierRouter(TopKRouter):
                 )
             probs.append(path_probs.view(seq, batch, n))
             maps.append(path_map.view(seq, batch, n))
-        self.tier_load = torch.stack([m.detach().sum((0, 1)) for m in maps]).float()
+        self._count_load(torch.stack([m.detach().sum((0, 1)) for m in maps]))
         return torch.stack(probs, dim=1).view(-1, n), torch.stack(maps, dim=1).view(-1, n)
+
+    def _count_load(self, load: torch.Tensor) -> None:
+        load = load.float()
+        self.tier_load = load if self.tier_load is None or self.tier_load.shape != load.shape else self.tier_load + load
 
     def _tier_order(self, tier_logits: torch.Tensor) -> Optional[torch.Tensor]:
         """The expert order that tiers are cut from, where it is not the token's own scores."""

@@ -1,0 +1,322 @@
+"""``ordmoe-pretrain``: train a small GPT-MoE with OrdMoE using megatron-core's own pieces.
+
+One process on CPU (gloo, through ``cpu_emulation``) or on a GPU, or several under ``torchrun``.
+The embedded default needs no download: synthetic token streams with learnable structure.
+Flags follow Megatron-LM's names; ``--ordmoe`` switches OrdMoE on.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Iterator, Optional
+
+import torch
+
+from ordmoe_megatron.arguments import add_ordmoe_args, ordmoe_config_from_args
+from ordmoe_megatron.config import OrdMoEConfig
+
+TINY_MODEL = dict(
+    num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_experts=8, moe_router_topk=2,
+    moe_ffn_hidden_size=64, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+    disable_bias_linear=True, untie_embeddings_and_output_weights=True, vocab_size=256,
+    make_vocab_size_divisible_by=128, seq_length=64, max_position_embeddings=64,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ordmoe_megatron.model_flags import add_model_args
+
+    parser = argparse.ArgumentParser(
+        prog="ordmoe-pretrain", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_model_args(parser)
+    parser.set_defaults(**TINY_MODEL)
+    add_ordmoe_args(parser)
+    parser.set_defaults(ordmoe=True)
+    train = parser.add_argument_group("training")
+    train.add_argument("--train-iters", type=int, default=200)
+    train.add_argument("--micro-batch-size", type=int, default=4)
+    train.add_argument("--global-batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--min-lr", type=float, default=3e-4)
+    train.add_argument("--lr-warmup-iters", type=int, default=5)
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--clip-grad", type=float, default=1.0)
+    train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
+    train.add_argument("--moe-router-load-balancing-type", default="aux_loss")
+    train.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=("alltoall", "allgather"))
+    train.add_argument("--calculate-per-token-loss", action="store_true")
+    train.add_argument("--log-interval", type=int, default=5)
+    train.add_argument("--metrics-out", type=str, default=None, help="JSON lines, one object per iteration.")
+    train.add_argument("--overwrite", action="store_true", help="Replace an existing --metrics-out file.")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.global_batch_size % args.micro_batch_size:
+        raise SystemExit(
+            f"ordmoe-pretrain: --global-batch-size={args.global_batch_size} must be a multiple of "
+            f"--micro-batch-size={args.micro_batch_size} (times the data-parallel size)"
+        )
+    if args.metrics_out and os.path.exists(args.metrics_out) and not args.overwrite:
+        raise SystemExit(f"ordmoe-pretrain: {args.metrics_out} exists; pass --overwrite to replace it")
+    try:
+        args.ordmoe_config = ordmoe_config_from_args(args)
+    except ValueError as err:
+        raise SystemExit(f"ordmoe-pretrain: {err}") from None
+    return args
+
+
+def init_distributed(seed: int) -> None:
+    """torch.distributed (gloo on CPU with the emulation, NCCL on GPU) and Megatron's state."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from ordmoe_megatron import cpu_emulation
+
+    cpu_emulation.enable()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_config(args):
+    """The model's ``TransformerConfig``; refuses OrdMoE settings the model cannot honour."""
+    from ordmoe_megatron.model import moe_layer_numbers
+    from ordmoe_megatron.model_flags import flags_from_args, transformer_config_from_flags
+
+    config = transformer_config_from_flags(
+        flags_from_args(args),
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type, calculate_per_token_loss=args.calculate_per_token_loss,
+    )
+    if args.ordmoe_config is not None:
+        args.ordmoe_config.validate_for_model(config, moe_layer_numbers(config))
+    return config
+
+
+def build_model(args, config):
+    from ordmoe_megatron.model import OrdMoEGPTModel
+    from ordmoe_megatron.model_flags import flags_from_args, gpt_model_from_flags
+
+    if args.ordmoe_config is None:
+        return gpt_model_from_flags(flags_from_args(args), config)
+    return gpt_model_from_flags(flags_from_args(args), config, model_class=OrdMoEGPTModel, ordmoe=args.ordmoe_config)
+
+
+def synthetic_batches(seed: int, vocab: int, seq: int, batch: int) -> Iterator[dict]:
+    """Endless deterministic batches of three learnable patterns (no download needed): counting
+    with a small stride, a short repeated motif, and copy-after-separator (an induction task)."""
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.arange(seq + 1)
+    while True:
+        rows = []
+        for _ in range(batch):
+            kind = int(torch.randint(3, (1,), generator=g))
+            if kind == 0:
+                start, step = torch.randint(vocab, (1,), generator=g), torch.randint(1, 3, (1,), generator=g)
+                row = (start + step * positions) % vocab
+            elif kind == 1:
+                motif = torch.randint(vocab, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
+                row = motif.repeat(seq // len(motif) + 2)[: seq + 1]
+            else:
+                half = seq // 2
+                segment = torch.randint(1, vocab, (half,), generator=g)
+                row = torch.cat([segment, torch.zeros(1, dtype=torch.long), segment])[: seq + 1]
+            rows.append(row.long())
+        tokens = torch.stack(rows)
+        yield dict(
+            tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
+            loss_mask=torch.ones(batch, seq), position_ids=positions[:seq].unsqueeze(0).expand(batch, -1).contiguous(),
+        )
+
+
+def forward_step(data_iterator, model, *, loss_func):
+    """Megatron ``forward_step``: one micro-batch through the model, loss bound to its mask."""
+    batch = {k: v.to(_device()) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def moe_metrics(model, num_microbatches: int) -> dict:
+    """Load-balancing loss (path 1, mean over MoE layers) and per-tier expert load, then reset."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    from ordmoe_megatron.router import TierRouter
+
+    reduce_aux_losses_tracker_across_ranks()
+    metrics = {}
+    for name, entry in get_moe_layer_wise_logging_tracker().items():
+        values = entry["values"].float()
+        metrics[name] = (values[values != 0].mean() / num_microbatches).item() if (values != 0).any() else 0.0
+    clear_aux_losses_tracker()
+    loads = [m.tier_load for m in model.modules() if isinstance(m, TierRouter) and m.tier_load is not None]
+    if loads and all(l.shape == loads[0].shape for l in loads):
+        load = torch.stack(loads)  # [layers, paths, experts]
+        metrics["tier_load_max_over_mean"] = (load.max(-1).values / load.mean(-1).clamp(min=1e-9)).mean(0).tolist()
+    for m in model.modules():
+        if isinstance(m, TierRouter):
+            m.tier_load = None
+    return metrics
+
+
+def format_log_line(iteration: int, train_iters: int, values: dict, elapsed_ms: float, tokens_per_s: float, lr: float) -> str:
+    parts = [
+        f" iteration {iteration:8d}/{train_iters:8d}",
+        f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
+        f"throughput (tokens/s, all paths): {tokens_per_s:.0f}",
+        f"learning rate: {lr:.3E}",
+        f"lm loss: {values['lm_loss']:.6E}",
+    ]
+    if values.get("rank_loss") is not None:
+        parts.append(f"rank loss: {values['rank_loss']:.6E}")
+    parts.append(f"aux loss: {values['aux_loss']:.6E}")
+    if values.get("path_logprob"):
+        parts.append("path logprob: " + " / ".join(f"{v:.4f}" for v in values["path_logprob"]))
+        parts.append(f"tier order acc: {values['tier_order_acc']:.3f}")
+    if values.get("tier_load_max_over_mean"):
+        parts.append("tier load max/mean: " + " / ".join(f"{v:.2f}" for v in values["tier_load_max_over_mean"]))
+    return " | ".join(parts) + " |"
+
+
+def train(args, config) -> list[dict]:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ordmoe_megatron.objective import ordmoe_loss, reduce_reports
+
+    init_distributed(args.seed)
+    ordmoe = args.ordmoe_config
+    model = build_model(args, config)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if ordmoe is not None:
+        print(ordmoe.describe(config.num_moe_experts, config.moe_router_topk), flush=True)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                        clip_grad=args.clip_grad, bf16=False, fp16=False),
+        [ddp],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.train_iters, lr_decay_style="cosine", start_wd=args.weight_decay,
+        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
+    )
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+    num_paths = ordmoe.num_tiers if ordmoe is not None else 1
+    loss_func = functools.partial(
+        ordmoe_loss, ordmoe=ordmoe or OrdMoEConfig(num_tiers=1), num_paths=num_paths,
+        vocab_size=model.vocab_size, per_token_loss=args.calculate_per_token_loss,
+    )
+    step_fn = functools.partial(forward_step, loss_func=loss_func)
+    num_microbatches = args.global_batch_size // args.micro_batch_size
+    data = synthetic_batches(args.seed, args.vocab_size, args.seq_length, args.micro_batch_size)
+    metrics_file = open(args.metrics_out, "w") if args.metrics_out else None
+    history, window = [], []
+    try:
+        for iteration in range(1, args.train_iters + 1):
+            start = time.perf_counter()
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            reports = get_forward_backward_func()(
+                forward_step_func=step_fn, data_iterator=data, model=[ddp], num_microbatches=num_microbatches,
+                seq_length=args.seq_length, micro_batch_size=args.micro_batch_size * num_paths, forward_only=False,
+            )
+            update_ok, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            reduced = reduce_reports(reports)
+            moe = moe_metrics(model, num_microbatches)
+            record = {
+                "iteration": iteration,
+                "lm_loss": reduced["lm loss"],
+                "rank_loss": reduced.get("rank loss"),
+                "aux_loss": moe.get("load_balancing_loss", 0.0),
+                "path_logprob": [reduced[f"path{j + 1} logprob"] for j in range(num_paths)] if num_paths > 1 else [],
+                "tier_order_acc": reduced.get("tier order acc"),
+                "tier_load_max_over_mean": moe.get("tier_load_max_over_mean"),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "lr": optimizer.param_groups[0]["lr"],
+                "tokens": args.global_batch_size * args.seq_length * num_paths,
+                "time_s": time.perf_counter() - start,
+            }
+            history.append(record)
+            window.append(record)
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                print(format_log_line(iteration, args.train_iters, _mean_record(window),
+                                      1000 * sum(r["time_s"] for r in window) / len(window),
+                                      sum(r["tokens"] for r in window) / sum(r["time_s"] for r in window),
+                                      record["lr"]), flush=True)
+                window = []
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    return history
+
+
+def _mean_record(records: list[dict]) -> dict:
+    out = {}
+    for key, first in records[0].items():
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            out[key] = sum(r[key] for r in records) / len(records)
+        elif isinstance(first, list) and first:
+            out[key] = [sum(r[key][i] for r in records) / len(records) for i in range(len(first))]
+        else:
+            out[key] = first
+    return out
+
+
+def main(argv=None) -> int:
+    # Megatron warns at import about every missing GPU library (TE, Apex); not news on CPU.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+    except ValueError as err:
+        raise SystemExit(f"ordmoe-pretrain: {err}") from None
+    train(args, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
