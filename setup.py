@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ordmoe_megatron", "ordmoe_megatron.*"]),
     python_requires=">=3.10",
-    install_requires=["megatron-core==0.16.1", "sentencepiece", "numpy"],
+    install_requires=["megatron-core==0.16.1", "sentencepiece", "numpy", "psutil"],
     extras_require={
         "test": ["pytest", "matplotlib", "transformers", "safetensors"],
         "te": ["transformer-engine[pytorch]"],

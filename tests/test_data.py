@@ -1,9 +1,10 @@
-"""Tests of the built-in tiny data pipeline (corpus -> tokenizer -> megatron .bin/.idx -> GPTDataset).
+"""Tests of the built-in tiny data pipeline: corpus -> tokenizer -> .bin/.idx -> GPTDataset.
 
 The pipeline is built once per module (about 10 s on 2 CPU cores); every test that damages
 files does so on a copy.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -171,7 +172,7 @@ def test_heldout_prompt_tokens_are_a_prefix_of_the_full_line(tiny, tokenizer):
 
 
 def test_tokenizer_training_is_deterministic(tiny, tmp_path):
-    model = train_sentencepiece([tiny["train_jsonl"]], str(tmp_path / "elsewhere" / "sp"), seed=1234)
+    model = train_sentencepiece([tiny["train_jsonl"]], str(tmp_path / "other" / "sp"), seed=1234)
     assert sha256_file(model) == sha256_file(tiny["tokenizer_model"])
 
 
@@ -208,7 +209,10 @@ def _assert_gpt_sample(sample):
     assert loss_mask.sum() > 0
 
 
-def test_gpt_datasets_from_separate_prefixes(tiny, tokenizer):
+def test_gpt_datasets_without_torch_distributed(tiny, tokenizer, monkeypatch):
+    # Another test module may have initialised a session-wide process group; megatron's
+    # builder only asks torch.distributed.is_initialized(), so hide it to test that path.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     train, valid, test = build_gpt_datasets(
         tiny["train_prefix"], tokenizer, SEQ_LENGTH, (300, 20, None),
         valid_prefix=tiny["valid_prefix"], seed=7,
@@ -230,21 +234,29 @@ def test_gpt_datasets_from_one_prefix_with_split(tiny, tokenizer, tmp_path):
         _assert_gpt_sample(dataset[0])
 
 
-def test_gpt_datasets_with_gloo_initialised(tiny, tokenizer, tmp_path):
+@contextlib.contextmanager
+def _gloo_world_of_one(tmp_path):
+    """A single-rank gloo process group, or the one a conftest fixture already set up."""
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
-    )
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gpt_datasets_with_gloo_initialised(tiny, tokenizer, tmp_path):
+    with _gloo_world_of_one(tmp_path):
         train, valid, _ = build_gpt_datasets(
             tiny["train_prefix"], tokenizer, SEQ_LENGTH, (50, 5, None),
             valid_prefix=tiny["valid_prefix"], path_to_cache=str(tmp_path / "cache"),
         )
         _assert_gpt_sample(train[0])
         _assert_gpt_sample(valid[0])
-    finally:
-        dist.destroy_process_group()
     assert os.listdir(tmp_path / "cache")
 
 
@@ -268,8 +280,14 @@ def test_gpt_datasets_on_two_gloo_ranks_agree(tiny, tmp_path):
     # Plain subprocesses running this file (see __main__ below): cheaper than
     # torch.multiprocessing.spawn, whose children re-import pytest's whole session.
     args = [json.dumps(tiny), str(tmp_path / "pg"), str(tmp_path / "cache")]
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (repo_root, os.environ.get("PYTHONPATH")) if p
+    )}  # the package importable even when it is not installed
     procs = [
-        subprocess.Popen([sys.executable, __file__, str(rank), *args, str(tmp_path / f"{rank}.pt")])
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank), *args, str(tmp_path / f"{rank}.pt")], env=env
+        )
         for rank in (0, 1)
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
