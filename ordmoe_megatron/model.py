@@ -5,6 +5,12 @@ batch rows ``j*b .. (j+1)*b-1``); labels and per-sample masks are repeated the s
 layer then processes all paths at once, each MoE layer doing one dispatch and one combine, and
 the output is the per-token loss ``[C*b, s]`` (with labels) or logits for every path.
 Attention, dense MLPs, embeddings and the output layer are shared weights; rows never mix.
+
+Lazy fan-out: when the first tier-routed layer ``L`` is not layer 1 (dense first layers, or a
+partial layer scope), the paths are identical up to ``L``, so the model runs the embedding and
+layers ``1..L-1`` once and repeats the hidden states just before layer ``L``. With pipeline
+parallelism the fan-out stays at the embedding: every stage must exchange the same activation
+shape, and the schedules size their buffers once.
 """
 from __future__ import annotations
 
@@ -39,8 +45,33 @@ class OrdMoEGPTModel(GPTModel):
         ordmoe.validate_for_model(config, moe_layer_numbers(config))
         super().__init__(config, ordmoe_layer_spec(transformer_layer_spec, ordmoe), *args, **kwargs)
         self.ordmoe = ordmoe
+        self.fanout_layer = self._lazy_fanout_layer()
+        if self.fanout_layer is not None:
+            layer = next(l for l in self.decoder.layers if l.layer_number == self.fanout_layer)
+            layer.register_forward_pre_hook(self._fan_out_before_layer, with_kwargs=True)
         self.path_tiers = [0]
         self.set_path_tiers(list(range(ordmoe.num_tiers)))
+
+    def _lazy_fanout_layer(self) -> Optional[int]:
+        """The layer to fan out before, or None to fan out at the embedding."""
+        config = self.config
+        if not self.ordmoe.lazy_fanout or config.pipeline_model_parallel_size > 1:
+            return None
+        if config.recompute_granularity == "full":
+            return None  # the recomputed block calls its layers without keywords
+        scoped = [l for l in moe_layer_numbers(config) if self.ordmoe.in_scope(l)]
+        first = min(scoped)
+        return first if first > 1 else None
+
+    def _fan_out_before_layer(self, module, args, kwargs):
+        if self.num_paths == 1:
+            return None
+        kwargs["hidden_states"] = _repeat_batch(kwargs["hidden_states"], self.num_paths, dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.shape[0] > 1:
+            kwargs["attention_mask"] = _repeat_batch(mask, self.num_paths, dim=0)
+        kwargs["padding_mask"] = _repeat_batch(kwargs.get("padding_mask"), self.num_paths, dim=0)
+        return args, kwargs
 
     def tier_routers(self) -> list[TierRouter]:
         return [m for m in self.modules() if isinstance(m, TierRouter)]
@@ -56,7 +87,8 @@ class OrdMoEGPTModel(GPTModel):
             raise ValueError(f"path tiers {path_tiers} must be tier indices 0..{self.ordmoe.num_tiers - 1}")
         self.path_tiers = list(path_tiers)
         for router in self.tier_routers():
-            router.path_tiers = self.path_tiers
+            before_fanout = self.fanout_layer is not None and router.layer_number < self.fanout_layer
+            router.path_tiers = [0] if before_fanout else self.path_tiers
 
     def forward(
         self,
@@ -71,12 +103,13 @@ class OrdMoEGPTModel(GPTModel):
     ):
         paths = self.num_paths
         if paths > 1:
+            labels = _repeat_batch(labels, paths, dim=0)
+        if paths > 1 and self.fanout_layer is None:
             if self.pre_process:
                 if decoder_input is None:
                     decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
                     padding_mask = self._scatter_padding_mask(padding_mask)
                 decoder_input = decoder_input.repeat(1, paths, 1)
-            labels = _repeat_batch(labels, paths, dim=0)
             padding_mask = _repeat_batch(padding_mask, paths, dim=0)
             if attention_mask is not None and attention_mask.shape[0] > 1:
                 attention_mask = _repeat_batch(attention_mask, paths, dim=0)
