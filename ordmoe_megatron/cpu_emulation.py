@@ -13,6 +13,10 @@ of silently running unpatched code.
 
 Bridged spots (and why):
 
+0. ``torch.compile`` -- Megatron wraps small fusions in it (``jit_fuser``); on CPU inductor would
+   build C++ kernels (seconds each) and query CUDA device properties, so dynamo is disabled and
+   those functions run eagerly.
+
 1. ``torch.cuda`` runtime API -- Megatron calls ``torch.cuda.Stream/Event/current_stream/
    default_stream/set_stream/stream/synchronize/current_device/set_device/
    get_device_capability/get_device_properties`` and ``torch.cuda.nvtx.range_push/range_pop/
@@ -67,14 +71,19 @@ Bridged spots (and why):
    and ``Tensor.record_stream()`` a no-op, and makes ``Tensor.type()`` report the CUDA type name
    (``'torch.cuda.FloatTensor'``) because Megatron's optimizer and grad clipping assert it.
 
+   The mode is re-entered inside ``Tensor.backward``/``torch.autograd.backward``/``grad``
+   (torch suspends a mode while its handler runs, and Megatron's custom autograd backwards,
+   e.g. the all-to-all, allocate on ``torch.cuda.current_device()``).
+
    Torch-function modes live on a per-thread stack. ``enable()`` pushes the mode onto the stack of
    the calling thread and leaves it there for the life of the thread, so schedules invoked later
-   from user code are covered (autograd propagates the mode into backward). Other threads must
+   from user code are covered. Other threads (e.g. ones a benchmark starts) must
    call ``enable()`` themselves (it pushes the mode once per thread) or use
    :func:`cuda_device_mode` as a context manager.
 
 Not bridged: ``torch.autocast("cuda", ...)`` (used by schedules only when
-``config.enable_autocast`` is set), CUDA graphs, Transformer Engine / Apex kernels and fused
+``config.enable_autocast`` is set; on CPU torch warns and runs it as a disabled autocast), CUDA
+graphs, Transformer Engine / Apex kernels and fused
 ops (keep ``moe_permute_fusion``, ``gradient_accumulation_fusion``, ``bias_*_fusion``,
 ``masked_softmax_fusion`` etc. off), and legacy ``torch.cuda.FloatTensor(...)`` constructors.
 """
@@ -245,7 +254,7 @@ class _DropCpuRngChangedWarning(logging.Filter):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. split sizes as Python ints
+# 4. host-side split sizes
 # --------------------------------------------------------------------------------------------
 def _maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False,
                               record_stream: bool = False) -> Any:
@@ -457,6 +466,17 @@ def _set(obj: Any, name: str, value: Any, where: str) -> None:
     setattr(obj, name, value)
 
 
+def _check_params(fn: Any, names: tuple[str, ...], where: str) -> None:
+    """Upgrade guard for wrapped/replaced functions: the parameters must be the ones our
+    replacement implements."""
+    import inspect
+
+    found = tuple(inspect.signature(fn).parameters)
+    if found != names:
+        raise CPUEmulationError(f"cpu_emulation: {where} has parameters {found}, expected "
+                                f"{names}; this megatron-core version is not supported")
+
+
 def _apply_patches() -> None:
     global _patched
     with _lock:
@@ -472,6 +492,10 @@ def _apply_patches() -> None:
         # 0. Megatron wraps its fusions in torch.compile (jit_fuser). On CPU, inductor would
         # build C++ kernels (seconds each) and query CUDA device properties: run them eagerly.
         torch._dynamo.config.disable = True
+
+        if not hasattr(torch.overrides, "redispatch_function"):
+            raise CPUEmulationError("cpu_emulation: torch.overrides.redispatch_function missing "
+                                    "(needed to keep the device mode active in backward)")
 
         # 1. torch.cuda runtime
         cuda = torch.cuda
@@ -499,6 +523,10 @@ def _apply_patches() -> None:
             _set(module, "set_rng_state", _cuda_set_rng_state, where)
             _set(module, "manual_seed", functools.partial(_cuda_manual_seed), where)
             _set(module, "manual_seed_all", functools.partial(_cuda_manual_seed), where)
+        _check_params(mrandom._get_cuda_rng_state, ("device", "clone", "graph_safe"),
+                      "tensor_parallel.random._get_cuda_rng_state")
+        _check_params(mrandom._set_cuda_rng_state, ("new_state", "device", "graph_safe"),
+                      "tensor_parallel.random._set_cuda_rng_state")
         _set(mrandom, "_get_cuda_rng_state", _megatron_get_cuda_rng_state,
              "megatron.core.tensor_parallel.random")
         _set(mrandom, "_set_cuda_rng_state", _megatron_set_cuda_rng_state,
@@ -513,12 +541,20 @@ def _apply_patches() -> None:
             moe_utils.te_general_gemm = None
 
         # 4. split sizes
+        _check_params(moe_utils.maybe_move_tensor_to_cpu, ("tensor", "as_numpy", "record_stream"),
+                      "moe_utils.maybe_move_tensor_to_cpu")
         _set(moe_utils, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu,
              "megatron.core.transformer.moe.moe_utils")
         _set(token_dispatcher, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu,
              "megatron.core.transformer.moe.token_dispatcher")
 
         # 5. uneven gather / reduce-scatter on gloo
+        _check_params(mappings._gather_along_first_dim,
+                      ("input_", "group", "output_split_sizes", "use_global_buffer"),
+                      "mappings._gather_along_first_dim")
+        _check_params(mappings._reduce_scatter_along_first_dim,
+                      ("input_", "group", "input_split_sizes", "use_global_buffer"),
+                      "mappings._reduce_scatter_along_first_dim")
         _set(mappings, "_gather_along_first_dim",
              _wrap_gather_along_first_dim(mappings._gather_along_first_dim),
              "megatron.core.tensor_parallel.mappings")

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt = parser.add_argument_group("checkpoints")
     ckpt.add_argument("--load", type=str, default=None, help="Start from the model weights of this checkpoint directory.")
     ckpt.add_argument("--save", type=str, default=None, help="Save the model weights here at the end.")
+    ckpt.add_argument("--save-grads", type=str, default=None,
+                      help="Save the first iteration's gradients as a checkpoint (to compare parallel layouts).")
     train.add_argument("--metrics-out", type=str, default=None, help="JSON lines, one object per iteration.")
     train.add_argument("--overwrite", action="store_true", help="Replace an existing --metrics-out file.")
     return parser
@@ -429,6 +431,25 @@ def train_step(trainer: Trainer, before_optimizer_step=None) -> dict:
     }
 
 
+def _save_grads_hook(path: str):
+    """Save the reduced gradients in the model's own sharded layout, so that a checkpoint of
+    gradients from any parallel layout loads into any other (e.g. a single-process model)."""
+
+    def save(trainer: Trainer) -> None:
+        chunks = [m.module for m in trainer.model]
+        params = [p for chunk in chunks for p in chunk.parameters()]
+        weights = [p.data for p in params]
+        for p in params:
+            p.data = p.main_grad.view_as(p.data).to(p.dtype)
+        try:
+            save_model(path, chunks, 1)
+        finally:
+            for p, w in zip(params, weights):
+                p.data = w
+
+    return save
+
+
 def _broadcast_from_last_stage(values: dict) -> dict:
     """Loss reports exist on the last pipeline stage only; give every rank the same numbers."""
     from megatron.core import parallel_state
@@ -451,7 +472,8 @@ def train(args, config) -> list[dict]:
     history, window = [], []
     try:
         for iteration in range(1, args.train_iters + 1):
-            record = {"iteration": iteration, **train_step(trainer)}
+            hook = _save_grads_hook(args.save_grads) if iteration == 1 and args.save_grads else None
+            record = {"iteration": iteration, **train_step(trainer, before_optimizer_step=hook)}
             history.append(record)
             window.append(record)
             if metrics_file:

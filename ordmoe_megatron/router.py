@@ -98,6 +98,12 @@ class TierRouter(TopKRouter):
         self._count_load(torch.stack([m.detach().sum((0, 1)) for m in maps]))
         return torch.stack(probs, dim=1).view(-1, n), torch.stack(maps, dim=1).view(-1, n)
 
+    def path_widths(self) -> list[int]:
+        """Experts each stacked path routes a token to (tier widths; top-K outside the scope)."""
+        return [
+            len(self.tiers[t]) if t > 0 and self.tier_routing_active else self.topk for t in self.path_tiers
+        ]
+
     def _count_load(self, load: torch.Tensor) -> None:
         load = load.float()
         self.tier_load = load if self.tier_load is None or self.tier_load.shape != load.shape else self.tier_load + load

@@ -1,6 +1,4 @@
 """Shared fixtures: a single-process Megatron (gloo on CPU, or NCCL when a GPU is present)."""
-import os
-
 import pytest
 import torch
 
@@ -15,10 +13,13 @@ def megatron_single_process():
 
     cpu_emulation.enable()
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+        # No MASTER_PORT in os.environ: subprocesses started by tests would inherit it.
+        from ordmoe_megatron.testing import find_free_port
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend, rank=0, world_size=1)
+        torch.distributed.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0, world_size=1
+        )
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(1234)

@@ -1,10 +1,12 @@
 """The CPU emulation layer runs real megatron-core MoE code paths on gloo.
 
-Every multi-rank layout (EP=2, PP=2 with 1F1B, TP=2 + sequence parallel) loads the weights of one
-single-process reference model, sharded by hand, runs one Megatron forward/backward step through
-``get_forward_backward_func`` with Megatron's DDP wrapper and ``finalize_model_grads``, and must
-reproduce the reference per-microbatch losses and (sharded) gradients. A wrong device mapping,
-split size, RNG fork, p2p transfer, all-to-all or SP grad reduction changes those numbers.
+Every multi-rank layout (EP=2, PP=2 with 1F1B, TP=2 + sequence parallel, EP=2 x TP=2 + SP on
+4 ranks) loads the weights of one single-process reference model, sharded by hand, runs one
+Megatron forward/backward step through ``get_forward_backward_func`` with Megatron's DDP wrapper
+and ``finalize_model_grads``, and must reproduce the reference per-microbatch losses and
+(sharded) gradients; the EP=2 run also takes a Megatron optimizer step whose global grad norm
+must be the reference's. A wrong device mapping, split size, RNG fork, p2p transfer, all-to-all,
+uneven gather or SP grad reduction changes those numbers.
 
 All Megatron work happens in spawned processes (``run_on_ranks``), never in the pytest process.
 """
@@ -36,7 +38,7 @@ def _data(total_microbatches: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (total_microbatches, MBS, SEQ), generator=gen)
 
 
-def _build(tp=1, pp=1, ep=1, sp=False):
+def _build(tp=1, pp=1, ep=1, sp=False, ddp_config=None):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -68,7 +70,7 @@ def _build(tp=1, pp=1, ep=1, sp=False):
                      share_embeddings_and_output_weights=True,  # PP: embedding-group all-reduce
                      pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage())
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    ddp = DistributedDataParallel(config, ddp_config or DistributedDataParallelConfig(), model)
     return config, model, ddp
 
 
@@ -83,7 +85,8 @@ def _global_view(model, name: str, local_shape):
     m = re.match(r"(.*\.local_experts\.)(\d+)(\..*)", name)
     if m:  # EP: local expert index -> global
         local = int(m.group(2))
-        offset = ps.get_expert_model_parallel_rank() * (NUM_EXPERTS // ps.get_expert_model_parallel_world_size())
+        per_rank = NUM_EXPERTS // ps.get_expert_model_parallel_world_size()
+        offset = ps.get_expert_model_parallel_rank() * per_rank
         name = f"{m.group(1)}{offset + local}{m.group(3)}"
     if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
         name = "embedding.word_embeddings.weight"  # tied copy on the last pipeline stage
@@ -136,14 +139,18 @@ def _reference(rank, world_size):
     return {"state": state, "losses": losses, "grads": grads, "same_init": same_init}
 
 
-def _layout(rank, world_size, layout, ref):
+def _layout(rank, world_size, layout, ref, optimizer_step=False):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     config, model, ddp = _build(**layout)
     views = {n: _global_view(model, n, p.shape) for n, p in model.named_parameters()}
-    model.load_state_dict({n: shard(ref["state"][g]) for n, (g, shard) in views.items()},
-                          strict=False)
+    local = model.state_dict()
+    for n, v in local.items():
+        if isinstance(v, torch.Tensor):
+            g, shard = _global_view(model, n, v.shape)
+            local[n] = shard(ref["state"][g])
+    model.load_state_dict(local, strict=True)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     batches = _data(2 * NUM_MICROBATCHES)  # what the reference ran
     assert dp_size in (1, 2)
@@ -157,10 +164,19 @@ def _layout(rank, world_size, layout, ref):
         finite &= bool(torch.isfinite(p.main_grad).all())
         max_err = max(max_err, float((p.main_grad - shard(ref["grads"][g])).abs().max()))
 
+    grad_norm = None
+    if optimizer_step:  # Megatron's optimizer: type checks, grad-norm all-reduce over gloo
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1e9),
+                                     [ddp])
+        ok, grad_norm, _ = opt.step()
+        assert ok
+
     # RNG forking: the model-parallel stream differs per TP rank, the default one does not.
     with get_cuda_rng_tracker().fork():
         tp_draw = torch.rand(4)
-    return {"losses": losses, "dp_rank": dp_rank, "dp_size": dp_size,
+    return {"losses": losses, "grad_norm": grad_norm, "dp_rank": dp_rank, "dp_size": dp_size,
             "last_stage": ps.is_pipeline_last_stage(), "grad_max_err": max_err,
             "grads_finite": finite, "tp_rank": ps.get_tensor_model_parallel_rank(),
             "tp_draw": tp_draw, "default_draw": torch.rand(4)}
@@ -198,7 +214,8 @@ def test_enable_is_idempotent_and_maps_cuda_to_cpu():
         patched = (torch.cuda.Stream, torch.cuda.current_device, mrandom._get_cuda_rng_state)
         depth = len(torch.overrides._get_current_function_mode_stack())
         cpu_emulation.enable()
-        assert (torch.cuda.Stream, torch.cuda.current_device, mrandom._get_cuda_rng_state) == patched
+        again = (torch.cuda.Stream, torch.cuda.current_device, mrandom._get_cuda_rng_state)
+        assert again == patched
         assert len(torch.overrides._get_current_function_mode_stack()) == depth == 1
         assert cpu_emulation.is_enabled()
         x = torch.zeros(3, device="cuda")
@@ -210,6 +227,15 @@ def test_enable_is_idempotent_and_maps_cuda_to_cpu():
         assert torch.cuda.current_stream() == s
         torch.cuda.manual_seed(5); a = torch.rand(3)
         torch.cuda.manual_seed(5); assert torch.equal(a, torch.rand(3))
+
+        import threading
+        seen = []
+        def other_thread():  # the device mode is per thread
+            seen.append(cpu_emulation.is_enabled())
+            with cpu_emulation.cuda_device_mode():
+                seen.append(torch.empty(1, device="cuda").device.type)
+        t = threading.Thread(target=other_thread); t.start(); t.join()
+        assert seen == [False, "cpu"], seen
         print("OK")
     """)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
@@ -247,9 +273,22 @@ def _check_layout(results, reference, tol=1e-5):
 
 
 def test_expert_parallel_2_matches_single_process(reference):
-    results = run_on_ranks(_layout, 2, dict(ep=2), reference)
+    results = run_on_ranks(_layout, 2, dict(ep=2), reference, optimizer_step=True)
     _check_layout(results, reference)
     assert [r["dp_rank"] for r in results] == [0, 1]  # dense part is data-parallel
+    # The optimizer's global grad norm (all-reduced over the EP ranks' expert shards) is the
+    # reference model's.
+    ref_norm = torch.stack([g.norm() for g in reference["grads"].values()]).norm().item()
+    for r in results:
+        assert abs(r["grad_norm"] - ref_norm) < 1e-5 * max(1.0, ref_norm)
+
+
+def test_expert_and_tensor_parallel_2x2_uneven_splits(reference):
+    """EP=2 x TP=2 + SP on 4 ranks: the dispatcher all-gathers uneven token counts over the
+    expert-TP group, which gloo can only do through the padding bridge."""
+    results = run_on_ranks(_layout, 4, dict(tp=2, ep=2, sp=True), reference)
+    _check_layout(results, reference)
+    assert sorted(r["dp_rank"] for r in results) == [0, 0, 1, 1]
 
 
 def test_pipeline_parallel_2_1f1b_matches_single_process(reference):

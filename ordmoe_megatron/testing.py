@@ -1,0 +1,199 @@
+"""Multi-process helpers for tests and benchmarks on CPU (gloo, 127.0.0.1 only).
+
+``run_on_ranks`` always starts fresh processes with the ``spawn`` start method, also for
+``world_size == 1``: the caller's process never gets a process group, Megatron global state or
+the CPU-emulation device mode, and every world size has the same semantics (``fn``, its
+arguments and its return value must be picklable; ``fn`` must be importable, i.e. defined at
+module level).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import queue as queue_lib
+import socket
+import threading
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import torch
+import torch.multiprocessing as mp
+
+from . import cpu_emulation
+
+__all__ = [
+    "RankFailedError",
+    "destroy_model_parallel",
+    "find_free_port",
+    "init_model_parallel",
+    "run_on_ranks",
+]
+
+_HOST = "127.0.0.1"
+
+
+class RankFailedError(RuntimeError):
+    """A rank raised, died or timed out; the message carries the rank's traceback text."""
+
+
+def find_free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (there is an unavoidable small race)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _loopback_interface() -> Optional[str]:
+    names = [name for _, name in socket.if_nameindex()]
+    for name in ("lo", "lo0"):
+        if name in names:
+            return name
+    return None
+
+
+def _exit_with_parent() -> None:
+    """Don't outlive a parent that was killed without running its cleanup."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="ordmoe-parent-watch").start()
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict,
+            results: Any) -> None:
+    # Keep gloo on the loopback interface: without this it binds to whatever the hostname
+    # resolves to.
+    loopback = _loopback_interface()
+    if loopback is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+    os.environ.update(MASTER_ADDR=_HOST, MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    _exit_with_parent()
+    # Two CPU cores shared by all ranks: avoid oversubscribing with intra-op threads.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://{_HOST}:{port}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=300))
+        cpu_emulation.enable()
+        value = fn(rank, world_size, *args, **kwargs)
+        payload = (rank, True, pickle.dumps(value))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        payload = (rank, False, traceback.format_exc())
+    try:
+        results.put(payload)
+    except BaseException:  # noqa: BLE001
+        results.put((rank, False, traceback.format_exc()))
+    try:
+        if torch.distributed.is_initialized():
+            # Only tear down when this rank succeeded; a failed rank may have peers stuck in a
+            # collective, and the parent kills everyone anyway.
+            if payload[1]:
+                torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001 - teardown problems must not mask the result
+        pass
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
+                 timeout: float = 600.0, **kwargs: Any) -> list:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned processes.
+
+    Each process joins a gloo process group on a free 127.0.0.1 port and calls
+    ``cpu_emulation.enable()`` before ``fn``. Returns the per-rank return values, ordered by
+    rank. If any rank raises, the others are killed and :class:`RankFailedError` is raised
+    with that rank's traceback text; the same happens when a process dies without reporting,
+    or when ``timeout`` seconds pass. (``timeout`` is consumed here, not passed to ``fn``.)
+    """
+    if world_size < 1:
+        raise ValueError("world_size must be >= 1")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = find_free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, kwargs, results),
+                         daemon=False, name=f"ordmoe-rank{rank}")
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+
+    values: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(values) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(values))
+                raise RankFailedError(f"run_on_ranks: timed out after {timeout:.0f}s; "
+                                      f"ranks {missing} did not finish")
+            try:
+                rank, ok, data = results.get(timeout=min(remaining, 1.0))
+            except queue_lib.Empty:
+                for rank, proc in enumerate(procs):
+                    if rank not in values and not proc.is_alive():
+                        # Give a result already in flight a moment to arrive.
+                        try:
+                            rank2, ok2, data2 = results.get(timeout=2.0)
+                        except queue_lib.Empty:
+                            raise RankFailedError(
+                                f"run_on_ranks: rank {rank} exited with code {proc.exitcode} "
+                                f"without reporting a result") from None
+                        _store(values, rank2, ok2, data2)
+                        break
+                continue
+            _store(values, rank, ok, data)
+    finally:
+        for proc in procs:
+            proc.join(timeout=5.0 if len(values) == world_size else 0.0)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5.0)
+        results.close()
+    return [values[rank] for rank in range(world_size)]
+
+
+def _store(values: dict, rank: int, ok: bool, data: Any) -> None:
+    if not ok:
+        raise RankFailedError(f"run_on_ranks: rank {rank} failed:\n{data}")
+    values[rank] = pickle.loads(data)
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, vpp: Optional[int] = None,
+                        cp: int = 1, etp: Optional[int] = None, seed: int = 1234) -> None:
+    """Initialize Megatron's model-parallel groups and its RNG tracker.
+
+    Needs an initialized ``torch.distributed`` default group (``run_on_ranks`` provides one).
+    Safe to call repeatedly in one worker: previous model-parallel state is destroyed first,
+    and the RNG tracker is reset. ``etp=None`` lets Megatron default expert-TP to ``tp``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("init_model_parallel: torch.distributed is not initialized "
+                           "(use run_on_ranks, or init a gloo process group first)")
+    cpu_emulation.enable()
+    destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's model-parallel groups (no-op when none are initialized)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
