@@ -577,6 +577,18 @@ def is_enabled() -> bool:
     return _patched and getattr(_thread_state, "mode", None) is not None
 
 
+def config_overrides() -> dict:
+    """``TransformerConfig`` settings that CPU runs need (empty when CUDA is present).
+
+    ``batch_p2p_comm=False``: with two pipeline stages a rank's previous and next stage are the
+    same peer, and the interleaved schedule batches a send and a receive of same-shaped tensors
+    in each direction. NCCL matches the batched operations as Megatron orders them; gloo's
+    ``batch_isend_irecv`` can pair an activation with a gradient instead, silently. Unbatched
+    point-to-point operations are matched in order on gloo too.
+    """
+    return {} if torch.cuda.is_available() else {"batch_p2p_comm": False}
+
+
 def enable() -> None:
     """Install the CPU emulation (see module docstring). Idempotent; a no-op when CUDA is
     available. Process-wide patches are applied once; the CUDA->CPU device mode is pushed

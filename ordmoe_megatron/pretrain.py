@@ -156,6 +156,7 @@ def _free_port() -> int:
 
 def build_config(args):
     """The model's ``TransformerConfig``; refuses OrdMoE settings the model cannot honour."""
+    from ordmoe_megatron import cpu_emulation
     from ordmoe_megatron.model import moe_layer_numbers
     from ordmoe_megatron.model_flags import flags_from_args, transformer_config_from_flags
 
@@ -169,6 +170,7 @@ def build_config(args):
         virtual_pipeline_model_parallel_size=virtual_pipeline_size(args),
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size, pipeline_dtype=torch.float32,
+        **cpu_emulation.config_overrides(),
     )
     if args.ordmoe_config is not None:
         args.ordmoe_config.validate_for_model(config, moe_layer_numbers(config))
