@@ -1,4 +1,4 @@
-"""The MoE layer and all-to-all dispatcher for stacked OrdMoE paths.
+"""The all-to-all dispatcher for stacked OrdMoE paths.
 
 All ``C`` paths are stacked on the batch dimension and routed by one router call, so Megatron's
 all-to-all dispatcher already moves every path's tokens in one all-to-all per direction (the
@@ -13,7 +13,6 @@ the stacked routing map, so each expert's token count is padded for all paths to
 from __future__ import annotations
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from ordmoe_megatron.router import TierRouter
@@ -37,16 +36,18 @@ class OrdMoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return tokens_per_expert
 
 
-class OrdMoELayer(MoELayer):
-    """``MoELayer`` whose all-to-all dispatcher knows the width of each path's tier."""
+def use_ordmoe_dispatcher(moe_layer: MoELayer) -> None:
+    """Give a ``MoELayer`` routed by a ``TierRouter`` the OrdMoE all-to-all dispatcher.
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
-        pg_collection = pg_collection or get_default_pg_collection()
-        super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
-        if isinstance(self.router, TierRouter) and type(self.token_dispatcher) is MoEAlltoAllTokenDispatcher:
-            self.token_dispatcher = OrdMoEAlltoAllTokenDispatcher(
-                self.num_local_experts, self.local_expert_indices, config=self.config,
-                pg_collection=pg_collection, router=self.router,
-            )
-            if self.use_shared_expert and self.shared_expert_overlap:
-                self.token_dispatcher.set_shared_experts(self.shared_experts)
+    Done on the built layer, not through the spec: Megatron's ``TransformerLayer`` only passes
+    process groups to the exact ``MoELayer`` class. The router holds the same process groups.
+    """
+    router = moe_layer.router
+    if not isinstance(router, TierRouter) or type(moe_layer.token_dispatcher) is not MoEAlltoAllTokenDispatcher:
+        return  # the all-gather dispatcher sizes its buffers from the routing map already
+    moe_layer.token_dispatcher = OrdMoEAlltoAllTokenDispatcher(
+        moe_layer.num_local_experts, moe_layer.local_expert_indices, config=moe_layer.config,
+        pg_collection=router.pg_collection, router=router,
+    )
+    if moe_layer.use_shared_expert and moe_layer.shared_expert_overlap:
+        moe_layer.token_dispatcher.set_shared_experts(moe_layer.shared_experts)

@@ -20,7 +20,10 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
 from ordmoe_megatron.config import OrdMoEConfig
+from ordmoe_megatron.dispatcher import use_ordmoe_dispatcher
 from ordmoe_megatron.router import TierRouter
 from ordmoe_megatron.specs import ordmoe_layer_spec
 
@@ -45,6 +48,9 @@ class OrdMoEGPTModel(GPTModel):
         ordmoe.validate_for_model(config, moe_layer_numbers(config))
         super().__init__(config, ordmoe_layer_spec(transformer_layer_spec, ordmoe), *args, **kwargs)
         self.ordmoe = ordmoe
+        for module in self.modules():
+            if isinstance(module, MoELayer):
+                use_ordmoe_dispatcher(module)
         self.fanout_layer = self._lazy_fanout_layer()
         if self.fanout_layer is not None:
             layer = next(l for l in self.decoder.layers if l.layer_number == self.fanout_layer)

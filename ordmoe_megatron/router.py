@@ -27,6 +27,7 @@ class TierRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, *, ordmoe: OrdMoEConfig):
         super().__init__(config=config, pg_collection=pg_collection)
+        self.pg_collection = pg_collection  # the MoE layer's process groups, for its dispatcher
         self.ordmoe = ordmoe
         self.tiers = ordmoe.tiers(config.num_moe_experts, config.moe_router_topk)
         # The tier each path stacked on this layer's batch dimension runs (0 = standard top-K);

@@ -1,9 +1,8 @@
 """Layer-spec wiring: put the tier router into every MoE layer of a Megatron layer spec.
 
 Works on any spec Megatron builds (local, Transformer Engine, decoder-block specs with dense and
-MoE layers): it finds the MoE layer specs (``MoESubmodules``), swaps the router for
-``TierRouter`` and ``MoELayer`` for ``OrdMoELayer`` (same parameters, a dispatcher that knows
-each path's tier width), so parameter names and the rest of the layer stay exactly Megatron's.
+MoE layers): it looks for ``MoESubmodules`` and swaps only the router, so parameter names and the
+rest of the layer stay exactly Megatron's.
 """
 from __future__ import annotations
 
@@ -11,11 +10,10 @@ import copy
 import dataclasses
 import functools
 
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ordmoe_megatron.config import OrdMoEConfig
-from ordmoe_megatron.dispatcher import OrdMoELayer
 from ordmoe_megatron.router import TierRouter
 
 
@@ -29,10 +27,8 @@ def ordmoe_layer_spec(spec, ordmoe: OrdMoEConfig):
 
 
 def _swap_routers(node, router_builder) -> int:
-    if isinstance(node, ModuleSpec) and isinstance(node.submodules, MoESubmodules):
-        if node.module is MoELayer:
-            node.module = OrdMoELayer
-        node.submodules.router = router_builder
+    if isinstance(node, MoESubmodules):
+        node.router = router_builder
         return 1
     if isinstance(node, (list, tuple)):
         return sum(_swap_routers(x, router_builder) for x in node)

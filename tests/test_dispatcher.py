@@ -7,9 +7,13 @@ from ordmoe_megatron.testing import run_on_ranks
 
 
 def _moe_layers(model):
-    from ordmoe_megatron.dispatcher import OrdMoELayer
+    from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    return [m for m in model.modules() if isinstance(m, OrdMoELayer)]
+    from ordmoe_megatron.dispatcher import OrdMoEAlltoAllTokenDispatcher
+
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    assert layers and all(isinstance(l.token_dispatcher, OrdMoEAlltoAllTokenDispatcher) for l in layers)
+    return layers
 
 
 def test_uneven_tiers_size_the_permutation_by_their_widths(megatron_single_process):
