@@ -14,9 +14,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ordmoe_megatron", "ordmoe_megatron.*"]),
     python_requires=">=3.10",
-    install_requires=["megatron-core==0.16.1", "sentencepiece", "numpy", "psutil"],
+    install_requires=["megatron-core==0.16.1", "sentencepiece", "numpy", "psutil", "matplotlib"],
     extras_require={
-        "test": ["pytest", "matplotlib", "transformers", "safetensors"],
+        "test": ["pytest", "transformers", "safetensors"],
         "te": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["ordmoe-pretrain=ordmoe_megatron.pretrain:main"]},

@@ -182,12 +182,19 @@ def normalize_flags(flags: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def flags_to_argv(flags: Dict[str, Any]) -> List[str]:
-    """The Megatron-LM command-line flags equivalent to ``flags`` (defaults left out)."""
+    """The Megatron-LM command-line flags equivalent to ``flags``. Every valued flag is spelled
+    out, defaults included, so a launcher with other defaults reads the same model; boolean
+    flags appear when true; flags that do not apply (MoE flags without experts, query groups
+    without GQA) are left out."""
     flags = normalize_flags(flags)
     argv: List[str] = []
     for f in MODEL_FLAGS:
         v = flags[f.name]
-        if not f.cli or v is None or v == f.default:
+        if not f.cli or v is None:
+            continue
+        if f.name.startswith("moe_") and not flags["num_experts"]:
+            continue
+        if f.name == "num_query_groups" and not flags["group_query_attention"]:
             continue
         if f.kind == "bool":
             if v:

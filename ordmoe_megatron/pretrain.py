@@ -1,27 +1,36 @@
-"""``ordmoe-pretrain``: train a small GPT-MoE with OrdMoE using megatron-core's own pieces.
+"""``ordmoe-pretrain``: GPT-MoE pretraining with OrdMoE, from megatron-core's own pieces.
 
-One process on CPU (gloo, through ``cpu_emulation``) or on a GPU, or several under ``torchrun``.
-The embedded default needs no download: synthetic token streams with learnable structure.
-Flags follow Megatron-LM's names; ``--ordmoe`` switches OrdMoE on.
+One process on CPU (gloo, through ``cpu_emulation``) or GPU, or many under
+``torchrun --no-python ordmoe-pretrain``; flags follow Megatron-LM's names where they overlap.
+``--preset tiny`` (the default when no data is named) builds a corpus, a SentencePiece tokenizer
+and Megatron data files on the machine, trains, saves, plots and evaluates, with no download.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import os
 import sys
-import time
 import warnings
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
 from ordmoe_megatron.arguments import add_ordmoe_args, ordmoe_config_from_args
-from ordmoe_megatron.config import OrdMoEConfig
+from ordmoe_megatron.checkpointing import CheckpointError, checkpoint_model_flags, has_checkpoint
 
-TINY_MODEL = dict(
+PRESETS = {
+    "tiny": dict(
+        num_layers=4, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, num_experts=8,
+        moe_router_topk=2, moe_ffn_hidden_size=128, normalization="RMSNorm", swiglu=True,
+        position_embedding_type="rope", disable_bias_linear=True, untie_embeddings_and_output_weights=True,
+        seq_length=128, max_position_embeddings=128, micro_batch_size=8, global_batch_size=16,
+        train_iters=200, lr=3e-3, min_lr=3e-4, lr_warmup_iters=10, log_interval=10, eval_interval=100,
+        eval_iters=4, work_dir="runs/tiny", ordmoe=True,
+    ),
+}
+# The model the flags describe when no preset is used (as small as a useful test).
+DEFAULT_MODEL = dict(
     num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_experts=8, moe_router_topk=2,
     moe_ffn_hidden_size=64, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
     disable_bias_linear=True, untie_embeddings_and_output_weights=True, vocab_size=256,
@@ -32,13 +41,25 @@ TINY_MODEL = dict(
 def build_parser() -> argparse.ArgumentParser:
     from ordmoe_megatron.model_flags import add_model_args
 
-    parser = argparse.ArgumentParser(
-        prog="ordmoe-pretrain", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="ordmoe-pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="A complete embedded run; 'tiny' is the default when no data is named.")
+    parser.add_argument("--work-dir", default=None, help="Where a preset keeps its data, checkpoints and outputs.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Print the resolved configuration, parallel layout and tier layout, then exit.")
+    parser.add_argument("--compare-baseline", action="store_true",
+                        help="Also train a plain top-K baseline on the same data and steps, and evaluate both.")
     add_model_args(parser)
-    parser.set_defaults(**TINY_MODEL)
+    parser.set_defaults(**DEFAULT_MODEL)
     add_ordmoe_args(parser)
     parser.set_defaults(ordmoe=True)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-path", default=None, help="Megatron .bin/.idx prefix of the training data.")
+    data.add_argument("--valid-data-path", default=None, help="Prefix of validation data (else --split of --data-path).")
+    data.add_argument("--split", default="969,30,1")
+    data.add_argument("--tokenizer-model", default=None, help="SentencePiece model that made the data files.")
+    data.add_argument("--mock-data", action="store_true", help="Synthetic token streams, no files.")
     train = parser.add_argument_group("training")
     train.add_argument("--train-iters", type=int, default=200)
     train.add_argument("--micro-batch-size", type=int, default=4)
@@ -54,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=("alltoall", "allgather"))
     train.add_argument("--calculate-per-token-loss", action="store_true")
     train.add_argument("--log-interval", type=int, default=5)
+    train.add_argument("--eval-interval", type=int, default=None)
+    train.add_argument("--eval-iters", type=int, default=2)
+    train.add_argument("--metrics-out", default=None, help="JSON lines, one object per iteration.")
+    train.add_argument("--plot-out", default=None, help="PNG of each path's log-likelihood and the tier ordering.")
+    train.add_argument("--overwrite", action="store_true", help="Replace existing outputs (metrics, plot, checkpoints).")
     par = parser.add_argument_group("parallelism (data-parallel size = world size / (TP x PP))")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--sequence-parallel", action="store_true")
@@ -61,26 +87,59 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     par.add_argument("--expert-model-parallel-size", type=int, default=1)
     par.add_argument("--expert-tensor-parallel-size", type=int, default=None)
-    ckpt = parser.add_argument_group("checkpoints")
-    ckpt.add_argument("--load", type=str, default=None, help="Start from the model weights of this checkpoint directory.")
-    ckpt.add_argument("--save", type=str, default=None, help="Save the model weights here at the end.")
-    ckpt.add_argument("--save-grads", type=str, default=None,
-                      help="Save the first iteration's gradients as a checkpoint (to compare parallel layouts).")
-    train.add_argument("--metrics-out", type=str, default=None, help="JSON lines, one object per iteration.")
-    train.add_argument("--overwrite", action="store_true", help="Replace an existing --metrics-out file.")
+    ckpt = parser.add_argument_group("checkpoints (Megatron-LM layout, megatron.core.dist_checkpointing)")
+    ckpt.add_argument("--save", default=None, help="Checkpoint directory to write.")
+    ckpt.add_argument("--load", default=None, help="Checkpoint directory to resume (or, with --finetune, start) from.")
+    ckpt.add_argument("--save-interval", type=int, default=None)
+    ckpt.add_argument("--finetune", action="store_true", help="Load model weights only; start at iteration 0.")
+    ckpt.add_argument("--save-grads", default=None,
+                      help="Save the first step's gradients as a checkpoint (to compare parallel layouts).")
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    preset = known.preset or (None if known.data_path or known.mock_data else "tiny")
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    load = known.load or (os.path.join(known.work_dir or PRESETS[preset]["work_dir"], "checkpoints") if preset else None)
+    if has_checkpoint(load):
+        # The checkpoint's model flags become the defaults; flags given here still win (and are
+        # checked against the checkpoint before it is loaded).
+        try:
+            parser.set_defaults(**(checkpoint_model_flags(load) or {}))
+        except (CheckpointError, OSError, ValueError) as err:
+            raise SystemExit(f"ordmoe-pretrain: --load {load}: {err}") from None
+    args = parser.parse_args(argv)
+    args.preset = preset
+    if preset:
+        work = args.work_dir
+        for name, default in (("save", "checkpoints"), ("load", "checkpoints"), ("metrics_out", "metrics.jsonl"),
+                              ("plot_out", "metrics.png")):
+            if getattr(args, name) is None:
+                setattr(args, name, os.path.join(work, default))
+    elif args.data_path and not args.tokenizer_model:
+        raise SystemExit("ordmoe-pretrain: --data-path needs --tokenizer-model (the SentencePiece model that made it)")
     _check_layout(args)
-    if args.metrics_out and os.path.exists(args.metrics_out) and not args.overwrite:
-        raise SystemExit(f"ordmoe-pretrain: {args.metrics_out} exists; pass --overwrite to replace it")
+    _check_outputs(args)
     try:
         args.ordmoe_config = ordmoe_config_from_args(args)
     except ValueError as err:
         raise SystemExit(f"ordmoe-pretrain: {err}") from None
     return args
+
+
+def _check_outputs(args) -> None:
+    """Never overwrite results without --overwrite; resuming from --save itself is fine."""
+    resuming = has_checkpoint(args.load) and args.load == args.save
+    if args.save and has_checkpoint(args.save) and not resuming and not args.overwrite:
+        raise SystemExit(f"ordmoe-pretrain: --save {args.save} already holds a checkpoint; pass --overwrite, "
+                         "or --load the same directory to resume")
+    for name in ("metrics_out", "plot_out"):
+        path = getattr(args, name)
+        if path and os.path.exists(path) and not resuming and not args.overwrite:
+            raise SystemExit(f"ordmoe-pretrain: {path} exists; pass --overwrite to replace it")
 
 
 def _check_layout(args) -> None:
@@ -125,11 +184,12 @@ def init_distributed(args) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from ordmoe_megatron import cpu_emulation
+    from ordmoe_megatron.testing import find_free_port
 
     cpu_emulation.enable()
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -143,15 +203,7 @@ def init_distributed(args) -> None:
             expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         )
     torch.manual_seed(args.seed)
-    model_parallel_cuda_manual_seed(args.seed)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    model_parallel_cuda_manual_seed(args.seed, force_reset_rng=True)
 
 
 def build_config(args):
@@ -200,323 +252,187 @@ def build_model_chunks(args, config) -> list:
     return chunks
 
 
-def checkpoint_dir(root: str, iteration: int) -> str:
-    """Megatron-LM's layout: ``<root>/iter_0000010`` (``release`` for converted checkpoints)."""
-    return os.path.join(root, "release" if iteration < 0 else f"iter_{iteration:07d}")
+def prepare_data(args) -> Optional[dict]:
+    """Resolve the data source (preset corpus, Megatron files or mock); set the vocabulary size
+    from the tokenizer. Clear errors for missing files or a tokenizer that does not fit."""
+    from ordmoe_megatron import data
 
-
-def save_model(root: str, chunks: list, iteration: int) -> str:
-    from megatron.core import dist_checkpointing
-
-    path = checkpoint_dir(root, iteration)
-    os.makedirs(path, exist_ok=True)
-    dist_checkpointing.save(_model_sharded_state_dict(chunks), path)
-    if torch.distributed.get_rank() == 0:
-        with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write("release" if iteration < 0 else str(iteration))
-    torch.distributed.barrier()
-    return path
-
-
-def load_model(root: str, chunks: list) -> None:
-    from megatron.core import dist_checkpointing
-
-    tracker = os.path.join(root, "latest_checkpointed_iteration.txt")
-    if not os.path.isfile(tracker):
-        raise SystemExit(f"ordmoe-pretrain: --load {root}: no latest_checkpointed_iteration.txt; is it a checkpoint directory?")
-    tag = open(tracker).read().strip()
-    path = checkpoint_dir(root, -1 if tag == "release" else int(tag))
-    state = dist_checkpointing.load(_model_sharded_state_dict(chunks), path)
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"])
-
-
-def _model_sharded_state_dict(chunks: list) -> dict:
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
-
-
-def synthetic_batches(seed: int, vocab: int, seq: int, batch: int) -> Iterator[dict]:
-    """Endless deterministic batches of three learnable patterns (no download needed): counting
-    with a small stride, a short repeated motif, and copy-after-separator (an induction task)."""
-    g = torch.Generator().manual_seed(seed)
-    positions = torch.arange(seq + 1)
-    while True:
-        rows = []
-        for _ in range(batch):
-            kind = int(torch.randint(3, (1,), generator=g))
-            if kind == 0:
-                start, step = torch.randint(vocab, (1,), generator=g), torch.randint(1, 3, (1,), generator=g)
-                row = (start + step * positions) % vocab
-            elif kind == 1:
-                motif = torch.randint(vocab, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
-                row = motif.repeat(seq // len(motif) + 2)[: seq + 1]
-            else:
-                half = seq // 2
-                segment = torch.randint(1, vocab, (half,), generator=g)
-                row = torch.cat([segment, torch.zeros(1, dtype=torch.long), segment])[: seq + 1]
-            rows.append(row.long())
-        tokens = torch.stack(rows)
-        yield dict(
-            tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
-            loss_mask=torch.ones(batch, seq), position_ids=positions[:seq].unsqueeze(0).expand(batch, -1).contiguous(),
-        )
-
-
-def forward_step(data_iterator, model, *, loss_func):
-    """Megatron ``forward_step``: one micro-batch through the model, loss bound to its mask."""
-    batch = {k: v.to(_device()) for k, v in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, functools.partial(loss_func, batch["loss_mask"])
-
-
-def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def moe_metrics(model_chunks: list, num_microbatches: int) -> dict:
-    """Load-balancing loss (path 1, mean over MoE layers) and per-tier expert load, then reset."""
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-        reduce_aux_losses_tracker_across_ranks,
-    )
-
-    from ordmoe_megatron.router import TierRouter
-
-    reduce_aux_losses_tracker_across_ranks()
-    metrics = {}
-    for name, entry in get_moe_layer_wise_logging_tracker().items():
-        values = entry["values"].float()
-        metrics[name] = (values[values != 0].mean() / num_microbatches).item() if (values != 0).any() else 0.0
-    clear_aux_losses_tracker()
-    routers = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, TierRouter)]
-    loads = [r.tier_load for r in routers if r.tier_load is not None]
-    if loads and all(l.shape == loads[0].shape for l in loads):
-        load = torch.stack(loads)  # [layers, paths, experts]
-        metrics["tier_load_max_over_mean"] = (load.max(-1).values / load.mean(-1).clamp(min=1e-9)).mean(0).tolist()
-    for router in routers:
-        router.tier_load = None
-    return metrics
-
-
-def format_log_line(iteration: int, train_iters: int, values: dict, elapsed_ms: float, tokens_per_s: float, lr: float) -> str:
-    parts = [
-        f" iteration {iteration:8d}/{train_iters:8d}",
-        f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
-        f"throughput (tokens/s, all paths): {tokens_per_s:.0f}",
-        f"learning rate: {lr:.3E}",
-        f"lm loss: {values['lm_loss']:.6E}",
-    ]
-    if values.get("rank_loss") is not None:
-        parts.append(f"rank loss: {values['rank_loss']:.6E}")
-    parts.append(f"aux loss: {values['aux_loss']:.6E}")
-    if values.get("path_logprob"):
-        parts.append("path logprob: " + " / ".join(f"{v:.4f}" for v in values["path_logprob"]))
-        parts.append(f"tier order acc: {values['tier_order_acc']:.3f}")
-    if values.get("tier_load_max_over_mean"):
-        parts.append("tier load max/mean: " + " / ".join(f"{v:.2f}" for v in values["tier_load_max_over_mean"]))
-    return " | ".join(parts) + " |"
-
-
-@dataclasses.dataclass
-class Trainer:
-    """Everything a training step needs, built by ``setup``."""
-
-    args: argparse.Namespace
-    config: object
-    model: list  # DDP-wrapped chunks, one per virtual pipeline stage
-    optimizer: object
-    scheduler: object
-    forward_backward: object
-    data: list  # one micro-batch iterator per chunk
-    num_paths: int
-    num_microbatches: int
-
-
-def setup(args, config) -> Trainer:
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from ordmoe_megatron.objective import ordmoe_loss
-    from ordmoe_megatron.schedules import get_ordmoe_forward_backward_func
-
-    init_distributed(args)
-    ordmoe = args.ordmoe_config
-    chunks = build_model_chunks(args, config)
-    if torch.cuda.is_available():
-        for chunk in chunks:
-            chunk.cuda(torch.cuda.current_device())
-    if args.load:
-        load_model(args.load, chunks)
-    model = [DistributedDataParallel(config, DistributedDataParallelConfig(), chunk) for chunk in chunks]
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-                        clip_grad=args.clip_grad, bf16=False, fp16=False),
-        model,
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.train_iters, lr_decay_style="cosine", start_wd=args.weight_decay,
-        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
-    )
-    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-
-    vocab_size = chunks[0].vocab_size
-    if ordmoe is not None and ordmoe.enabled:
-        forward_backward = get_ordmoe_forward_backward_func(ordmoe, vocab_size, args.calculate_per_token_loss)
-        num_paths = ordmoe.num_tiers
+    if args.mock_data:
+        return None
+    if args.preset:
+        paths = data.prepare_tiny_data(os.path.join(args.work_dir, "data"), seed=args.seed)
+        args.data_path, args.valid_data_path = paths["train_prefix"], paths["valid_prefix"]
+        args.tokenizer_model = paths["tokenizer_model"]
     else:
-        forward_backward, num_paths = get_forward_backward_func(), 1
-    dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    data = [
-        _shard(synthetic_batches(args.seed, args.vocab_size, args.seq_length, args.micro_batch_size), dp_rank, dp_size)
-        for _ in chunks
-    ]
-    return Trainer(args, config, model, optimizer, scheduler, forward_backward, data, num_paths,
-                   args.global_batch_size // (args.micro_batch_size * dp_size))
+        paths = {}
+    if not os.path.isfile(args.tokenizer_model):
+        raise SystemExit(f"ordmoe-pretrain: --tokenizer-model {args.tokenizer_model} does not exist")
+    tokenizer = data.load_tokenizer(args.tokenizer_model)
+    try:
+        for prefix in filter(None, (args.data_path, args.valid_data_path)):
+            data.check_data_files(prefix)
+            data.check_tokenizer_matches_data(tokenizer, prefix)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"ordmoe-pretrain: {err}") from None
+    args.vocab_size = tokenizer.vocab_size
+    return {**paths, "tokenizer": tokenizer}
 
 
-def _shard(batches: Iterator[dict], rank: int, size: int) -> Iterator[dict]:
-    """Data-parallel rank ``rank`` takes micro-batches ``rank, rank + size, ...`` of the stream,
-    so every layout averages the same micro-batches as the single-process run."""
-    for index, batch in enumerate(batches):
-        if index % size == rank:
-            yield batch
+def stream_factory(args, data_info):
+    """``(split, first micro-batch) -> micro-batch stream`` for the trainer."""
+    from ordmoe_megatron.data import batches
 
+    if data_info is None:
+        return lambda split, start: batches.synthetic_micro_batches(
+            args.seed + (0 if split == "train" else 1), args.vocab_size, args.seq_length, args.micro_batch_size, start)
+    from ordmoe_megatron.data import build_gpt_datasets
 
-def train_step(trainer: Trainer, before_optimizer_step=None) -> dict:
-    """One optimizer step over a global batch; returns the reduced metrics (on every rank)."""
-    from megatron.core import parallel_state
-
-    from ordmoe_megatron.objective import ordmoe_loss, reduce_reports
-
-    args = trainer.args
-    ordmoe = args.ordmoe_config or OrdMoEConfig(num_tiers=1)
-    loss_func = functools.partial(ordmoe_loss, ordmoe=ordmoe, num_paths=trainer.num_paths,
-                                  vocab_size=trainer.model[0].module.vocab_size,
-                                  per_token_loss=args.calculate_per_token_loss)
-    start = time.perf_counter()
-    for chunk in trainer.model:
-        chunk.zero_grad_buffer()
-    trainer.optimizer.zero_grad()
-    reports = trainer.forward_backward(
-        forward_step_func=functools.partial(forward_step, loss_func=loss_func),
-        data_iterator=trainer.data if len(trainer.data) > 1 else trainer.data[0],
-        model=trainer.model, num_microbatches=trainer.num_microbatches, seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size, forward_only=False,
+    per_eval = args.eval_iters * args.global_batch_size
+    evals = args.train_iters // args.eval_interval + 2 if args.eval_interval else 2
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        args.data_path, data_info["tokenizer"], args.seq_length,
+        num_samples=(max(args.train_iters, 1) * args.global_batch_size, evals * per_eval, None), seed=args.seed,
+        valid_prefix=args.valid_data_path, split=args.split, create_attention_mask=False,
     )
-    if before_optimizer_step is not None:
-        before_optimizer_step(trainer)
-    _, grad_norm, _ = trainer.optimizer.step()
-    trainer.scheduler.step(increment=1)
-    reduced = _broadcast_from_last_stage(reduce_reports(reports, parallel_state.get_data_parallel_group()))
-    moe = moe_metrics(trainer.model, trainer.num_microbatches)
-    paths = trainer.num_paths
+    datasets = {"train": train_ds, "valid": valid_ds or train_ds}
+    return lambda split, start: batches.dataset_micro_batches(datasets[split], args.micro_batch_size, start)
+
+
+def run_meta(args) -> dict:
+    """What a checkpoint records to be resumed and checked against the next run."""
+    from ordmoe_megatron.model_flags import flags_from_args
+
+    cfg = args.ordmoe_config
     return {
-        "lm_loss": reduced["lm loss"],
-        "rank_loss": reduced.get("rank loss"),
-        "aux_loss": moe.get("load_balancing_loss", 0.0),
-        "path_logprob": [reduced[f"path{j + 1} logprob"] for j in range(paths)] if paths > 1 else [],
-        "tier_order_acc": reduced.get("tier order acc"),
-        "tier_load_max_over_mean": moe.get("tier_load_max_over_mean"),
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "lr": trainer.optimizer.param_groups[0]["lr"],
-        "tokens": args.global_batch_size * args.seq_length * paths,
-        "time_s": time.perf_counter() - start,
+        "model_flags": flags_from_args(args),
+        "ordmoe": None if cfg is None else {k: v for k, v in vars(cfg).items() if k != "scope_layers"},
+        "tokenizer_model": args.tokenizer_model,
+        "global_batch_size": args.global_batch_size,
+        "seed": args.seed,
     }
 
 
-def _save_grads_hook(path: str):
-    """Save the reduced gradients in the model's own sharded layout, so that a checkpoint of
-    gradients from any parallel layout loads into any other (e.g. a single-process model)."""
+def describe(args) -> str:
+    """The --dry-run report: configuration, parallel layout, tier layout."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    dp = world // (tp * pp)
+    lines = ["configuration:"]
+    lines += [f"  {k:40s} {v}" for k, v in sorted(vars(args).items()) if k != "ordmoe_config"]
+    lines += [
+        "parallel layout:",
+        f"  world {world} = TP {tp} x PP {pp} x DP {dp}; EP {ep}"
+        + (f" (expert TP {args.expert_tensor_parallel_size})" if args.expert_tensor_parallel_size else "")
+        + (", sequence parallel" if args.sequence_parallel else "")
+        + (f", {virtual_pipeline_size(args)} virtual stages per pipeline rank" if virtual_pipeline_size(args) else ""),
+        f"  micro-batches per step and data-parallel rank: {args.global_batch_size // (args.micro_batch_size * dp)}",
+        "tier layout:",
+    ]
+    cfg = args.ordmoe_config
+    if cfg is None:
+        lines.append("  OrdMoE off (--no-ordmoe): plain top-K")
+    else:
+        lines.append("  " + cfg.describe(args.num_experts, args.moe_router_topk))
+        lines.append(f"  paths per micro-batch: {cfg.num_tiers}; activations between pipeline stages: "
+                     f"[{args.seq_length}, {cfg.num_tiers * args.micro_batch_size}, {args.hidden_size}]")
+    return "\n".join(lines)
 
-    def save(trainer: Trainer) -> None:
-        chunks = [m.module for m in trainer.model]
-        params = [p for chunk in chunks for p in chunk.parameters()]
-        weights = [p.data for p in params]
-        for p in params:
-            p.data = p.main_grad.view_as(p.data).to(p.dtype)
+
+def run_training(args, config, data_info, label: str) -> "Trainer":
+    from ordmoe_megatron import checkpointing
+    from ordmoe_megatron.model_flags import flags_from_args
+    from ordmoe_megatron.trainer import setup, train
+
+    if checkpointing.has_checkpoint(args.load):
         try:
-            save_model(path, chunks, 1)
-        finally:
-            for p, w in zip(params, weights):
-                p.data = w
+            checkpointing.check_compatible(args.load, flags_from_args(args))
+        except checkpointing.CheckpointError as err:
+            raise SystemExit(f"ordmoe-pretrain: {err}") from None
+    trainer = setup(args, config, stream_factory(args, data_info))
+    if _is_last_rank():
+        cfg = args.ordmoe_config
+        print((cfg.describe(args.num_experts, args.moe_router_topk) if cfg else f"{label}: plain top-K routing")
+              + (f"; resuming at iteration {trainer.iteration}" if trainer.iteration else ""), flush=True)
+    train(trainer, run_meta(args))
+    if args.plot_out and args.metrics_out and _is_last_rank() and os.path.exists(args.metrics_out):
+        from ordmoe_megatron.plotting import plot_metrics
 
-    return save
-
-
-def _broadcast_from_last_stage(values: dict) -> dict:
-    """Loss reports exist on the last pipeline stage only; give every rank the same numbers."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return values
-    box = [values]
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    torch.distributed.broadcast_object_list(box, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return box[0]
+        plot_metrics(args.metrics_out, args.plot_out, title=label)
+    return trainer
 
 
-def train(args, config) -> list[dict]:
-    trainer = setup(args, config)
-    ordmoe = args.ordmoe_config
-    is_logging_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-    if ordmoe is not None and is_logging_rank:
-        print(ordmoe.describe(config.num_moe_experts, config.moe_router_topk), flush=True)
-    metrics_file = open(args.metrics_out, "w") if args.metrics_out and is_logging_rank else None
-    history, window = [], []
-    try:
-        for iteration in range(1, args.train_iters + 1):
-            hook = _save_grads_hook(args.save_grads) if iteration == 1 and args.save_grads else None
-            record = {"iteration": iteration, **train_step(trainer, before_optimizer_step=hook)}
-            history.append(record)
-            window.append(record)
-            if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            if (iteration % args.log_interval == 0 or iteration == args.train_iters) and is_logging_rank:
-                print(format_log_line(iteration, args.train_iters, _mean_record(window),
-                                      1000 * sum(r["time_s"] for r in window) / len(window),
-                                      sum(r["tokens"] for r in window) / sum(r["time_s"] for r in window),
-                                      record["lr"]), flush=True)
-                window = []
-    finally:
-        if metrics_file:
-            metrics_file.close()
-    if args.save:
-        save_model(args.save, [m.module for m in trainer.model], args.train_iters)
-    return history
+def evaluate_run(args, config, data_info, trainer, tasks) -> dict:
+    """Held-out perplexity of every path, tier ordering, and path-1 exact match on the tasks."""
+    from ordmoe_megatron.evaluation import evaluate_paths, exact_match_accuracy
 
-
-def _mean_record(records: list[dict]) -> dict:
-    out = {}
-    for key, first in records[0].items():
-        if isinstance(first, (int, float)) and not isinstance(first, bool):
-            out[key] = sum(r[key] for r in records) / len(records)
-        elif isinstance(first, list) and first:
-            out[key] = [sum(r[key][i] for r in records) / len(records) for i in range(len(first))]
-        else:
-            out[key] = first
-    return out
+    result = evaluate_paths(trainer, trainer.data("valid"), max(args.eval_iters, 1))
+    single_model = (args.tensor_model_parallel_size == args.pipeline_model_parallel_size
+                    == args.expert_model_parallel_size == 1)
+    if tasks and single_model:
+        result["exact_match"] = exact_match_accuracy(trainer.chunks[0], data_info["tokenizer"], tasks)
+    return result
 
 
 def main(argv=None) -> int:
     # Megatron warns at import about every missing GPU library (TE, Apex); not news on CPU.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     args = parse_args(argv)
+    if args.dry_run:
+        print(describe(args))
+        return 0
+    data_info = prepare_data(args)
     try:
         config = build_config(args)
     except ValueError as err:
         raise SystemExit(f"ordmoe-pretrain: {err}") from None
-    train(args, config)
+    init_distributed(args)
+    trainer = run_training(args, config, data_info, "OrdMoE" if args.ordmoe_config else "top-K")
+    if not args.preset:
+        return 0
+
+    from ordmoe_megatron.data import read_jsonl
+    from ordmoe_megatron.evaluation import format_eval_table
+
+    tasks = list(read_jsonl(data_info["heldout_tasks"]))
+    label = f"OrdMoE (C={args.ordmoe_num_tiers})" if args.ordmoe_config else "top-K"
+    rows = {label: evaluate_run(args, config, data_info, trainer, tasks)}
+    if args.compare_baseline:
+        baseline = baseline_args(args)
+        base_config = build_config(baseline)
+        run_training(baseline, base_config, data_info, "top-K baseline")
+        # Evaluate the baseline's weights with the same tier paths, to compare tier ordering too.
+        probe = argparse.Namespace(**{**vars(args), "load": baseline.save, "finetune": True, "train_iters": 0})
+        probe_trainer = _setup_only(probe, config, data_info)
+        rows["top-K baseline"] = evaluate_run(probe, config, data_info, probe_trainer, tasks)
+    if _is_last_rank():
+        table = format_eval_table(rows)
+        print("\nheld-out evaluation (valid split; exact match of path 1 on held-out synthetic tasks)\n" + table)
+        with open(os.path.join(args.work_dir, "eval.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"\nwrote {os.path.join(args.work_dir, 'eval.json')}, {args.metrics_out}, {args.plot_out}; "
+              f"checkpoint in {args.save}")
     return 0
+
+
+def baseline_args(args) -> argparse.Namespace:
+    root = os.path.join(args.work_dir, "baseline")
+    values = dict(vars(args), ordmoe=False, ordmoe_config=None, save=os.path.join(root, "checkpoints"),
+                  load=os.path.join(root, "checkpoints"), metrics_out=os.path.join(root, "metrics.jsonl"),
+                  plot_out=os.path.join(root, "metrics.png"))
+    baseline = argparse.Namespace(**values)
+    _check_outputs(baseline)
+    return baseline
+
+
+def _setup_only(args, config, data_info):
+    from ordmoe_megatron.trainer import setup
+
+    return setup(args, config, stream_factory(args, data_info))
+
+
+def _is_last_rank() -> bool:
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
 
 
 if __name__ == "__main__":

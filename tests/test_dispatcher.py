@@ -49,6 +49,7 @@ def test_fp8_padding_pads_each_expert_over_all_paths(megatron_single_process):
 def count_all_to_alls(rank, world_size, num_tiers):
     """One EP-2 training step; the number of all-to-all collectives this rank issued."""
     from ordmoe_megatron import pretrain
+    from ordmoe_megatron.trainer import setup, train_step
 
     calls = []
     original = torch.distributed.all_to_all_single
@@ -62,11 +63,14 @@ def count_all_to_alls(rank, world_size, num_tiers):
         "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
         "--seq-length", "16", "--max-position-embeddings", "16", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--lr-warmup-iters", "1", "--train-iters", "2",
-        "--expert-model-parallel-size", "2", "--ordmoe", "--ordmoe-num-tiers", str(num_tiers),
+        "--expert-model-parallel-size", "2", "--ordmoe", "--ordmoe-num-tiers", str(num_tiers), "--mock-data",
     ])
-    trainer = pretrain.setup(args, pretrain.build_config(args))
+    config = pretrain.build_config(args)
+    pretrain.init_distributed(args)
+    trainer = setup(args, config, pretrain.stream_factory(args, None))
+    data = trainer.data("train")
     calls.clear()
-    pretrain.train_step(trainer)
+    train_step(trainer, data)
     return len(calls)
 
 

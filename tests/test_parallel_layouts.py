@@ -18,7 +18,7 @@ from ordmoe_megatron.testing import find_free_port, run_on_ranks
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
          "--seq-length", "32", "--max-position-embeddings", "32", "--lr-warmup-iters", "1",
-         "--micro-batch-size", "2", "--global-batch-size", "8", "--log-interval", "1", "--ordmoe"]
+         "--micro-batch-size", "2", "--global-batch-size", "8", "--log-interval", "1", "--ordmoe", "--mock-data"]
 
 LAYOUTS = {
     "dp2": (2, []),
@@ -47,6 +47,7 @@ def run(nproc, *args):
 def start(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     run(1, "--train-iters", "2", "--save", str(root / "init"))  # some trained weights to start from
+    # Every layout starts from these weights only (--finetune): a fresh optimizer at iteration 0.
     return root
 
 
@@ -56,13 +57,13 @@ def reference(start, per_token):
         out.mkdir(exist_ok=True)
         extra = ["--calculate-per-token-loss"] if per_token else []
         run(1, "--train-iters", "2", "--load", str(start / "init"), "--metrics-out", str(out / "metrics.jsonl"),
-            "--save-grads", str(out / "grads"), *extra)
+            "--save-grads", str(out / "grads"), "--finetune", *extra)
     return out
 
 
 def load_grads(rank, world_size, grad_dirs):
     """In one process: the gradient checkpoints, as {parameter name: tensor}."""
-    from ordmoe_megatron import pretrain
+    from ordmoe_megatron import checkpointing, pretrain
 
     args = pretrain.parse_args(MODEL)
     pretrain.init_distributed(args)
@@ -70,7 +71,7 @@ def load_grads(rank, world_size, grad_dirs):
     out = []
     for path in grad_dirs:
         chunks = pretrain.build_model_chunks(args, config)
-        pretrain.load_model(path, chunks)
+        checkpointing.load_checkpoint(path, chunks, load_rng=False)
         out.append({name: p.detach().clone() for name, p in chunks[0].named_parameters()})
     return out
 
@@ -98,7 +99,7 @@ def test_layout_reproduces_single_process(start, layout, per_token):
     out.mkdir()
     extra = ["--calculate-per-token-loss"] if per_token else []
     run(nproc, "--train-iters", "2", "--load", str(start / "init"), "--metrics-out", str(out / "metrics.jsonl"),
-        "--save-grads", str(out / "grads"), *flags, *extra)
+        "--save-grads", str(out / "grads"), "--finetune", *flags, *extra)
     read = lambda p: [json.loads(line) for line in open(p)]
     assert_metrics_match(read(ref / "metrics.jsonl"), read(out / "metrics.jsonl"))
 

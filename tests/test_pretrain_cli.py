@@ -7,7 +7,7 @@ import pytest
 
 SMALL = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
          "--seq-length", "32", "--max-position-embeddings", "32", "--train-iters", "4", "--log-interval", "2",
-         "--lr-warmup-iters", "1", "--micro-batch-size", "2", "--global-batch-size", "4"]
+         "--lr-warmup-iters", "1", "--micro-batch-size", "2", "--global-batch-size", "4", "--mock-data"]
 
 
 def run_cli(*args, check=True):

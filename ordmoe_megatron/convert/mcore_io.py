@@ -1,0 +1,306 @@
+"""Megatron side I/O: Megatron-LM's checkpoint layout around a ``dist_checkpointing`` checkpoint.
+
+Layout written for converted checkpoints (what Megatron-LM's ``--load`` expects)::
+
+    <dir>/latest_checkpointed_iteration.txt   "release"
+    <dir>/release/                            dist_checkpointing checkpoint of
+                                              {'model': model.sharded_state_dict(),
+                                               'checkpoint_version': 3.0, 'iteration': 0}
+    <dir>/model_args.json                     the model flags (ordmoe_megatron.model_flags)
+    <dir>/hf_metadata.json                    HF model_type + carried config fields (for export)
+
+Training checkpoints (``iter_0000100/`` named by the tracker file) are read the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from ordmoe_megatron.model_flags import (
+    gpt_model_from_flags,
+    normalize_flags,
+    transformer_config_from_flags,
+)
+
+from .engine import ConversionError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_ARGS = "model_args.json"
+HF_METADATA = "hf_metadata.json"
+RUN_FILE = "run.json"  # written by ordmoe-pretrain next to each saved iteration
+CHECKPOINT_VERSION = 3.0
+
+
+# ----------------------------------------------------------------------------------------------
+# layout
+# ----------------------------------------------------------------------------------------------
+def resolve_checkpoint_dir(mcore_dir: str) -> str:
+    """The ``dist_checkpointing`` directory: named by the tracker file (``release`` or an
+    iteration), or ``mcore_dir`` itself when it is one."""
+    tracker = os.path.join(mcore_dir, TRACKER)
+    if os.path.exists(tracker):
+        with open(tracker) as fh:
+            text = fh.read().strip()
+        if text == "release":
+            sub = "release"
+        elif text.isdigit():
+            sub = f"iter_{int(text):07d}"
+        else:
+            raise ConversionError(f"{tracker}: expected 'release' or an iteration, got {text!r}")
+        path = os.path.join(mcore_dir, sub)
+    else:
+        path = mcore_dir
+    if not os.path.exists(os.path.join(path, "metadata.json")):
+        raise ConversionError(
+            f"{path}: not a Megatron dist_checkpointing checkpoint (no metadata.json"
+            + ("" if os.path.exists(tracker) else f", and no {TRACKER} in {mcore_dir}") + ")")
+    return path
+
+
+def write_model_args(out_dir: str, flags: Dict[str, Any]) -> None:
+    with open(os.path.join(out_dir, MODEL_ARGS), "w") as fh:
+        json.dump(normalize_flags(flags), fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def read_model_args(mcore_dir: str) -> Dict[str, Any]:
+    path = os.path.join(mcore_dir, MODEL_ARGS)
+    if not os.path.exists(path):
+        raise ConversionError(f"{path} not found: the model flags of this checkpoint are needed")
+    try:
+        with open(path) as fh:
+            return normalize_flags(json.load(fh))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: {e}") from None
+
+
+def read_checkpoint_flags(mcore_dir: str, ckpt_dir: str) -> Dict[str, Any]:
+    """Model flags of a checkpoint: ``<mcore_dir>/model_args.json`` (converted checkpoints), else
+    ``model_flags`` in ``<ckpt_dir>/run.json`` (checkpoints saved by ordmoe-pretrain)."""
+    if os.path.exists(os.path.join(mcore_dir, MODEL_ARGS)):
+        return read_model_args(mcore_dir)
+    run = os.path.join(ckpt_dir, RUN_FILE)
+    if os.path.exists(run):
+        try:
+            with open(run) as fh:
+                flags = json.load(fh).get("model_flags")
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"{run}: {e}") from None
+        if flags is not None:
+            try:
+                return normalize_flags(flags)
+            except ValueError as e:
+                raise ConversionError(f"{run}: {e}") from None
+    raise ConversionError(
+        f"{os.path.join(mcore_dir, MODEL_ARGS)} not found (nor model_flags in {run}): the model "
+        f"flags of this checkpoint are needed")
+
+
+def write_hf_metadata(out_dir: str, meta: Dict[str, Any]) -> None:
+    with open(os.path.join(out_dir, HF_METADATA), "w") as fh:
+        json.dump(meta, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def read_hf_metadata(mcore_dir: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(mcore_dir, HF_METADATA)
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+# ----------------------------------------------------------------------------------------------
+# process / model
+# ----------------------------------------------------------------------------------------------
+def ensure_single_process() -> None:
+    """Conversion runs in one process: start a 1-rank gloo group on 127.0.0.1 and Megatron's
+    parallel state (all sizes 1) unless the caller already has them; enable the CPU emulation
+    on machines without CUDA."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from ordmoe_megatron import cpu_emulation
+
+    cpu_emulation.enable()
+    if not dist.is_initialized():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+    if dist.get_world_size() != 1:
+        raise ConversionError("conversion runs in a single process (world size 1)")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+
+
+def build_model(flags: Dict[str, Any], device: str = "meta", layer_spec=None):
+    """GPTModel for ``flags`` with all parallel sizes 1. ``device='meta'`` allocates nothing:
+    conversion only needs its state-dict keys, shapes and sharded-state-dict structure."""
+    config = transformer_config_from_flags(
+        flags, use_cpu_initialization=True, perform_initialization=device != "meta",
+        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
+    )
+    with torch.device(device):
+        return gpt_model_from_flags(flags, config, layer_spec=layer_spec,
+                                    pre_process=True, post_process=True)
+
+
+def tensor_shapes(model) -> Dict[str, tuple]:
+    """state-dict key -> shape for the model's real tensors (no ``_extra_state``)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
+def save_checkpoint(sharded_model_sd: Dict[str, Any], out_dir: str) -> None:
+    """Write ``out_dir/release`` + tracker (Megatron-LM's layout for a release checkpoint). In a
+    multi-rank job every rank calls this with its model's sharded state dict."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = os.path.join(out_dir, "release")
+    os.makedirs(ckpt, exist_ok=True)
+    dist_checkpointing.save(
+        {"model": sharded_model_sd, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0},
+        ckpt,
+    )
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(out_dir, TRACKER), "w") as fh:
+            fh.write("release")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_model_weights(model, mcore_dir: str, strict: bool = True) -> None:
+    """Load a converted (or training) checkpoint's weights into ``model`` (any parallel layout:
+    ``dist_checkpointing`` reshards). All ranks call this."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = resolve_checkpoint_dir(mcore_dir)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
+    model.load_state_dict(loaded["model"], strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------
+# region reads (export streams one decoder layer at a time)
+# ----------------------------------------------------------------------------------------------
+def read_tensor_metadata(ckpt_dir: str) -> Dict[str, Any]:
+    """Sharded key -> torch DCP ``TensorStorageMetadata`` (global size, dtype, stored chunks)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        md = FileSystemReader(ckpt_dir).read_metadata()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001
+        raise ConversionError(f"{ckpt_dir}: unreadable checkpoint metadata: {e}") from None
+    # Every stored item lies inside its file: a truncated or missing .distcp fails here, named,
+    # before anything is written.
+    sizes: Dict[str, int] = {}
+    for index, info in (md.storage_data or {}).items():
+        rel = getattr(info, "relative_path", None)
+        if rel is None:
+            continue
+        if rel not in sizes:
+            path = os.path.join(ckpt_dir, rel)
+            if not os.path.exists(path):
+                raise ConversionError(f"{path}: checkpoint file missing (holds {index.fqn})")
+            sizes[rel] = os.path.getsize(path)
+        end = int(info.offset) + int(info.length)
+        if sizes[rel] < end:
+            raise ConversionError(
+                f"{os.path.join(ckpt_dir, rel)}: truncated checkpoint file ({sizes[rel]} bytes, "
+                f"{index.fqn} ends at byte {end})")
+    return {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def sharded_region(sh) -> Tuple[str, tuple, tuple]:
+    """(sharded key, global offset, size) of the part of the stored global tensor that holds a
+    model tensor, for a ``ShardedTensor`` or a ``ShardedTensorFactory`` (e.g. the SwiGLU
+    ``linear_fc1`` factory, whose parts tile one box) built with all parallel sizes 1."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    parts = [sh] if isinstance(sh, ShardedTensor) else list(nested_values(sh.build()))
+    keys = {p.key for p in parts}
+    if len(keys) != 1 or any(p.flattened_range is not None for p in parts):
+        raise ConversionError(f"unsupported sharded layout for {sh.key}")
+    boxes = [(tuple(p.global_offset), (1,) * p.prepend_axis_num + tuple(p.local_shape)) for p in parts]
+    lo = tuple(min(b[0][d] for b in boxes) for d in range(len(boxes[0][0])))
+    hi = tuple(max(b[0][d] + b[1][d] for b in boxes) for d in range(len(boxes[0][0])))
+    size = tuple(h - l for l, h in zip(lo, hi))
+    volume = 1
+    for s in size:
+        volume *= s
+    if volume != sum(int(torch.Size(b[1]).numel()) for b in boxes):
+        raise ConversionError(f"sharded parts of {sh.key} do not tile one region")
+    return keys.pop(), lo, size
+
+
+def read_regions(ckpt_dir: str, requests: Dict[str, Tuple[str, tuple, tuple, torch.dtype]]
+                 ) -> Dict[str, torch.Tensor]:
+    """Read sub-boxes of stored global tensors with plain torch DCP (no process group needed).
+    ``requests``: name -> (sharded key, offset, size, dtype). Reading only the boxes asked for
+    keeps memory at one layer, whatever parallel layout the checkpoint was saved with."""
+    import dataclasses as dc
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    buffers = {name: torch.empty(size, dtype=dtype) for name, (_, _, size, dtype) in requests.items()}
+
+    class _BoxPlanner(LoadPlanner):
+        def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+            self.metadata = metadata
+
+        def create_local_plan(self):
+            items = []
+            for name, (key, offset, size, _) in requests.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=torch.Size(size))
+                covered = 0
+                for item in create_read_items_for_chunk_list(
+                        key, self.metadata.state_dict_metadata[key], [chunk]):
+                    items.append(dc.replace(item, dest_index=MetadataIndex(name)))
+                    covered += torch.Size(item.lengths).numel()
+                if covered != torch.Size(size).numel():
+                    raise ConversionError(f"tensor {key} (for {name}): the checkpoint stores only "
+                                          f"{covered} of the {torch.Size(size).numel()} values")
+            return LoadPlan(items)
+
+        def create_global_plan(self, global_plan):
+            return global_plan
+
+        def finish_plan(self, central_plan):
+            return central_plan
+
+        def load_bytes(self, read_item, value):
+            raise ConversionError(f"unexpected non-tensor item {read_item.storage_index.fqn}")
+
+        def resolve_tensor(self, read_item):
+            t = buffers[read_item.dest_index.fqn]
+            for d, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                t = t.narrow(d, o, n)
+            return t
+
+        def commit_tensor(self, read_item, tensor):
+            pass
+
+    try:
+        dcp_load(buffers, storage_reader=FileSystemReader(ckpt_dir), planner=_BoxPlanner(),
+                 no_dist=True)
+    except (ConversionError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        raise ConversionError(f"{ckpt_dir}: reading {', '.join(sorted(requests))[:200]} failed "
+                              f"(truncated or corrupt checkpoint?): {e}") from None
+    return buffers

@@ -1,0 +1,122 @@
+"""Held-out evaluation: every path's log-likelihood and perplexity, tier ordering, exact match.
+
+``evaluate_paths`` runs Megatron's schedules forward-only over a data stream (any parallel
+layout); ``exact_match_accuracy`` greedily completes held-out task prompts with path 1, the plain
+top-K model (one process, no model parallelism).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections import defaultdict
+from typing import Iterator, Optional
+
+import torch
+
+
+def evaluate_paths(trainer, data: Iterator[dict] | list, iterations: int) -> dict:
+    """Forward-only over ``iterations`` global batches: LM loss, each path's mean target
+    log-likelihood and perplexity, and the tier-ordering accuracy (reduced like training)."""
+    from megatron.core import parallel_state
+
+    from ordmoe_megatron.objective import reduce_reports
+    from ordmoe_megatron.trainer import broadcast_from_last_stage, forward_step, loss_function
+
+    for chunk in trainer.model:
+        chunk.eval()
+    reports = []
+    try:
+        with torch.no_grad():
+            step = functools.partial(forward_step, loss_func=loss_function(trainer))
+            for _ in range(iterations):
+                reports += trainer.forward_backward(
+                    forward_step_func=step, data_iterator=data, model=trainer.model,
+                    num_microbatches=trainer.num_microbatches, seq_length=trainer.args.seq_length,
+                    micro_batch_size=trainer.args.micro_batch_size, forward_only=True,
+                )
+    finally:
+        for chunk in trainer.model:
+            chunk.train()
+    reduced = broadcast_from_last_stage(reduce_reports(reports, parallel_state.get_data_parallel_group()))
+    paths = trainer.num_paths
+    logprobs = [reduced[f"path{j + 1} logprob"] for j in range(paths)] if paths > 1 else [-reduced["lm loss"]]
+    return {
+        "lm_loss": reduced["lm loss"],
+        "path_logprob": logprobs,
+        "path_perplexity": [math.exp(-lp) for lp in logprobs],
+        "tier_order_acc": reduced.get("tier order acc"),
+    }
+
+
+@torch.no_grad()
+def greedy_complete(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+    """Greedy continuation of equal-length token prompts with the model's path 1."""
+    device = next(model.parameters()).device
+    tokens = torch.tensor(prompts, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    generated = []
+    for _ in range(max_new_tokens):
+        positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        logits = model(tokens, positions, None)
+        next_ids = logits[:, -1].argmax(-1)
+        generated.append(next_ids)
+        done |= torch.isin(next_ids, torch.tensor(sorted(stop_ids), device=device))
+        tokens = torch.cat([tokens, next_ids.unsqueeze(1)], dim=1)
+        if done.all():
+            break
+    return torch.stack(generated, dim=1).tolist()
+
+
+def exact_match_accuracy(model, tokenizer, tasks: list[dict], max_new_tokens: int = 16) -> dict:
+    """Per task kind (the prompt's first word or operator), the share of held-out problems whose
+    greedy path-1 completion up to the end of the line equals the answer."""
+    from ordmoe_megatron.data import exact_match
+    from ordmoe_megatron.model import OrdMoEGPTModel
+
+    was_training = model.training
+    model.eval()
+    single_path = isinstance(model, OrdMoEGPTModel)
+    saved_tiers = model.path_tiers if single_path else None
+    if single_path:
+        model.set_path_tiers([0])
+    newline_ids = {i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.detokenize([i])} | {tokenizer.eod}
+    by_length: dict[int, list] = defaultdict(list)
+    for task in tasks:
+        ids = tokenizer.tokenize(task["prompt"])
+        by_length[len(ids)].append((task, ids))
+    correct, total = defaultdict(int), defaultdict(int)
+    try:
+        for _, group in sorted(by_length.items()):
+            for start in range(0, len(group), 64):
+                chunk = group[start:start + 64]
+                outputs = greedy_complete(model, [ids for _, ids in chunk], max_new_tokens, newline_ids)
+                for (task, _), out in zip(chunk, outputs):
+                    kind = task_kind(task["prompt"])
+                    total[kind] += 1
+                    correct[kind] += int(exact_match(tokenizer.detokenize(out), task["answer"]))
+    finally:
+        if single_path:
+            model.set_path_tiers(saved_tiers)
+        model.train(was_training)
+    return {kind: correct[kind] / total[kind] for kind in sorted(total)}
+
+
+def task_kind(prompt: str) -> str:
+    """'reverse: 1 2 ->' -> 'reverse'; '12+34=' -> 'addition'."""
+    head = prompt.split(":", 1)[0].strip()
+    return head if head.isalpha() else "addition"
+
+
+def format_eval_table(rows: dict[str, dict]) -> str:
+    """Rows keyed by model name, each from ``evaluate_paths`` plus ``exact_match``."""
+    first = next(iter(rows.values()))
+    paths = len(first["path_perplexity"])
+    kinds = sorted(first.get("exact_match", {}))
+    header = ["model"] + [f"path {j + 1} ppl" for j in range(paths)] + ["tier order acc"] + [f"{k} EM" for k in kinds]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for name, r in rows.items():
+        acc = r.get("tier_order_acc")
+        cells = [name] + [f"{p:.2f}" for p in r["path_perplexity"]] + ["-" if acc is None else f"{acc:.3f}"]
+        cells += [f"{r['exact_match'][k]:.3f}" for k in kinds]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
