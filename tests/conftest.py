@@ -24,3 +24,15 @@ def megatron_single_process():
     parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(1234)
     yield parallel_state
+
+
+@pytest.fixture(autouse=True)
+def fresh_aux_loss_tracker():
+    """Megatron keeps a process-wide aux-loss tracker sized by the first model's layer count;
+    tests build models of different depths, so each starts with an empty one."""
+    yield
+    import sys
+
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
