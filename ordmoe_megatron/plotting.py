@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def plot_metrics(metrics_jsonl: str, png_path: str, title: str = "OrdMoE training") -> str:
@@ -39,6 +40,7 @@ def plot_metrics(metrics_jsonl: str, png_path: str, title: str = "OrdMoE trainin
     lines = ax_acc.get_legend_handles_labels()[0] + ax_loss.get_legend_handles_labels()[0]
     ax_acc.legend(lines, [l.get_label() for l in lines], loc="center right")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path

@@ -403,8 +403,9 @@ def main(argv=None) -> int:
         run_training(baseline, base_config, data_info, "top-K baseline")
         # Evaluate the baseline's weights with the same tier paths, to compare tier ordering too.
         probe = argparse.Namespace(**{**vars(args), "load": baseline.save, "finetune": True, "train_iters": 0})
-        probe_trainer = _setup_only(probe, config, data_info)
-        rows["top-K baseline"] = evaluate_run(probe, config, data_info, probe_trainer, tasks)
+        probe_config = build_config(probe)  # a fresh config: the trainer stores process-group hooks in it
+        probe_trainer = _setup_only(probe, probe_config, data_info)
+        rows["top-K baseline"] = evaluate_run(probe, probe_config, data_info, probe_trainer, tasks)
     if _is_last_rank():
         table = format_eval_table(rows)
         print("\nheld-out evaluation (valid split; exact match of path 1 on held-out synthetic tasks)\n" + table)

@@ -303,6 +303,7 @@ def _dp() -> int:
 
 def _open_metrics(path: str, resumed_at: int):
     """Append after a resume (dropping lines past the checkpoint); otherwise start the file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if resumed_at and os.path.exists(path):
         kept = [line for line in open(path) if line.strip() and json.loads(line)["iteration"] <= resumed_at]
         f = open(path, "w")

@@ -109,7 +109,7 @@ def test_bad_inputs_fail_early_with_clear_errors(tiny, tmp_path):
 
     from ordmoe_megatron.data import train_sentencepiece
 
-    other = train_sentencepiece([str(work / "data" / "corpus" / "valid.jsonl")], str(tmp_path / "other"), vocab_size=300)
+    other = train_sentencepiece([str(work / "data" / "corpus" / "valid.jsonl")], str(tmp_path / "other"), vocab_size=512)
     mismatch = cli("--data-path", prefix, "--tokenizer-model", other, *SMALL_MODEL, check=False)
     assert mismatch.returncode != 0 and "tokenizer" in mismatch.stderr.lower()
 
