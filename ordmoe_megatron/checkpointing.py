@@ -22,6 +22,7 @@ import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_FILE = "run.json"
+CHECKPOINT_VERSION = 3.0
 
 
 class CheckpointError(RuntimeError):
@@ -53,7 +54,8 @@ def has_checkpoint(root: Optional[str]) -> bool:
     return bool(root) and os.path.isfile(os.path.join(root, TRACKER))
 
 
-def _sharded_model_state(chunks: list) -> dict:
+def sharded_model_state(chunks: list) -> dict:
+    """Megatron-LM's naming: ``model``, or ``model0``, ``model1``, .. with virtual stages."""
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
@@ -87,12 +89,13 @@ def _set_rng_state(state: dict) -> None:
 def save_checkpoint(
     root: str,
     iteration: Optional[int],
-    chunks: list,
+    model_state: dict,
     optimizer=None,
     run: Optional[dict] = None,
     include_rng: bool = True,
 ) -> str:
-    """Save model chunks (and optimizer, run state, RNG) for ``iteration`` (None: ``release``)."""
+    """Save ``model_state`` (``sharded_model_state(chunks)``) and optimizer, run state, RNG for
+    ``iteration`` (None: ``release``). Every rank calls it."""
     from megatron.core import dist_checkpointing
 
     rank = torch.distributed.get_rank()
@@ -102,9 +105,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     torch.distributed.barrier()
-    state = _sharded_model_state(chunks)
+    # checkpoint_version and iteration are what Megatron-LM's loader reads from the common state.
+    state = {**model_state, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration or 0}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state)
     dist_checkpointing.save(state, tmp)
     if include_rng:
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
@@ -157,7 +161,7 @@ def check_compatible(root: str, model_flags: dict) -> None:
                               "Use the checkpoint's model flags (see its run.json) or another --load.")
 
 
-def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = True) -> dict:
+def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = True, strict: bool = True) -> dict:
     """Load the newest checkpoint under ``root`` into ``chunks`` (and ``optimizer``, RNG);
     returns its ``run.json`` contents."""
     from megatron.core import dist_checkpointing
@@ -167,15 +171,15 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = Tr
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "metadata.json")):
         raise CheckpointError(f"{path} is missing or incomplete (no metadata.json); the save may have been "
                               "interrupted: load an earlier checkpoint")
-    state = _sharded_model_state(chunks)
+    state = sharded_model_state(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True)
     try:
         loaded = dist_checkpointing.load(state, path)
     except Exception as err:  # dist_checkpointing raises many types; name the checkpoint and the cause
         raise CheckpointError(f"cannot load {path}: {type(err).__name__}: {err}") from err
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     rng_file = os.path.join(path, f"rng_rank{torch.distributed.get_rank()}.pt")

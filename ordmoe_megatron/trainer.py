@@ -235,7 +235,8 @@ def save_grads_hook(path: str):
         for p in params:
             p.data = p.main_grad.view_as(p.data).to(p.dtype)
         try:
-            checkpointing.save_checkpoint(path, trainer.iteration + 1, trainer.chunks, include_rng=False)
+            state = checkpointing.sharded_model_state(trainer.chunks)
+            checkpointing.save_checkpoint(path, trainer.iteration + 1, state, include_rng=False)
         finally:
             for p, w in zip(params, weights):
                 p.data = w
@@ -260,8 +261,8 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
     history, window = [], []
 
     def save():
-        checkpointing.save_checkpoint(args.save, trainer.iteration, trainer.chunks, trainer.optimizer, {
-            **run_meta, "scheduler": trainer.scheduler.state_dict()})
+        checkpointing.save_checkpoint(args.save, trainer.iteration, checkpointing.sharded_model_state(trainer.chunks),
+                                      trainer.optimizer, {**run_meta, "scheduler": trainer.scheduler.state_dict()})
         if logging:
             print(f" saved checkpoint at iteration {trainer.iteration:8d} to {args.save}", flush=True)
 

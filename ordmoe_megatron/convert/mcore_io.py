@@ -26,13 +26,13 @@ from ordmoe_megatron.model_flags import (
     transformer_config_from_flags,
 )
 
+from ordmoe_megatron import checkpointing
+from ordmoe_megatron.checkpointing import RUN_FILE, TRACKER, CheckpointError, checkpoint_dir, latest_iteration
+
 from .engine import ConversionError
 
-TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_ARGS = "model_args.json"
 HF_METADATA = "hf_metadata.json"
-RUN_FILE = "run.json"  # written by ordmoe-pretrain next to each saved iteration
-CHECKPOINT_VERSION = 3.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,23 +41,18 @@ CHECKPOINT_VERSION = 3.0
 def resolve_checkpoint_dir(mcore_dir: str) -> str:
     """The ``dist_checkpointing`` directory: named by the tracker file (``release`` or an
     iteration), or ``mcore_dir`` itself when it is one."""
-    tracker = os.path.join(mcore_dir, TRACKER)
-    if os.path.exists(tracker):
-        with open(tracker) as fh:
-            text = fh.read().strip()
-        if text == "release":
-            sub = "release"
-        elif text.isdigit():
-            sub = f"iter_{int(text):07d}"
-        else:
-            raise ConversionError(f"{tracker}: expected 'release' or an iteration, got {text!r}")
-        path = os.path.join(mcore_dir, sub)
+    has_tracker = os.path.exists(os.path.join(mcore_dir, TRACKER))
+    if has_tracker:
+        try:
+            path = checkpoint_dir(mcore_dir, latest_iteration(mcore_dir))
+        except CheckpointError as e:
+            raise ConversionError(str(e)) from None
     else:
         path = mcore_dir
     if not os.path.exists(os.path.join(path, "metadata.json")):
         raise ConversionError(
             f"{path}: not a Megatron dist_checkpointing checkpoint (no metadata.json"
-            + ("" if os.path.exists(tracker) else f", and no {TRACKER} in {mcore_dir}") + ")")
+            + ("" if has_tracker else f", and no {TRACKER} in {mcore_dir}") + ")")
     return path
 
 
@@ -160,31 +155,19 @@ def tensor_shapes(model) -> Dict[str, tuple]:
 def save_checkpoint(sharded_model_sd: Dict[str, Any], out_dir: str) -> None:
     """Write ``out_dir/release`` + tracker (Megatron-LM's layout for a release checkpoint). In a
     multi-rank job every rank calls this with its model's sharded state dict."""
-    from megatron.core import dist_checkpointing
-
-    ckpt = os.path.join(out_dir, "release")
-    os.makedirs(ckpt, exist_ok=True)
-    dist_checkpointing.save(
-        {"model": sharded_model_sd, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0},
-        ckpt,
-    )
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        with open(os.path.join(out_dir, TRACKER), "w") as fh:
-            fh.write("release")
-    if dist.is_initialized():
-        dist.barrier()
+    checkpointing.save_checkpoint(out_dir, None, {"model": sharded_model_sd}, include_rng=False)
 
 
 def load_model_weights(model, mcore_dir: str, strict: bool = True) -> None:
     """Load a converted (or training) checkpoint's weights into ``model`` (any parallel layout:
     ``dist_checkpointing`` reshards). All ranks call this."""
-    from megatron.core import dist_checkpointing
-
-    ckpt = resolve_checkpoint_dir(mcore_dir)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
-    model.load_state_dict(loaded["model"], strict=strict)
+    root = mcore_dir if os.path.exists(os.path.join(mcore_dir, TRACKER)) else None
+    if root is None:
+        raise ConversionError(f"{mcore_dir}: no {TRACKER}; point at the directory that holds it")
+    try:
+        checkpointing.load_checkpoint(root, [model], load_rng=False, strict=strict)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
