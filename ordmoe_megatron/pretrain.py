@@ -169,10 +169,6 @@ def _check_layout(args) -> None:
         raise SystemExit("ordmoe-pretrain: impossible parallel layout: " + "; ".join(problems))
 
 
-def data_parallel_size(args) -> int:
-    return int(os.environ.get("WORLD_SIZE", 1)) // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
-
-
 def virtual_pipeline_size(args) -> Optional[int]:
     vstage = args.num_layers_per_virtual_pipeline_stage
     return None if vstage is None else args.num_layers // args.pipeline_model_parallel_size // vstage
@@ -338,7 +334,7 @@ def describe(args) -> str:
     return "\n".join(lines)
 
 
-def run_training(args, config, data_info, label: str) -> "Trainer":
+def run_training(args, config, data_info, label: str):
     from ordmoe_megatron import checkpointing
     from ordmoe_megatron.model_flags import flags_from_args
     from ordmoe_megatron.trainer import setup, train
@@ -348,7 +344,7 @@ def run_training(args, config, data_info, label: str) -> "Trainer":
             checkpointing.check_compatible(args.load, flags_from_args(args))
         except checkpointing.CheckpointError as err:
             raise SystemExit(f"ordmoe-pretrain: {err}") from None
-    trainer = setup(args, config, stream_factory(args, data_info))
+    trainer = setup(args, config, build_model_chunks(args, config), stream_factory(args, data_info))
     if _is_last_rank():
         cfg = args.ordmoe_config
         print((cfg.describe(args.num_experts, args.moe_router_topk) if cfg else f"{label}: plain top-K routing")
@@ -429,7 +425,7 @@ def baseline_args(args) -> argparse.Namespace:
 def _setup_only(args, config, data_info):
     from ordmoe_megatron.trainer import setup
 
-    return setup(args, config, stream_factory(args, data_info))
+    return setup(args, config, build_model_chunks(args, config), stream_factory(args, data_info))
 
 
 def _is_last_rank() -> bool:

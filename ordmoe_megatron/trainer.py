@@ -65,19 +65,18 @@ def loss_function(trainer: Trainer):
     )
 
 
-def setup(args, config, make_stream) -> Trainer:
-    """Everything a step needs; resumes model, optimizer, scheduler, RNG and data position from
-    ``args.load`` when it holds a checkpoint."""
+def setup(args, config, chunks: list, make_stream) -> Trainer:
+    """Everything a step needs around the model ``chunks``; resumes model, optimizer, scheduler,
+    RNG and data position from ``args.load`` when it holds a checkpoint."""
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ordmoe_megatron import checkpointing
-    from ordmoe_megatron.pretrain import build_model_chunks, data_parallel_size
     from ordmoe_megatron.schedules import get_ordmoe_forward_backward_func
 
-    chunks = build_model_chunks(args, config)
     if torch.cuda.is_available():
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
@@ -104,7 +103,7 @@ def setup(args, config, make_stream) -> Trainer:
     else:
         forward_backward, num_paths = get_forward_backward_func(), 1
     trainer = Trainer(args, config, model, optimizer, scheduler, forward_backward, num_paths,
-                      args.global_batch_size // (args.micro_batch_size * data_parallel_size(args)),
+                      args.global_batch_size // (args.micro_batch_size * parallel_state.get_data_parallel_world_size()),
                       make_stream=make_stream)
     if checkpointing.has_checkpoint(args.load):
         # A converted ('release') checkpoint holds weights only; --finetune starts afresh from weights.

@@ -67,7 +67,7 @@ def count_all_to_alls(rank, world_size, num_tiers):
     ])
     config = pretrain.build_config(args)
     pretrain.init_distributed(args)
-    trainer = setup(args, config, pretrain.stream_factory(args, None))
+    trainer = setup(args, config, pretrain.build_model_chunks(args, config), pretrain.stream_factory(args, None))
     data = trainer.data("train")
     calls.clear()
     train_step(trainer, data)

@@ -1,9 +1,7 @@
-"""``ordmoe-pretrain`` end to end, as a user runs it (a subprocess on CPU)."""
-import json
-import subprocess
-import sys
-
+"""``ordmoe-pretrain`` on mock data: metrics, log lines, determinism, C = 1, bad flags."""
 import pytest
+
+from tests.helpers import read_metrics, run_pretrain
 
 SMALL = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
          "--seq-length", "32", "--max-position-embeddings", "32", "--train-iters", "4", "--log-interval", "2",
@@ -11,15 +9,7 @@ SMALL = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", 
 
 
 def run_cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "ordmoe_megatron.pretrain", *SMALL, *args],
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ordmoe-pretrain failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def read_metrics(path):
-    return [json.loads(line) for line in open(path)]
+    return run_pretrain(*SMALL, *args, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +71,13 @@ def test_existing_metrics_file_is_not_overwritten(tmp_path):
     proc = run_cli("--metrics-out", str(out), check=False)
     assert proc.returncode != 0 and "--overwrite" in proc.stderr
     assert out.read_text() == "precious\n"
+
+
+def test_dry_run_prints_the_layouts_and_builds_nothing(tmp_path):
+    proc = run_cli("--ordmoe", "--num-experts", "64", "--moe-router-topk", "6", "--num-layers", "28",
+                   "--save", str(tmp_path / "ckpt"), "--metrics-out", str(tmp_path / "m.jsonl"), "--dry-run")
+    out = proc.stdout
+    assert "configuration:" in out and "parallel layout:" in out and "tier layout:" in out
+    assert "3 tiers (uniform: 1-6, 25-30, 59-64)" in out
+    assert "world 1 = TP 1 x PP 1 x DP 1; EP 1" in out
+    assert not list(tmp_path.iterdir())

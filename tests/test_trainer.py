@@ -2,26 +2,15 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+
+from tests.helpers import read_metrics as metrics
+from tests.helpers import run_pretrain as cli
 
 SMALL_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--moe-ffn-hidden-size", "64",
                "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "4",
                "--global-batch-size", "8", "--lr-warmup-iters", "1", "--log-interval", "2"]
-
-
-def cli(*args, check=True, env=None):
-    proc = subprocess.run([sys.executable, "-m", "ordmoe_megatron.pretrain", *args], capture_output=True, text=True,
-                          timeout=900, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ordmoe-pretrain {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def metrics(path):
-    return [json.loads(line) for line in open(path)]
 
 
 @pytest.fixture(scope="module")
