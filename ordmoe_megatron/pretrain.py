@@ -329,8 +329,9 @@ def describe(args) -> str:
         lines.append("  OrdMoE off (--no-ordmoe): plain top-K")
     else:
         lines.append("  " + cfg.describe(args.num_experts, args.moe_router_topk))
+        seq = args.seq_length // tp if args.sequence_parallel else args.seq_length
         lines.append(f"  paths per micro-batch: {cfg.num_tiers}; activations between pipeline stages: "
-                     f"[{args.seq_length}, {cfg.num_tiers * args.micro_batch_size}, {args.hidden_size}]")
+                     f"[{seq}, {cfg.num_tiers} x {args.micro_batch_size}, {args.hidden_size}]")
     return "\n".join(lines)
 
 
