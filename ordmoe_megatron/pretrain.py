@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--moe-router-load-balancing-type", default="aux_loss")
     train.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=("alltoall", "allgather"))
     train.add_argument("--calculate-per-token-loss", action="store_true")
+    train.add_argument("--bf16", action="store_true", help="BF16 weights and activations, FP32 main weights.")
+    train.add_argument("--fp8-format", choices=("hybrid", "e4m3"), default=None,
+                       help="FP8 through Transformer Engine (GPU with TE only; needs --bf16).")
     train.add_argument("--log-interval", type=int, default=5)
     train.add_argument("--eval-interval", type=int, default=None)
     train.add_argument("--eval-iters", type=int, default=2)
@@ -122,12 +125,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     elif args.data_path and not args.tokenizer_model:
         raise SystemExit("ordmoe-pretrain: --data-path needs --tokenizer-model (the SentencePiece model that made it)")
     _check_layout(args)
+    _check_precision(args)
     _check_outputs(args)
     try:
         args.ordmoe_config = ordmoe_config_from_args(args)
     except ValueError as err:
         raise SystemExit(f"ordmoe-pretrain: {err}") from None
     return args
+
+
+def _check_precision(args) -> None:
+    if args.fp8_format is None:
+        return
+    if not args.bf16:
+        raise SystemExit("ordmoe-pretrain: --fp8-format needs --bf16 (FP8 GEMMs inside a BF16 model)")
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        raise SystemExit("ordmoe-pretrain: --fp8-format needs Transformer Engine on a GPU "
+                         "(pip install '.[te]' on the cluster); drop the flag on this machine") from None
 
 
 def _check_outputs(args) -> None:
@@ -208,6 +224,7 @@ def build_config(args):
     from ordmoe_megatron.model import moe_layer_numbers
     from ordmoe_megatron.model_flags import flags_from_args, transformer_config_from_flags
 
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     config = transformer_config_from_flags(
         flags_from_args(args),
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
@@ -217,7 +234,8 @@ def build_config(args):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_size(args),
         expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size, pipeline_dtype=torch.float32,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype, fp8=args.fp8_format,
         **cpu_emulation.config_overrides(),
     )
     if args.ordmoe_config is not None:

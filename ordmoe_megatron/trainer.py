@@ -35,7 +35,11 @@ class Trainer:
 
     @property
     def chunks(self) -> list:
-        return [m.module for m in self.model]
+        """The GPT models themselves, without the DDP and BF16 wrappers."""
+        from megatron.core.transformer.module import Float16Module
+
+        inner = [m.module for m in self.model]
+        return [c.module if isinstance(c, Float16Module) else c for c in inner]
 
     def data(self, split: str, start_microbatch: int = 0):
         """One stream of this rank's micro-batches per model chunk, as the schedules want it."""
@@ -73,6 +77,7 @@ def setup(args, config, chunks: list, make_stream) -> Trainer:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
 
     from ordmoe_megatron import checkpointing
     from ordmoe_megatron.schedules import get_ordmoe_forward_backward_func
@@ -80,10 +85,13 @@ def setup(args, config, chunks: list, make_stream) -> Trainer:
     if torch.cuda.is_available():
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
-    model = [DistributedDataParallel(config, DistributedDataParallelConfig(), chunk) for chunk in chunks]
+    vocab_size = chunks[0].vocab_size
+    wrapped = [Float16Module(config, chunk) for chunk in chunks] if config.bf16 else chunks
+    model = [DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=config.bf16), chunk)
+             for chunk in wrapped]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-                        clip_grad=args.clip_grad, bf16=False, fp16=False),
+                        clip_grad=args.clip_grad, bf16=config.bf16, fp16=False),
         model,
     )
     scheduler = OptimizerParamScheduler(
@@ -98,7 +106,7 @@ def setup(args, config, chunks: list, make_stream) -> Trainer:
 
     ordmoe = args.ordmoe_config
     if ordmoe is not None and ordmoe.enabled:
-        forward_backward = get_ordmoe_forward_backward_func(ordmoe, chunks[0].vocab_size, args.calculate_per_token_loss)
+        forward_backward = get_ordmoe_forward_backward_func(ordmoe, vocab_size, args.calculate_per_token_loss)
         num_paths = ordmoe.num_tiers
     else:
         forward_backward, num_paths = get_forward_backward_func(), 1

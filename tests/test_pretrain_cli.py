@@ -1,4 +1,6 @@
 """``ordmoe-pretrain`` on mock data: metrics, log lines, determinism, C = 1, bad flags."""
+import importlib.util
+
 import pytest
 
 from tests.helpers import read_metrics, run_pretrain
@@ -81,3 +83,17 @@ def test_dry_run_prints_the_layouts_and_builds_nothing(tmp_path):
     assert "3 tiers (uniform: 1-6, 25-30, 59-64)" in out
     assert "world 1 = TP 1 x PP 1 x DP 1; EP 1" in out
     assert not list(tmp_path.iterdir())
+
+
+def test_bf16_trains(tmp_path):
+    out = tmp_path / "bf16.jsonl"
+    run_cli("--ordmoe", "--bf16", "--metrics-out", str(out))
+    records = read_metrics(out)
+    assert len(records) == 4 and all(r["lm_loss"] > 0 and len(r["path_logprob"]) == 3 for r in records)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
+                    reason="Transformer Engine is installed here, so FP8 is not refused")
+def test_fp8_without_transformer_engine_is_refused():
+    fp8 = run_cli("--ordmoe", "--bf16", "--fp8-format", "hybrid", check=False)
+    assert fp8.returncode != 0 and "Transformer Engine" in fp8.stderr and " iteration" not in fp8.stdout
