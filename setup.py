@@ -19,5 +19,8 @@ setup(
         "test": ["pytest", "transformers", "safetensors"],
         "te": ["transformer-engine[pytorch]"],
     },
-    entry_points={"console_scripts": ["ordmoe-pretrain=ordmoe_megatron.pretrain:main"]},
+    entry_points={"console_scripts": [
+        "ordmoe-pretrain=ordmoe_megatron.pretrain:main",
+        "ordmoe-tier-report=ordmoe_megatron.tier_report:main",
+    ]},
 )

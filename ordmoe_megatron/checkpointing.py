@@ -154,7 +154,9 @@ def check_compatible(root: str, model_flags: dict) -> None:
     saved = checkpoint_model_flags(root)
     if saved is None:
         return
-    differing = {k: (saved[k], v) for k, v in model_flags.items() if k in saved and saved[k] != v}
+    # The training length is not part of the model: a model may continue at another length.
+    differing = {k: (saved[k], v) for k, v in model_flags.items()
+                 if k in saved and k != "seq_length" and saved[k] != v}
     if differing:
         detail = ", ".join(f"--{k.replace('_', '-')} is {v!r} here but {s!r} in the checkpoint" for k, (s, v) in differing.items())
         raise CheckpointError(f"--load {root} was saved by another model configuration: {detail}. "
