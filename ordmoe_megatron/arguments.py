@@ -33,7 +33,7 @@ def add_ordmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="1-based layers whose MoE routes paths by tier: 'all' (default), '1-4', '7,14,21,28'.")
     group.add_argument("--ordmoe-logprob-floor", type=str, default=None,
                        help="Stop pushing a low tier down once its mean log-likelihood is below this "
-                            "(a number, or 'vocab' for -log(vocab size)). Off by default.")
+                            "(a number, 'vocab' for -log(vocab size), or 'none'). Off by default.")
     group.add_argument("--ordmoe-ranking", choices=RANKINGS, default="token",
                        help="Rank experts per token (default) or by each layer's running mean score.")
     group.add_argument("--ordmoe-lazy-fanout", action=argparse.BooleanOptionalAction, default=True,

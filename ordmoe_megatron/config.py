@@ -84,12 +84,14 @@ class OrdMoEConfig:
             raise ValueError(f"--ordmoe-ranking='{self.ranking}' is not one of {', '.join(RANKINGS)}")
         if self.ranking == "average" and self.grouping == "random":
             raise ValueError("--ordmoe-ranking=average ranks by routing scores; --ordmoe-grouping=random ignores them: pick one")
+        if isinstance(self.logprob_floor, str) and self.logprob_floor.lower() == "none":
+            self.logprob_floor = None
         if isinstance(self.logprob_floor, str) and self.logprob_floor != "vocab":
             try:
                 self.logprob_floor = float(self.logprob_floor)
             except ValueError:
                 raise ValueError(
-                    f"--ordmoe-logprob-floor='{self.logprob_floor}' must be a number (a log-likelihood, <= 0) or 'vocab'"
+                    f"--ordmoe-logprob-floor='{self.logprob_floor}' must be a number (a log-likelihood, <= 0), 'vocab' or 'none'"
                 ) from None
         if isinstance(self.logprob_floor, float) and self.logprob_floor > 0:
             raise ValueError(f"--ordmoe-logprob-floor={self.logprob_floor} is a log-likelihood and must be <= 0")

@@ -116,7 +116,7 @@ def format_eval_table(rows: dict[str, dict]) -> str:
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for name, r in rows.items():
         acc = r.get("tier_order_acc")
-        cells = [name] + [f"{p:.2f}" for p in r["path_perplexity"]] + ["-" if acc is None else f"{acc:.3f}"]
+        cells = [name] + [f"{p:.4g}" for p in r["path_perplexity"]] + ["-" if acc is None else f"{acc:.3f}"]
         cells += [f"{r['exact_match'][k]:.3f}" for k in kinds]
         lines.append(" | ".join(cells))
     return "\n".join(lines)

@@ -37,6 +37,7 @@ def test_floor_vocab():
     cfg = OrdMoEConfig(logprob_floor="vocab")
     assert cfg.floor_value(1000) == pytest.approx(-6.9077, abs=1e-4)
     assert OrdMoEConfig(logprob_floor="-3").floor_value(10) == -3.0
+    assert OrdMoEConfig(logprob_floor="none").floor_value(10) is None
 
 
 CONFIG_ERRORS = [
