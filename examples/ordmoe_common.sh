@@ -194,3 +194,18 @@ ordmoe_pretrain_args() {
         "${EXTRA_ARGS[@]}"
     )
 }
+
+# LAUNCH=(srun ... torchrun ... "$@"): one torchrun per node of the SLURM allocation, each starting
+# GPUS_PER_NODE copies of "$@" (the program and its arguments).
+slurm_launch() {
+    local master_addr="<first node of the allocation>"
+    if [[ "$DRY_RUN" != 1 ]]; then
+        master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    fi
+    local srun_extra=()
+    read -r -a srun_extra <<< "${SRUN_ARGS:-}"
+    LAUNCH=(srun --nodes "$NNODES" --ntasks-per-node 1 --kill-on-bad-exit=1 "${srun_extra[@]}"
+            "$TORCHRUN" --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
+            --rdzv-id "${SLURM_JOB_ID:-ordmoe}" --rdzv-backend c10d --rdzv-endpoint "$master_addr:$MASTER_PORT"
+            "$@")
+}

@@ -26,16 +26,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 parallel_args "${TP:-2}" "${PP:-4}" "${EP:-8}" "${ETP:-1}"
 ordmoe_pretrain_args "${GLOBAL_BATCH_SIZE:-512}" "${CHECKPOINT_DIR:-checkpoints/ordmoe-pretrain-${NNODES}n}"
 
-if [[ "$DRY_RUN" == 1 ]]; then
-    MASTER_ADDR="<first node of the allocation>"
-else
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-fi
-read -r -a SRUN_EXTRA <<< "${SRUN_ARGS:-}"
-LAUNCH=(srun --nodes "$NNODES" --ntasks-per-node 1 --kill-on-bad-exit=1 "${SRUN_EXTRA[@]}"
-        "$TORCHRUN" --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
-        --rdzv-id "${SLURM_JOB_ID:-ordmoe}" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
-        --no-python "$ORDMOE_PRETRAIN" "${ARGS[@]}")
+slurm_launch --no-python "$ORDMOE_PRETRAIN" "${ARGS[@]}"
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "would launch: $(show_command "${LAUNCH[@]}")"
     WORLD_SIZE=$((NNODES * GPUS_PER_NODE)) RANK=0 LOCAL_RANK=0 exec "$ORDMOE_PRETRAIN" "${ARGS[@]}" --dry-run
