@@ -55,7 +55,6 @@ class OrdMoEGPTModel(GPTModel):
         if self.fanout_layer is not None:
             layer = next(l for l in self.decoder.layers if l.layer_number == self.fanout_layer)
             layer.register_forward_pre_hook(self._fan_out_before_layer, with_kwargs=True)
-        self.path_tiers = [0]
         self.set_path_tiers(list(range(ordmoe.num_tiers)))
 
     def _lazy_fanout_layer(self) -> Optional[int]:
