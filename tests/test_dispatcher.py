@@ -79,3 +79,15 @@ def test_all_paths_cross_expert_parallel_ranks_in_the_same_number_of_all_to_alls
     fused = run_on_ranks(count_all_to_alls, 2, 3)
     # At least dispatch and combine, forward and backward, for each of the 2 MoE layers.
     assert plain == fused and plain[0] >= 8
+
+
+def test_allgather_dispatcher_gives_the_same_paths(megatron_single_process):
+    from tests.test_model import _batch, _build
+
+    b = _batch(4)
+    outputs = []
+    for dispatcher in ("alltoall", "allgather"):
+        model = _build(OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"),
+                       moe_token_dispatcher_type=dispatcher)
+        outputs.append(model(b["tokens"], b["position_ids"], None, labels=b["labels"]))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-6, rtol=0)
