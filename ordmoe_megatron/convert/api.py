@@ -79,6 +79,15 @@ def _set_sharded_data(sh, tensor: torch.Tensor):
     return dataclasses.replace(sh, data=tensor)  # ShardedTensorFactory
 
 
+def spill_to_disk(tensor: torch.Tensor, directory: str, index: int) -> torch.Tensor:
+    """The tensor, written to a file and mapped back: the one ``dist_checkpointing.save`` of the
+    whole model then reads pages from disk, so a model larger than memory converts with memory
+    for about one tensor at a time."""
+    path = os.path.join(directory, f"{index}.bin")
+    tensor.contiguous().view(torch.uint8).numpy().tofile(path)
+    return torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+
+
 def hf_to_mcore(hf_dir: str, out_dir: str, force: bool = False,
                 log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Convert a Hugging Face MoE checkpoint into Megatron-LM's release layout at ``out_dir``;
@@ -102,23 +111,22 @@ def hf_to_mcore(hf_dir: str, out_dir: str, force: bool = False,
                                   f"{sorted(map(str, dtypes))}; expected one floating dtype")
 
     log(f"{family.model_type}: {len(plan)} Megatron tensors from {len(ckpt.tensors)} HF tensors")
-    sharded = model.sharded_state_dict()
-    for p in plan:
-        tensor = p.rule.transform.to_mcore([ckpt.get(n) for n in p.hf_names], flags)
-        if tuple(tensor.shape) != p.mcore_shape:  # guards the tables themselves
-            raise ConversionError(f"{p.mcore_key}: built shape {list(tensor.shape)}, model "
-                                  f"expects {list(p.mcore_shape)}")
-        sharded[p.mcore_key] = _set_sharded_data(sharded[p.mcore_key], tensor.contiguous())
-    if tied and table.tied_output and table.tied_output[0] in ckpt.tensors:
-        out_name, src = table.tied_output
-        if not torch.equal(ckpt.get(out_name), ckpt.get(src)):
-            raise ConversionError(f"tie_word_embeddings is true but tensor {out_name} differs "
-                                  f"from {src}")
-    ckpt.close()
-
     meta = {"model_type": family.model_type, "architecture": family.architecture,
             "config": saved}
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force) as tmp, tempfile.TemporaryDirectory(dir=tmp) as spill:
+        sharded = model.sharded_state_dict()
+        for i, p in enumerate(plan):
+            tensor = p.rule.transform.to_mcore([ckpt.get(n) for n in p.hf_names], flags)
+            if tuple(tensor.shape) != p.mcore_shape:  # guards the tables themselves
+                raise ConversionError(f"{p.mcore_key}: built shape {list(tensor.shape)}, model "
+                                      f"expects {list(p.mcore_shape)}")
+            sharded[p.mcore_key] = _set_sharded_data(sharded[p.mcore_key], spill_to_disk(tensor, spill, i))
+        if tied and table.tied_output and table.tied_output[0] in ckpt.tensors:
+            out_name, src = table.tied_output
+            if not torch.equal(ckpt.get(out_name), ckpt.get(src)):
+                raise ConversionError(f"tie_word_embeddings is true but tensor {out_name} differs "
+                                      f"from {src}")
+        ckpt.close()
         mcore_io.save_checkpoint(sharded, tmp)
         mcore_io.write_model_args(tmp, flags)
         mcore_io.write_hf_metadata(tmp, meta)
