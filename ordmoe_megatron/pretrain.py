@@ -405,9 +405,21 @@ def main(argv=None) -> int:
     except ValueError as err:
         raise SystemExit(f"ordmoe-pretrain: {err}") from None
     init_distributed(args)
+    try:
+        run(args, config, data_info)
+    finally:
+        # An orderly shutdown: a process group left to interpreter exit can abort the process
+        # ("terminate called without an active exception") after a successful run.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def run(args, config, data_info) -> None:
+    """Train, then for a preset: evaluate, optionally train and evaluate the baseline, report."""
     trainer = run_training(args, config, data_info, "OrdMoE" if args.ordmoe_config else "top-K")
     if not args.preset:
-        return 0
+        return
 
     from ordmoe_megatron.data import read_jsonl
     from ordmoe_megatron.evaluation import format_eval_table
@@ -431,7 +443,6 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=2)
         print(f"\nwrote {os.path.join(args.work_dir, 'eval.json')}, {args.metrics_out}, {args.plot_out}; "
               f"checkpoint in {args.save}")
-    return 0
 
 
 def baseline_args(args) -> argparse.Namespace:
