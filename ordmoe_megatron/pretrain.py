@@ -194,7 +194,16 @@ def virtual_pipeline_size(args) -> Optional[int]:
 
 
 def init_distributed(args) -> None:
-    """torch.distributed (gloo on CPU with the emulation, NCCL on GPU) and Megatron's state."""
+    """torch.distributed (gloo on CPU with the emulation, NCCL on GPU) and Megatron's parallel
+    state for the layout the flags name."""
+    init_parallel(args.seed, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                  vpp=virtual_pipeline_size(args), ep=args.expert_model_parallel_size,
+                  etp=args.expert_tensor_parallel_size)
+
+
+def init_parallel(seed: int, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, ep: int = 1,
+                  etp: Optional[int] = None) -> None:
+    """``init_distributed`` with explicit sizes (all 1: one process, as the tools run)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -211,14 +220,12 @@ def init_distributed(args) -> None:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=virtual_pipeline_size(args),
-            expert_model_parallel_size=args.expert_model_parallel_size,
-            expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
         )
-    torch.manual_seed(args.seed)
-    model_parallel_cuda_manual_seed(args.seed, force_reset_rng=True)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
 def build_config(args):

@@ -165,30 +165,20 @@ def _store(values: dict, rank: int, ok: bool, data: Any) -> None:
 
 
 def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, vpp: Optional[int] = None,
-                        cp: int = 1, etp: Optional[int] = None, seed: int = 1234) -> None:
+                        etp: Optional[int] = None, seed: int = 1234) -> None:
     """Initialize Megatron's model-parallel groups and its RNG tracker.
 
     Needs an initialized ``torch.distributed`` default group (``run_on_ranks`` provides one).
     Safe to call repeatedly in one worker: previous model-parallel state is destroyed first,
     and the RNG tracker is reset. ``etp=None`` lets Megatron default expert-TP to ``tp``.
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from ordmoe_megatron.pretrain import init_parallel
 
     if not torch.distributed.is_initialized():
         raise RuntimeError("init_model_parallel: torch.distributed is not initialized "
                            "(use run_on_ranks, or init a gloo process group first)")
-    cpu_emulation.enable()
     destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        context_parallel_size=cp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp,
-    )
-    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    init_parallel(seed, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp)
 
 
 def destroy_model_parallel() -> None:

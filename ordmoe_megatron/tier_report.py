@@ -416,13 +416,11 @@ def micro_batches(samples: list[dict], micro_batch_size: int) -> Iterator[dict]:
 # ----------------------------------------------------------------------------------------------
 def init_single_process(seed: int) -> None:
     """One process: gloo (CPU, with the CPU emulation) or NCCL (one GPU), all parallel sizes 1."""
-    from ordmoe_megatron.pretrain import init_distributed
+    from ordmoe_megatron.pretrain import init_parallel
 
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
         raise ReportError("the tier report runs in one process (world size 1); do not start it under torchrun")
-    init_distributed(argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                        num_layers_per_virtual_pipeline_stage=None, expert_model_parallel_size=1,
-                                        expert_tensor_parallel_size=None, seed=seed))
+    init_parallel(seed)
     from megatron.core import parallel_state
 
     if parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() \

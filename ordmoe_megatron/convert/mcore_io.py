@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -123,10 +122,10 @@ def ensure_single_process() -> None:
 
     cpu_emulation.enable()
     if not dist.is_initialized():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+        from ordmoe_megatron.testing import find_free_port
+
+        # gloo even with a GPU: conversion moves CPU tensors only.
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0,
                                 world_size=1)
     if dist.get_world_size() != 1:
         raise ConversionError("conversion runs in a single process (world size 1)")
