@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 

@@ -1,5 +1,4 @@
 """The OrdMoE all-to-all dispatcher: buffer sizes, FP8 padding, collective count."""
-import pytest
 import torch
 
 from ordmoe_megatron import OrdMoEConfig
