@@ -16,11 +16,12 @@ setup(
     python_requires=">=3.10",
     install_requires=["megatron-core==0.16.1", "sentencepiece", "numpy", "psutil", "matplotlib"],
     extras_require={
+        "convert": ["transformers", "safetensors"],
         "test": ["pytest", "transformers", "safetensors"],
         "te": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": [
-        "ordmoe-pretrain=ordmoe_megatron.pretrain:main",
-        "ordmoe-tier-report=ordmoe_megatron.tier_report:main",
+        "ordmoe-pretrain=ordmoe_megatron.entrypoints:pretrain",
+        "ordmoe-tier-report=ordmoe_megatron.entrypoints:tier_report",
     ]},
 )

@@ -1,4 +1,7 @@
-"""Multi-process helpers for tests and benchmarks on CPU (gloo, 127.0.0.1 only).
+"""``run_on_ranks``: a test body on 1, 2 or 4 gloo processes on the CPU (127.0.0.1 only).
+
+For tests only: nothing in the package imports this module. Each process starts through the one
+bootstrap, ``runtime.distributed``.
 
 ``run_on_ranks`` always starts fresh processes with the ``spawn`` start method, also for
 ``world_size == 1``: the caller's process never gets a process group, Megatron global state or
@@ -9,7 +12,6 @@ module level).
 
 from __future__ import annotations
 
-import datetime
 import os
 import pickle
 import queue as queue_lib
@@ -22,28 +24,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.multiprocessing as mp
 
-from . import cpu_emulation
+from ordmoe_megatron.runtime.distributed import LOOPBACK, find_free_port, init_process_group
 
-__all__ = [
-    "RankFailedError",
-    "destroy_model_parallel",
-    "find_free_port",
-    "init_model_parallel",
-    "run_on_ranks",
-]
-
-_HOST = "127.0.0.1"
+__all__ = ["RankFailedError", "run_on_ranks"]
 
 
 class RankFailedError(RuntimeError):
     """A rank raised, died or timed out; the message carries the rank's traceback text."""
-
-
-def find_free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (there is an unavoidable small race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        return sock.getsockname()[1]
 
 
 def _loopback_interface() -> Optional[str]:
@@ -73,16 +60,13 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
     loopback = _loopback_interface()
     if loopback is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    os.environ.update(MASTER_ADDR=_HOST, MASTER_PORT=str(port), RANK=str(rank),
+    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     _exit_with_parent()
     # Two CPU cores shared by all ranks: avoid oversubscribing with intra-op threads.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://{_HOST}:{port}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=300))
-        cpu_emulation.enable()
+        init_process_group("gloo", timeout_s=300)
         value = fn(rank, world_size, *args, **kwargs)
         payload = (rank, True, pickle.dumps(value))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
@@ -105,9 +89,9 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
                  timeout: float = 600.0, **kwargs: Any) -> list:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned processes.
 
-    Each process joins a gloo process group on a free 127.0.0.1 port and calls
-    ``cpu_emulation.enable()`` before ``fn``. Returns the per-rank return values, ordered by
-    rank. If any rank raises, the others are killed and :class:`RankFailedError` is raised
+    Each process joins a gloo process group on a free 127.0.0.1 port through
+    ``runtime.distributed.init_process_group`` (which installs the bridges) before ``fn``.
+    Returns the per-rank return values, ordered by rank. If any rank raises, the others are killed and :class:`RankFailedError` is raised
     with that rank's traceback text; the same happens when a process dies without reporting,
     or when ``timeout`` seconds pass. (``timeout`` is consumed here, not passed to ``fn``.)
     """
@@ -162,28 +146,3 @@ def _store(values: dict, rank: int, ok: bool, data: Any) -> None:
     if not ok:
         raise RankFailedError(f"run_on_ranks: rank {rank} failed:\n{data}")
     values[rank] = pickle.loads(data)
-
-
-def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, vpp: Optional[int] = None,
-                        etp: Optional[int] = None, seed: int = 1234) -> None:
-    """Initialize Megatron's model-parallel groups and its RNG tracker.
-
-    Needs an initialized ``torch.distributed`` default group (``run_on_ranks`` provides one).
-    Safe to call repeatedly in one worker: previous model-parallel state is destroyed first,
-    and the RNG tracker is reset. ``etp=None`` lets Megatron default expert-TP to ``tp``.
-    """
-    from ordmoe_megatron.pretrain import init_parallel
-
-    if not torch.distributed.is_initialized():
-        raise RuntimeError("init_model_parallel: torch.distributed is not initialized "
-                           "(use run_on_ranks, or init a gloo process group first)")
-    destroy_model_parallel()
-    init_parallel(seed, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp)
-
-
-def destroy_model_parallel() -> None:
-    """Tear down Megatron's model-parallel groups (no-op when none are initialized)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()

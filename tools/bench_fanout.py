@@ -27,7 +27,7 @@ def build(ordmoe, args):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from ordmoe_megatron.model import OrdMoEGPTModel
+    from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 
     config = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=8, num_moe_experts=args.experts,
@@ -65,15 +65,10 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from megatron.core import parallel_state
+    from ordmoe_megatron import OrdMoEConfig
+    from ordmoe_megatron.runtime.distributed import init_single_process
 
-    from ordmoe_megatron import OrdMoEConfig, cpu_emulation
-    from ordmoe_megatron.testing import find_free_port
-
-    cpu_emulation.enable()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
+    init_single_process()
 
     variants = {
         "plain top-K (C=1)": build(None, args),

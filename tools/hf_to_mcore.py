@@ -17,7 +17,7 @@ import sys
 def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from ordmoe_megatron.convert import ConversionError, hf_to_mcore
-    from ordmoe_megatron.model_flags import flags_to_argv
+    from ordmoe_megatron.runtime.model_flags import flags_to_argv
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json + safetensors)")

@@ -8,7 +8,7 @@ log-likelihood and perplexity, the tier-ordering accuracy and the per-tier exper
 The checkpoint is any Megatron checkpoint directory: converted by tools/hf_to_mcore.py
 (model flags in model_args.json) or saved by ordmoe-pretrain (model flags in run.json).
 Evaluation data: --token-ids F (JSON lines), --text-file F --tokenizer-model M, or
---data-path PREFIX --tokenizer-model M. See ordmoe_megatron/tier_report.py for the conventions.
+--data-path PREFIX --tokenizer-model M. See docs/report.md for the conventions.
 """
 import os
 import sys
@@ -16,9 +16,9 @@ import sys
 
 def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from ordmoe_megatron.tier_report import main as report_main
+    from ordmoe_megatron.entrypoints import tier_report
 
-    return report_main(argv)
+    return tier_report(argv)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Optional
 
 import torch
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from ordmoe_megatron.model_flags import normalize_flags
+from ordmoe_megatron.runtime import outputs
+from ordmoe_megatron.runtime.model_flags import normalize_flags
 
 from . import hf_io, mcore_io
 from .engine import ConversionError, check_hf_tensors, iter_layer_groups
@@ -19,50 +21,28 @@ from .families import Family, get_family, infer_family
 
 
 # ----------------------------------------------------------------------------------------------
-# output safety
+# output safety (the rule is runtime.outputs'; conversion reports it as a ConversionError)
 # ----------------------------------------------------------------------------------------------
 def check_output(out_dir: str, force: bool) -> None:
     """Refuse to touch an existing, non-empty output unless ``force`` (checked before any work)."""
-    if os.path.lexists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise ConversionError(f"output {out_dir} exists and is not a directory"
-                                  + ("" if force else "; pass --force to replace it"))
-        if os.listdir(out_dir) and not force:
-            raise ConversionError(f"output {out_dir} already exists; pass --force to replace it")
+    try:
+        outputs.check_output(out_dir, force, "--force", is_dir=True)
+    except outputs.OutputError as e:
+        raise ConversionError(str(e)) from None
 
 
 @contextmanager
 def staged_output(out_dir: str, force: bool):
-    """Yield a temp dir next to ``out_dir``; on success it replaces ``out_dir`` (the old one is
-    moved aside first and removed only after the swap); on failure it is deleted and
-    ``out_dir`` is left as it was."""
+    """``runtime.outputs.staged_dir``: the finished conversion replaces ``out_dir``; a failed one
+    leaves it as it was."""
     check_output(out_dir, force)
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    check_output(out_dir, force)  # nothing appeared meanwhile
-    old = None
-    if os.path.lexists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-        os.rmdir(old)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
+        with outputs.staged_dir(out_dir, force, "--force") as tmp:
+            yield tmp
+    except outputs.OutputError as e:
+        raise ConversionError(str(e)) from None
 
 
-# ----------------------------------------------------------------------------------------------
-# HF -> Megatron
-# ----------------------------------------------------------------------------------------------
 def hf_config_to_flags(hf_dir: str):
     """Read and validate ``hf_dir/config.json``; returns (family, flags, saved config fields)."""
     model_type, saved, full, _ = hf_io.load_hf_config(hf_dir)
@@ -72,8 +52,6 @@ def hf_config_to_flags(hf_dir: str):
 
 
 def _set_sharded_data(sh, tensor: torch.Tensor):
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     if isinstance(sh, ShardedTensor):
         return dataclasses.replace(sh, data=tensor, dtype=tensor.dtype)
     return dataclasses.replace(sh, data=tensor)  # ShardedTensorFactory
@@ -167,8 +145,6 @@ def _regions(plan, sharded, md) -> Dict[str, tuple]:
         stored = tuple(md[key].size)
         expected = tuple(sh.global_shape) if hasattr(sh, "global_shape") else None
         if expected is None:
-            from megatron.core.dist_checkpointing.dict_utils import nested_values
-
             expected = tuple(next(iter(nested_values(sh.build()))).global_shape)
         if stored != expected:
             raise ConversionError(
@@ -197,7 +173,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, force: bool = False,
     log = log or (lambda s: None)
     check_output(out_dir, force)
     ckpt_dir = mcore_io.resolve_checkpoint_dir(mcore_dir)
-    flags = mcore_io.read_checkpoint_flags(mcore_dir, ckpt_dir)
+    flags = mcore_io.read_checkpoint_flags(mcore_dir)
     md = mcore_io.read_tensor_metadata(ckpt_dir)
     if flags["padded_vocab_size"] is None and "embedding.word_embeddings.weight" in md:
         # a training run's padding depends on its TP size: take the stored embedding's rows

@@ -5,7 +5,7 @@ A family is described by two declarative tables:
 * a tensor table: :class:`TensorRule` rows pairing a Megatron-Core ``GPTModel`` state-dict key
   pattern with one or more Hugging Face tensor name patterns and a :class:`Transform`;
 * a config table: :class:`ConfigRule` rows pairing Hugging Face ``config.json`` fields with model
-  flags (see :mod:`ordmoe_megatron.model_flags`), plus fields that are only checked or carried.
+  flags (see :mod:`ordmoe_megatron.runtime.model_flags`), plus fields that are only checked or carried.
 
 Patterns use ``{L}`` (layer index) and ``{E}`` (expert index) placeholders; both sides use the
 same (global) indices. The engine plans a conversion from the set of state-dict keys a Megatron

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
-from ordmoe_megatron.model_flags import parse_moe_layer_freq, padded_vocab_size
+from ordmoe_megatron.method.layers import parse_moe_layer_freq
+from ordmoe_megatron.runtime.model_flags import padded_vocab_size
 
 from .engine import (
     GLU,

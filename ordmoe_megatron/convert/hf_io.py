@@ -1,4 +1,8 @@
-"""Hugging Face side I/O: validated, lazy safetensors reading and sharded writing."""
+"""Hugging Face side I/O: validated, lazy safetensors reading and sharded writing.
+
+``transformers`` and ``safetensors`` are optional (the ``convert`` extra): they are imported where
+conversion uses them, so the rest of the package works without them.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +13,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from .engine import ConversionError
+from .families import get_family
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -186,8 +191,6 @@ def load_hf_config(hf_dir: str) -> Tuple[str, Dict[str, Any], Dict[str, Any], An
     model_type = raw.get("model_type")
     if not model_type:
         raise ConversionError(f"{path}: no model_type field")
-    from .families import get_family
-
     get_family(model_type)  # refuse unknown / unsupported families first
     from transformers import AutoConfig
 

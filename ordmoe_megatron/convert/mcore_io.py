@@ -6,32 +6,41 @@ Layout written for converted checkpoints (what Megatron-LM's ``--load`` expects)
     <dir>/release/                            dist_checkpointing checkpoint of
                                               {'model': model.sharded_state_dict(),
                                                'checkpoint_version': 3.0, 'iteration': 0}
-    <dir>/model_args.json                     the model flags (ordmoe_megatron.model_flags)
+    <dir>/model_args.json                     the model flags (ordmoe_megatron.runtime.model_flags)
     <dir>/hf_metadata.json                    HF model_type + carried config fields (for export)
 
 Training checkpoints (``iter_0000100/`` named by the tracker file) are read the same way.
 """
 from __future__ import annotations
 
+import dataclasses as dc
 import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.distributed as dist
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from ordmoe_megatron.model_flags import (
-    gpt_model_from_flags,
-    normalize_flags,
-    transformer_config_from_flags,
+from ordmoe_megatron.runtime import checkpointing, distributed
+from ordmoe_megatron.runtime.checkpointing import (
+    HF_METADATA,
+    MODEL_ARGS,
+    TRACKER,
+    CheckpointError,
+    checkpoint_dir,
+    latest_iteration,
 )
-
-from ordmoe_megatron import checkpointing
-from ordmoe_megatron.checkpointing import RUN_FILE, TRACKER, CheckpointError, checkpoint_dir, latest_iteration
+from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, normalize_flags, transformer_config_from_flags
 
 from .engine import ConversionError
 
-MODEL_ARGS = "model_args.json"
-HF_METADATA = "hf_metadata.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,26 +81,16 @@ def read_model_args(mcore_dir: str) -> Dict[str, Any]:
         raise ConversionError(f"{path}: {e}") from None
 
 
-def read_checkpoint_flags(mcore_dir: str, ckpt_dir: str) -> Dict[str, Any]:
-    """Model flags of a checkpoint: ``<mcore_dir>/model_args.json`` (converted checkpoints), else
-    ``model_flags`` in ``<ckpt_dir>/run.json`` (checkpoints saved by ordmoe-pretrain)."""
-    if os.path.exists(os.path.join(mcore_dir, MODEL_ARGS)):
-        return read_model_args(mcore_dir)
-    run = os.path.join(ckpt_dir, RUN_FILE)
-    if os.path.exists(run):
-        try:
-            with open(run) as fh:
-                flags = json.load(fh).get("model_flags")
-        except (OSError, ValueError) as e:
-            raise ConversionError(f"{run}: {e}") from None
-        if flags is not None:
-            try:
-                return normalize_flags(flags)
-            except ValueError as e:
-                raise ConversionError(f"{run}: {e}") from None
-    raise ConversionError(
-        f"{os.path.join(mcore_dir, MODEL_ARGS)} not found (nor model_flags in {run}): the model "
-        f"flags of this checkpoint are needed")
+def read_checkpoint_flags(mcore_dir: str) -> Dict[str, Any]:
+    """Model flags of a checkpoint (``runtime.checkpointing.checkpoint_model_flags``), normalized."""
+    try:
+        flags = checkpointing.checkpoint_model_flags(mcore_dir)
+        if flags is None:
+            raise ConversionError(f"{os.path.join(mcore_dir, MODEL_ARGS)} not found (nor model_flags in the "
+                                  "checkpoint's run.json): the model flags of this checkpoint are needed")
+        return normalize_flags(flags)
+    except (CheckpointError, ValueError) as e:
+        raise ConversionError(f"{mcore_dir}: {e}") from None
 
 
 def write_hf_metadata(out_dir: str, meta: Dict[str, Any]) -> None:
@@ -101,36 +100,23 @@ def write_hf_metadata(out_dir: str, meta: Dict[str, Any]) -> None:
 
 
 def read_hf_metadata(mcore_dir: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(mcore_dir, HF_METADATA)
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        return checkpointing.read_hf_metadata(mcore_dir)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
 # process / model
 # ----------------------------------------------------------------------------------------------
 def ensure_single_process() -> None:
-    """Conversion runs in one process: start a 1-rank gloo group on 127.0.0.1 and Megatron's
-    parallel state (all sizes 1) unless the caller already has them; enable the CPU emulation
-    on machines without CUDA."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from ordmoe_megatron import cpu_emulation
-
-    cpu_emulation.enable()
-    if not dist.is_initialized():
-        from ordmoe_megatron.testing import find_free_port
-
-        # gloo even with a GPU: conversion moves CPU tensors only.
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0,
-                                world_size=1)
-    if dist.get_world_size() != 1:
-        raise ConversionError("conversion runs in a single process (world size 1)")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+    """Conversion runs in one process (gloo even with a GPU: it moves CPU tensors only), unless
+    the caller already has a process group and Megatron's parallel state."""
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise ConversionError("conversion runs in a single process (world size 1)")
+        return
+    distributed.init_single_process(backend="gloo")
 
 
 def build_model(flags: Dict[str, Any], device: str = "meta", layer_spec=None):
@@ -173,43 +159,17 @@ def load_model_weights(model, mcore_dir: str, strict: bool = True) -> None:
 # region reads (export streams one decoder layer at a time)
 # ----------------------------------------------------------------------------------------------
 def read_tensor_metadata(ckpt_dir: str) -> Dict[str, Any]:
-    """Sharded key -> torch DCP ``TensorStorageMetadata`` (global size, dtype, stored chunks)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
+    """``runtime.checkpointing.read_tensor_metadata``: a missing or truncated file is named."""
     try:
-        md = FileSystemReader(ckpt_dir).read_metadata()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # noqa: BLE001
-        raise ConversionError(f"{ckpt_dir}: unreadable checkpoint metadata: {e}") from None
-    # Every stored item lies inside its file: a truncated or missing .distcp fails here, named,
-    # before anything is written.
-    sizes: Dict[str, int] = {}
-    for index, info in (md.storage_data or {}).items():
-        rel = getattr(info, "relative_path", None)
-        if rel is None:
-            continue
-        if rel not in sizes:
-            path = os.path.join(ckpt_dir, rel)
-            if not os.path.exists(path):
-                raise ConversionError(f"{path}: checkpoint file missing (holds {index.fqn})")
-            sizes[rel] = os.path.getsize(path)
-        end = int(info.offset) + int(info.length)
-        if sizes[rel] < end:
-            raise ConversionError(
-                f"{os.path.join(ckpt_dir, rel)}: truncated checkpoint file ({sizes[rel]} bytes, "
-                f"{index.fqn} ends at byte {end})")
-    return {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        return checkpointing.read_tensor_metadata(ckpt_dir)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
 
 
 def sharded_region(sh) -> Tuple[str, tuple, tuple]:
     """(sharded key, global offset, size) of the part of the stored global tensor that holds a
     model tensor, for a ``ShardedTensor`` or a ``ShardedTensorFactory`` (e.g. the SwiGLU
     ``linear_fc1`` factory, whose parts tile one box) built with all parallel sizes 1."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     parts = [sh] if isinstance(sh, ShardedTensor) else list(nested_values(sh.build()))
     keys = {p.key for p in parts}
     if len(keys) != 1 or any(p.flattened_range is not None for p in parts):
@@ -231,14 +191,6 @@ def read_regions(ckpt_dir: str, requests: Dict[str, Tuple[str, tuple, tuple, tor
     """Read sub-boxes of stored global tensors with plain torch DCP (no process group needed).
     ``requests``: name -> (sharded key, offset, size, dtype). Reading only the boxes asked for
     keeps memory at one layer, whatever parallel layout the checkpoint was saved with."""
-    import dataclasses as dc
-
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-    from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
     buffers = {name: torch.empty(size, dtype=dtype) for name, (_, _, size, dtype) in requests.items()}
 
     class _BoxPlanner(LoadPlanner):

@@ -9,8 +9,7 @@ Typical use::
         valid_prefix=paths["valid_prefix"],
     )
 
-megatron-core is imported lazily (on first tokenizer load / dataset build), so importing this
-package is cheap.
+``documents`` reads evaluation documents for the tier report (token ids, text, data files).
 """
 
 from ordmoe_megatron.data.corpus import build_corpus, exact_match, read_jsonl

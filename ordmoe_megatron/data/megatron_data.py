@@ -21,6 +21,9 @@ import struct
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from ordmoe_megatron.data import corpus as corpus_lib
 from ordmoe_megatron.data.tokenizer import (
@@ -57,8 +60,6 @@ def _fix_hint(prefix: str) -> str:
 
 def token_dtype(vocab_size: int) -> type:
     """Smallest dtype megatron-core reads for token ids of this vocab (uint16 below 65500)."""
-    from megatron.core.datasets.indexed_dataset import DType
-
     return DType.optimal_dtype(vocab_size)
 
 
@@ -69,8 +70,6 @@ def write_indexed_dataset(jsonl_path: str, tokenizer, out_prefix: str) -> str:
     size) and the source file's sha256, which ``check_tokenizer_matches_data`` compares against.
     Returns ``out_prefix``.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     sidecar = out_prefix + TOKENIZER_SIDECAR_SUFFIX
     if os.path.exists(sidecar):
@@ -267,11 +266,6 @@ def build_gpt_datasets(
     ``path_to_cache`` (default ``<data dir>/index_cache``) first, the other ranks then load it,
     so call it on every rank. ``config_kwargs`` go to ``GPTDatasetConfig``.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     prefixes = [p for p in (data_prefix, valid_prefix, test_prefix) if p]
     for prefix in prefixes:  # fail with our messages, not an assert deep inside megatron
         check_tokenizer_matches_data(tokenizer, prefix)

@@ -23,6 +23,7 @@ import os
 from typing import Iterable, Iterator, Optional, Sequence
 
 import sentencepiece as spm
+from megatron.core.tokenizers import MegatronTokenizer
 
 # Fixed special-token ids (SentencePiece's defaults leave pad undefined; GPTDataset pads with it).
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -106,8 +107,6 @@ def load_tokenizer(model_path: str):
             f"SentencePiece model not found: {model_path}. Train one with "
             "train_sentencepiece(...) or run prepare_tiny_data(work_dir)."
         )
-    from megatron.core.tokenizers import MegatronTokenizer
-
     # Prefer the metadata file written at training time; fall back to the same dict so that a
     # bare .model file (copied without its directory) still loads.
     metadata_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), METADATA_FILE)

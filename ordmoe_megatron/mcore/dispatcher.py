@@ -1,0 +1,53 @@
+"""The all-to-all dispatcher for stacked OrdMoE paths.
+
+All ``C`` paths are stacked on the batch dimension and routed by one router call, so Megatron's
+all-to-all dispatcher already moves every path's tokens in one all-to-all per direction (the
+same number of collectives as plain top-K). One thing it assumes does not hold: dropless
+dispatch sizes its permutation buffer as ``tokens x top-K``, while a path whose tier is not K
+wide (an explicit, uneven layout) selects another number of experts. The size is still known
+without a device sync: tokens per path times the sum of the paths' tier widths.
+
+FP8 padding (``--moe-router-padding-for-quantization``, set by ``--fp8-format`` on GPU) works on
+the stacked routing map, so each expert's token count is padded for all paths together.
+"""
+from __future__ import annotations
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from ordmoe_megatron.mcore.router import TierRouter
+
+
+class OrdMoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    def __init__(self, *args, router: TierRouter, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router = router
+
+    def preprocess(self, routing_map):
+        tokens_per_expert = super().preprocess(routing_map)
+        dynamic = (
+            self.drop_and_pad
+            or self.config.moe_expert_capacity_factor is not None
+            or self.config.moe_router_padding_for_quantization
+        )
+        if not dynamic:
+            widths = self.router.path_widths()
+            self.num_out_tokens = routing_map.size(0) // len(widths) * sum(widths)
+        return tokens_per_expert
+
+
+def use_ordmoe_dispatcher(moe_layer: MoELayer) -> None:
+    """Give a ``MoELayer`` routed by a ``TierRouter`` the OrdMoE all-to-all dispatcher.
+
+    Done on the built layer, not through the spec: Megatron's ``TransformerLayer`` only passes
+    process groups to the exact ``MoELayer`` class. The router holds the same process groups.
+    """
+    router = moe_layer.router
+    if not isinstance(router, TierRouter) or type(moe_layer.token_dispatcher) is not MoEAlltoAllTokenDispatcher:
+        return  # the all-gather dispatcher sizes its buffers from the routing map already
+    moe_layer.token_dispatcher = OrdMoEAlltoAllTokenDispatcher(
+        moe_layer.num_local_experts, moe_layer.local_expert_indices, config=moe_layer.config,
+        pg_collection=router.pg_collection, router=router,
+    )
+    if moe_layer.use_shared_expert and moe_layer.shared_expert_overlap:
+        moe_layer.token_dispatcher.set_shared_experts(moe_layer.shared_experts)

@@ -1,0 +1,22 @@
+"""The OrdMoE method in plain PyTorch: tiers, the objective, the configuration. No Megatron import."""
+from ordmoe_megatron.method.config import RANKINGS, OrdMoEConfig, parse_layer_scope
+from ordmoe_megatron.method.layers import moe_layer_numbers, moe_layer_pattern, parse_moe_layer_freq
+from ordmoe_megatron.method.objective import (
+    ADVANTAGE_MODES,
+    default_rewards,
+    expert_rank_loss,
+    rank_advantages,
+    sequence_logprobs,
+    tier_order_correct,
+)
+from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
+from ordmoe_megatron.method.tiers import (
+    GROUPINGS,
+    format_tiers,
+    parse_rank_spec,
+    rank_order,
+    ranking_scores,
+    select_tier,
+    tier_gating,
+    tier_ranks,
+)

@@ -1,0 +1,183 @@
+"""Expert tiers: which routing ranks form each tier, and per-token tier selection.
+
+Plain PyTorch, no Megatron import (method page §1 and §2). Ranks are 1-based: rank 1 is the
+expert with the highest routing score. Tier 1 is always ranks 1..K, so path 1 is the standard
+top-K forward.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
+
+GROUPINGS = ("uniform", "high-only", "random", "explicit")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+def parse_rank_spec(spec: str) -> list[list[int]]:
+    """Parse an explicit tier layout such as ``"1-6,25-27,59-61"``.
+
+    Commas separate tiers; each tier is a range ``a-b`` or a single rank ``a``; ``+`` joins
+    several ranges into one tier (``"1-6,20-22+40-42"``).
+    """
+    return [parse_ranges(tier, "--ordmoe-tier-ranks", "1-6,25-27,59-61", sep="+") for tier in spec.split(",")]
+
+
+def tier_ranks(
+    num_experts: int,
+    topk: int,
+    num_tiers: int,
+    grouping: str = "uniform",
+    ranks: Optional[str | Sequence[Sequence[int]]] = None,
+) -> list[list[int]]:
+    """The 1-based routing ranks of each tier.
+
+    ``uniform`` (and ``random``, which uses the same positions on a shuffled order) cuts the
+    ranked list into ``B = n // K`` blocks and spreads the tiers evenly over them, the last tier
+    being the bottom K ranks; ``high-only`` takes consecutive blocks from the top; ``explicit``
+    takes the layout from ``ranks``. Raises ``ValueError`` naming the flag on a bad layout.
+    """
+    n, k, c = num_experts, topk, num_tiers
+    if k < 1 or n < 1 or k > n:
+        raise ValueError(f"--moe-router-topk={k} must be between 1 and --num-experts={n}")
+    if c < 1:
+        raise ValueError(f"--ordmoe-num-tiers={c} must be at least 1 (1 is plain top-K training)")
+    if grouping not in GROUPINGS:
+        raise ValueError(f"--ordmoe-grouping='{grouping}' is not one of {', '.join(GROUPINGS)}")
+    if grouping == "explicit":
+        if ranks is None:
+            raise ValueError("--ordmoe-grouping=explicit needs --ordmoe-tier-ranks, e.g. '1-6,25-27,59-61'")
+        tiers = parse_rank_spec(ranks) if isinstance(ranks, str) else [list(t) for t in ranks]
+        _check_explicit(tiers, n, k, c)
+        return tiers
+    if ranks is not None:
+        raise ValueError(f"--ordmoe-tier-ranks is only used with --ordmoe-grouping=explicit, not '{grouping}'")
+    if c * k > n:
+        raise ValueError(
+            f"--ordmoe-num-tiers={c} needs {c}x{k}={c * k} experts but the layer has {n}: "
+            f"use at most {n // k} tiers with top-{k}, or --ordmoe-grouping=explicit with smaller tiers"
+        )
+    if grouping == "high-only":
+        return [list(range(j * k + 1, (j + 1) * k + 1)) for j in range(c)]
+    if c == 1:
+        return [list(range(1, k + 1))]
+    blocks = n // k
+    starts = [(j * (blocks - 1) // (c - 1)) * k + 1 for j in range(c - 1)] + [n - k + 1]
+    return [list(range(s, s + k)) for s in starts]
+
+
+def _check_explicit(tiers: list[list[int]], n: int, k: int, c: int) -> None:
+    if len(tiers) != c:
+        raise ValueError(f"--ordmoe-tier-ranks lists {len(tiers)} tiers but --ordmoe-num-tiers={c}; make them agree")
+    if tiers[0] != list(range(1, k + 1)):
+        raise ValueError(
+            f"--ordmoe-tier-ranks: tier 1 must be ranks 1-{k} (the standard top-{k}), got {format_ranges(tiers[0], sep='+')}"
+        )
+    seen: set[int] = set()
+    for j, tier in enumerate(tiers, start=1):
+        if not tier:
+            raise ValueError(f"--ordmoe-tier-ranks: tier {j} is empty")
+        bad = [r for r in tier if r < 1 or r > n]
+        if bad:
+            raise ValueError(f"--ordmoe-tier-ranks: tier {j} has ranks {bad} outside 1-{n} (the layer has {n} experts)")
+        overlap = seen.intersection(tier)
+        if overlap or len(set(tier)) != len(tier):
+            raise ValueError(f"--ordmoe-tier-ranks: tier {j} repeats ranks {sorted(overlap) or tier}; tiers must not overlap")
+        seen.update(tier)
+
+
+def format_tiers(tiers: Sequence[Sequence[int]]) -> str:
+    """``[[1..6], [25..30]]`` -> ``'1-6, 25-30'`` (a tier of several ranges joins them with '+')."""
+    return ", ".join(format_ranges(t, sep="+") for t in tiers)
+
+
+def rank_order(ranking_scores: torch.Tensor) -> torch.Tensor:
+    """Expert indices sorted by score, best first; ties go to the lower expert index.
+
+    ``ranking_scores`` is ``[tokens, n]`` (or ``[n]`` for a layer-wide ranking).
+    """
+    return torch.sort(ranking_scores, dim=-1, descending=True, stable=True).indices
+
+
+def ranking_scores(
+    logits: torch.Tensor,
+    score_function: str = "softmax",
+    use_pre_softmax: bool = False,
+    expert_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The quantity the model's own top-K selection ranks experts by.
+
+    softmax: the logits (softmax is monotone), or the softmax scores with pre-softmax routing;
+    sigmoid: the sigmoid scores, plus the expert bias when the model balances load with one.
+    """
+    if score_function == "softmax":
+        if use_pre_softmax:
+            return torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+        return logits
+    if score_function == "sigmoid":
+        scores = torch.sigmoid(logits.float()).type_as(logits)
+        return scores + expert_bias if expert_bias is not None else scores
+    raise ValueError(f"--moe-router-score-function='{score_function}' is not one of {SCORE_FUNCTIONS}")
+
+
+def tier_gating(
+    logits: torch.Tensor,
+    experts: torch.Tensor,
+    topk: int,
+    score_function: str = "softmax",
+    use_pre_softmax: bool = False,
+    scaling_factor: Optional[float] = None,
+) -> torch.Tensor:
+    """Gating weights of the selected ``experts`` ([tokens, k]) under the model's own rule.
+
+    softmax (Eq. 3 restricted to the tier): softmax of the tier's logits; pre-softmax: the
+    softmax over all experts, gathered; sigmoid: the tier's sigmoid scores, normalised over the
+    tier when the model routes to more than one expert. The top-K scaling factor multiplies.
+    """
+    if score_function == "softmax":
+        if use_pre_softmax:
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+            probs = scores.gather(1, experts)
+        else:
+            probs = torch.softmax(logits.gather(1, experts), dim=-1, dtype=torch.float32).type_as(logits)
+    elif score_function == "sigmoid":
+        probs = torch.sigmoid(logits.float()).type_as(logits).gather(1, experts)
+        if topk > 1:
+            probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        raise ValueError(f"--moe-router-score-function='{score_function}' is not one of {SCORE_FUNCTIONS}")
+    if scaling_factor:
+        probs = probs * scaling_factor
+    return probs
+
+
+def select_tier(
+    logits: torch.Tensor,
+    ranks: Sequence[int],
+    topk: int,
+    score_function: str = "softmax",
+    use_pre_softmax: bool = False,
+    scaling_factor: Optional[float] = None,
+    expert_bias: Optional[torch.Tensor] = None,
+    order: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route every token to the experts at ``ranks`` of its own ranking.
+
+    ``logits`` is ``[tokens, n]``. ``order`` overrides the ranking: ``[tokens, n]`` or ``[n]``
+    expert indices best first (a random shuffle, or a layer-wide average ranking).
+    Returns dense ``probs`` and boolean ``routing_map``, both ``[tokens, n]``, as Megatron's
+    routers do.
+    """
+    if order is None:
+        order = rank_order(ranking_scores(logits, score_function, use_pre_softmax, expert_bias))
+    positions = torch.as_tensor([r - 1 for r in ranks], device=logits.device)
+    if order.dim() == 1:
+        experts = order[positions].unsqueeze(0).expand(logits.shape[0], -1)
+    else:
+        experts = order[:, positions]
+    probs = tier_gating(logits, experts, topk, score_function, use_pre_softmax, scaling_factor)
+    dense_probs = torch.zeros_like(logits).scatter(1, experts, probs)
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, experts, True)
+    return dense_probs, routing_map

@@ -1,0 +1,46 @@
+"""The tier report's typed configuration and its cheap checks (no Megatron import)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from ordmoe_megatron.method import OrdMoEConfig
+
+DEFAULT_MAX_SEQ_LENGTH = 1024
+
+
+class ReportError(ValueError):
+    """A bad input: missing or corrupt checkpoint or data, impossible flags, existing output."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """What the report evaluates: the checkpoint, exactly one data source, the tier paths."""
+
+    load: str
+    ordmoe: OrdMoEConfig
+    token_ids: Optional[str] = None
+    text_file: Optional[str] = None
+    data_path: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    documents: str = "paragraphs"
+    append_eod: bool = True
+    seq_length: Optional[int] = None  # None: the checkpoint's, at most DEFAULT_MAX_SEQ_LENGTH
+    max_sequences: int = 256
+    micro_batch_size: int = 4
+    seed: int = 1234
+
+
+def check_sources(config: ReportConfig) -> None:
+    """Flag combinations (cheap, before anything is read)."""
+    sources = [name for name in ("token_ids", "text_file", "data_path") if getattr(config, name)]
+    if len(sources) != 1:
+        raise ReportError("give exactly one evaluation data source: --token-ids F, --text-file F --tokenizer-model M, "
+                          f"or --data-path PREFIX --tokenizer-model M (got {len(sources)})")
+    if sources[0] in ("text_file", "data_path") and not config.tokenizer_model:
+        raise ReportError(f"--{sources[0].replace('_', '-')} needs --tokenizer-model (the checkpoint's tokenizer)")
+    for name in ("max_sequences", "micro_batch_size"):
+        if getattr(config, name) < 1:
+            raise ReportError(f"--{name.replace('_', '-')}={getattr(config, name)} must be at least 1")
+    if config.seq_length is not None and config.seq_length < 1:
+        raise ReportError(f"--seq-length={config.seq_length} must be at least 1")

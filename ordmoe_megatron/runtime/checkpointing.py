@@ -1,0 +1,273 @@
+"""Checkpoints in Megatron-LM's layout, written with ``megatron.core.dist_checkpointing``.
+
+``<root>/latest_checkpointed_iteration.txt`` names the newest complete checkpoint
+(``release`` for converted ones); ``<root>/iter_0000100/`` holds the distributed checkpoint of
+``{'model': ..., 'optimizer': ...}`` (``model0``, ``model1``, .. with virtual pipeline stages),
+``run.json`` (iteration, data position, LR scheduler, model flags, OrdMoE settings) and one
+``rng_rank<N>.pt`` per rank. A checkpoint saved under one parallel layout loads under another.
+
+A save writes into a temporary directory that is renamed into place before the tracker file is
+replaced (both atomic), so an interrupted save never leaves a checkpoint that loads as valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from ordmoe_megatron.runtime.model_flags import normalize_flags
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RUN_FILE = "run.json"
+MODEL_ARGS = "model_args.json"  # the model flags next to a converted checkpoint
+HF_METADATA = "hf_metadata.json"  # a converted checkpoint's Hugging Face model type and fields
+CHECKPOINT_VERSION = 3.0
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupt or from another model."""
+
+
+def checkpoint_dir(root: str, iteration: Optional[int]) -> str:
+    return os.path.join(root, "release" if iteration is None else f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """The iteration the tracker names (None for ``release``); CheckpointError if there is none."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        raise CheckpointError(
+            f"{root} is not a checkpoint directory: {TRACKER} is missing. Point --load at the directory "
+            "that --save wrote (the one containing the tracker file)."
+        )
+    tag = open(tracker).read().strip()
+    if tag == "release":
+        return None
+    try:
+        return int(tag)
+    except ValueError:
+        raise CheckpointError(f"{tracker} is corrupt (holds {tag!r}); it should name an iteration or 'release'") from None
+
+
+def has_checkpoint(root: Optional[str]) -> bool:
+    return bool(root) and os.path.isfile(os.path.join(root, TRACKER))
+
+
+def sharded_model_state(chunks: list) -> dict:
+    """Megatron-LM's naming: ``model``, or ``model0``, ``model1``, .. with virtual stages."""
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(
+    root: str,
+    iteration: Optional[int],
+    model_state: dict,
+    optimizer=None,
+    run: Optional[dict] = None,
+    include_rng: bool = True,
+) -> str:
+    """Save ``model_state`` (``sharded_model_state(chunks)``) and optimizer, run state, RNG for
+    ``iteration`` (None: ``release``). Every rank calls it."""
+    rank = torch.distributed.get_rank()
+    final = checkpoint_dir(root, iteration)
+    tmp = final + ".incomplete"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    # checkpoint_version and iteration are what Megatron-LM's loader reads from the common state.
+    state = {**model_state, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration or 0}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_state)
+    dist_checkpointing.save(state, tmp)
+    if include_rng:
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(tmp, RUN_FILE), "w") as f:
+            json.dump({"iteration": iteration, **(run or {})}, f, indent=2, default=str)
+    torch.distributed.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write("release" if iteration is None else str(iteration))
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    torch.distributed.barrier()
+    return final
+
+
+def read_run(root: str) -> dict:
+    """``run.json`` of the newest checkpoint under ``root`` ({} for converted checkpoints)."""
+    path = os.path.join(checkpoint_dir(root, latest_iteration(root)), RUN_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is corrupt ({err}); restore it or load an earlier checkpoint") from None
+
+
+def checkpoint_model_flags(root: str) -> Optional[dict]:
+    """The model flags a checkpoint was made with: ``model_args.json`` (converted checkpoints) or
+    ``run.json`` (checkpoints saved by ordmoe-pretrain); None if it records neither."""
+    converted = os.path.join(root, MODEL_ARGS)
+    if os.path.isfile(converted):
+        try:
+            with open(converted) as f:
+                return json.load(f)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{converted} is corrupt ({err}); convert the model again") from None
+    return read_run(root).get("model_flags")
+
+
+def check_compatible(root: str, model_flags: dict) -> None:
+    """Refuse a checkpoint whose model differs from the one about to be built (before loading)."""
+    saved = checkpoint_model_flags(root)
+    if saved is None:
+        return
+    # The training length is not part of the model: a model may continue at another length.
+    differing = {k: (saved[k], v) for k, v in model_flags.items()
+                 if k in saved and k != "seq_length" and saved[k] != v}
+    if differing:
+        detail = ", ".join(f"--{k.replace('_', '-')} is {v!r} here but {s!r} in the checkpoint" for k, (s, v) in differing.items())
+        raise CheckpointError(f"--load {root} was saved by another model configuration: {detail}. "
+                              "Use the checkpoint's model flags (see its run.json) or another --load.")
+
+
+def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = True, strict: bool = True) -> dict:
+    """Load the newest checkpoint under ``root`` into ``chunks`` (and ``optimizer``, RNG);
+    returns its ``run.json`` contents."""
+    iteration = latest_iteration(root)
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointError(f"{path} is missing or incomplete (no metadata.json); the save may have been "
+                              "interrupted: load an earlier checkpoint")
+    state = sharded_model_state(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True)
+    try:
+        loaded = dist_checkpointing.load(state, path)
+    except Exception as err:  # dist_checkpointing raises many types; name the checkpoint and the cause
+        raise CheckpointError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    rng_file = os.path.join(path, f"rng_rank{torch.distributed.get_rank()}.pt")
+    if load_rng and os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_run(root)
+
+
+def read_tensor_metadata(path: str) -> dict:
+    """Sharded key -> torch DCP ``TensorStorageMetadata`` of the checkpoint in ``path``, after
+    checking that every stored item lies inside its file: a missing or truncated ``.distcp`` is
+    named here, before anything is built."""
+    try:
+        md = FileSystemReader(path).read_metadata()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - torch raises many types here
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata (.metadata): {err}") from None
+    sizes: dict = {}
+    for index, info in (md.storage_data or {}).items():
+        rel = getattr(info, "relative_path", None)
+        if rel is None:
+            continue
+        if rel not in sizes:
+            file = os.path.join(path, rel)
+            if not os.path.exists(file):
+                raise CheckpointError(f"{file}: checkpoint file missing (holds {index.fqn})")
+            sizes[rel] = os.path.getsize(file)
+        end = int(info.offset) + int(info.length)
+        if sizes[rel] < end:
+            raise CheckpointError(f"{os.path.join(path, rel)}: truncated checkpoint file ({sizes[rel]} bytes, "
+                                  f"{index.fqn} ends at byte {end})")
+    return {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    """What ``inspect_checkpoint`` found: enough to build the model before loading anything."""
+
+    root: str
+    iteration: Optional[int]  # None for a converted ('release') checkpoint
+    path: str  # the iteration directory
+    flags: Optional[dict]  # the model flags, normalized (None when the checkpoint records none)
+    tensors: dict  # sharded key -> storage metadata
+    run: dict  # run.json ({} for converted checkpoints)
+    hf_metadata: Optional[dict]  # hf_metadata.json of a converted checkpoint
+
+    @property
+    def kind(self) -> str:
+        return "converted" if self.iteration is None else "trained"
+
+
+def inspect_checkpoint(root: str) -> CheckpointInfo:
+    """The one checkpoint check of every front end, without loading weights: the tracker, the
+    iteration directory, ``metadata.json``, every stored file against the checkpoint metadata,
+    ``run.json`` and the model flags. A ``CheckpointError`` names the bad file."""
+    if not os.path.isdir(root):
+        raise CheckpointError(f"{root}: no such checkpoint directory")
+    iteration = latest_iteration(root)
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointError(f"{path} is missing or incomplete (no metadata.json); the save may have been "
+                              "interrupted: load an earlier checkpoint")
+    tensors = read_tensor_metadata(path)
+    run = read_run(root)
+    flags = checkpoint_model_flags(root)
+    if flags is not None:
+        try:
+            flags = normalize_flags(flags)
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{root}: unusable model flags: {err}") from None
+    return CheckpointInfo(root=root, iteration=iteration, path=path, flags=flags, tensors=tensors, run=run,
+                          hf_metadata=read_hf_metadata(root))
+
+
+def read_hf_metadata(root: str) -> Optional[dict]:
+    """``hf_metadata.json`` next to a converted checkpoint (None when there is none)."""
+    path = os.path.join(root, HF_METADATA)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is corrupt ({err}); convert the model again") from None

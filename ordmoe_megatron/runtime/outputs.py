@@ -1,0 +1,81 @@
+"""Outputs: never replace what is there without being asked, and never leave half a file.
+
+``check_output`` is the one rule every front end applies before any work: an existing output is
+replaced only with the front end's replace flag (``--overwrite``, ``--force``). ``staged_file``
+and ``staged_dir`` write next to the output and move the finished result into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator, Optional, Sequence
+
+
+class OutputError(ValueError):
+    """An output that cannot or must not be written; the message names it and the way out."""
+
+
+def check_output(path: str, replace: bool, replace_flag: str, is_dir: bool = False) -> None:
+    """Refuse ``path`` if it exists (for a directory: is not empty) and ``replace`` is off, or if
+    it cannot be what it should be (a file where a directory goes, a parent that is a file)."""
+    kind = "directory" if is_dir else "file"
+    if os.path.lexists(path):
+        if os.path.isdir(path) != is_dir:
+            raise OutputError(f"output {path} exists and is not a {kind}; remove it or choose another path")
+        if not replace and (not is_dir or os.listdir(path)):
+            raise OutputError(f"output {path} already exists; pass {replace_flag} to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"output {path}: {parent} is not a directory")
+
+
+def check_distinct(paths: Sequence[Optional[str]], names: str) -> None:
+    given = [os.path.abspath(p) for p in paths if p]
+    if len(set(given)) != len(given):
+        raise OutputError(f"{names} name the same file; give each its own path")
+
+
+@contextlib.contextmanager
+def staged_file(path: str) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically, on
+    failure it is removed and ``path`` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str, replace: bool, replace_flag: str) -> Iterator[str]:
+    """Yield a temporary directory next to ``path``; on success it replaces ``path`` (the old one
+    is moved aside first and removed only after the swap); on failure it is deleted and ``path``
+    is left as it was."""
+    check_output(path, replace, replace_flag, is_dir=True)
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    check_output(path, replace, replace_flag, is_dir=True)  # nothing appeared meanwhile
+    old = None
+    if os.path.lexists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.rmdir(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""``ordmoe-pretrain``: the built-in trainer (cli -> config -> build -> trainer)."""

@@ -1,0 +1,202 @@
+"""``ordmoe-pretrain``: GPT-MoE pretraining with OrdMoE, from megatron-core's own pieces.
+
+One process on CPU (gloo, through the CPU emulation) or GPU, or many under
+``torchrun --no-python ordmoe-pretrain``; flags follow Megatron-LM's names where they overlap.
+``--preset tiny`` (the default when no data is named) builds a corpus, a SentencePiece tokenizer
+and Megatron data files on the machine, trains, saves, plots and evaluates, with no download.
+
+This module reads the flags and turns them into a ``RunConfig``; nothing below it sees them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+from ordmoe_megatron.flags import add_ordmoe_args, ordmoe_config_from_args
+from ordmoe_megatron.runtime.checkpointing import CheckpointError, checkpoint_model_flags, has_checkpoint
+from ordmoe_megatron.runtime.distributed import ParallelLayout, world_size_from_env
+from ordmoe_megatron.runtime.model_flags import add_model_args, flags_from_args
+from ordmoe_megatron.train import checks, run
+from ordmoe_megatron.train.config import RunConfig
+
+PRESETS = {
+    "tiny": dict(
+        num_layers=4, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, num_experts=8,
+        moe_router_topk=2, moe_ffn_hidden_size=128, normalization="RMSNorm", swiglu=True,
+        position_embedding_type="rope", disable_bias_linear=True, untie_embeddings_and_output_weights=True,
+        seq_length=128, max_position_embeddings=128, micro_batch_size=8, global_batch_size=16,
+        train_iters=200, lr=3e-3, min_lr=3e-4, lr_warmup_iters=10, log_interval=10, eval_interval=100,
+        eval_iters=4, work_dir="runs/tiny", ordmoe=True,
+        # Without a floor the rank loss drove tiers 2-3 to about -100 nats per token within 200
+        # steps of this run (and path 1 ended worse than the baseline); see docs/trainer.md.
+        ordmoe_logprob_floor="vocab",
+    ),
+}
+# The model the flags describe when no preset is used (as small as a useful test).
+DEFAULT_MODEL = dict(
+    num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_experts=8, moe_router_topk=2,
+    moe_ffn_hidden_size=64, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+    disable_bias_linear=True, untie_embeddings_and_output_weights=True, vocab_size=256,
+    make_vocab_size_divisible_by=128, seq_length=64, max_position_embeddings=64,
+)
+PRESET_OUTPUTS = (("save", "checkpoints"), ("load", "checkpoints"), ("metrics_out", "metrics.jsonl"),
+                  ("plot_out", "metrics.png"))
+
+
+class UsageError(ValueError):
+    """A flag or combination of flags the run cannot take; the message names the flag and the fix."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ordmoe-pretrain", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="A complete embedded run; 'tiny' is the default when no data is named.")
+    parser.add_argument("--work-dir", default=None, help="Where a preset keeps its data, checkpoints and outputs.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Print the resolved configuration, parallel layout and tier layout, then exit.")
+    parser.add_argument("--compare-baseline", action="store_true",
+                        help="Also train a plain top-K baseline on the same data and steps, and evaluate both.")
+    add_model_args(parser)
+    parser.set_defaults(**DEFAULT_MODEL)
+    add_ordmoe_args(parser)
+    parser.set_defaults(ordmoe=True)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-path", default=None, help="Megatron .bin/.idx prefix of the training data.")
+    data.add_argument("--valid-data-path", default=None, help="Prefix of validation data (else --split of --data-path).")
+    data.add_argument("--split", default="969,30,1")
+    data.add_argument("--tokenizer-model", default=None, help="SentencePiece model that made the data files.")
+    data.add_argument("--mock-data", action="store_true", help="Synthetic token streams, no files.")
+    train = parser.add_argument_group("training")
+    train.add_argument("--train-iters", type=int, default=200)
+    train.add_argument("--micro-batch-size", type=int, default=4)
+    train.add_argument("--global-batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--min-lr", type=float, default=3e-4)
+    train.add_argument("--lr-warmup-iters", type=int, default=5)
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--clip-grad", type=float, default=1.0)
+    train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
+    train.add_argument("--moe-router-load-balancing-type", default="aux_loss")
+    train.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=("alltoall", "allgather"))
+    train.add_argument("--calculate-per-token-loss", action="store_true")
+    train.add_argument("--bf16", action="store_true", help="BF16 weights and activations, FP32 main weights.")
+    train.add_argument("--fp8-format", choices=("hybrid", "e4m3"), default=None,
+                       help="FP8 through Transformer Engine (GPU with TE only; needs --bf16).")
+    train.add_argument("--log-interval", type=int, default=5)
+    train.add_argument("--eval-interval", type=int, default=None)
+    train.add_argument("--eval-iters", type=int, default=2)
+    train.add_argument("--metrics-out", default=None, help="JSON lines, one object per iteration.")
+    train.add_argument("--plot-out", default=None, help="PNG of each path's log-likelihood and the tier ordering.")
+    train.add_argument("--overwrite", action="store_true", help="Replace existing outputs (metrics, plot, checkpoints).")
+    par = parser.add_argument_group("parallelism (data-parallel size = world size / (TP x PP))")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--sequence-parallel", action="store_true")
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    par.add_argument("--expert-model-parallel-size", type=int, default=1)
+    par.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    ckpt = parser.add_argument_group("checkpoints (Megatron-LM layout, megatron.core.dist_checkpointing)")
+    ckpt.add_argument("--save", default=None, help="Checkpoint directory to write.")
+    ckpt.add_argument("--load", default=None, help="Checkpoint directory to resume (or, with --finetune, start) from.")
+    ckpt.add_argument("--save-interval", type=int, default=None)
+    ckpt.add_argument("--finetune", action="store_true", help="Load model weights only; start at iteration 0.")
+    ckpt.add_argument("--save-grads", default=None,
+                      help="Save the first step's gradients as a checkpoint (to compare parallel layouts).")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The flags with the preset's and the checkpoint's defaults under them."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    preset = known.preset or (None if known.data_path or known.mock_data else "tiny")
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    load = known.load or (os.path.join(known.work_dir or PRESETS[preset]["work_dir"], "checkpoints") if preset else None)
+    if has_checkpoint(load):
+        # The checkpoint's model flags become the defaults; flags given here still win (and are
+        # checked against the checkpoint before it is loaded).
+        try:
+            parser.set_defaults(**(checkpoint_model_flags(load) or {}))
+        except (CheckpointError, OSError, ValueError) as err:
+            raise UsageError(f"--load {load}: {err}") from None
+    args = parser.parse_args(argv)
+    args.preset = preset
+    return args
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The typed configuration; raises ``UsageError`` naming the flag for what cannot run."""
+    if args.preset:
+        work = args.work_dir
+        for name, default in PRESET_OUTPUTS:
+            if getattr(args, name) is None:
+                setattr(args, name, os.path.join(work, default))
+    elif args.data_path and not args.tokenizer_model:
+        raise UsageError("--data-path needs --tokenizer-model (the SentencePiece model that made it)")
+    vstage = args.num_layers_per_virtual_pipeline_stage
+    pp = args.pipeline_model_parallel_size
+    try:
+        ordmoe = ordmoe_config_from_args(args)
+        layout = ParallelLayout(
+            tensor=args.tensor_model_parallel_size, pipeline=pp, expert=args.expert_model_parallel_size,
+            expert_tensor=args.expert_tensor_parallel_size, sequence_parallel=args.sequence_parallel,
+            virtual_pipeline=None if vstage is None or pp <= 1 or vstage <= 0 else args.num_layers // pp // vstage,
+        )
+        model_flags = flags_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    fields = {f for f in RunConfig.__dataclass_fields__} - {"model_flags", "ordmoe", "layout"}
+    config = RunConfig(model_flags=model_flags, ordmoe=ordmoe, layout=layout,
+                       **{name: getattr(args, name) for name in fields})
+    problems = checks.layout_problems(config, world_size_from_env(), vstage)
+    if problems:
+        raise UsageError("impossible parallel layout: " + "; ".join(problems))
+    checks.check_precision(config)
+    checks.check_outputs(config)
+    return config
+
+
+def describe(config: RunConfig) -> str:
+    """The --dry-run report: configuration, parallel layout, tier layout."""
+    world = world_size_from_env()
+    layout = config.layout
+    dp = layout.data_parallel_size(world)
+    flags = config.model_flags
+    lines = ["configuration:"]
+    values = {**flags, **{k: v for k, v in vars(config).items() if k not in ("model_flags", "ordmoe", "layout")}}
+    lines += [f"  {k:40s} {v}" for k, v in sorted(values.items())]
+    lines += [
+        "parallel layout:",
+        "  " + layout.describe(world),
+        f"  micro-batches per step and data-parallel rank: {config.global_batch_size // (config.micro_batch_size * dp)}",
+        "tier layout:",
+    ]
+    cfg = config.ordmoe
+    if cfg is None:
+        lines.append("  OrdMoE off (--no-ordmoe): plain top-K")
+        return "\n".join(lines)
+    shared = cfg.shared_prefix_layers(flags["num_layers"], flags["moe_layer_freq"], layout.pipeline > 1)
+    lines += ["  " + line for line in cfg.describe_layout(flags["num_experts"], flags["moe_router_topk"],
+                                                           flags["num_layers"], flags["moe_layer_freq"], shared)]
+    seq = config.seq_length // layout.tensor if layout.sequence_parallel else config.seq_length
+    lines.append(f"  activations between pipeline stages: [{seq}, {cfg.num_tiers} x {config.micro_batch_size}, "
+                 f"{flags['hidden_size']}]")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = parse_args(argv)
+        config = run_config_from_args(args)
+    except (UsageError, checks.CheckError) as err:
+        raise SystemExit(f"ordmoe-pretrain: {err}") from None
+    if args.dry_run:
+        print(describe(config))
+        return 0
+    return run.main(config)
+
+

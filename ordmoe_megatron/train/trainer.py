@@ -1,0 +1,289 @@
+"""The training loop of ``ordmoe-pretrain``, built from megatron-core's own pieces.
+
+``setup`` wraps the model chunks (one per virtual pipeline stage) in Megatron's
+``DistributedDataParallel``, builds the optimizer, the LR scheduler and the schedule (through the
+OrdMoE hook), and resumes from ``--load``. ``train_step`` is one optimizer step; ``train`` is the
+loop with Megatron-style log lines, metrics JSON lines, evaluation and saves; ``evaluate_paths``
+runs the schedules forward-only over held-out data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from ordmoe_megatron.data.batches import shard_micro_batches
+from ordmoe_megatron.mcore.loss import lm_loss, reduce_reports
+from ordmoe_megatron.mcore.metrics import pop_moe_metrics
+from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
+from ordmoe_megatron.runtime import checkpointing
+from ordmoe_megatron.runtime.distributed import (
+    broadcast_from_last_stage,
+    data_parallel_rank_and_size,
+    device,
+    is_last_rank,
+)
+from ordmoe_megatron.train.config import RunConfig
+
+
+@dataclasses.dataclass
+class Trainer:
+    config: RunConfig
+    tconfig: object  # the model's TransformerConfig
+    model: list  # DDP-wrapped chunks, one per virtual pipeline stage
+    optimizer: object
+    scheduler: object
+    forward_backward: Callable
+    num_microbatches: int  # per data-parallel rank and step
+    iteration: int = 0
+    make_stream: Optional[Callable[[str, int], Iterator[dict]]] = None  # (split, first micro-batch)
+
+    @property
+    def num_paths(self) -> int:
+        return self.config.num_paths
+
+    @property
+    def chunks(self) -> list:
+        """The GPT models themselves, without the DDP and BF16 wrappers."""
+        inner = [m.module for m in self.model]
+        return [c.module if isinstance(c, Float16Module) else c for c in inner]
+
+    def data(self, split: str, start_microbatch: int = 0):
+        """One stream of this rank's micro-batches per model chunk, as the schedules want it."""
+        dp_rank, dp_size = data_parallel_rank_and_size()
+        streams = [shard_micro_batches(self.make_stream(split, start_microbatch), dp_rank, dp_size) for _ in self.model]
+        return streams if len(streams) > 1 else streams[0]
+
+    def run_schedule(self, data, forward_only: bool) -> list[dict]:
+        """One global batch through Megatron's schedule; the last stage's loss reports."""
+        return self.forward_backward(
+            forward_step_func=forward_step, data_iterator=data, model=self.model,
+            num_microbatches=self.num_microbatches, seq_length=self.config.seq_length,
+            micro_batch_size=self.config.micro_batch_size, forward_only=forward_only,
+        )
+
+
+def forward_step(data_iterator, model):
+    """Megatron ``forward_step``: one micro-batch through the model, the LM loss bound to its mask
+    (the OrdMoE schedules put the OrdMoE loss in its place)."""
+    batch = {k: v.to(device()) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(lm_loss, batch["loss_mask"])
+
+
+def setup(config: RunConfig, tconfig, chunks: list, make_stream) -> Trainer:
+    """Everything a step needs around the model ``chunks``; resumes model, optimizer, scheduler,
+    RNG and data position from ``config.load`` when it holds a checkpoint."""
+    if torch.cuda.is_available():
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
+    vocab_size = chunks[0].vocab_size
+    wrapped = [Float16Module(tconfig, chunk) for chunk in chunks] if tconfig.bf16 else chunks
+    model = [DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=tconfig.bf16), chunk)
+             for chunk in wrapped]
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay,
+                        clip_grad=config.clip_grad, bf16=tconfig.bf16, fp16=False),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr, lr_warmup_steps=config.lr_warmup_iters,
+        lr_decay_steps=max(config.train_iters, config.lr_warmup_iters + 1), lr_decay_style="cosine",
+        start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=max(config.train_iters, 1),
+        wd_incr_style="constant",
+    )
+    tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+
+    if config.ordmoe is not None:
+        forward_backward = get_ordmoe_forward_backward_func(config.ordmoe, vocab_size, config.calculate_per_token_loss)
+    else:
+        forward_backward = get_forward_backward_func()
+    _, dp_size = data_parallel_rank_and_size()
+    trainer = Trainer(config, tconfig, model, optimizer, scheduler, forward_backward,
+                      config.global_batch_size // (config.micro_batch_size * dp_size), make_stream=make_stream)
+    if checkpointing.has_checkpoint(config.load):
+        # A converted ('release') checkpoint holds weights only; --finetune starts afresh from weights.
+        resume = not config.finetune and checkpointing.latest_iteration(config.load) is not None
+        run = checkpointing.load_checkpoint(config.load, chunks, optimizer if resume else None, load_rng=resume)
+        if resume:
+            trainer.iteration = run["iteration"]
+            scheduler.load_state_dict(run["scheduler"])
+    return trainer
+
+
+def train_step(trainer: Trainer, data, before_optimizer_step=None) -> dict:
+    """One optimizer step over a global batch; the reduced metrics, on every rank."""
+    start = time.perf_counter()
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    reports = trainer.run_schedule(data, forward_only=False)
+    if before_optimizer_step is not None:
+        before_optimizer_step(trainer)
+    _, grad_norm, _ = trainer.optimizer.step()
+    trainer.scheduler.step(increment=1)
+    trainer.iteration += 1
+    reduced = _reduced(reports)
+    moe = pop_moe_metrics(trainer.chunks, trainer.num_microbatches)
+    paths = trainer.num_paths
+    return {
+        "iteration": trainer.iteration,
+        "lm_loss": reduced["lm loss"],
+        "rank_loss": reduced.get("rank loss"),
+        "aux_loss": moe.get("load_balancing_loss", 0.0),
+        "path_logprob": [reduced[f"path{j + 1} logprob"] for j in range(paths)] if paths > 1 else [],
+        "tier_order_acc": reduced.get("tier order acc"),
+        "tier_load_max_over_mean": moe.get("tier_load_max_over_mean"),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+        "tokens": trainer.config.global_batch_size * trainer.config.seq_length * paths,
+        "time_s": time.perf_counter() - start,
+    }
+
+
+def evaluate_paths(trainer: Trainer, data, iterations: int) -> dict:
+    """Forward-only over ``iterations`` global batches: LM loss, each path's mean target
+    log-likelihood and perplexity, and the tier-ordering accuracy (reduced like training)."""
+    for chunk in trainer.model:
+        chunk.eval()
+    reports = []
+    try:
+        with torch.no_grad():
+            for _ in range(iterations):
+                reports += trainer.run_schedule(data, forward_only=True)
+    finally:
+        for chunk in trainer.model:
+            chunk.train()
+    reduced = _reduced(reports)
+    paths = trainer.num_paths
+    logprobs = [reduced[f"path{j + 1} logprob"] for j in range(paths)] if paths > 1 else [-reduced["lm loss"]]
+    return {
+        "lm_loss": reduced["lm loss"],
+        "path_logprob": logprobs,
+        "path_perplexity": [math.exp(-lp) for lp in logprobs],
+        "tier_order_acc": reduced.get("tier order acc"),
+    }
+
+
+def _reduced(reports: list[dict]) -> dict:
+    return broadcast_from_last_stage(reduce_reports(reports, parallel_state.get_data_parallel_group()))
+
+
+def format_log_line(iteration: int, train_iters: int, values: dict, elapsed_ms: float, tokens_per_s: float) -> str:
+    parts = [
+        f" iteration {iteration:8d}/{train_iters:8d}",
+        f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
+        f"throughput (tokens/s, all paths): {tokens_per_s:.0f}",
+        f"learning rate: {values['lr']:.3E}",
+        f"lm loss: {values['lm_loss']:.6E}",
+    ]
+    if values.get("rank_loss") is not None:
+        parts.append(f"rank loss: {values['rank_loss']:.6E}")
+    parts.append(f"aux loss: {values['aux_loss']:.6E}")
+    if values.get("path_logprob"):
+        parts.append("path logprob: " + " / ".join(f"{v:.4f}" for v in values["path_logprob"]))
+        parts.append(f"tier order acc: {values['tier_order_acc']:.3f}")
+    if values.get("tier_load_max_over_mean"):
+        parts.append("tier load max/mean: " + " / ".join(f"{v:.2f}" for v in values["tier_load_max_over_mean"]))
+    return " | ".join(parts) + " |"
+
+
+def mean_record(records: list[dict]) -> dict:
+    out = {}
+    for key, first in records[-1].items():
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            out[key] = sum(r[key] for r in records) / len(records)
+        elif isinstance(first, list) and first:
+            out[key] = [sum(r[key][i] for r in records) / len(records) for i in range(len(first))]
+        else:
+            out[key] = first
+    return out
+
+
+def save_grads_hook(path: str):
+    """Save the reduced gradients in the model's own sharded layout, so that gradients from any
+    parallel layout load into any other (e.g. one process) for comparison."""
+
+    def save(trainer: Trainer) -> None:
+        params = [p for chunk in trainer.chunks for p in chunk.parameters()]
+        weights = [p.data for p in params]
+        for p in params:
+            p.data = p.main_grad.view_as(p.data).to(p.dtype)
+        try:
+            state = checkpointing.sharded_model_state(trainer.chunks)
+            checkpointing.save_checkpoint(path, trainer.iteration + 1, state, include_rng=False)
+        finally:
+            for p, w in zip(params, weights):
+                p.data = w
+
+    return save
+
+
+def train(trainer: Trainer, run_meta: dict) -> list[dict]:
+    """The loop: steps, log lines, metrics JSON lines, evaluation, checkpoints."""
+    config = trainer.config
+    logging = is_last_rank()
+    metrics_file = _open_metrics(config.metrics_out, trainer.iteration) if config.metrics_out and logging else None
+    _, dp_size = data_parallel_rank_and_size()
+    data = trainer.data("train", trainer.iteration * trainer.num_microbatches * dp_size)
+    history, window = [], []
+
+    def save():
+        checkpointing.save_checkpoint(config.save, trainer.iteration, checkpointing.sharded_model_state(trainer.chunks),
+                                      trainer.optimizer, {**run_meta, "scheduler": trainer.scheduler.state_dict()})
+        if logging:
+            print(f" saved checkpoint at iteration {trainer.iteration:8d} to {config.save}", flush=True)
+
+    try:
+        while trainer.iteration < config.train_iters:
+            hook = save_grads_hook(config.save_grads) if config.save_grads and not history else None
+            record = train_step(trainer, data, before_optimizer_step=hook)
+            history.append(record)
+            window.append(record)
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            it = trainer.iteration
+            if logging and (it % config.log_interval == 0 or it == config.train_iters):
+                seconds = sum(r["time_s"] for r in window)
+                print(format_log_line(it, config.train_iters, mean_record(window), 1000 * seconds / len(window),
+                                      sum(r["tokens"] for r in window) / seconds), flush=True)
+                window = []
+            if config.eval_interval and config.eval_iters and it % config.eval_interval == 0 and trainer.make_stream:
+                result = evaluate_paths(trainer, trainer.data("valid"), config.eval_iters)
+                if logging:
+                    print(f" validation at iteration {it:8d} | lm loss: {result['lm_loss']:.6E} | path ppl: "
+                          + " / ".join(f"{p:.2f}" for p in result["path_perplexity"]) + " |", flush=True)
+            if config.save and config.save_interval and it % config.save_interval == 0:
+                save()
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    if config.save and history and not (config.save_interval and trainer.iteration % config.save_interval == 0):
+        save()
+    return history
+
+
+def _open_metrics(path: str, resumed_at: int):
+    """Append after a resume (dropping lines past the checkpoint); otherwise start the file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if resumed_at and os.path.exists(path):
+        kept = [line for line in open(path) if line.strip() and json.loads(line)["iteration"] <= resumed_at]
+        f = open(path, "w")
+        f.writelines(kept)
+        return f
+    return open(path, "w")

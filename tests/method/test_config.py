@@ -1,0 +1,97 @@
+"""Every invalid OrdMoE setting is refused before a model is built, with the flag named."""
+from types import SimpleNamespace
+
+import pytest
+
+from ordmoe_megatron import OrdMoEConfig, parse_layer_scope
+
+
+def model_config(**overrides):
+    base = dict(
+        num_moe_experts=16, moe_router_topk=2, num_layers=4, moe_expert_capacity_factor=None,
+        moe_router_num_groups=None, moe_router_group_topk=None, moe_router_load_balancing_type="aux_loss",
+        moe_enable_routing_replay=False, mtp_num_layers=None, moe_token_dispatcher_type="alltoall",
+        context_parallel_size=1,
+    )
+    base.update(overrides)
+    return SimpleNamespace(**base)
+
+
+def test_defaults_follow_the_paper():
+    cfg = OrdMoEConfig()
+    assert cfg.num_tiers == 3 and cfg.rewards == [1.0, 0.5, 0.0] and cfg.advantage == "zscore"
+    assert cfg.rank_loss_coeff == 1.0 and cfg.scope_layers is None and cfg.enabled
+    cfg.validate_for_model(model_config())
+    assert not OrdMoEConfig(num_tiers=1).enabled
+
+
+def test_layer_scope_parsing():
+    assert parse_layer_scope("1-4,25-28") == [1, 2, 3, 4, 25, 26, 27, 28]
+    assert parse_layer_scope("7,14,21,28") == [7, 14, 21, 28]
+    assert parse_layer_scope("all") is None
+    cfg = OrdMoEConfig(layer_scope="2-3")
+    assert cfg.in_scope(2) and not cfg.in_scope(1)
+
+
+def test_floor_vocab():
+    cfg = OrdMoEConfig(logprob_floor="vocab")
+    assert cfg.floor_value(1000) == pytest.approx(-6.9077, abs=1e-4)
+    assert OrdMoEConfig(logprob_floor="-3").floor_value(10) == -3.0
+    assert OrdMoEConfig(logprob_floor="none").floor_value(10) is None
+
+
+CONFIG_ERRORS = [
+    (dict(num_tiers=0), "--ordmoe-num-tiers"),
+    (dict(num_tiers=2.5), "--ordmoe-num-tiers"),
+    (dict(grouping="best"), "--ordmoe-grouping"),
+    (dict(grouping="explicit"), "--ordmoe-tier-ranks"),
+    (dict(tier_ranks="1-2,5-6,9-10"), "--ordmoe-grouping=explicit"),
+    (dict(rewards=[1.0, 0.0]), "one reward per tier"),
+    (dict(rewards=[1.0, 1.0, 0.0]), "strictly decreasing"),
+    (dict(rewards=[0.0, 0.5, 1.0]), "strictly decreasing"),
+    (dict(advantage="softmax"), "--ordmoe-advantage"),
+    (dict(rank_loss_coeff=-1.0), "--ordmoe-rank-loss-coeff"),
+    (dict(rank_loss_coeff=float("nan")), "--ordmoe-rank-loss-coeff"),
+    (dict(ranking="global"), "--ordmoe-ranking"),
+    (dict(ranking="average", grouping="random"), "pick one"),
+    (dict(layer_scope="1-x"), "--ordmoe-layer-scope"),
+    (dict(layer_scope="4-2"), "--ordmoe-layer-scope"),
+    (dict(logprob_floor="low"), "--ordmoe-logprob-floor"),
+    (dict(logprob_floor=1.0), "--ordmoe-logprob-floor"),
+]
+
+
+@pytest.mark.parametrize("kwargs,flag", CONFIG_ERRORS)
+def test_invalid_ordmoe_settings(kwargs, flag):
+    with pytest.raises(ValueError, match=flag.replace("+", r"\+")):
+        OrdMoEConfig(**kwargs)
+
+
+MODEL_ERRORS = [
+    (dict(), dict(num_moe_experts=None), "--num-experts"),
+    (dict(num_tiers=9), dict(), "--ordmoe-num-tiers=9 needs 9x2=18 experts"),
+    (dict(grouping="explicit", tier_ranks="1-2,3-4,17-18"), dict(), "outside 1-16"),
+    (dict(layer_scope="5"), dict(), "the model has layers 1-4"),
+    (dict(), dict(moe_expert_capacity_factor=1.0), "--moe-expert-capacity-factor"),
+    (dict(), dict(moe_router_num_groups=4, moe_router_group_topk=2), "group-limited"),
+    (dict(), dict(moe_router_load_balancing_type="sinkhorn"), "sinkhorn"),
+    (dict(), dict(moe_enable_routing_replay=True), "--moe-enable-routing-replay"),
+    (dict(), dict(mtp_num_layers=1), "--mtp-num-layers"),
+    (dict(), dict(moe_token_dispatcher_type="flex"), "flex"),
+    (dict(), dict(context_parallel_size=2), "--context-parallel-size"),
+]
+
+
+@pytest.mark.parametrize("ordmoe_kwargs,model_kwargs,match", MODEL_ERRORS)
+def test_model_settings_the_tier_router_refuses(ordmoe_kwargs, model_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OrdMoEConfig(**ordmoe_kwargs).validate_for_model(model_config(**model_kwargs))
+
+
+def test_layer_scope_must_hit_a_moe_layer():
+    with pytest.raises(ValueError, match="contains no MoE layer"):
+        OrdMoEConfig(layer_scope="2").validate_for_model(model_config(moe_layer_freq=[1, 0, 1, 0]))
+
+
+def test_single_tier_accepts_every_megatron_option():
+    OrdMoEConfig(num_tiers=1).validate_for_model(model_config(moe_expert_capacity_factor=1.0, context_parallel_size=2))

@@ -1,0 +1,108 @@
+"""The package's floors (docs/layout.md), read from the source: imports run downward only."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ordmoe_megatron"
+FLOORS = {
+    "method": 0, "runtime": 1, "data": 1, "mcore": 2, "flags": 2,
+    "train": 3, "megatron_lm": 3, "convert": 3, "report": 3, "entrypoints": 4,
+}
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        yield name, path
+
+
+def _package_imports(name, path):
+    """(imported module, inside a function?) for every ordmoe_megatron import of a module."""
+    tree = ast.parse(path.read_text())
+    is_package = path.name == "__init__.py"
+    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f) if n is not f}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for target in targets:
+            if target.startswith("ordmoe_megatron"):
+                yield target, id(node) in nested
+
+
+def _floor(module):
+    if module.endswith(".__main__"):
+        return FLOORS["entrypoints"] + 1  # `python -m ...` runs an entry point
+    parts = module.split(".")
+    return FLOORS.get(parts[1]) if len(parts) > 1 else 0
+
+
+def _known(module, names):
+    while module and module not in names:
+        module = module.rpartition(".")[0]
+    return module
+
+
+def _graph():
+    modules = dict(_modules())
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = {(_known(t, modules), inner) for t, inner in _package_imports(name, path)}
+    return graph
+
+
+def test_nothing_in_the_package_imports_the_test_helpers():
+    offenders = [m for m, edges in _graph().items() if m != "ordmoe_megatron.testing"
+                 and any(t == "ordmoe_megatron.testing" for t, _ in edges)]
+    assert not offenders
+
+
+def test_each_floor_imports_only_the_floors_below_it():
+    bad = []
+    for module, edges in _graph().items():
+        if module in ("ordmoe_megatron", "ordmoe_megatron.testing"):
+            continue
+        here = _floor(module)
+        assert here is not None, f"{module} is on no floor: add it to FLOORS and docs/layout.md"
+        for target, _ in edges:
+            same_package = target.split(".")[:2] == module.split(".")[:2]
+            if not same_package and target != "ordmoe_megatron" and _floor(target) >= here:
+                bad.append(f"{module} -> {target}")
+    assert not bad, bad
+
+
+def test_package_imports_sit_at_the_top_of_files():
+    inner = [f"{m} -> {t}" for m, edges in _graph().items() for t, nested in edges
+             if nested and m != "ordmoe_megatron.entrypoints"]
+    assert not inner, inner
+
+
+def test_there_is_no_import_circle():
+    graph = {m: {t for t, _ in edges if t != m} for m, edges in _graph().items()}
+    # A package's __init__ importing its own submodules is not a circle.
+    for m in graph:
+        graph[m] = {t for t in graph[m] if not (t.startswith(m + ".") and (PACKAGE.parent / Path(*m.split("."))).is_dir())}
+    state = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == "open":
+                pytest.fail("import circle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])

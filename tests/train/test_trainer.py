@@ -1,0 +1,133 @@
+"""The built-in trainer end to end: the tiny preset, bit-identical resume, and bad input."""
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.helpers import read_metrics as metrics
+from tests.helpers import run_pretrain as cli
+
+SMALL_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--moe-ffn-hidden-size", "64",
+               "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "4",
+               "--global-batch-size", "8", "--lr-warmup-iters", "1", "--log-interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny preset at reduced steps, with the baseline comparison."""
+    work = tmp_path_factory.mktemp("tiny")
+    proc = cli("--preset", "tiny", "--work-dir", str(work), *SMALL_MODEL, "--train-iters", "6",
+               "--eval-interval", "3", "--eval-iters", "1", "--compare-baseline")
+    return work, proc
+
+
+def test_tiny_preset_end_to_end(tiny):
+    work, proc = tiny
+    data = work / "data"
+    assert (data / "megatron" / "train.bin").exists() and (data / "megatron" / "train.idx").exists()
+    assert (data / "tokenizer").is_dir()
+    assert (work / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "6"
+    records = metrics(work / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == list(range(1, 7)) and len(records[0]["path_logprob"]) == 3
+    assert (work / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (work / "baseline" / "checkpoints" / "latest_checkpointed_iteration.txt").exists()
+    evaluation = json.loads((work / "eval.json").read_text())
+    assert set(evaluation) == {"OrdMoE (C=3)", "top-K baseline"}
+    for row in evaluation.values():
+        assert len(row["path_perplexity"]) == 3 and all(p > 1 for p in row["path_perplexity"])
+        assert {"addition", "reverse", "sort"} <= set(row["exact_match"])
+    out = proc.stdout
+    assert " iteration        6/       6" in out and "validation at iteration" in out
+    assert "held-out evaluation" in out and "path 1 ppl" in out and "top-K baseline" in out
+
+
+def test_rerun_reuses_data_and_does_not_retrain(tiny):
+    work, _ = tiny
+    bin_file = work / "data" / "megatron" / "train.bin"
+    before = bin_file.stat().st_mtime_ns
+    proc = cli("--preset", "tiny", "--work-dir", str(work), *SMALL_MODEL, "--train-iters", "6",
+               "--eval-iters", "1")
+    assert bin_file.stat().st_mtime_ns == before
+    assert "resuming at iteration 6" in proc.stdout and " iteration " not in proc.stdout.replace("at iteration", "")
+
+
+def test_data_files_are_readable_by_megatron_indexed_dataset(tiny):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    work, _ = tiny
+    dataset = IndexedDataset(str(work / "data" / "megatron" / "train"))
+    assert len(dataset) > 10 and len(dataset[0]) > 0
+
+
+def test_resume_is_bit_identical(tiny, tmp_path):
+    work, _ = tiny
+    data = ["--data-path", str(work / "data" / "megatron" / "train"), "--valid-data-path",
+            str(work / "data" / "megatron" / "valid"), "--tokenizer-model", _tokenizer(work)]
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    cli(*data, *SMALL_MODEL, "--train-iters", "6", "--save", str(straight), "--metrics-out", str(tmp_path / "a.jsonl"))
+    cli(*data, *SMALL_MODEL, "--train-iters", "6", "--save", str(parts), "--save-interval", "3",
+        "--metrics-out", str(tmp_path / "b.jsonl"))
+    # Interrupt: throw away everything after iteration 3, as if the run had died there.
+    shutil.rmtree(parts / "iter_0000006")
+    (parts / "latest_checkpointed_iteration.txt").write_text("3")
+    proc = cli(*data, *SMALL_MODEL, "--train-iters", "6", "--save", str(parts), "--load", str(parts),
+               "--metrics-out", str(tmp_path / "b.jsonl"))
+    assert "resuming at iteration 3" in proc.stdout
+    keys = ("lm_loss", "rank_loss", "aux_loss", "path_logprob", "tier_order_acc", "grad_norm")
+    a = [{k: r[k] for k in keys} for r in metrics(tmp_path / "a.jsonl")]
+    b = [{k: r[k] for k in keys} for r in metrics(tmp_path / "b.jsonl")]
+    assert len(a) == len(b) == 6 and a == b
+
+
+def _tokenizer(work):
+    tok_dir = work / "data" / "tokenizer"
+    return str(next(p for p in tok_dir.iterdir() if p.suffix == ".model"))
+
+
+def test_bad_inputs_fail_early_with_clear_errors(tiny, tmp_path):
+    work, _ = tiny
+    prefix = str(work / "data" / "megatron" / "train")
+    tokenizer = _tokenizer(work)
+
+    missing = cli("--data-path", str(tmp_path / "nothing"), "--tokenizer-model", tokenizer, *SMALL_MODEL, check=False)
+    assert missing.returncode != 0 and "nothing" in missing.stderr and " iteration" not in missing.stdout
+
+    no_tokenizer = cli("--data-path", prefix, "--tokenizer-model", str(tmp_path / "x.model"), check=False)
+    assert no_tokenizer.returncode != 0 and "does not exist" in no_tokenizer.stderr
+
+    from ordmoe_megatron.data import train_sentencepiece
+
+    other = train_sentencepiece([str(work / "data" / "corpus" / "valid.jsonl")], str(tmp_path / "other"), vocab_size=512)
+    mismatch = cli("--data-path", prefix, "--tokenizer-model", other, *SMALL_MODEL, check=False)
+    assert mismatch.returncode != 0 and "tokenizer" in mismatch.stderr.lower()
+
+    wrong_model = cli("--data-path", prefix, "--tokenizer-model", tokenizer, *SMALL_MODEL, "--hidden-size", "32",
+                      "--load", str(work / "checkpoints"), "--save", str(tmp_path / "s"), check=False)
+    assert wrong_model.returncode != 0 and "--hidden-size is 32 here but 64 in the checkpoint" in wrong_model.stderr
+
+    layout = cli("--mock-data", *SMALL_MODEL, "--tensor-model-parallel-size", "2", check=False)
+    assert layout.returncode != 0 and "impossible parallel layout" in layout.stderr
+
+    exists = cli("--mock-data", *SMALL_MODEL, "--save", str(work / "checkpoints"), check=False)
+    assert exists.returncode != 0 and "--overwrite" in exists.stderr
+    assert (work / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "6"
+
+
+def test_interrupted_save_never_loads(tiny, tmp_path):
+    work, _ = tiny
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(work / "checkpoints", ckpt)
+    # A save that died before it was renamed into place: the tracker still names iteration 6.
+    shutil.copytree(ckpt / "iter_0000006", ckpt / "iter_0000009.incomplete")
+    os.remove(ckpt / "iter_0000009.incomplete" / "metadata.json")
+    from ordmoe_megatron.runtime.checkpointing import latest_iteration
+
+    assert latest_iteration(str(ckpt)) == 6
+    # A tracker naming a checkpoint whose files are incomplete is refused, not half-loaded.
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("9")
+    os.rename(ckpt / "iter_0000009.incomplete", ckpt / "iter_0000009")
+    proc = cli("--preset", "tiny", "--work-dir", str(work), *SMALL_MODEL, "--load", str(ckpt), "--save",
+               str(tmp_path / "out"), "--metrics-out", str(tmp_path / "m.jsonl"), "--plot-out", str(tmp_path / "m.png"),
+               check=False)
+    assert proc.returncode != 0 and "incomplete" in proc.stderr
