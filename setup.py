@@ -3,6 +3,7 @@
 torch is deliberately *not* listed in install_requires: megatron-core already requires
 torch>=2.6 and the README's install step puts in the CPU wheel (torch==2.13.0) first, or keeps a
 CUDA build that is already installed. Listing torch here could make pip resolve a CUDA wheel.
+megatron-core 0.18 on import triton at import time (it does not pull torch).
 """
 from setuptools import find_packages, setup
 
@@ -14,11 +15,15 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ordmoe_megatron", "ordmoe_megatron.*"]),
     python_requires=">=3.10",
-    install_requires=["megatron-core==0.16.1", "sentencepiece", "numpy", "psutil", "matplotlib"],
+    # megatron-core 0.16.1 up to 0.19.x (runtime/compat.py); 0.17 on declare Python >= 3.12, so on
+    # Python 3.11 pip resolves 0.16.1.
+    install_requires=["megatron-core>=0.16.1,<0.20", "sentencepiece", "numpy", "psutil", "matplotlib"],
     extras_require={
         "convert": ["transformers", "safetensors"],
         "test": ["pytest", "transformers", "safetensors"],
         "te": ["transformer-engine[pytorch]"],
+        # What Megatron-LM's megatron.training needs beyond megatron-core (for its tests here).
+        "megatron-lm": ["triton", "pybind11", "six"],
     },
     entry_points={"console_scripts": [
         "ordmoe-pretrain=ordmoe_megatron.entrypoints:pretrain",

@@ -4,7 +4,7 @@
 #   MEGATRON_LM_PATH=/path/to/Megatron-LM bash examples/megatron_lm_torchrun.sh [--dry-run] [extra pretrain_gpt.py flags]
 #
 # Entry point: the patched $MEGATRON_LM_PATH/pretrain_gpt.py (git apply
-# patches/megatron-lm-core_v0.16.1-ordmoe.patch), else examples/pretrain_gpt_ordmoe.py with the
+# patches/megatron-lm-<tag>-ordmoe.patch), else examples/pretrain_gpt_ordmoe.py with the
 # checkout on PYTHONPATH; ORDMOE_ENTRY=patched|example picks one.
 # Layout (8 GPUs): TP 2 (sequence parallel) x PP 2 x DP 2; EP 4, expert TP 1.
 # PRECISION=bf16 (default) or PRECISION=fp8 (FP8-hybrid, Transformer Engine). --dry-run (or

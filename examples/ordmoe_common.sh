@@ -105,7 +105,7 @@ show_command() {
 # Megatron-LM entry point: the patched pretrain_gpt.py, or examples/pretrain_gpt_ordmoe.py.
 # ORDMOE_ENTRY=patched|example (default: patched when the checkout carries the patch).
 megatron_lm_entry() {
-    : "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a Megatron-LM checkout at tag core_v0.16.1}"
+    : "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a Megatron-LM checkout (tags core_v0.16.1 to core_v0.19.x)}"
     local entry=${ORDMOE_ENTRY:-}
     if [[ -z "$entry" ]]; then
         if grep -q "ordmoe_megatron" "$MEGATRON_LM_PATH/pretrain_gpt.py" 2>/dev/null; then
@@ -118,8 +118,8 @@ megatron_lm_entry() {
         patched)
             if ! grep -q "ordmoe_megatron" "$MEGATRON_LM_PATH/pretrain_gpt.py"; then
                 echo "ORDMOE_ENTRY=patched: $MEGATRON_LM_PATH/pretrain_gpt.py is not patched; run" \
-                     "'git -C $MEGATRON_LM_PATH apply $ORDMOE_HOME/patches/megatron-lm-core_v0.16.1-ordmoe.patch'" \
-                     "or use ORDMOE_ENTRY=example" >&2
+                     "'git -C $MEGATRON_LM_PATH apply $ORDMOE_HOME/patches/megatron-lm-<tag>-ordmoe.patch'" \
+                     "(the patch for your tag: core_v0.16.1 also serves core_v0.17.x) or use ORDMOE_ENTRY=example" >&2
                 exit 2
             fi
             ENTRY="$MEGATRON_LM_PATH/pretrain_gpt.py" ;;

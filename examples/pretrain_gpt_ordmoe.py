@@ -1,10 +1,10 @@
 """Megatron-LM's ``pretrain_gpt.py`` run with OrdMoE, without patching Megatron-LM.
 
-Needs a Megatron-LM checkout (tag ``core_v0.16.1``) on ``PYTHONPATH``: this script imports
-``pretrain_gpt``'s dataset provider, ``forward_step`` and ``get_embedding_ranks``, Megatron-LM's
-``model_provider`` and ``gpt_builder``, and calls ``pretrain(...)`` exactly as ``pretrain_gpt.py``
-does, with two differences: the model builder is ``ordmoe_builder(gpt_builder)`` and the extra
-arguments provider adds the OrdMoE flags (``ordmoe_megatron.megatron_lm``). Every
+Needs a Megatron-LM checkout (tags ``core_v0.16.1`` to ``core_v0.19.x``) on ``PYTHONPATH``: this
+script imports ``pretrain_gpt``'s dataset provider, ``forward_step`` and ``get_embedding_ranks``
+and calls ``pretrain(...)`` the way that tag's ``pretrain_gpt.py`` does, with the OrdMoE flags
+(``megatron_lm.extra_args_provider``) and the OrdMoE model (``ordmoe_builder`` around
+``gpt_builder``, or from core_v0.19 ``ordmoe_model_config`` around the ``GPTModelConfig``). Every
 ``pretrain_gpt.py`` flag works; add ``--ordmoe`` and the ``--ordmoe-*`` flags::
 
     PYTHONPATH=/path/to/Megatron-LM torchrun --nproc-per-node 8 examples/pretrain_gpt_ordmoe.py \\
@@ -14,6 +14,7 @@ arguments provider adds the OrdMoE flags (``ordmoe_megatron.megatron_lm``). Ever
 needed). Without ``--ordmoe`` this is plain ``pretrain_gpt.py``.
 """
 import sys
+import time
 from functools import partial
 
 try:
@@ -24,28 +25,43 @@ except ModuleNotFoundError as err:
     if err.name not in ("pretrain_gpt", "gpt_builders", "model_provider"):
         raise
     sys.exit(f"pretrain_gpt_ordmoe.py: cannot import Megatron-LM's pretrain_gpt ({err}); put your Megatron-LM "
-             "checkout (tag core_v0.16.1) on PYTHONPATH, e.g. PYTHONPATH=/path/to/Megatron-LM")
-
-import time
+             "checkout (core_v0.16.1 to core_v0.19.x) on PYTHONPATH, e.g. PYTHONPATH=/path/to/Megatron-LM")
 
 from megatron.core.enums import ModelType
 from megatron.training import inprocess_restart, pretrain, set_startup_timestamps
 
 from ordmoe_megatron import megatron_lm
+from ordmoe_megatron.runtime import compat
 
-if __name__ == "__main__":
+
+def main() -> None:
     set_startup_timestamps(program_start=pretrain_gpt._PROGRAM_START_TIME, main_entry=time.time())
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
+    style = compat.megatron_lm_pretrain_style()  # before the in-process-restart wrapper hides the signature
     run, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
-    run(
-        pretrain_gpt.train_valid_test_datasets_provider,
-        partial(model_provider, megatron_lm.ordmoe_builder(gpt_builder)),
-        ModelType.encoder_or_decoder,
-        pretrain_gpt.forward_step,
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-        extra_args_provider=megatron_lm.extra_args_provider(
-            pretrain_gpt.add_modelopt_args if pretrain_gpt.has_nvidia_modelopt else None
-        ),
-        store=store,
-        get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
-    )
+    extra_args = megatron_lm.extra_args_provider(pretrain_gpt.add_modelopt_args if pretrain_gpt.has_nvidia_modelopt else None)
+    defaults = {"tokenizer_type": "GPT2BPETokenizer"}
+    datasets, forward_step = pretrain_gpt.train_valid_test_datasets_provider, pretrain_gpt.forward_step
+    common = dict(store=store, get_embedding_ranks=pretrain_gpt.get_embedding_ranks)
+    provider = partial(model_provider, megatron_lm.ordmoe_builder(gpt_builder))
+    if style == "provider":  # core_v0.16, core_v0.17: pretrain parses the arguments itself
+        run(datasets, provider, ModelType.encoder_or_decoder, forward_step, args_defaults=defaults,
+            extra_args_provider=extra_args, **common)
+        return
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=extra_args, args_defaults=defaults)
+    if style == "container":  # core_v0.18
+        run(pretrain_cfg_container_from_args(args), datasets, provider, ModelType.encoder_or_decoder, forward_step,
+            **common)
+        return
+    from megatron.training.argument_utils import gpt_config_from_args  # core_v0.19: no model provider
+
+    model_config = megatron_lm.ordmoe_model_config(args, gpt_config_from_args(args))
+    run(pretrain_cfg_container_from_args(args, model_config), datasets, ModelType.encoder_or_decoder, forward_step,
+        **common)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
-"""``run_on_ranks``: a test body on 1, 2 or 4 gloo processes on the CPU (127.0.0.1 only).
+"""``run_on_ranks``: a test body on 1, 2 or 4 gloo processes on the CPU (127.0.0.1 only), on a
+GPU machine too (the processes see no CUDA device).
 
 For tests only: nothing in the package imports this module. Each process starts through the one
 bootstrap, ``runtime.distributed``.
@@ -103,8 +104,17 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
     procs = [ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, kwargs, results),
                          daemon=False, name=f"ordmoe-rank{rank}")
              for rank in range(world_size)]
-    for proc in procs:
-        proc.start()
+    # On the CPU by design, also on a GPU machine: the processes see no CUDA device.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
     values: dict[int, Any] = {}
     deadline = time.monotonic() + timeout

@@ -1,8 +1,8 @@
 """Shared fixtures: a single-process Megatron (gloo on CPU, or NCCL when a GPU is present)."""
 import pytest
 from megatron.core import parallel_state
-from megatron.core.transformer.moe import moe_utils
 
+from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.distributed import init_distributed
 
 
@@ -18,4 +18,4 @@ def fresh_aux_loss_tracker():
     """Megatron keeps a process-wide aux-loss tracker sized by the first model's layer count;
     tests build models of different depths, so each starts with an empty one."""
     yield
-    moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    compat.reset_moe_aux_losses()

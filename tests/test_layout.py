@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ordmoe_megatron"
+# Package imports inside functions, each for a reason the module says: entry points filter
+# Megatron's import warnings first; Megatron-LM core_v0.19's model configuration exists there only.
+INNER_IMPORTS_ALLOWED = {
+    ("ordmoe_megatron.megatron_lm", "ordmoe_megatron.megatron_lm.model_config"),
+}
 FLOORS = {
     "method": 0, "runtime": 1, "data": 1, "mcore": 2, "flags": 2,
     "train": 3, "megatron_lm": 3, "convert": 3, "report": 3, "entrypoints": 4,
@@ -83,7 +88,7 @@ def test_each_floor_imports_only_the_floors_below_it():
 
 def test_package_imports_sit_at_the_top_of_files():
     inner = [f"{m} -> {t}" for m, edges in _graph().items() for t, nested in edges
-             if nested and m != "ordmoe_megatron.entrypoints"]
+             if nested and m != "ordmoe_megatron.entrypoints" and (m, t) not in INNER_IMPORTS_ALLOWED]
     assert not inner, inner
 
 

@@ -41,7 +41,7 @@ def tier_load_max_over_mean(loads: dict[int, torch.Tensor]) -> Optional[list[flo
 def pop_moe_metrics(chunks: list, num_microbatches: int) -> dict:
     """The load-balancing loss (path 1, mean over MoE layers and micro-batches) and the per-tier
     expert load of the step; resets both trackers."""
-    metrics = compat.pop_moe_aux_losses(num_microbatches)
+    metrics = compat.pop_moe_aux_losses(chunks[0].config, num_microbatches)
     load = tier_load_max_over_mean(pop_tier_load_by_layer(chunks))
     if load is not None:
         metrics["tier_load_max_over_mean"] = load

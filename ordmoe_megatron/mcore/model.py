@@ -25,6 +25,7 @@ from ordmoe_megatron.mcore.dispatcher import use_ordmoe_dispatcher
 from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.mcore.specs import ordmoe_layer_spec
 from ordmoe_megatron.method import OrdMoEConfig
+from ordmoe_megatron.runtime import compat
 
 
 class OrdMoEGPTModel(GPTModel):
@@ -36,6 +37,7 @@ class OrdMoEGPTModel(GPTModel):
     """
 
     def __init__(self, config, transformer_layer_spec, *args, ordmoe: OrdMoEConfig, **kwargs):
+        compat.check_supported()
         ordmoe.validate_for_model(config)
         super().__init__(config, ordmoe_layer_spec(transformer_layer_spec, ordmoe), *args, **kwargs)
         self.ordmoe = ordmoe

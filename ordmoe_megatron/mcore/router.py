@@ -18,14 +18,16 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import apply_random_logits, topk_routing_with_score_function
 from megatron.core.transformer.moe.router import TopKRouter
 
-from ordmoe_megatron.method import OrdMoEConfig, rank_order, select_tier
+from ordmoe_megatron.method import OrdMoEConfig, rank_order, routing_scores, select_tier
+from ordmoe_megatron.runtime import compat
 
 
 class TierRouter(TopKRouter):
     """``TopKRouter`` that also routes the lower tiers of an OrdMoE model."""
 
-    def __init__(self, config, pg_collection=None, *, ordmoe: OrdMoEConfig):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, *, ordmoe: OrdMoEConfig, **router_kwargs):
+        # router_kwargs: what this megatron-core's MoELayer passes besides (is_mtp_layer from 0.17).
+        super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
         self.pg_collection = pg_collection  # the MoE layer's process groups, for its dispatcher
         self.ordmoe = ordmoe
         self.tiers = ordmoe.tiers(config.num_moe_experts, config.moe_router_topk)
@@ -90,6 +92,7 @@ class TierRouter(TopKRouter):
                     scaling_factor=self.config.moe_router_topk_scaling_factor,
                     expert_bias=self.expert_bias,
                     order=self._tier_order(tier_logits),
+                    fp32_scores=compat.ROUTER_SCORES_IN_FP32,
                 )
             probs.append(path_probs.view(seq, batch, n))
             maps.append(path_map.view(seq, batch, n))
@@ -135,7 +138,7 @@ class TierRouter(TopKRouter):
 
     @torch.no_grad()
     def _update_score_mean(self, logits: torch.Tensor) -> None:
-        scores = torch.sigmoid(logits.float()) if self.score_function == "sigmoid" else torch.softmax(logits.float(), -1)
+        scores = routing_scores(logits, self.score_function)
         stats = torch.cat([scores.sum(0).double(), torch.tensor([scores.shape[0]], dtype=torch.float64, device=scores.device)])
         if dist.is_initialized() and self.tp_dp_cp_group is not None and dist.get_world_size(self.tp_dp_cp_group) > 1:
             dist.all_reduce(stats, group=self.tp_dp_cp_group)

@@ -16,6 +16,7 @@ own function is returned: the user's loss function runs unchanged.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -24,9 +25,11 @@ from ordmoe_megatron.mcore.loss import ordmoe_loss
 from ordmoe_megatron.method import OrdMoEConfig
 
 
-def get_ordmoe_forward_backward_func(ordmoe: OrdMoEConfig, vocab_size: int, per_token_loss: bool = False):
-    """``get_forward_backward_func()`` for a model that runs all ``ordmoe.num_tiers`` paths."""
-    forward_backward = get_forward_backward_func()
+def get_ordmoe_forward_backward_func(ordmoe: OrdMoEConfig, vocab_size: int, per_token_loss: bool = False,
+                                     **schedule_kwargs):
+    """``get_forward_backward_func(**schedule_kwargs)`` for a model that runs all
+    ``ordmoe.num_tiers`` paths."""
+    forward_backward = get_forward_backward_func(**schedule_kwargs)
     if not ordmoe.enabled:
         return forward_backward
     num_paths = ordmoe.num_tiers
@@ -53,8 +56,11 @@ def get_ordmoe_forward_backward_func(ordmoe: OrdMoEConfig, vocab_size: int, per_
     return ordmoe_forward_backward
 
 
-def _loss_mask(loss_func) -> torch.Tensor:
-    if isinstance(loss_func, functools.partial) and loss_func.args and isinstance(loss_func.args[0], torch.Tensor):
+def _loss_mask(loss_func) -> Optional[torch.Tensor]:
+    # None: Megatron-LM core_v0.18 on gives pipeline stages before the last no loss mask; the
+    # schedules call the loss function on the last stage only.
+    if isinstance(loss_func, functools.partial) and loss_func.args and (
+            loss_func.args[0] is None or isinstance(loss_func.args[0], torch.Tensor)):
         return loss_func.args[0]
     raise TypeError(
         "OrdMoE: forward_step must return (output, functools.partial(loss_func, loss_mask, ...)) as "

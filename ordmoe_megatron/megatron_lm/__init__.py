@@ -14,8 +14,10 @@ called, so no name in Megatron-LM is replaced.
 
 - ``arguments``: the flags, their checks right after parsing, and ``--ordmoe-dry-run``;
 - ``dry_run``: what ``--ordmoe-dry-run`` prints;
-- ``hooks``: every name OrdMoE rebinds in Megatron-LM (the model builder, the schedules, FLOPs).
+- ``hooks``: every name OrdMoE rebinds in Megatron-LM (the model builder, the schedules, FLOPs);
+- ``model_config``: core_v0.19's model configuration and builder for OrdMoE.
 """
+from ordmoe_megatron.flags import ordmoe_config_from_args
 from ordmoe_megatron.megatron_lm.arguments import (
     OrdMoEArgumentError,
     add_ordmoe_megatron_args,
@@ -33,3 +35,16 @@ from ordmoe_megatron.megatron_lm.hooks import (
     shared_prefix_layers,
     uninstall,
 )
+
+
+def ordmoe_model_config(args, model_config):
+    """Megatron-LM core_v0.19: the model comes from a ``GPTModelConfig`` and its builder, not a
+    model provider. With ``--ordmoe`` this is the same configuration as an
+    ``OrdMoEGPTModelConfig``, whose builder builds ``OrdMoEGPTModel``; without it,
+    ``model_config`` itself."""
+    if not getattr(args, "ordmoe", False):
+        return model_config
+    # Imported here: model_config subclasses megatron.training.models, which core_v0.19 has first.
+    from ordmoe_megatron.megatron_lm.model_config import ordmoe_gpt_model_config
+
+    return ordmoe_gpt_model_config(model_config, ordmoe_config_from_args(args))

@@ -49,10 +49,12 @@ from ordmoe_megatron.mcore.flops import ordmoe_step_flops
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
 from ordmoe_megatron.method import OrdMoEConfig, moe_layer_pattern
+from ordmoe_megatron.runtime import bridges
 
 SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py's: a loss 10x the largest seen is "spiky"
 REBOUND = (
-    "<gpt_builder's module>.GPTModel (during the builder call)",
+    "<gpt_builder's module>.GPTModel (during the builder call; core_v0.16 to core_v0.18)",
+    "megatron.training.models.gpt.GPTModel (during GPTModelBuilder.build_model; core_v0.19)",
     "megatron.training.training.get_forward_backward_func",
     "megatron.training.training.num_floating_point_operations",
 )
@@ -74,8 +76,14 @@ def ordmoe_builder(builder: Callable) -> Callable:
     def build(args, *rest, **kwargs):
         if not getattr(args, "ordmoe", False):
             return builder(args, *rest, **kwargs)
-        ordmoe = ordmoe_config_from_args(args)
-        with _gpt_model_bound_to_ordmoe(builder, ordmoe):
+        module = sys.modules.get(getattr(builder, "__module__", None) or "")
+        if module is None or not hasattr(module, "GPTModel"):
+            raise TypeError(
+                f"--ordmoe: cannot find the name GPTModel in the module of {builder!r}; wrap a builder that "
+                "constructs GPTModel (such as Megatron-LM's gpt_builders.gpt_builder), or build "
+                "ordmoe_megatron.mcore.model.OrdMoEGPTModel(config, spec, ..., ordmoe=cfg) yourself"
+            )
+        with gpt_model_bound_to_ordmoe(module, ordmoe_config_from_args(args)):
             model = builder(args, *rest, **kwargs)
         if not isinstance(model, OrdMoEGPTModel):
             raise TypeError(
@@ -88,14 +96,8 @@ def ordmoe_builder(builder: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def _gpt_model_bound_to_ordmoe(builder: Callable, ordmoe: OrdMoEConfig):
-    module = sys.modules.get(getattr(builder, "__module__", None) or "")
-    if module is None or not hasattr(module, "GPTModel"):
-        raise TypeError(
-            f"--ordmoe: cannot find the name GPTModel in the module of {builder!r}; wrap a builder that "
-            "constructs GPTModel (such as Megatron-LM's gpt_builders.gpt_builder), or build "
-            "ordmoe_megatron.mcore.model.OrdMoEGPTModel(config, spec, ..., ordmoe=cfg) yourself"
-        )
+def gpt_model_bound_to_ordmoe(module, ordmoe: OrdMoEConfig):
+    """``module.GPTModel`` builds ``OrdMoEGPTModel(..., ordmoe=ordmoe)`` for the duration."""
     original = module.GPTModel
 
     def build_ordmoe_gpt_model(*args, **kwargs):
@@ -127,9 +129,11 @@ def install(args: argparse.Namespace) -> bool:
             if not hasattr(training, name):
                 raise RuntimeError(
                     f"ordmoe_megatron.megatron_lm.install: megatron.training.training.{name} not found; "
-                    "this Megatron-LM version is not supported (target: core_v0.16.1)"
+                    "this Megatron-LM is not one ordmoe-megatron supports (core_v0.16 to core_v0.19)"
                 )
             _ORIGINALS[name] = getattr(training, name)
+    # Megatron-LM trains on megatron-core, which lacks a name without Transformer Engine (0.16).
+    bridges.bridge_missing_transformer_engine()
     training.get_forward_backward_func = _get_forward_backward_func
     training.num_floating_point_operations = _num_floating_point_operations
     return True
@@ -156,14 +160,15 @@ def _current_args():
     return get_args()
 
 
-def _get_forward_backward_func(*unused_args, **unused_kwargs):
-    """``get_forward_backward_func`` as ``train()`` and ``evaluate()`` call it (no arguments)."""
+def _get_forward_backward_func(**schedule_kwargs):
+    """``get_forward_backward_func`` as ``train()`` and ``evaluate()`` call it (no arguments up
+    to core_v0.18; ``schedule_pg_collection=`` from core_v0.19)."""
     args = _current_args()
     ordmoe = ordmoe_config_from_args(args)
     if ordmoe is None or not ordmoe.enabled:
-        return _ORIGINALS["get_forward_backward_func"](*unused_args, **unused_kwargs)
+        return _ORIGINALS["get_forward_backward_func"](**schedule_kwargs)
     forward_backward = get_ordmoe_forward_backward_func(
-        ordmoe, args.padded_vocab_size, per_token_loss=args.calculate_per_token_loss
+        ordmoe, args.padded_vocab_size, per_token_loss=args.calculate_per_token_loss, **schedule_kwargs
     )
 
     @functools.wraps(forward_backward)
@@ -229,21 +234,23 @@ def shared_prefix_layers(args, ordmoe: Optional[OrdMoEConfig]) -> int:
                                        getattr(args, "recompute_granularity", None) == "full")
 
 
-def ordmoe_num_floating_point_operations(args, batch_size, base: Optional[Callable] = None) -> float:
+def ordmoe_num_floating_point_operations(args, batch_size, base: Optional[Callable] = None, **token_counts) -> float:
     """Megatron-LM's ``num_floating_point_operations`` for an OrdMoE run:
-    ``mcore.flops.ordmoe_step_flops`` of ``base(args, batch_size)`` and of the shared layers'
-    share of it. ``base`` defaults to Megatron-LM's function. With ``--no-ordmoe`` or one tier
-    this is ``base(args, batch_size)``."""
+    ``mcore.flops.ordmoe_step_flops`` of ``base(args, batch_size, **token_counts)`` and of the
+    shared layers' share of it. ``token_counts`` are core_v0.18's ``seqlen_squared_sum_in_batch``
+    and ``total_real_tokens_in_batch`` (Megatron's formula is linear in them as in the batch size,
+    so multiplying its result by the paths scales them by the paths too). ``base`` defaults to
+    Megatron-LM's function. With ``--no-ordmoe`` or one tier this is Megatron-LM's count."""
     if base is None:
         base = _ORIGINALS.get("num_floating_point_operations")
         if base is None:
             from megatron.training.training import num_floating_point_operations as base
     ordmoe = ordmoe_config_from_args(args) if getattr(args, "ordmoe", False) else None
     if ordmoe is None or not ordmoe.enabled:
-        return base(args, batch_size)
+        return base(args, batch_size, **token_counts)
     shared = shared_prefix_layers(args, ordmoe)
-    shared_flops = _layer_flops(base, args, batch_size, list(range(shared))) if shared else 0.0
-    return ordmoe_step_flops(base(copy.copy(args), batch_size), shared_flops, ordmoe.num_tiers)
+    shared_flops = _layer_flops(base, args, batch_size, list(range(shared)), **token_counts) if shared else 0.0
+    return ordmoe_step_flops(base(copy.copy(args), batch_size, **token_counts), shared_flops, ordmoe.num_tiers)
 
 
 def flops_factor(args, ordmoe: Optional[OrdMoEConfig], base: Optional[Callable] = None) -> float:
@@ -259,7 +266,7 @@ def flops_factor(args, ordmoe: Optional[OrdMoEConfig], base: Optional[Callable] 
     return ordmoe_num_floating_point_operations(args, 1, base) / base(copy.copy(args), 1)
 
 
-def _layer_flops(base: Callable, args, batch_size, layer_indices: list[int]) -> float:
+def _layer_flops(base: Callable, args, batch_size, layer_indices: list[int], **token_counts) -> float:
     """FLOPs of the given (0-based) layers alone, from Megatron's formula: the formula is a sum over
     layers plus the output layer, so one layer's share is ``f([l, l]) - f([l])`` and the layers'
     share is ``f(layers) - (2 f([l]) - f([l, l]))``."""
@@ -270,12 +277,13 @@ def _layer_flops(base: Callable, args, batch_size, layer_indices: list[int]) -> 
         sub.num_layers = len(indices)
         sub.moe_layer_freq = [pattern[i] for i in indices]
         sub.mtp_num_layers = None
-        return base(sub, batch_size)
+        return base(sub, batch_size, **token_counts)
 
     first = layer_indices[0]
     output_layer = 2 * f([first]) - f([first, first])
     return f(layer_indices) - output_layer
 
 
-def _num_floating_point_operations(args, batch_size):
-    return ordmoe_num_floating_point_operations(args, batch_size, _ORIGINALS["num_floating_point_operations"])
+def _num_floating_point_operations(args, batch_size, **token_counts):
+    return ordmoe_num_floating_point_operations(args, batch_size, _ORIGINALS["num_floating_point_operations"],
+                                                **token_counts)

@@ -12,10 +12,12 @@ from ordmoe_megatron.method.objective import (
 from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
 from ordmoe_megatron.method.tiers import (
     GROUPINGS,
+    SCORE_FUNCTIONS,
     format_tiers,
     parse_rank_spec,
     rank_order,
     ranking_scores,
+    routing_scores,
     select_tier,
     tier_gating,
     tier_ranks,

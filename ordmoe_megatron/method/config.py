@@ -163,15 +163,24 @@ class OrdMoEConfig:
                 )
         if not self.enabled:
             return  # one tier is plain top-K routing: every Megatron MoE option works unchanged
+        balancing = getattr(c, "moe_router_load_balancing_type", "aux_loss")
+        balancing = list(balancing) if isinstance(balancing, (list, tuple)) else [balancing]
         refusals = [
             (getattr(c, "moe_expert_capacity_factor", None) is not None,
              "--moe-expert-capacity-factor (token dropping) would drop tokens by the load of all paths; "
              "OrdMoE needs dropless routing: remove the flag"),
             (bool(getattr(c, "moe_router_num_groups", None)) or bool(getattr(c, "moe_router_group_topk", None)),
              "--moe-router-num-groups/--moe-router-group-topk (group-limited routing) has no tier analogue: remove them"),
-            (getattr(c, "moe_router_load_balancing_type", "aux_loss") == "sinkhorn",
-             "--moe-router-load-balancing-type=sinkhorn is not supported with OrdMoE: use aux_loss, seq_aux_loss, "
+            (bool({"sinkhorn", "quantile_balancing"} & set(balancing)),
+             f"--moe-router-load-balancing-type={'/'.join(balancing)} is not supported with OrdMoE (it picks "
+             "experts by its own rule, which lower tiers cannot follow): use aux_loss, seq_aux_loss, "
              "global_aux_loss or none"),
+            (getattr(c, "moe_router_force_biased", None) is not None,
+             "--moe-router-force-biased (biased random routing for benchmarks) is not supported with OrdMoE: "
+             "remove it"),
+            (getattr(c, "transformer_impl", None) == "inference_optimized",
+             "--transformer-impl inference_optimized swaps the MoE dispatcher at every forward; OrdMoE trains "
+             "with the local or transformer_engine implementation"),
             (bool(getattr(c, "moe_enable_routing_replay", False)),
              "--moe-enable-routing-replay replays recorded top-K choices and cannot replay tiers: remove it"),
             (bool(getattr(c, "mtp_num_layers", None)),

@@ -13,7 +13,7 @@ import torch
 from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
 
 GROUPINGS = ("uniform", "high-only", "random", "explicit")
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 
 
 def parse_rank_spec(spec: str) -> list[list[int]]:
@@ -101,25 +101,48 @@ def rank_order(ranking_scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(ranking_scores, dim=-1, descending=True, stable=True).indices
 
 
+def _scores(logits: torch.Tensor, score_function: str, fp32_scores: bool) -> torch.Tensor:
+    """sigmoid or sqrtsoftplus scores, computed in fp32 (and kept there with ``fp32_scores``)."""
+    if score_function == "sigmoid":
+        scores = torch.sigmoid(logits.float())
+    elif score_function == "sqrtsoftplus":
+        scores = torch.nn.functional.softplus(logits.float()).sqrt()
+    else:
+        raise ValueError(f"--moe-router-score-function='{score_function}' is not one of {SCORE_FUNCTIONS}")
+    return scores if fp32_scores else scores.type_as(logits)
+
+
+def routing_scores(logits: torch.Tensor, score_function: str = "softmax") -> torch.Tensor:
+    """The routing scores ``s_t = score_fn(rho_t)`` over all experts, in fp32 (method page §1):
+    softmax over the experts, or the sigmoid / sqrtsoftplus scores."""
+    if score_function == "softmax":
+        return torch.softmax(logits.float(), dim=-1)
+    return _scores(logits, score_function, fp32_scores=True)
+
+
 def ranking_scores(
     logits: torch.Tensor,
     score_function: str = "softmax",
     use_pre_softmax: bool = False,
     expert_bias: Optional[torch.Tensor] = None,
+    fp32_scores: bool = False,
 ) -> torch.Tensor:
     """The quantity the model's own top-K selection ranks experts by.
 
     softmax: the logits (softmax is monotone), or the softmax scores with pre-softmax routing;
-    sigmoid: the sigmoid scores, plus the expert bias when the model balances load with one.
+    sigmoid and sqrtsoftplus: the scores, plus the expert bias when the model balances load with
+    one. ``fp32_scores``: the scores stay in fp32, as Megatron's top-K keeps them from
+    megatron-core 0.18 on; before, they were cast to the logits' dtype first.
     """
     if score_function == "softmax":
         if use_pre_softmax:
-            return torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            return scores if fp32_scores else scores.type_as(logits)
         return logits
-    if score_function == "sigmoid":
-        scores = torch.sigmoid(logits.float()).type_as(logits)
-        return scores + expert_bias if expert_bias is not None else scores
-    raise ValueError(f"--moe-router-score-function='{score_function}' is not one of {SCORE_FUNCTIONS}")
+    scores = _scores(logits, score_function, fp32_scores)
+    if expert_bias is None:
+        return scores
+    return scores + (expert_bias.float() if fp32_scores else expert_bias)
 
 
 def tier_gating(
@@ -129,28 +152,30 @@ def tier_gating(
     score_function: str = "softmax",
     use_pre_softmax: bool = False,
     scaling_factor: Optional[float] = None,
+    fp32_scores: bool = False,
 ) -> torch.Tensor:
     """Gating weights of the selected ``experts`` ([tokens, k]) under the model's own rule.
 
     softmax (Eq. 3 restricted to the tier): softmax of the tier's logits; pre-softmax: the
-    softmax over all experts, gathered; sigmoid: the tier's sigmoid scores, normalised over the
-    tier when the model routes to more than one expert. The top-K scaling factor multiplies.
+    softmax over all experts, gathered; sigmoid and sqrtsoftplus: the tier's scores, normalised
+    over the tier when the model routes to more than one expert. The top-K scaling factor
+    multiplies. ``fp32_scores``: every step in fp32 and one cast at the end (megatron-core 0.18
+    on); otherwise each score is cast to the logits' dtype as it is made.
     """
     if score_function == "softmax":
         if use_pre_softmax:
-            scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
-            probs = scores.gather(1, experts)
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            probs = (scores if fp32_scores else scores.type_as(logits)).gather(1, experts)
         else:
-            probs = torch.softmax(logits.gather(1, experts), dim=-1, dtype=torch.float32).type_as(logits)
-    elif score_function == "sigmoid":
-        probs = torch.sigmoid(logits.float()).type_as(logits).gather(1, experts)
+            probs = torch.softmax(logits.gather(1, experts), dim=-1, dtype=torch.float32)
+            probs = probs if fp32_scores else probs.type_as(logits)
+    else:
+        probs = _scores(logits, score_function, fp32_scores).gather(1, experts)
         if topk > 1:
             probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
-    else:
-        raise ValueError(f"--moe-router-score-function='{score_function}' is not one of {SCORE_FUNCTIONS}")
     if scaling_factor:
         probs = probs * scaling_factor
-    return probs
+    return probs.type_as(logits)
 
 
 def select_tier(
@@ -162,6 +187,7 @@ def select_tier(
     scaling_factor: Optional[float] = None,
     expert_bias: Optional[torch.Tensor] = None,
     order: Optional[torch.Tensor] = None,
+    fp32_scores: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route every token to the experts at ``ranks`` of its own ranking.
 
@@ -171,13 +197,13 @@ def select_tier(
     routers do.
     """
     if order is None:
-        order = rank_order(ranking_scores(logits, score_function, use_pre_softmax, expert_bias))
+        order = rank_order(ranking_scores(logits, score_function, use_pre_softmax, expert_bias, fp32_scores))
     positions = torch.as_tensor([r - 1 for r in ranks], device=logits.device)
     if order.dim() == 1:
         experts = order[positions].unsqueeze(0).expand(logits.shape[0], -1)
     else:
         experts = order[:, positions]
-    probs = tier_gating(logits, experts, topk, score_function, use_pre_softmax, scaling_factor)
+    probs = tier_gating(logits, experts, topk, score_function, use_pre_softmax, scaling_factor, fp32_scores)
     dense_probs = torch.zeros_like(logits).scatter(1, experts, probs)
     routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, experts, True)
     return dense_probs, routing_map

@@ -1,17 +1,21 @@
 """The one place that patches Megatron or torch: bridges for what a machine lacks.
 
-Megatron-Core assumes a CUDA device in a handful of places. On a machine without a GPU
-``enable()`` bridges each of them (the CPU emulation) so that unit tests and small benchmarks can
-run the real Megatron code paths (tensor/sequence/pipeline/expert parallelism, MoE token
-dispatch, 1F1B schedules) with ``torch.distributed`` on gloo. Two more bridges live here:
-``megatron_lm_on_cpu()`` for Megatron-LM's training loop (its tests' launcher) and
-``assumed_gpu_capability()`` for checking launch arguments on a machine without a GPU.
+``enable()`` installs what this machine needs, and nothing more:
 
-``enable()`` is idempotent, and does nothing at all when ``torch.cuda.is_available()`` is True.
-Every patch first checks
-that the thing it replaces still exists (and, where it matters, looks like what we expect), and
-raises :class:`CPUEmulationError` otherwise, so that a megatron-core upgrade fails loudly instead
-of silently running unpatched code.
+- without Transformer Engine (GPU or not): the names megatron-core uses without defining them
+  when TE is absent (item 3 below);
+- without CUDA: the CPU emulation (items 0-2 and 4-7), so that unit tests and small benchmarks
+  run the real Megatron code paths (tensor/sequence/pipeline/expert parallelism, MoE token
+  dispatch, 1F1B schedules) with ``torch.distributed`` on gloo.
+
+Two more bridges live here: ``megatron_lm_on_cpu()`` for Megatron-LM's training loop (its tests'
+launcher) and ``assumed_gpu_capability()`` for checking launch arguments on a machine without a
+GPU. With CUDA and Transformer Engine present, ``enable()`` changes nothing.
+
+``enable()`` is idempotent. Every patch first checks that the thing it replaces still exists
+(and, where it matters, looks like what we expect), and raises :class:`CPUEmulationError`
+otherwise, so that a megatron-core upgrade fails loudly instead of silently running unpatched
+code.
 
 Bridged spots (and why):
 
@@ -40,9 +44,10 @@ Bridged spots (and why):
    message, only on Megatron's random-module logger). CUDA-graph-safe RNG (``graph_safe=True``)
    is not supported and raises.
 
-3. ``moe_utils.te_general_gemm`` -- referenced unconditionally by the router gating GEMM but only
-   defined when Transformer Engine imports; without TE it is a NameError. Defined as ``None`` so
-   the plain ``torch.mm`` fallback runs.
+3. ``moe_utils.te_general_gemm`` -- megatron-core 0.16 references it unconditionally in the
+   router gating GEMM but defines it only when Transformer Engine imports; without TE (on a GPU
+   too) the first router call raises a NameError. Defined as ``None`` so the plain ``torch.mm``
+   fallback runs (0.17 on define it as ``None`` themselves).
 
 4. ``maybe_move_tensor_to_cpu`` (moe_utils, imported by name into token_dispatcher) -- the
    all-to-all dispatcher relies on it to turn split sizes into host values, but it only converts
@@ -101,6 +106,7 @@ import logging
 import threading
 import time
 import types
+import typing
 from typing import Any
 
 import megatron.core.tensor_parallel.mappings as mappings
@@ -110,6 +116,7 @@ import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
 import megatron.core.transformer.transformer_block as transformer_block
 import torch
 import torch.nn.functional as F
+import typing_extensions
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from torch.overrides import TorchFunctionMode
@@ -128,7 +135,7 @@ __all__ = [
 
 
 class CPUEmulationError(RuntimeError):
-    """A spot this module bridges no longer looks like megatron-core 0.16.1."""
+    """A spot this module bridges no longer looks like the megatron-core versions it knows."""
 
 
 _lock = threading.Lock()
@@ -536,13 +543,6 @@ def _apply_patches() -> None:
              "megatron.core.tensor_parallel.random")
         logging.getLogger(mrandom.__name__).addFilter(_DropCpuRngChangedWarning())
 
-        # 3. te_general_gemm: only defined when TE imported; the router tests `is not None`.
-        if not hasattr(moe_utils, "te_general_gemm"):
-            if getattr(moe_utils, "HAVE_TE", None) is not False:
-                raise CPUEmulationError("cpu_emulation: moe_utils.te_general_gemm missing but "
-                                        "HAVE_TE is not False; unexpected megatron-core")
-            moe_utils.te_general_gemm = None
-
         # 4. split sizes
         _check_params(moe_utils.maybe_move_tensor_to_cpu, ("tensor", "as_numpy", "record_stream"),
                       "moe_utils.maybe_move_tensor_to_cpu")
@@ -592,10 +592,21 @@ def config_overrides() -> dict:
     return {} if torch.cuda.is_available() else {"batch_p2p_comm": False}
 
 
+def bridge_missing_transformer_engine() -> None:
+    """Item 3: whenever Transformer Engine is absent, on a GPU too."""
+    if hasattr(moe_utils, "te_general_gemm"):
+        return
+    if getattr(moe_utils, "HAVE_TE", None) is not False:
+        raise CPUEmulationError("bridges: moe_utils.te_general_gemm missing but HAVE_TE is not False; "
+                                "unexpected megatron-core")
+    moe_utils.te_general_gemm = None
+
+
 def enable() -> None:
-    """Install the CPU emulation (see module docstring). Idempotent; a no-op when CUDA is
-    available. Process-wide patches are applied once; the CUDA->CPU device mode is pushed
-    onto the calling thread's torch-function-mode stack once and stays there."""
+    """Install the bridges this machine needs (see module docstring). Idempotent. Without CUDA,
+    process-wide patches are applied once and the CUDA->CPU device mode is pushed onto the
+    calling thread's torch-function-mode stack once and stays there."""
+    bridge_missing_transformer_engine()
     if torch.cuda.is_available():
         return
     _apply_patches()
@@ -609,28 +620,42 @@ def enable() -> None:
 # Megatron-LM's training loop on CPU, and launch checks without a GPU
 # --------------------------------------------------------------------------------------------
 def megatron_lm_on_cpu() -> None:
-    """Run Megatron-LM's ``pretrain()`` on a machine without CUDA (after ``enable()``):
+    """Run Megatron-LM's ``pretrain()`` here (a machine without CUDA, Python 3.11), after
+    ``enable()``:
 
+    0. Megatron-LM core_v0.18 on imports ``typing.override`` (Python 3.12): on 3.11 it is
+       ``typing_extensions.override``.
     1. ``pretrain()`` calls ``initialize_megatron()`` without ``allow_no_cuda``, which asserts
        ``torch.cuda.is_available()``: ``megatron.training.training.initialize_megatron`` gets
        ``allow_no_cuda=True``.
     2. ``_initialize_distributed`` creates Megatron's model-parallel groups, and
        ``_set_random_seed`` the CUDA RNG tracker, only when ``torch.cuda.device_count() > 0``:
        ``device_count`` returns 1 (the device mode maps ``cuda:0`` to the CPU).
-    3. ``_compile_dependencies`` calls ``megatron.legacy.fused_kernels.load``, which runs ``nvcc``:
-       a no-op.
+    3. core_v0.16's ``_compile_dependencies`` calls ``megatron.legacy.fused_kernels.load``, which
+       runs ``nvcc``: a no-op (core_v0.17 on have no fused kernels to build).
     """
+    typing_override_for_python_311()
     enable()
     if torch.cuda.is_available():
         return
     # Megatron-LM's modules (not megatron-core's): only there when a Megatron-LM checkout is.
-    import megatron.legacy.fused_kernels as fused_kernels
     import megatron.training.training as training
 
     _set(training, "initialize_megatron", functools.partial(training.initialize_megatron, allow_no_cuda=True),
          "megatron.training.training")
     torch.cuda.device_count = lambda: 1
+    try:
+        import megatron.legacy.fused_kernels as fused_kernels
+    except ModuleNotFoundError:
+        return
     _set(fused_kernels, "load", lambda args: None, "megatron.legacy.fused_kernels")
+
+
+def typing_override_for_python_311() -> None:
+    """Megatron-LM core_v0.18 on imports ``typing.override``, new in Python 3.12 (Megatron-LM
+    declares 3.12): on 3.11 it is ``typing_extensions.override``."""
+    if not hasattr(typing, "override"):
+        typing.override = typing_extensions.override
 
 
 @contextlib.contextmanager

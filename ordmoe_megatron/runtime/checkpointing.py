@@ -25,6 +25,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.model_flags import normalize_flags
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -174,9 +175,7 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = Tr
     returns its ``run.json`` contents."""
     iteration = latest_iteration(root)
     path = checkpoint_dir(root, iteration)
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise CheckpointError(f"{path} is missing or incomplete (no metadata.json); the save may have been "
-                              "interrupted: load an earlier checkpoint")
+    check_layout(path)
     state = sharded_model_state(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True)
@@ -192,6 +191,29 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = Tr
     if load_rng and os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return read_run(root)
+
+
+def check_layout(path: str) -> None:
+    """The iteration directory is a whole checkpoint this megatron-core can read:
+    ``metadata.json`` readable, and ``common.pt`` there when the layout has one."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is missing: the tracker names a checkpoint that is not there; point the "
+                              "tracker at an iteration that exists, or load an earlier checkpoint")
+    meta_file = os.path.join(path, "metadata.json")
+    if not os.path.isfile(meta_file):
+        raise CheckpointError(f"{path} is missing or incomplete (no metadata.json); the save may have been "
+                              "interrupted: load an earlier checkpoint")
+    try:
+        with open(meta_file) as f:
+            metadata = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{meta_file} is corrupt ({err}); restore it or load an earlier checkpoint") from None
+    problem = compat.checkpoint_layout_problem(metadata)
+    if problem:
+        raise CheckpointError(f"{path} {problem}")
+    if "common_backend" in metadata and not os.path.isfile(os.path.join(path, "common.pt")):
+        raise CheckpointError(f"{os.path.join(path, 'common.pt')} is missing (the checkpoint's common state); "
+                              "restore it or load an earlier checkpoint")
 
 
 def read_tensor_metadata(path: str) -> dict:
@@ -246,9 +268,7 @@ def inspect_checkpoint(root: str) -> CheckpointInfo:
         raise CheckpointError(f"{root}: no such checkpoint directory")
     iteration = latest_iteration(root)
     path = checkpoint_dir(root, iteration)
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise CheckpointError(f"{path} is missing or incomplete (no metadata.json); the save may have been "
-                              "interrupted: load an earlier checkpoint")
+    check_layout(path)
     tensors = read_tensor_metadata(path)
     run = read_run(root)
     flags = checkpoint_model_flags(root)

@@ -1,20 +1,175 @@
-"""Everything that differs between the megatron-core versions this package supports.
+"""Everything that differs between the Megatron versions this package supports.
 
-One function per difference; nothing else in the package asks which version is installed.
+megatron-core 0.16.1 up to the newest 0.19.x, and Megatron-LM at the matching ``core_v*`` tags.
+Each difference is one name below, with the version that introduced it; nothing else in the
+package asks which version is installed. Where a feature can be detected it is, so a backport
+is handled too; the version says when to expect it.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+from typing import Any, Optional
+
+import megatron.core
 from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 
-def pop_moe_aux_losses(num_microbatches: int) -> dict:
-    """Megatron's per-layer MoE auxiliary losses of the step (``load_balancing_loss``,
-    ``z_loss``, ...), each the mean over the layers that logged it and over micro-batches,
-    reduced across ranks; the tracker is cleared."""
-    moe_utils.reduce_aux_losses_tracker_across_ranks()
-    metrics = {}
-    for name, entry in moe_utils.get_moe_layer_wise_logging_tracker().items():
-        values = entry["values"].float()
-        metrics[name] = (values[values != 0].mean() / num_microbatches).item() if (values != 0).any() else 0.0
-    moe_utils.clear_aux_losses_tracker()
-    return metrics
+def _parse(version: str) -> tuple[int, int, int]:
+    numbers = []
+    for part in version.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits or 0))
+    return tuple(numbers + [0] * (3 - len(numbers)))
+
+
+VERSION: tuple[int, int, int] = _parse(megatron.core.__version__)
+SUPPORTED = ((0, 16, 1), (0, 20, 0))  # from the first, up to (not including) the second
+
+
+def check_supported() -> None:
+    """Refuse a megatron-core outside the tested range, with the fix."""
+    low, high = SUPPORTED
+    if not low <= VERSION < high:
+        raise RuntimeError(
+            f"megatron-core {megatron.core.__version__} is outside the range ordmoe-megatron supports "
+            f"({'.'.join(map(str, low))} up to {high[0]}.{high[1] - 1}.x); install one in that range"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# layer specs (0.18: MoE and dense MLP specs are functools.partial(cls, submodules=...))
+# --------------------------------------------------------------------------------------------
+def spec_submodules(node: Any) -> Optional[Any]:
+    """The ``submodules`` a spec node carries: a ``ModuleSpec``'s (0.16, 0.17) or the keyword of a
+    ``functools.partial(cls, submodules=...)`` (0.18 on); None for anything else."""
+    if isinstance(node, ModuleSpec):
+        return node.submodules
+    if isinstance(node, functools.partial):
+        return node.keywords.get("submodules")
+    return None
+
+
+def spec_children(node: Any) -> list:
+    """The nodes below a spec node, for walking a whole layer or block spec."""
+    if isinstance(node, (list, tuple)):
+        return list(node)
+    sub = spec_submodules(node)
+    if sub is not None:
+        return [sub]
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return [getattr(node, f.name) for f in dataclasses.fields(node)]
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# routing (0.18: scores in fp32 until the final probabilities; sqrtsoftplus)
+# --------------------------------------------------------------------------------------------
+# 0.18: topk_routing_with_score_function computes scores (softmax, sigmoid, sqrtsoftplus) in
+# fp32, ranks and gathers in fp32, and casts only the final probabilities to the logits' dtype.
+# Before, scores were cast to the logits' dtype first. The tier router ranks and gates the way
+# the installed Megatron's top-K does, so path 1 and the lower tiers see the same numbers.
+ROUTER_SCORES_IN_FP32: bool = VERSION >= (0, 18, 0)
+
+# 0.18: the sqrtsoftplus score function (softplus, then square root; normalised like sigmoid).
+SCORE_FUNCTIONS: tuple[str, ...] = ("softmax", "sigmoid") + (("sqrtsoftplus",) if VERSION >= (0, 18, 0) else ())
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints (0.19: the common state lives in the torch_dist shards, no common.pt)
+# --------------------------------------------------------------------------------------------
+# 0.19: dist_checkpointing saves the common (non-sharded) state inside the torch_dist files; its
+# metadata.json has no "common_backend". Earlier versions write common.pt and cannot load the new
+# layout; 0.19 loads both.
+COMMON_STATE_IN_SHARDS: bool = VERSION >= (0, 19, 0)
+
+
+def checkpoint_layout_problem(metadata: dict) -> Optional[str]:
+    """Why this megatron-core cannot load a checkpoint with this ``metadata.json`` (None if it can)."""
+    if "common_backend" not in metadata and not COMMON_STATE_IN_SHARDS:
+        return (f"was saved by megatron-core 0.19 or later (its common state is inside the shards), which "
+                f"megatron-core {megatron.core.__version__} cannot read: load it with megatron-core 0.19 or later")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# MoE auxiliary-loss logging (0.18: megatron.core.transformer.moe.moe_logging)
+# --------------------------------------------------------------------------------------------
+def _metrics_tracker():
+    """0.18 on: the MoE metrics tracker; None before (the moe_utils functions)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        return None
+    return get_moe_metrics_tracker()
+
+
+def moe_aux_loss_names(config) -> list[str]:
+    """The auxiliary losses a model logs, named as Megatron's router records them."""
+    balancing = config.moe_router_load_balancing_type
+    balancing = balancing if isinstance(balancing, (list, tuple)) else [balancing]
+    names = [name for kind, name in (("aux_loss", "load_balancing_loss"), ("seq_aux_loss", "seq_load_balancing_loss"),
+                                      ("global_aux_loss", "global_load_balancing_loss")) if kind in balancing]
+    return names + (["z_loss"] if config.moe_z_loss_coeff is not None else [])
+
+
+def pop_moe_aux_losses(config, num_microbatches: int) -> dict:
+    """Megatron's MoE auxiliary losses of the step (``load_balancing_loss``, ``z_loss``, ...) as
+    Megatron-LM logs them: summed over the MoE layers of every pipeline stage, reduced across
+    ranks, divided by the number of MoE layers and of micro-batches. The tracker is cleared.
+
+    0.16, 0.17: ``moe_utils.track_moe_metrics``; 0.18 on: ``get_moe_metrics_tracker().report``.
+    """
+    names = moe_aux_loss_names(config)
+    totals: dict = {}
+    common = dict(loss_scale=1.0 / num_microbatches, iteration=0, total_loss_dict=totals, force_initialize=True,
+                  track_names=names, num_layers=config.num_layers, moe_layer_freq=config.moe_layer_freq)
+    tracker = _metrics_tracker()
+    if tracker is None:
+        moe_utils.track_moe_metrics(**common)
+    else:
+        tracker.report(**common)
+    return {name: float(value) for name, value in totals.items()}
+
+
+def moe_aux_loss_values() -> dict:
+    """``{name: per-layer values}`` recorded since the last reset, as they are (not reduced)."""
+    tracker = _metrics_tracker()
+    if tracker is None:
+        return {name: entry["values"] for name, entry in moe_utils.get_moe_layer_wise_logging_tracker().items()}
+    return {name: entry.values for name, entry in tracker.metrics.items()}
+
+
+def reset_moe_aux_losses() -> None:
+    """Forget every tracked auxiliary loss (the trackers size themselves by the first model's
+    layer count, so a process that builds models of other depths starts afresh)."""
+    tracker = _metrics_tracker()
+    if tracker is None:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    else:
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+        destroy_moe_metrics_tracker()
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron-LM (the training loop; imported where used: it is not part of megatron-core)
+# --------------------------------------------------------------------------------------------
+def megatron_lm_pretrain_style() -> str:
+    """How this Megatron-LM's ``pretrain_gpt.py`` calls ``pretrain``:
+
+    - ``"provider"`` (core_v0.16, core_v0.17): ``pretrain(datasets, model_provider, ...,
+      extra_args_provider=...)``; the arguments are parsed inside ``pretrain``;
+    - ``"container"`` (core_v0.18): the script parses with ``parse_and_validate_args(
+      extra_args_provider=...)`` and passes a config container and the model provider;
+    - ``"model_config"`` (core_v0.19): as ``"container"``, and the model comes from a
+      ``GPTModelConfig`` and its builder, with no model provider.
+    """
+    from megatron.training import training
+
+    params = inspect.signature(training.pretrain).parameters
+    if "cfg_container" not in params:
+        return "provider"
+    return "model_config" if "model_provider" in params and params["model_provider"].default is None else "container"

@@ -19,7 +19,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from ordmoe_megatron.runtime import bridges
+from ordmoe_megatron.runtime import bridges, compat
 
 LOOPBACK = "127.0.0.1"
 
@@ -63,6 +63,7 @@ def init_process_group(backend: Optional[str] = None, timeout_s: float = 1800.0)
     """``torch.distributed`` from the launcher's environment (one process on a free loopback port
     when nothing is set). ``backend``: NCCL with CUDA, gloo otherwise, unless given (conversion
     moves CPU tensors only and asks for gloo). Does nothing when a group exists."""
+    compat.check_supported()
     bridges.enable()
     if torch.distributed.is_initialized():
         return

@@ -21,6 +21,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from ordmoe_megatron.convert import ConversionError, hf_to_mcore, mcore_to_hf  # noqa: E402
 from ordmoe_megatron.convert import mcore_io  # noqa: E402
 from ordmoe_megatron.runtime import checkpointing  # noqa: E402
+from ordmoe_megatron.runtime.distributed import device  # noqa: E402
+from tests.helpers import on_device  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB, SEQ, BATCH = 96, 12, 2
@@ -76,10 +78,10 @@ def _mcore_logits(mcore_dir, tokens):
     flags = mcore_io.read_model_args(mcore_dir)
     model = mcore_io.build_model(flags, device="cpu")
     mcore_io.load_model_weights(model, mcore_dir)
-    model.eval()
+    model = model.to(device()).eval()
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
-        return model(tokens, pos, None)
+        return model(on_device(tokens), on_device(pos), None).cpu()
 
 
 def _tensors(path):

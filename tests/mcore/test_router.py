@@ -3,6 +3,9 @@ import pytest
 import torch
 
 from ordmoe_megatron import OrdMoEConfig
+from ordmoe_megatron.runtime import compat
+from ordmoe_megatron.runtime.distributed import device
+from tests.helpers import on_device
 
 SEQ, BATCH, HIDDEN, EXPERTS, TOPK = 5, 3, 16, 12, 2
 
@@ -37,31 +40,28 @@ def _routers(extra, ordmoe=None, topk=TOPK):
     reference = TopKRouter(config=config, pg_collection=pgs)
     tier = TierRouter(config=config, pg_collection=pgs, ordmoe=ordmoe or OrdMoEConfig(num_tiers=3))
     tier.load_state_dict(reference.state_dict(), strict=False)  # average ranking adds buffers
+    reference, tier = reference.to(device()), tier.to(device())
     for router in (reference, tier):
         router.set_layer_number(1)
         if router.expert_bias is not None:
-            router.expert_bias.copy_(torch.linspace(-0.05, 0.05, EXPERTS))
+            router.expert_bias.copy_(on_device(torch.linspace(-0.05, 0.05, EXPERTS)))
     tier.path_tiers = list(range(tier.ordmoe.num_tiers))
     return reference, tier
 
 
 def _aux_values():
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-    return {k: v["values"].clone() for k, v in get_moe_layer_wise_logging_tracker().items()}
+    return {k: v.clone() for k, v in compat.moe_aux_loss_values().items()}
 
 
 def _clear_tracker():
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-
-    clear_aux_losses_tracker()
+    compat.reset_moe_aux_losses()
 
 
 @pytest.mark.parametrize("name", sorted(SCORE_CONFIGS))
 def test_path_one_is_bit_identical_to_topk_router(megatron_single_process, name):
     torch.manual_seed(0)
     reference, tier = _routers(SCORE_CONFIGS[name])
-    x = torch.randn(SEQ, 3 * BATCH, HIDDEN)
+    x = on_device(torch.randn(SEQ, 3 * BATCH, HIDDEN))
     path_one = lambda t: t.view(SEQ, 3, BATCH, EXPERTS)[:, 0].reshape(-1, EXPERTS)  # noqa: E731
     # Bit for bit where the gating GEMM sees the same shape (CPU kernels may round a row by its
     # position in the batch): TopKRouter on the same stacked input, path 1's rows.
@@ -89,7 +89,7 @@ def _expected_tier(scores_row, ranks):
 def test_lower_paths_take_their_tier_from_their_own_scores(megatron_single_process, name):
     torch.manual_seed(1)
     _, tier = _routers(SCORE_CONFIGS[name])
-    x = torch.randn(SEQ, 3 * BATCH, HIDDEN)
+    x = on_device(torch.randn(SEQ, 3 * BATCH, HIDDEN))
     probs, routing_map = tier(x)
     logits = (x @ tier.weight.t()).view(SEQ, 3, BATCH, EXPERTS)
     probs = probs.view(SEQ, 3, BATCH, EXPERTS)
@@ -120,12 +120,12 @@ def test_lower_paths_take_their_tier_from_their_own_scores(megatron_single_proce
 def test_aux_loss_ignores_the_lower_paths(megatron_single_process):
     torch.manual_seed(2)
     _, tier = _routers(SCORE_CONFIGS["softmax"])
-    x = torch.randn(SEQ, 3 * BATCH, HIDDEN, requires_grad=True)
+    x = on_device(torch.randn(SEQ, 3 * BATCH, HIDDEN)).requires_grad_()
     _clear_tracker()
     probs_a, _ = tier(x)
     aux_a = _aux_values()
     y = x.detach().clone()
-    y[:, BATCH:] = torch.randn(SEQ, 2 * BATCH, HIDDEN) * 3
+    y[:, BATCH:] = on_device(torch.randn(SEQ, 2 * BATCH, HIDDEN)) * 3
     _clear_tracker()
     probs_b, _ = tier(y)
     aux_b = _aux_values()
@@ -134,7 +134,7 @@ def test_aux_loss_ignores_the_lower_paths(megatron_single_process):
     # The aux-loss gradient reaches only path 1's inputs.
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    MoEAuxLossAutoScaler.set_loss_scale(on_device(torch.tensor(1.0)))
     (probs_a * 0).sum().backward()
     grad = x.grad.view(SEQ, 3, BATCH, HIDDEN)
     assert grad[:, 0].abs().sum() > 0 and grad[:, 1:].abs().sum() == 0
@@ -143,7 +143,7 @@ def test_aux_loss_ignores_the_lower_paths(megatron_single_process):
 def test_out_of_scope_layer_uses_top_k_on_every_path(megatron_single_process):
     torch.manual_seed(3)
     _, tier = _routers(SCORE_CONFIGS["softmax"], OrdMoEConfig(num_tiers=3, layer_scope="2"))
-    x = torch.randn(SEQ, BATCH, HIDDEN).repeat(1, 3, 1)
+    x = on_device(torch.randn(SEQ, BATCH, HIDDEN).repeat(1, 3, 1))
     _, routing_map = tier(x)
     per_path = routing_map.view(SEQ, 3, BATCH, EXPERTS)
     assert torch.equal(per_path[:, 0], per_path[:, 1]) and torch.equal(per_path[:, 0], per_path[:, 2])
@@ -152,7 +152,7 @@ def test_out_of_scope_layer_uses_top_k_on_every_path(megatron_single_process):
 def test_average_ranking_uses_running_means_and_is_state(megatron_single_process):
     torch.manual_seed(4)
     _, tier = _routers(SCORE_CONFIGS["softmax"], OrdMoEConfig(num_tiers=3, ranking="average"))
-    x = torch.randn(SEQ, 3 * BATCH, HIDDEN)
+    x = on_device(torch.randn(SEQ, 3 * BATCH, HIDDEN))
     _, routing_map = tier(x)
     logits = (x @ tier.weight.t()).view(SEQ, 3, BATCH, EXPERTS)
     mean = torch.softmax(logits[:, 0].reshape(-1, EXPERTS).double(), -1).mean(0)
@@ -168,7 +168,7 @@ def test_average_ranking_uses_running_means_and_is_state(megatron_single_process
 def test_random_grouping_keeps_path_one_and_draws_lower_tiers(megatron_single_process):
     torch.manual_seed(5)
     reference, tier = _routers(SCORE_CONFIGS["softmax"], OrdMoEConfig(num_tiers=3, grouping="random"))
-    x = torch.randn(SEQ, BATCH, HIDDEN).repeat(1, 3, 1)
+    x = on_device(torch.randn(SEQ, BATCH, HIDDEN).repeat(1, 3, 1))
     ref_probs, _ = reference(x)  # the same stacked input: the same gating GEMM
     probs, routing_map = tier(x)
     path_one = lambda t: t.view(SEQ, 3, BATCH, EXPERTS)[:, 0]  # noqa: E731

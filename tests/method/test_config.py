@@ -79,6 +79,11 @@ MODEL_ERRORS = [
     (dict(), dict(mtp_num_layers=1), "--mtp-num-layers"),
     (dict(), dict(moe_token_dispatcher_type="flex"), "flex"),
     (dict(), dict(context_parallel_size=2), "--context-parallel-size"),
+    # options of megatron-core 0.17 on that pick experts by a rule the lower tiers cannot follow
+    (dict(), dict(moe_router_load_balancing_type="quantile_balancing"), "quantile_balancing"),
+    (dict(), dict(moe_router_load_balancing_type=["aux_loss", "sinkhorn"]), "aux_loss/sinkhorn"),
+    (dict(), dict(moe_router_force_biased=0.5), "--moe-router-force-biased"),
+    (dict(), dict(transformer_impl="inference_optimized"), "--transformer-impl inference_optimized"),
 ]
 
 

@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 from ordmoe_megatron.data.documents import load_any_tokenizer  # noqa: E402
 from ordmoe_megatron.report import cli as report_cli  # noqa: E402
 from ordmoe_megatron.report import report as report_module  # noqa: E402
+from tests.helpers import run_pretrain  # noqa: E402
 from ordmoe_megatron.convert import hf_to_mcore  # noqa: E402
 
 VOCAB, SEQ, NUM_EXPERTS = 96, 16, 8
@@ -284,8 +285,7 @@ def test_trained_checkpoint(work, tmp_path):
     small = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
              "--seq-length", "32", "--max-position-embeddings", "32", "--train-iters", "2", "--lr-warmup-iters", "1",
              "--micro-batch-size", "2", "--global-batch-size", "2", "--mock-data", "--ordmoe", "--save", str(save)]
-    proc = subprocess.run([sys.executable, "-m", "ordmoe_megatron.train", *small],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_pretrain(*small)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gen = torch.Generator().manual_seed(1)
     ids = _write_jsonl(tmp_path / "ids.jsonl", [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (33, 20, 9)])

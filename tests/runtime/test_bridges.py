@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from ordmoe_megatron.testing import run_on_ranks
+from tests.helpers import cpu_env
 
 SEED = 1234
 VOCAB, SEQ, MBS = 64, 16, 2
@@ -186,8 +187,9 @@ def _layout(rank, world_size, layout, ref, optimizer_step=False):
 # tests
 # ------------------------------------------------------------------------------------------
 def _python(code: str) -> subprocess.CompletedProcess:
+    """The emulation is for machines without CUDA: on the CPU by design, on a GPU machine too."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=cpu_env())
 
 
 def test_enable_is_a_noop_when_cuda_is_available():

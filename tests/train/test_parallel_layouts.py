@@ -16,6 +16,7 @@ import torch
 
 from ordmoe_megatron.runtime.distributed import find_free_port
 from ordmoe_megatron.testing import run_on_ranks
+from tests.helpers import cpu_env
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
          "--seq-length", "32", "--max-position-embeddings", "32", "--lr-warmup-iters", "1",
@@ -38,7 +39,7 @@ def run(nproc, *args):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--no-python", f"--nproc-per-node={nproc}",
                "--master-addr=127.0.0.1", f"--master-port={find_free_port()}", "ordmoe-pretrain"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cpu_env(OMP_NUM_THREADS="1")  # gloo on the CPU by design, on a GPU machine too
     proc = subprocess.run(cmd + MODEL + list(args), capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd + list(args))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc

@@ -1,0 +1,90 @@
+"""What differs between the supported megatron-core versions, each against the installed one."""
+import functools
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from ordmoe_megatron import OrdMoEConfig
+from ordmoe_megatron.mcore.router import TierRouter
+from ordmoe_megatron.mcore.specs import ordmoe_layer_spec
+from ordmoe_megatron.method import ranking_scores, tier_gating
+from ordmoe_megatron.runtime import compat
+from tests.helpers import cpu_env
+
+
+def test_the_installed_megatron_core_is_supported():
+    low, high = compat.SUPPORTED
+    assert low <= compat.VERSION < high
+    compat.check_supported()
+
+
+def test_a_megatron_core_outside_the_range_is_refused(monkeypatch):
+    monkeypatch.setattr(compat, "VERSION", (0, 20, 1))
+    with pytest.raises(RuntimeError, match="outside the range ordmoe-megatron supports .*0.16.1 up to 0.19.x"):
+        compat.check_supported()
+
+
+def test_the_router_is_swapped_in_module_specs_and_in_partials():
+    """0.16/0.17 wrap the MoE layer in a ModuleSpec, 0.18 on in functools.partial."""
+    old_style = ModuleSpec(module=torch.nn.Module, submodules=MoESubmodules(experts=None))
+    new_style = functools.partial(torch.nn.Module, submodules=MoESubmodules(experts=None))
+    spec = ordmoe_layer_spec([old_style, new_style], OrdMoEConfig(num_tiers=2))
+    routers = [spec[0].submodules.router, spec[1].keywords["submodules"].router]
+    assert all(r.func is TierRouter and r.keywords["ordmoe"].num_tiers == 2 for r in routers)
+    assert old_style.submodules.router is not TierRouter  # the caller's spec is left alone
+
+
+@pytest.mark.parametrize("score_function", ["softmax-pre", "sigmoid", "sqrtsoftplus"])
+def test_scores_in_fp32_follow_megatron_core_0_18(score_function):
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 16) * 3).to(torch.bfloat16)
+    pre, function = score_function == "softmax-pre", score_function.replace("-pre", "")
+    kept = ranking_scores(logits, function, use_pre_softmax=pre, fp32_scores=True)
+    cast = ranking_scores(logits, function, use_pre_softmax=pre, fp32_scores=False)
+    assert kept.dtype == torch.float32 and cast.dtype == torch.bfloat16
+    reference = {"softmax": lambda x: torch.softmax(x, -1), "sigmoid": torch.sigmoid,
+                 "sqrtsoftplus": lambda x: torch.nn.functional.softplus(x).sqrt()}[function](logits.float())
+    assert torch.equal(kept, reference) and torch.equal(cast, reference.to(torch.bfloat16))
+    experts = torch.tensor([[0, 3]]).expand(64, -1)
+    assert tier_gating(logits, experts, 2, function, pre, fp32_scores=True).dtype == torch.bfloat16
+
+
+def test_sqrtsoftplus_gates_are_normalised_over_the_tier():
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0]])
+    gates = tier_gating(logits, torch.tensor([[2, 0]]), 2, "sqrtsoftplus")
+    s = torch.nn.functional.softplus(torch.tensor([2.0, 0.5])).sqrt()
+    assert torch.allclose(gates, (s / s.sum()).unsqueeze(0))
+
+
+def test_checkpoints_of_the_newer_layout_are_refused_by_older_megatron_core(monkeypatch):
+    new_layout = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+    old_layout = {**new_layout, "common_backend": "torch", "common_backend_version": 1}
+    monkeypatch.setattr(compat, "COMMON_STATE_IN_SHARDS", False)
+    assert compat.checkpoint_layout_problem(old_layout) is None
+    assert "megatron-core 0.19 or later" in compat.checkpoint_layout_problem(new_layout)
+    monkeypatch.setattr(compat, "COMMON_STATE_IN_SHARDS", True)
+    assert compat.checkpoint_layout_problem(new_layout) is None
+
+
+def test_a_gpu_without_transformer_engine_gets_the_names_megatron_core_lacks():
+    """megatron-core 0.16 calls moe_utils.te_general_gemm at the first router call and defines it
+    only with Transformer Engine: bridged whenever TE is absent, with CUDA too (where nothing else
+    is bridged)."""
+    code = textwrap.dedent("""
+        import torch
+        torch.cuda.is_available = lambda: True
+        before = (torch.cuda.Stream, torch.cuda.current_device)
+        from megatron.core.transformer.moe import moe_utils
+        from ordmoe_megatron.runtime import bridges
+        bridges.enable()
+        assert hasattr(moe_utils, "te_general_gemm") and moe_utils.te_general_gemm is None
+        assert (torch.cuda.Stream, torch.cuda.current_device) == before and not bridges.is_enabled()
+        print("OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=cpu_env())
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
