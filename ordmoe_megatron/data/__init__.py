@@ -16,6 +16,7 @@ from ordmoe_megatron.data.corpus import build_corpus, exact_match, read_jsonl
 from ordmoe_megatron.data.megatron_data import (
     build_gpt_datasets,
     check_data_files,
+    check_split_sizes,
     check_tokenizer_matches_data,
     prepare_tiny_data,
     write_indexed_dataset,
@@ -26,6 +27,7 @@ __all__ = [
     "build_corpus",
     "build_gpt_datasets",
     "check_data_files",
+    "check_split_sizes",
     "check_tokenizer_matches_data",
     "exact_match",
     "load_tokenizer",

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import struct
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
@@ -153,7 +154,7 @@ def _read_index(prefix: str) -> dict:
             f"{trailing} unexpected trailing bytes. " + _fix_hint(prefix)
         )
     return {"dtype": _IDX_DTYPES[code], "lengths": lengths, "pointers": pointers,
-            "num_documents": int(n_doc - 1)}
+            "document_indices": doc_indices, "num_documents": int(n_doc - 1)}
 
 
 def check_data_files(prefix: str) -> dict:
@@ -192,6 +193,52 @@ def check_data_files(prefix: str) -> dict:
         raise ValueError(f"Cannot read data file {bin_path}: {err}. " + _fix_hint(prefix)) from err
     return {"num_documents": index["num_documents"], "num_tokens": num_tokens,
             "dtype": numpy.dtype(index["dtype"]).name}
+
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def _split_bounds(split: str) -> list:
+    """Megatron's reading of ``--split`` ("969,30,1"): each split's share as (begin, end) of the
+    documents, None for a split of weight 0 (megatron-core's parse_and_normalize_split)."""
+    weights = [float(w) for w in re.findall(r"[.0-9]+", split)]
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    bounds, begin = [], 0.0
+    for w in weights[:3]:
+        end = begin + w / total
+        bounds.append((begin, end) if w > 0 else None)
+        begin = end
+    return bounds
+
+
+def check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
+    """Refuse a ``--split`` that leaves a split of the data without a document, or without one
+    ``seq_length + 1``-token sample: megatron-core's GPTDataset would search for one forever."""
+    if not re.fullmatch(r"\s*[.0-9]+(\s*,\s*[.0-9]+){0,2}\s*", split or "") or not sum(
+            float(w) for w in re.findall(r"[.0-9]+", split)):
+        raise ValueError(f"--split {split!r} must be up to three non-negative weights with a positive sum, "
+                         "e.g. 969,30,1 (train, validation, test)")
+    index = _read_index(prefix)
+    docs = index["num_documents"]
+    tokens_per_doc = numpy.add.reduceat(index["lengths"].astype(numpy.int64), index["document_indices"][:-1]) \
+        if docs else numpy.zeros(0, numpy.int64)
+    bounds = _split_bounds(split)
+    for name, bound in zip(SPLIT_NAMES, bounds):
+        if bound is None:
+            continue
+        begin, end = (int(round(b * docs)) for b in bound)
+        tokens = int(tokens_per_doc[begin:end].sum())
+        if end > begin and tokens >= seq_length + 1:
+            continue
+        need = next(n for n in range(max(docs, 1), 10 ** 7)
+                    if int(round(bound[1] * n)) > int(round(bound[0] * n)))
+        raise ValueError(
+            f"--split {split} gives the {name} split {end - begin} of the {docs} documents in {prefix} "
+            f"({tokens} tokens; it needs at least one {seq_length + 1}-token sample): with this --split the data "
+            f"need at least {need} documents (and enough tokens), or give the split its own file "
+            "(--valid-data-path) or a --split with a larger share for it"
+        )
 
 
 def read_sidecar(prefix: str) -> Optional[dict]:

@@ -25,6 +25,14 @@ from ordmoe_megatron.runtime import compat
 class TierRouter(TopKRouter):
     """``TopKRouter`` that also routes the lower tiers of an OrdMoE model."""
 
+    # The running means of average ranking: state that checkpoints of other rankings (and
+    # converted models) lack; loading them keeps the fresh zeros.
+    RUNNING_MEANS = ("score_sum", "score_count")
+
+    @classmethod
+    def is_running_mean(cls, state_dict_name: str) -> bool:
+        return any(state_dict_name.endswith(f"router.{name}") for name in cls.RUNNING_MEANS)
+
     def __init__(self, config, pg_collection=None, *, ordmoe: OrdMoEConfig, **router_kwargs):
         # router_kwargs: what this megatron-core's MoELayer passes besides (is_mtp_layer from 0.17).
         super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)

@@ -48,6 +48,13 @@ from ordmoe_megatron.flags import add_ordmoe_args, ordmoe_config_from_args
 from ordmoe_megatron.megatron_lm import dry_run, hooks
 from ordmoe_megatron.method import OrdMoEConfig
 from ordmoe_megatron.runtime.bridges import assumed_gpu_capability
+from ordmoe_megatron.runtime.checkpointing import (
+    CheckpointError,
+    checkpoint_dir,
+    has_checkpoint,
+    inspect_checkpoint,
+    latest_iteration,
+)
 
 
 class OrdMoEArgumentError(ValueError):
@@ -121,6 +128,7 @@ def _after_parse(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
     if not args.ordmoe and not want_dry_run:
         return args  # --no-ordmoe: untouched
     try:
+        check_load(args)
         ordmoe, config, validated = validate(args, need_model_config=want_dry_run)
     except OrdMoEArgumentError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
@@ -130,6 +138,22 @@ def _after_parse(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
         parser.exit(0)
     hooks.install(args)
     return args
+
+
+def check_load(args: argparse.Namespace) -> None:
+    """The checkpoint ``--load`` names is whole (the check every front end makes), before
+    Megatron-LM builds anything. Megatron-LM's legacy ``torch`` format (``mp_rank_*`` folders)
+    is Megatron-LM's own to check."""
+    load = getattr(args, "load", None)
+    if not load or not has_checkpoint(load):
+        return
+    try:
+        path = checkpoint_dir(load, latest_iteration(load))
+        if os.path.isdir(path) and any(name.startswith("mp_rank_") for name in os.listdir(path)):
+            return
+        inspect_checkpoint(load)
+    except CheckpointError as err:
+        raise OrdMoEArgumentError(f"--load {load}: {err}") from None
 
 
 def validate_ordmoe_args(args: argparse.Namespace) -> Optional[OrdMoEConfig]:

@@ -60,6 +60,8 @@ class OrdMoEConfig:
                 f"--ordmoe-rewards gives {len(self.rewards)} rewards for --ordmoe-num-tiers={self.num_tiers}; "
                 "give one reward per tier"
             )
+        if not all(math.isfinite(r) for r in self.rewards):
+            raise ValueError(f"--ordmoe-rewards {self.rewards} must be finite numbers (tier 1 highest)")
         if any(a <= b for a, b in zip(self.rewards, self.rewards[1:])):
             raise ValueError(f"--ordmoe-rewards {self.rewards} must be strictly decreasing (tier 1 best)")
         if self.advantage not in ADVANTAGE_MODES:

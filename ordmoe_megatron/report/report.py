@@ -221,7 +221,7 @@ def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, fl
         "checkpoint": {"load": os.path.abspath(config.load), "kind": info.kind,
                        "iteration": info.iteration if info.iteration is not None else "release",
                        "hf_model_type": (info.hf_metadata or {}).get("model_type"),
-                       "trained_ordmoe": info.run.get("ordmoe") if info.kind == "trained" else None,
+                       "trained_ordmoe": info.run.get("run", {}).get("ordmoe") if info.kind == "trained" else None,
                        "num_experts": flags["num_experts"],
                        "moe_router_topk": flags["moe_router_topk"], "num_layers": flags["num_layers"]},
         "data": {**data, "seq_length": seq_length, "sequences": sums["sequences"],

@@ -8,9 +8,10 @@
   run the real Megatron code paths (tensor/sequence/pipeline/expert parallelism, MoE token
   dispatch, 1F1B schedules) with ``torch.distributed`` on gloo.
 
-Two more bridges live here: ``megatron_lm_on_cpu()`` for Megatron-LM's training loop (its tests'
-launcher) and ``assumed_gpu_capability()`` for checking launch arguments on a machine without a
-GPU. With CUDA and Transformer Engine present, ``enable()`` changes nothing.
+More bridges live here: ``megatron_lm_on_cpu()`` for Megatron-LM's training loop (its tests'
+launcher), ``assumed_gpu_capability()`` for checking launch arguments on a machine without a GPU,
+and ``checkpoint_writers_die_with_parent()`` so that a killed training process leaves no
+checkpoint-writer processes behind. With CUDA and Transformer Engine present, ``enable()`` changes nothing.
 
 ``enable()`` is idempotent. Every patch first checks that the thing it replaces still exists
 (and, where it matters, looks like what we expect), and raises :class:`CPUEmulationError`
@@ -99,14 +100,19 @@ ops (keep ``moe_permute_fusion``, ``gradient_accumulation_fusion``, ``bias_*_fus
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import inspect
 import logging
+import multiprocessing
+import os
+import signal
 import threading
 import time
 import types
 import typing
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 import megatron.core.tensor_parallel.mappings as mappings
@@ -117,6 +123,7 @@ import megatron.core.transformer.transformer_block as transformer_block
 import torch
 import torch.nn.functional as F
 import typing_extensions
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from torch.overrides import TorchFunctionMode
@@ -656,6 +663,56 @@ def typing_override_for_python_311() -> None:
     declares 3.12): on 3.11 it is ``typing_extensions.override``."""
     if not hasattr(typing, "override"):
         typing.override = typing_extensions.override
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint writer processes die with the process that started them
+# --------------------------------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In a child process: the kernel kills it when its parent dies (Linux), however the parent
+    dies; elsewhere a thread watches the parent."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="ordmoe-parent-watch").start()
+
+
+_writers_bound = False
+
+
+def checkpoint_writers_die_with_parent() -> None:
+    """``dist_checkpointing`` writes through a ``multiprocessing`` manager process it spawns on
+    the first save and keeps (275-600 MB), and through forked writer processes. A SIGKILL of the
+    training process left them running as orphans. Here the manager is started ahead of Megatron,
+    with a parent watch, and every forked child dies with its parent. Idempotent."""
+    global _writers_bound
+    if _writers_bound:
+        return
+    _set(filesystem_async, "_results_queue", filesystem_async._results_queue,
+         "megatron.core.dist_checkpointing.strategies.filesystem_async")
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_die_with_parent)
+        _MANAGERS.append(manager)
+        filesystem_async._results_queue = manager.Queue()
+    os.register_at_fork(after_in_child=_die_with_parent)
+    _writers_bound = True
+
+
+_MANAGERS: list = []  # kept alive for the process's life, as Megatron keeps its own
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import json
 import os
 import random
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ordmoe_megatron.runtime import compat
+from ordmoe_megatron.runtime import bridges, compat
 from ordmoe_megatron.runtime.model_flags import normalize_flags
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -71,6 +71,11 @@ def sharded_model_state(chunks: list) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
+def rng_path(path: str, rank: int) -> str:
+    """The random states a rank saved in the iteration directory ``path``."""
+    return os.path.join(path, f"rng_rank{rank}.pt")
+
+
 def _rng_state() -> dict:
     state = {
         "python": random.getstate(),
@@ -113,9 +118,10 @@ def save_checkpoint(
     state = {**model_state, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration or 0}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_state)
+    bridges.checkpoint_writers_die_with_parent()
     dist_checkpointing.save(state, tmp)
     if include_rng:
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        torch.save(_rng_state(), rng_path(tmp, rank))
     if rank == 0:
         with open(os.path.join(tmp, RUN_FILE), "w") as f:
             json.dump({"iteration": iteration, **(run or {})}, f, indent=2, default=str)
@@ -170,13 +176,25 @@ def check_compatible(root: str, model_flags: dict) -> None:
                               "Use the checkpoint's model flags (see its run.json) or another --load.")
 
 
-def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = True, strict: bool = True) -> dict:
-    """Load the newest checkpoint under ``root`` into ``chunks`` (and ``optimizer``, RNG);
-    returns its ``run.json`` contents."""
+def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = True, strict: bool = True,
+                    optional: Optional[Callable[[str], bool]] = None) -> dict:
+    """Load the newest checkpoint under ``root`` into ``chunks`` (and ``optimizer``, and with
+    ``load_rng`` this rank's random states, which must be there); returns its ``run.json``.
+
+    ``optional(name)``: model state the checkpoint may lack (a state-dict name); what it lacks
+    keeps the model's own values."""
     iteration = latest_iteration(root)
     path = checkpoint_dir(root, iteration)
     check_layout(path)
     state = sharded_model_state(chunks)
+    absent: dict = {}
+    if optional is not None:
+        stored = read_tensor_metadata(path)
+        for model_key, model_state in state.items():
+            absent[model_key] = [name for name, value in model_state.items()
+                                 if optional(name) and getattr(value, "key", name) not in stored]
+            for name in absent[model_key]:
+                del model_state[name]
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True)
     try:
@@ -184,12 +202,19 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = Tr
     except Exception as err:  # dist_checkpointing raises many types; name the checkpoint and the cause
         raise CheckpointError(f"cannot load {path}: {type(err).__name__}: {err}") from err
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=strict)
+        model_key = "model" if len(chunks) == 1 else f"model{i}"
+        own = chunk.state_dict()
+        chunk.load_state_dict({**loaded[model_key], **{name: own[name] for name in absent.get(model_key, [])}},
+                              strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    rng_file = os.path.join(path, f"rng_rank{torch.distributed.get_rank()}.pt")
-    if load_rng and os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    if load_rng:
+        rng_file = rng_path(path, torch.distributed.get_rank())
+        try:
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        except (OSError, EOFError, RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{rng_file}: cannot restore the random states ({type(err).__name__}: {err}); "
+                                  "restore the file or load an earlier checkpoint") from None
     return read_run(root)
 
 

@@ -73,6 +73,11 @@ def spec_children(node: Any) -> list:
 # the installed Megatron's top-K does, so path 1 and the lower tiers see the same numbers.
 ROUTER_SCORES_IN_FP32: bool = VERSION >= (0, 18, 0)
 
+# Megatron's load-balancing types (0.19: quantile_balancing, which OrdMoE refuses with more than
+# one tier).
+LOAD_BALANCING_TYPES: tuple[str, ...] = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none") + (
+    ("quantile_balancing",) if VERSION >= (0, 19, 0) else ())
+
 # 0.18: the sqrtsoftplus score function (softplus, then square root; normalised like sigmoid).
 SCORE_FUNCTIONS: tuple[str, ...] = ("softmax", "sigmoid") + (("sqrtsoftplus",) if VERSION >= (0, 18, 0) else ())
 

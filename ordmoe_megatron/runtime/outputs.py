@@ -7,6 +7,7 @@ and ``staged_dir`` write next to the output and move the finished result into pl
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -31,6 +32,55 @@ def check_output(path: str, replace: bool, replace_flag: str, is_dir: bool = Fal
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise OutputError(f"output {path}: {parent} is not a directory")
+
+
+def check_writable(path: str, flag: str, is_dir: bool = False) -> None:
+    """Refuse an output that cannot be written (checked by writing a probe file into the nearest
+    existing directory), before any work rather than at the end of it."""
+    where = os.path.abspath(path)
+    if os.path.exists(where) and not os.path.isdir(where):
+        if is_dir:
+            raise OutputError(f"{flag} {path} is a file, not a directory")
+        where = os.path.dirname(where)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise OutputError(f"{flag} {path}: {where} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ordmoe-write-probe-", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise OutputError(f"{flag} {path} cannot be written ({where}: {err.strerror}); choose a writable place") from None
+
+
+class RunLock:
+    """An exclusive lock on an output directory for the life of the process: a second run on the
+    same outputs is refused with the first one's pid (``flock``: released when the process ends,
+    however it ends)."""
+
+    FILE = ".ordmoe-run.lock"
+
+    def __init__(self, directory: str, flag: str):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, self.FILE)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise OutputError(f"{flag} {directory} is in use by another run (pid {holder}); wait for it to end, "
+                              "or give this run its own outputs") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
 
 
 def check_distinct(paths: Sequence[Optional[str]], names: str) -> None:

@@ -1,14 +1,23 @@
-"""What ``ordmoe-pretrain`` refuses before any work, each with the flag and the fix.
+"""What ``ordmoe-pretrain`` refuses before any work, each with the flag and the way out.
 
-The CLI and ``--dry-run`` run the same checks.
+The CLI and ``--dry-run`` run the same checks; ``run.main`` repeats those that depend on data the
+preset builds first.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import re
 from typing import Optional
 
-from ordmoe_megatron.runtime.checkpointing import has_checkpoint
-from ordmoe_megatron.runtime.outputs import OutputError, check_output
-from ordmoe_megatron.train.config import RunConfig, baseline_config
+from ordmoe_megatron.data import check_data_files, check_split_sizes
+from ordmoe_megatron.mcore.router import TierRouter
+from ordmoe_megatron.runtime import checkpointing
+from ordmoe_megatron.runtime.checkpointing import CheckpointError, has_checkpoint
+from ordmoe_megatron.runtime.outputs import OutputError, check_output, check_writable
+from ordmoe_megatron.train.build import transformer_config
+from ordmoe_megatron.train.config import SCHEDULE_FIELDS, RunConfig, baseline_config, flag_name, run_differences
 
 
 class CheckError(ValueError):
@@ -30,6 +39,9 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
         problems.append(f"--expert-model-parallel-size={ep} (x expert TP) must divide data-parallel x TP = {dp * tp}")
     if tp > 1 and num_experts and not layout.sequence_parallel:
         problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+    if layout.sequence_parallel and tp == 1:
+        problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits sequences over "
+                        "the tensor-parallel ranks)")
     if num_layers % pp:
         problems.append(f"--num-layers={num_layers} is not a multiple of --pipeline-model-parallel-size={pp}")
     if layers_per_virtual_stage is not None and (
@@ -40,6 +52,25 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
         problems.append(f"--global-batch-size={config.global_batch_size} must be a multiple of "
                         f"--micro-batch-size x data-parallel size = {config.micro_batch_size} x {dp}")
     return problems
+
+
+def check_values(config: RunConfig) -> None:
+    """What no single flag's parser can see: values that must fit each other."""
+    if config.min_lr > config.lr:
+        raise CheckError(f"--min-lr={config.min_lr} is above --lr={config.lr}; the schedule decays from --lr "
+                         "down to --min-lr")
+    if config.micro_batch_size > config.global_batch_size:
+        raise CheckError(f"--micro-batch-size={config.micro_batch_size} is larger than "
+                         f"--global-batch-size={config.global_batch_size}")
+
+
+def check_model(config: RunConfig) -> None:
+    """What the model refuses (a layer scope beyond the model, options OrdMoE cannot honour), from
+    its ``TransformerConfig``: built, not the weights."""
+    try:
+        transformer_config(config)
+    except (ValueError, AssertionError, TypeError) as err:
+        raise CheckError(str(err)) from None
 
 
 def check_precision(config: RunConfig) -> None:
@@ -54,22 +85,160 @@ def check_precision(config: RunConfig) -> None:
                          "drop the flag on this machine") from None
 
 
-def resuming(config: RunConfig) -> bool:
-    return has_checkpoint(config.load) and config.load == config.save
+# --------------------------------------------------------------------------------------------
+# what --load means for this run
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+    """What the run does with ``--load``: ``new`` (nothing to load), ``weights`` (a converted
+    checkpoint, or ``--finetune``: weights only, from iteration 0), ``resume`` (the same run from
+    ``iteration``), or ``done`` (the run is already at ``--train-iters``)."""
+
+    kind: str
+    iteration: int = 0
+    run_id: Optional[str] = None
+    load_rng: bool = True
+    notes: tuple = ()  # what the log says about it
+
+    @property
+    def loads(self) -> bool:
+        return self.kind in ("weights", "resume", "done")
 
 
-def check_outputs(config: RunConfig) -> None:
-    """Never overwrite results without --overwrite; resuming from --save itself is fine. With
-    --compare-baseline the baseline's outputs too."""
-    if config.compare_baseline and config.work_dir:
-        check_outputs(baseline_config(config).replace(compare_baseline=False))
-    if config.save and has_checkpoint(config.save) and not resuming(config) and not config.overwrite:
-        raise CheckError(f"--save {config.save} already holds a checkpoint; pass --overwrite, "
-                         "or --load the same directory to resume")
-    for name in ("metrics_out", "plot_out"):
-        path = getattr(config, name)
-        if path and not resuming(config):
-            try:
+def _iteration_dir(path: str) -> bool:
+    name = os.path.basename(os.path.normpath(path))
+    return bool(re.fullmatch(r"iter_\d{7}|release", name)) or os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def plan_resume(config: RunConfig, world: int) -> ResumePlan:
+    """Check ``--load`` against this run before any work and say what the run will do with it."""
+    load, save = config.load, config.save
+    if not load or (config.overwrite and load == save):
+        return ResumePlan("new")  # --overwrite on its own outputs starts afresh
+    if not has_checkpoint(load):
+        if os.path.isdir(load) and _iteration_dir(load):
+            raise CheckError(f"--load {load} is one iteration of a checkpoint; point --load at "
+                             f"{os.path.dirname(os.path.normpath(load))}, the directory that holds "
+                             f"{checkpointing.TRACKER}")
+        if load == save:
+            return ResumePlan("new", notes=(f"no checkpoint in {load} yet: a new run",))
+        raise CheckError(f"--load {load} holds no checkpoint (no {checkpointing.TRACKER}); point --load at the "
+                         "directory --save wrote, or leave --load out to start a new run")
+    try:
+        info = checkpointing.inspect_checkpoint(load)
+        checkpointing.check_compatible(load, config.model_flags)
+    except CheckpointError as err:
+        raise CheckError(f"--load {load}: {err}") from None
+    if info.iteration is None or config.finetune:
+        notes = [f"starting from the weights in {info.path}"]
+        means = any(TierRouter.is_running_mean(key) for key in info.tensors)
+        average = config.ordmoe is not None and config.ordmoe.ranking == "average"
+        if average and not means:
+            notes.append("the checkpoint has no running means of --ordmoe-ranking average: they start afresh")
+        if means and not average:
+            notes.append("the checkpoint's running means of --ordmoe-ranking average are not used here")
+        return ResumePlan("weights", notes=tuple(notes))
+    run = info.run.get("run")
+    if run is None or "run_id" not in info.run:
+        raise CheckError(f"--load {load}: {info.path} records no run (its run.json has none); pass --finetune to "
+                         "start a new run from its weights")
+    differences = run_differences(run, config)
+    notes = []
+    if config.override_opt_param_scheduler:
+        changed = [d for d in differences if d[0] in map(flag_name, SCHEDULE_FIELDS)]
+        differences = [d for d in differences if d not in changed]
+        notes += [f"learning-rate schedule overridden (--override-opt-param-scheduler): {flag} {saved} -> {here}"
+                  for flag, saved, here in changed]
+    if differences:
+        detail = "; ".join(f"{flag} is {saved!r} there but {here!r} here" for flag, saved, here in differences)
+        schedule = any(d[0] in map(flag_name, SCHEDULE_FIELDS) for d in differences)
+        raise CheckError(
+            f"--load {load} holds another run ({detail}). To continue it, use its settings"
+            + (" (a new learning-rate schedule on purpose: --override-opt-param-scheduler)" if schedule else "")
+            + "; to start a new run, use a fresh --save, or --overwrite to replace it"
+        )
+    saved_world = info.run.get("world_size")
+    load_rng = saved_world == world
+    if load_rng:
+        for rank in range(world):
+            if not os.path.isfile(checkpointing.rng_path(info.path, rank)):
+                raise CheckError(f"--load {load}: {checkpointing.rng_path(info.path, rank)} is missing (the random "
+                                 "states of that rank); restore it or load an earlier checkpoint")
+    else:
+        notes.append(f"random states not restored: saved by {saved_world} processes, resumed on {world}")
+    kind = "done" if info.iteration >= config.train_iters else "resume"
+    if kind == "done":
+        notes.append(f"{load} is at iteration {info.iteration} and --train-iters is {config.train_iters}: nothing to "
+                     "train (raise --train-iters, with --override-opt-param-scheduler, to train on)")
+    return ResumePlan(kind, iteration=info.iteration, run_id=info.run["run_id"], load_rng=load_rng,
+                      notes=tuple(notes))
+
+
+# --------------------------------------------------------------------------------------------
+# outputs and data
+# --------------------------------------------------------------------------------------------
+def check_run(config: RunConfig, world: int, layers_per_virtual_stage: Optional[int]) -> ResumePlan:
+    """Every check a run makes before any work (``--dry-run`` makes the same); what it will do
+    with ``--load``."""
+    problems = layout_problems(config, world, layers_per_virtual_stage)
+    if problems:
+        raise CheckError("impossible parallel layout: " + "; ".join(problems))
+    check_values(config)
+    check_precision(config)
+    check_model(config)
+    plan = plan_resume(config, world)
+    check_outputs(config, plan, world)
+    check_data(config)
+    return plan
+
+
+def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:
+    """Outputs can be written, and are replaced only with --overwrite; a resume appends to its own
+    run's metrics. With --compare-baseline the baseline's outputs too."""
+    resuming = plan.kind in ("resume", "done")
+    try:
+        for flag, path, is_dir in (("--save", config.save, True), ("--metrics-out", config.metrics_out, False),
+                                   ("--plot-out", config.plot_out, False), ("--save-grads", config.save_grads, True),
+                                   ("--work-dir", config.work_dir, True)):
+            if path:
+                check_writable(path, flag, is_dir)
+        if config.save and has_checkpoint(config.save) and not config.overwrite and not (
+                resuming and config.load == config.save):
+            raise CheckError(f"--save {config.save} already holds a checkpoint; pass --overwrite to replace it, "
+                             "or --load the same directory to resume it")
+        for flag, path in (("--metrics-out", config.metrics_out), ("--plot-out", config.plot_out)):
+            if path and not resuming:
                 check_output(path, config.overwrite, "--overwrite")
-            except OutputError as err:
-                raise CheckError(str(err)) from None
+    except OutputError as err:
+        raise CheckError(str(err)) from None
+    if resuming and config.metrics_out and os.path.isfile(config.metrics_out) and not config.overwrite:
+        others = metrics_of_other_runs(config.metrics_out, plan.run_id)
+        if others:
+            raise CheckError(f"--metrics-out {config.metrics_out} holds metrics of another run ({others}); pass "
+                             "--overwrite to replace it, or give this run another --metrics-out")
+    if config.compare_baseline and config.work_dir:
+        baseline = baseline_config(config).replace(compare_baseline=False)
+        check_outputs(baseline, plan_resume(baseline, world), world)
+
+
+def metrics_of_other_runs(path: str, run_id: Optional[str]) -> str:
+    """How the metrics file's lines that are not this run's are described ('' when there are none)."""
+    other = 0
+    with open(path) as f:
+        for line in f:
+            if line.strip() and json.loads(line).get("run_id") != run_id:
+                other += 1
+    return f"{other} lines" if other else ""
+
+
+def check_data(config: RunConfig) -> None:
+    """The data files (when named) are there, whole, and every split of --split has data."""
+    if config.mock_data or not config.data_path:
+        return
+    try:
+        for prefix in filter(None, (config.data_path, config.valid_data_path)):
+            check_data_files(prefix)
+        if not config.valid_data_path:
+            check_split_sizes(config.data_path, config.split, config.seq_length)
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckError(str(err)) from None

@@ -14,6 +14,7 @@ import os
 from typing import Optional, Sequence
 
 from ordmoe_megatron.flags import add_ordmoe_args, ordmoe_config_from_args
+from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.checkpointing import CheckpointError, checkpoint_model_flags, has_checkpoint
 from ordmoe_megatron.runtime.distributed import ParallelLayout, world_size_from_env
 from ordmoe_megatron.runtime.model_flags import add_model_args, flags_from_args
@@ -48,6 +49,28 @@ class UsageError(ValueError):
     """A flag or combination of flags the run cannot take; the message names the flag and the fix."""
 
 
+def _number(kind, low=None, low_open=False, what=""):
+    """An argparse type: ``kind`` (int or float), finite, at least (or above) ``low``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'above' if low_open else 'at least'} {low}{what}")
+        return value
+
+    return parse
+
+
+POSITIVE = _number(int, 1)
+NON_NEGATIVE = _number(int, 0)
+NON_NEGATIVE_FLOAT = _number(float, 0.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ordmoe-pretrain", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,40 +92,43 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tokenizer-model", default=None, help="SentencePiece model that made the data files.")
     data.add_argument("--mock-data", action="store_true", help="Synthetic token streams, no files.")
     train = parser.add_argument_group("training")
-    train.add_argument("--train-iters", type=int, default=200)
-    train.add_argument("--micro-batch-size", type=int, default=4)
-    train.add_argument("--global-batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--min-lr", type=float, default=3e-4)
-    train.add_argument("--lr-warmup-iters", type=int, default=5)
-    train.add_argument("--weight-decay", type=float, default=0.01)
-    train.add_argument("--clip-grad", type=float, default=1.0)
-    train.add_argument("--seed", type=int, default=1234)
-    train.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
-    train.add_argument("--moe-router-load-balancing-type", default="aux_loss")
+    train.add_argument("--train-iters", type=NON_NEGATIVE, default=200)
+    train.add_argument("--micro-batch-size", type=POSITIVE, default=4)
+    train.add_argument("--global-batch-size", type=POSITIVE, default=8)
+    train.add_argument("--lr", type=NON_NEGATIVE_FLOAT, default=3e-3)
+    train.add_argument("--min-lr", type=NON_NEGATIVE_FLOAT, default=3e-4)
+    train.add_argument("--lr-warmup-iters", type=NON_NEGATIVE, default=5)
+    train.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.01)
+    train.add_argument("--clip-grad", type=NON_NEGATIVE_FLOAT, default=1.0)
+    train.add_argument("--seed", type=NON_NEGATIVE, default=1234)
+    train.add_argument("--moe-aux-loss-coeff", type=NON_NEGATIVE_FLOAT, default=1e-2)
+    train.add_argument("--moe-router-load-balancing-type", default="aux_loss", choices=compat.LOAD_BALANCING_TYPES)
     train.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=("alltoall", "allgather"))
     train.add_argument("--calculate-per-token-loss", action="store_true")
     train.add_argument("--bf16", action="store_true", help="BF16 weights and activations, FP32 main weights.")
     train.add_argument("--fp8-format", choices=("hybrid", "e4m3"), default=None,
                        help="FP8 through Transformer Engine (GPU with TE only; needs --bf16).")
-    train.add_argument("--log-interval", type=int, default=5)
-    train.add_argument("--eval-interval", type=int, default=None)
-    train.add_argument("--eval-iters", type=int, default=2)
+    train.add_argument("--log-interval", type=POSITIVE, default=5)
+    train.add_argument("--eval-interval", type=POSITIVE, default=None)
+    train.add_argument("--eval-iters", type=NON_NEGATIVE, default=2)
     train.add_argument("--metrics-out", default=None, help="JSON lines, one object per iteration.")
     train.add_argument("--plot-out", default=None, help="PNG of each path's log-likelihood and the tier ordering.")
     train.add_argument("--overwrite", action="store_true", help="Replace existing outputs (metrics, plot, checkpoints).")
     par = parser.add_argument_group("parallelism (data-parallel size = world size / (TP x PP))")
-    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--tensor-model-parallel-size", type=POSITIVE, default=1)
     par.add_argument("--sequence-parallel", action="store_true")
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    par.add_argument("--expert-model-parallel-size", type=int, default=1)
-    par.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    par.add_argument("--pipeline-model-parallel-size", type=POSITIVE, default=1)
+    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=POSITIVE, default=None)
+    par.add_argument("--expert-model-parallel-size", type=POSITIVE, default=1)
+    par.add_argument("--expert-tensor-parallel-size", type=POSITIVE, default=None)
     ckpt = parser.add_argument_group("checkpoints (Megatron-LM layout, megatron.core.dist_checkpointing)")
     ckpt.add_argument("--save", default=None, help="Checkpoint directory to write.")
     ckpt.add_argument("--load", default=None, help="Checkpoint directory to resume (or, with --finetune, start) from.")
-    ckpt.add_argument("--save-interval", type=int, default=None)
+    ckpt.add_argument("--save-interval", type=POSITIVE, default=None)
     ckpt.add_argument("--finetune", action="store_true", help="Load model weights only; start at iteration 0.")
+    ckpt.add_argument("--override-opt-param-scheduler", action="store_true",
+                      help="Resume with the learning-rate schedule given here (--lr, --min-lr, --lr-warmup-iters, "
+                           "--train-iters), not the checkpoint's.")
     ckpt.add_argument("--save-grads", default=None,
                       help="Save the first step's gradients as a checkpoint (to compare parallel layouts).")
     return parser
@@ -150,18 +176,12 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     except ValueError as err:
         raise UsageError(str(err)) from None
     fields = {f for f in RunConfig.__dataclass_fields__} - {"model_flags", "ordmoe", "layout"}
-    config = RunConfig(model_flags=model_flags, ordmoe=ordmoe, layout=layout,
-                       **{name: getattr(args, name) for name in fields})
-    problems = checks.layout_problems(config, world_size_from_env(), vstage)
-    if problems:
-        raise UsageError("impossible parallel layout: " + "; ".join(problems))
-    checks.check_precision(config)
-    checks.check_outputs(config)
-    return config
+    return RunConfig(model_flags=model_flags, ordmoe=ordmoe, layout=layout,
+                     **{name: getattr(args, name) for name in fields})
 
 
-def describe(config: RunConfig) -> str:
-    """The --dry-run report: configuration, parallel layout, tier layout."""
+def describe(config: RunConfig, plan: checks.ResumePlan) -> str:
+    """The --dry-run report: configuration, parallel layout, tier layout, what --load will do."""
     world = world_size_from_env()
     layout = config.layout
     dp = layout.data_parallel_size(world)
@@ -170,6 +190,9 @@ def describe(config: RunConfig) -> str:
     values = {**flags, **{k: v for k, v in vars(config).items() if k not in ("model_flags", "ordmoe", "layout")}}
     lines += [f"  {k:40s} {v}" for k, v in sorted(values.items())]
     lines += [
+        "checkpoint:",
+        f"  {plan.kind}" + (f" at iteration {plan.iteration}" if plan.loads else "")
+        + "".join(f"; {note}" for note in plan.notes),
         "parallel layout:",
         "  " + layout.describe(world),
         f"  micro-batches per step and data-parallel rank: {config.global_batch_size // (config.micro_batch_size * dp)}",
@@ -192,11 +215,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         config = run_config_from_args(args)
+        plan = checks.check_run(config, world_size_from_env(), args.num_layers_per_virtual_pipeline_stage)
     except (UsageError, checks.CheckError) as err:
         raise SystemExit(f"ordmoe-pretrain: {err}") from None
     if args.dry_run:
-        print(describe(config))
+        print(describe(config, plan))
         return 0
-    return run.main(config)
+    return run.main(config, plan)
 
 

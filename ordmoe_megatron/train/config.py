@@ -55,6 +55,7 @@ class RunConfig:
     metrics_out: Optional[str] = None
     plot_out: Optional[str] = None
     overwrite: bool = False
+    override_opt_param_scheduler: bool = False  # a resume may take a new learning-rate schedule
     # the embedded default
     preset: Optional[str] = None
     work_dir: Optional[str] = None
@@ -82,6 +83,58 @@ class RunConfig:
 def flag_name(field: str) -> str:
     """``'lr_warmup_iters'`` -> ``'--lr-warmup-iters'``."""
     return "--" + field.replace("_", "-")
+
+
+# What defines a run: a resumed run must have the same (checks.check_resume names a difference).
+# The parallel layout is not among them: a checkpoint loads under any layout, and every layout
+# takes the same micro-batches in the same steps.
+RUN_FIELDS = (
+    "ordmoe", "moe_aux_loss_coeff", "moe_router_load_balancing_type", "moe_token_dispatcher_type",
+    "calculate_per_token_loss", "bf16", "fp8_format", "data_path", "valid_data_path", "split", "tokenizer_model",
+    "mock_data", "micro_batch_size", "global_batch_size", "weight_decay", "clip_grad", "seed",
+) + ("lr", "min_lr", "lr_warmup_iters", "train_iters")
+# The learning-rate schedule, which --override-opt-param-scheduler lets a resume change on purpose.
+SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_iters", "train_iters")
+# Data paths are compared once known (the preset resolves its own when it builds its data).
+DATA_FIELDS = ("data_path", "valid_data_path", "tokenizer_model")
+
+
+def run_record(config: RunConfig) -> dict:
+    """The values that define the run besides the model (whose flags the checkpoint records
+    too, and ``checkpointing.check_compatible`` compares), JSON-ready."""
+    record = {}
+    for name in RUN_FIELDS:
+        value = getattr(config, name)
+        if name == "ordmoe":
+            value = None if value is None else {k: v for k, v in vars(value).items() if k != "scope_layers"}
+        elif name in DATA_FIELDS and value is not None:
+            value = os.path.abspath(value)
+        record[name] = value
+    return record
+
+
+def run_differences(saved: dict, config: RunConfig) -> list[tuple[str, object, object]]:
+    """``(flag, value in the checkpoint, value here)`` for every run-defining value that differs."""
+    here = run_record(config)
+    out = []
+    for name in RUN_FIELDS:
+        if name not in saved:
+            continue
+        if name in DATA_FIELDS and here[name] is None and not config.mock_data:
+            continue  # not known yet: the preset's data are resolved when they are built
+        if name == "ordmoe":
+            out += _ordmoe_differences(saved[name], here[name])
+        elif saved[name] != here[name]:
+            out.append((flag_name(name), saved[name], here[name]))
+    return out
+
+
+def _ordmoe_differences(saved: Optional[dict], here: Optional[dict]) -> list:
+    if saved is None or here is None:
+        on_off = lambda v: "off (--no-ordmoe)" if v is None else "on (--ordmoe)"  # noqa: E731
+        return [] if saved is here else [("--ordmoe", on_off(saved), on_off(here))]
+    return [(flag_name("ordmoe_" + k), saved.get(k), here.get(k))
+            for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)]
 
 
 def baseline_config(config: RunConfig) -> RunConfig:

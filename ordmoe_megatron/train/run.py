@@ -4,51 +4,67 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+
+import megatron.core
+import torch
 
 from ordmoe_megatron.data import read_jsonl
 from ordmoe_megatron.runtime import checkpointing, distributed
-from ordmoe_megatron.train import build
-from ordmoe_megatron.train.config import RunConfig, baseline_config
+from ordmoe_megatron.runtime.outputs import OutputError, RunLock
+from ordmoe_megatron.train import build, checks
+from ordmoe_megatron.train.checks import ResumePlan
+from ordmoe_megatron.train.config import RunConfig, baseline_config, run_record
 from ordmoe_megatron.train.evaluation import exact_match_accuracy, format_eval_table
 from ordmoe_megatron.train.plotting import plot_metrics
 from ordmoe_megatron.train.trainer import Trainer, evaluate_paths, setup, train
 
 
-class RunError(RuntimeError):
-    """A run that cannot go on; the message names the cause and the fix."""
-
-
 def run_meta(config: RunConfig) -> dict:
-    """What a checkpoint records to be resumed and checked against the next run."""
-    cfg = config.ordmoe
+    """What a checkpoint records besides the weights: the model flags and what defines the run
+    (the next run compares against it), the world it was saved by, the megatron-core it ran on."""
     return {
         "model_flags": config.model_flags,
-        "ordmoe": None if cfg is None else {k: v for k, v in vars(cfg).items() if k != "scope_layers"},
-        "tokenizer_model": config.tokenizer_model,
-        "global_batch_size": config.global_batch_size,
-        "seed": config.seed,
+        "run": run_record(config),
+        "world_size": distributed.world_size_from_env(),
+        "megatron_core": megatron.core.__version__,
     }
 
 
-def build_trainer(config: RunConfig, sources: build.DataSources) -> Trainer:
+def build_trainer(config: RunConfig, sources: build.DataSources, plan: ResumePlan) -> Trainer:
     tconfig = build.transformer_config(config)  # a fresh one per model: the trainer stores hooks in it
-    return setup(config, tconfig, build.model_chunks(config, tconfig), build.stream_factory(config, sources))
+    return setup(config, tconfig, build.model_chunks(config, tconfig), build.stream_factory(config, sources), plan)
 
 
-def run_training(config: RunConfig, sources: build.DataSources, label: str) -> Trainer:
-    if checkpointing.has_checkpoint(config.load):
-        try:
-            checkpointing.check_compatible(config.load, config.model_flags)
-        except checkpointing.CheckpointError as err:
-            raise RunError(str(err)) from None
-    trainer = build_trainer(config, sources)
+def start_afresh(config: RunConfig) -> None:
+    """--overwrite on its own outputs: the old run's checkpoints (the tracker first, so that a
+    crash from here on cannot resume it), metrics and plot go before the new run starts."""
+    if config.save and os.path.isdir(config.save):
+        tracker = os.path.join(config.save, checkpointing.TRACKER)
+        if os.path.exists(tracker):
+            os.remove(tracker)
+        for name in os.listdir(config.save):
+            if name.startswith(("iter_", "release")):
+                shutil.rmtree(os.path.join(config.save, name), ignore_errors=True)
+    for path in (config.metrics_out, config.plot_out):
+        if path and os.path.exists(path):
+            os.remove(path)
+
+
+def run_training(config: RunConfig, sources: build.DataSources, plan: ResumePlan, label: str) -> Trainer:
+    if plan.kind == "new" and config.overwrite and distributed.is_last_rank():
+        start_afresh(config)
+    torch.distributed.barrier()
+    trainer = build_trainer(config, sources, plan)
     flags = config.model_flags
     if distributed.is_last_rank():
         cfg = config.ordmoe
+        for note in plan.notes:
+            print(f" {note}", flush=True)
         print((cfg.describe(flags["num_experts"], flags["moe_router_topk"]) if cfg else f"{label}: plain top-K routing")
               + (f"; resuming at iteration {trainer.iteration}" if trainer.iteration else ""), flush=True)
-    train(trainer, run_meta(config))
-    if config.plot_out and config.metrics_out and distributed.is_last_rank() and os.path.exists(config.metrics_out):
+    history = train(trainer, run_meta(config))
+    if history and config.plot_out and config.metrics_out and distributed.is_last_rank():
         plot_metrics(config.metrics_out, config.plot_out, title=label)
     return trainer
 
@@ -62,20 +78,23 @@ def evaluate_run(config: RunConfig, sources: build.DataSources, trainer: Trainer
     return result
 
 
-def run(config: RunConfig, sources: build.DataSources) -> None:
+def run(config: RunConfig, sources: build.DataSources, plan: ResumePlan) -> None:
     """Train, then for a preset: evaluate, optionally train and evaluate the baseline, report."""
-    trainer = run_training(config, sources, "OrdMoE" if config.ordmoe else "top-K")
-    if not config.preset:
+    trainer = run_training(config, sources, plan, "OrdMoE" if config.ordmoe else "top-K")
+    if trainer.stopped_by_signal or not config.preset:
         return
     tasks = list(read_jsonl(sources.heldout_tasks))
     label = f"OrdMoE (C={config.num_paths})" if config.ordmoe else "top-K"
     rows = {label: evaluate_run(config, sources, trainer, tasks)}
     if config.compare_baseline:
         baseline = baseline_config(config)
-        run_training(baseline, sources, "top-K baseline")
+        baseline_trainer = run_training(baseline, sources, checks.plan_resume(baseline, distributed.world_size_from_env()),
+                                        "top-K baseline")
+        if baseline_trainer.stopped_by_signal:
+            return
         # Evaluate the baseline's weights with the same tier paths, to compare tier ordering too.
         probe = config.replace(load=baseline.save, finetune=True, train_iters=0)
-        rows["top-K baseline"] = evaluate_run(probe, sources, build_trainer(probe, sources), tasks)
+        rows["top-K baseline"] = evaluate_run(probe, sources, build_trainer(probe, sources, ResumePlan("weights")), tasks)
     if distributed.is_last_rank():
         print("\nheld-out evaluation (valid split; exact match of path 1 on held-out synthetic tasks)\n"
               + format_eval_table(rows))
@@ -85,17 +104,32 @@ def run(config: RunConfig, sources: build.DataSources) -> None:
               f"checkpoint in {config.save}")
 
 
-def main(config: RunConfig) -> int:
+def _lock(config: RunConfig):
+    """Rank 0 holds the run's outputs for the whole run; a second run on them is refused."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    where = config.save or (os.path.dirname(os.path.abspath(config.metrics_out)) if config.metrics_out else None)
+    if where is None:
+        return None
+    flag = "--save" if config.save else "--metrics-out"
+    return RunLock(where, flag)
+
+
+def main(config: RunConfig, plan: ResumePlan) -> int:
     try:
+        lock = _lock(config)
         config, sources = build.prepare_data(config)
+        if config.preset:  # the preset's data are known now: check them, and a resume against them
+            checks.check_data(config)
+            plan = checks.plan_resume(config, distributed.world_size_from_env())
         build.transformer_config(config)  # refuses what the model cannot honour before any process starts
-    except (build.DataError, ValueError) as err:
+    except (build.DataError, checks.CheckError, OutputError, ValueError) as err:
         raise SystemExit(f"ordmoe-pretrain: {err}") from None
     distributed.init_distributed(config.layout, config.seed)
     try:
-        run(config, sources)
-    except RunError as err:
-        raise SystemExit(f"ordmoe-pretrain: {err}") from None
+        run(config, sources, plan)
     finally:
         distributed.shutdown()
+        if lock is not None:
+            lock.release()
     return 0

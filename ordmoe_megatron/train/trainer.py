@@ -13,7 +13,10 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
+import uuid
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -27,6 +30,7 @@ from megatron.core.transformer.module import Float16Module
 from ordmoe_megatron.data.batches import shard_micro_batches
 from ordmoe_megatron.mcore.loss import lm_loss, reduce_reports
 from ordmoe_megatron.mcore.metrics import pop_moe_metrics
+from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
 from ordmoe_megatron.runtime import checkpointing
 from ordmoe_megatron.runtime.distributed import (
@@ -35,6 +39,7 @@ from ordmoe_megatron.runtime.distributed import (
     device,
     is_last_rank,
 )
+from ordmoe_megatron.train.checks import ResumePlan
 from ordmoe_megatron.train.config import RunConfig
 
 
@@ -49,6 +54,8 @@ class Trainer:
     num_microbatches: int  # per data-parallel rank and step
     iteration: int = 0
     make_stream: Optional[Callable[[str, int], Iterator[dict]]] = None  # (split, first micro-batch)
+    run_id: str = ""  # the run's identity: in its checkpoints and in every metrics line
+    stopped_by_signal: bool = False
 
     @property
     def num_paths(self) -> int:
@@ -83,9 +90,10 @@ def forward_step(data_iterator, model):
     return output, functools.partial(lm_loss, batch["loss_mask"])
 
 
-def setup(config: RunConfig, tconfig, chunks: list, make_stream) -> Trainer:
-    """Everything a step needs around the model ``chunks``; resumes model, optimizer, scheduler,
-    RNG and data position from ``config.load`` when it holds a checkpoint."""
+def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePlan) -> Trainer:
+    """Everything a step needs around the model ``chunks``; loads what ``plan`` says from
+    ``config.load``: the weights, or for a resume also the optimizer, the LR scheduler, the random
+    states and the data position."""
     if torch.cuda.is_available():
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
@@ -102,7 +110,8 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream) -> Trainer:
         optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr, lr_warmup_steps=config.lr_warmup_iters,
         lr_decay_steps=max(config.train_iters, config.lr_warmup_iters + 1), lr_decay_style="cosine",
         start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=max(config.train_iters, 1),
-        wd_incr_style="constant",
+        wd_incr_style="constant", override_opt_param_scheduler=config.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not config.override_opt_param_scheduler,
     )
     tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     tconfig.finalize_model_grads_func = finalize_model_grads
@@ -114,14 +123,14 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream) -> Trainer:
         forward_backward = get_forward_backward_func()
     _, dp_size = data_parallel_rank_and_size()
     trainer = Trainer(config, tconfig, model, optimizer, scheduler, forward_backward,
-                      config.global_batch_size // (config.micro_batch_size * dp_size), make_stream=make_stream)
-    if checkpointing.has_checkpoint(config.load):
-        # A converted ('release') checkpoint holds weights only; --finetune starts afresh from weights.
-        resume = not config.finetune and checkpointing.latest_iteration(config.load) is not None
-        run = checkpointing.load_checkpoint(config.load, chunks, optimizer if resume else None, load_rng=resume)
-        if resume:
-            trainer.iteration = run["iteration"]
-            scheduler.load_state_dict(run["scheduler"])
+                      config.global_batch_size // (config.micro_batch_size * dp_size), make_stream=make_stream,
+                      run_id=plan.run_id or uuid.uuid4().hex)
+    if plan.kind == "weights":
+        checkpointing.load_checkpoint(config.load, chunks, None, load_rng=False, optional=TierRouter.is_running_mean)
+    elif plan.loads:
+        run = checkpointing.load_checkpoint(config.load, chunks, optimizer, load_rng=plan.load_rng)
+        trainer.iteration = run["iteration"]
+        scheduler.load_state_dict(run["scheduler"])
     return trainer
 
 
@@ -141,6 +150,7 @@ def train_step(trainer: Trainer, data, before_optimizer_step=None) -> dict:
     moe = pop_moe_metrics(trainer.chunks, trainer.num_microbatches)
     paths = trainer.num_paths
     return {
+        "run_id": trainer.run_id,
         "iteration": trainer.iteration,
         "lm_loss": reduced["lm loss"],
         "rank_loss": reduced.get("rank loss"),
@@ -233,21 +243,48 @@ def save_grads_hook(path: str):
     return save
 
 
+class StopSignal:
+    """SIGTERM (the usual end of a SLURM job or a preempted pod) while training: the handler only
+    sets a flag; at the end of each step the ranks agree on it (one all-reduce), save, and stop,
+    as Megatron-LM's exit-signal handler does."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        self.signum, self.received = signum, False
+        self._previous = signal.signal(signum, self._handle) if threading.current_thread() is threading.main_thread() else None
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([int(self.received)], device=device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+
+
 def train(trainer: Trainer, run_meta: dict) -> list[dict]:
-    """The loop: steps, log lines, metrics JSON lines, evaluation, checkpoints."""
+    """The loop: steps, log lines, metrics JSON lines, evaluation, checkpoints. On SIGTERM it saves
+    (with --save) and stops after the step; ``trainer.stopped_by_signal`` says so."""
     config = trainer.config
     logging = is_last_rank()
-    metrics_file = _open_metrics(config.metrics_out, trainer.iteration) if config.metrics_out and logging else None
+    metrics_file = _open_metrics(config.metrics_out, trainer.iteration, trainer.run_id) \
+        if config.metrics_out and logging else None
     _, dp_size = data_parallel_rank_and_size()
     data = trainer.data("train", trainer.iteration * trainer.num_microbatches * dp_size)
     history, window = [], []
+    stop = StopSignal()
 
     def save():
         checkpointing.save_checkpoint(config.save, trainer.iteration, checkpointing.sharded_model_state(trainer.chunks),
-                                      trainer.optimizer, {**run_meta, "scheduler": trainer.scheduler.state_dict()})
+                                      trainer.optimizer, {**run_meta, "run_id": trainer.run_id,
+                                                          "scheduler": trainer.scheduler.state_dict()})
         if logging:
             print(f" saved checkpoint at iteration {trainer.iteration:8d} to {config.save}", flush=True)
 
+    saved_at = None
     try:
         while trainer.iteration < config.train_iters:
             hook = save_grads_hook(config.save_grads) if config.save_grads and not history else None
@@ -263,6 +300,9 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
                 print(format_log_line(it, config.train_iters, mean_record(window), 1000 * seconds / len(window),
                                       sum(r["tokens"] for r in window) / seconds), flush=True)
                 window = []
+            if stop.agreed():
+                trainer.stopped_by_signal = True
+                break
             if config.eval_interval and config.eval_iters and it % config.eval_interval == 0 and trainer.make_stream:
                 result = evaluate_paths(trainer, trainer.data("valid"), config.eval_iters)
                 if logging:
@@ -270,20 +310,28 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
                           + " / ".join(f"{p:.2f}" for p in result["path_perplexity"]) + " |", flush=True)
             if config.save and config.save_interval and it % config.save_interval == 0:
                 save()
+                saved_at = it
     finally:
+        stop.restore()
         if metrics_file:
             metrics_file.close()
-    if config.save and history and not (config.save_interval and trainer.iteration % config.save_interval == 0):
+    if config.save and history and saved_at != trainer.iteration:
         save()
+    if trainer.stopped_by_signal and logging:
+        print(f" stopped by signal {stop.signum} at iteration {trainer.iteration}: "
+              + (f"saved to {config.save}; run the same command to resume" if config.save
+                 else "no --save was given, so nothing was saved"), flush=True)
     return history
 
 
-def _open_metrics(path: str, resumed_at: int):
-    """Append after a resume (dropping lines past the checkpoint); otherwise start the file."""
+def _open_metrics(path: str, resumed_at: int, run_id: str):
+    """Keep this run's lines up to the checkpoint (a resume appends after them); start the file
+    for a new run."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    kept = []
     if resumed_at and os.path.exists(path):
-        kept = [line for line in open(path) if line.strip() and json.loads(line)["iteration"] <= resumed_at]
-        f = open(path, "w")
-        f.writelines(kept)
-        return f
-    return open(path, "w")
+        records = (json.loads(line) for line in open(path) if line.strip())
+        kept = [json.dumps(r) + "\n" for r in records if r.get("run_id") == run_id and r["iteration"] <= resumed_at]
+    f = open(path, "w")
+    f.writelines(kept)
+    return f

@@ -53,6 +53,7 @@ def count_all_to_alls(rank, world_size, num_tiers):
     """One EP-2 training step; the number of all-to-all collectives this rank issued."""
     from ordmoe_megatron.runtime.distributed import init_model_parallel
     from ordmoe_megatron.train import build, cli
+    from ordmoe_megatron.train.checks import ResumePlan
     from ordmoe_megatron.train.trainer import setup, train_step
 
     calls = []
@@ -71,7 +72,8 @@ def count_all_to_alls(rank, world_size, num_tiers):
     ]))
     tconfig = build.transformer_config(config)
     init_model_parallel(config.layout, config.seed)
-    trainer = setup(config, tconfig, build.model_chunks(config, tconfig), build.stream_factory(config, build.DataSources()))
+    trainer = setup(config, tconfig, build.model_chunks(config, tconfig), build.stream_factory(config, build.DataSources()),
+                    ResumePlan("new"))
     data = trainer.data("train")
     calls.clear()
     train_step(trainer, data)

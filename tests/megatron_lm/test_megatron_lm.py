@@ -168,6 +168,7 @@ from ordmoe_megatron.megatron_lm import arguments, hooks  # noqa: E402
 def _parser():
     parser = argparse.ArgumentParser(prog="pretrain_gpt.py")
     parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--load", default=None)
     return parser
 
 
@@ -195,6 +196,27 @@ def test_bad_flag_ends_the_parse_with_a_message_naming_it(capsys):
         parser.parse_args(["--ordmoe", "--ordmoe-rewards", "0", "0.5", "1"])
     assert exit_info.value.code == 2
     assert "pretrain_gpt.py: error: --ordmoe-rewards [0.0, 0.5, 1.0] must be strictly decreasing" in capsys.readouterr().err
+
+
+def test_rewards_that_are_not_finite_end_the_parse(capsys):
+    parser = megatron_lm.extra_args_provider(check_now=False)(_parser())
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--ordmoe", "--ordmoe-rewards", "nan", "0.5", "0"])
+    assert exit_info.value.code == 2 and "must be finite numbers" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_to_load_ends_the_parse_naming_the_file(tmp_path, capsys):
+    """The checkpoint check every front end makes, before Megatron-LM builds anything."""
+    load = tmp_path / "ckpt"
+    (load / "iter_0000003").mkdir(parents=True)
+    (load / "latest_checkpointed_iteration.txt").write_text("3")
+    (load / "iter_0000003" / "metadata.json").write_text('{"sharded_backend": "torch_dist", '
+                                                         '"sharded_backend_version": 1, "common_backend": "torch"}')
+    parser = megatron_lm.extra_args_provider(check_now=False)(_parser())
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--ordmoe", "--load", str(load)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "common.pt is missing" in err and str(load) in err
 
 
 def _ordmoe_args(*argv, **extra):
