@@ -28,5 +28,6 @@ setup(
     entry_points={"console_scripts": [
         "ordmoe-pretrain=ordmoe_megatron.entrypoints:pretrain",
         "ordmoe-tier-report=ordmoe_megatron.entrypoints:tier_report",
+        "ordmoe-sweep=ordmoe_megatron.entrypoints:sweep",
     ]},
 )

@@ -28,3 +28,10 @@ def tier_report(argv: Optional[Sequence[str]] = None) -> int:
     from ordmoe_megatron.report.cli import main
 
     return main(argv)
+
+
+def sweep(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet_megatron_import_warnings()
+    from ordmoe_megatron.sweep.cli import main
+
+    return main(argv)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from ordmoe_megatron.method import ADVANTAGE_MODES, GROUPINGS, RANKINGS, OrdMoEConfig
+from ordmoe_megatron.method import ADVANTAGE_MODES, GROUPINGS, OBJECTIVES, PATH_SCHEDULES, RANKINGS, OrdMoEConfig
 
 # The flags that choose the tier paths (what the tier report takes); the rest shape the loss.
 TIER_FLAGS = ("ordmoe_num_tiers", "ordmoe_grouping", "ordmoe_tier_ranks", "ordmoe_layer_scope", "ordmoe_ranking")
@@ -44,6 +44,17 @@ def add_ordmoe_args(parser: argparse.ArgumentParser, tier_flags_only: bool = Fal
                             "(a number, 'vocab' for -log(vocab size), or 'none'). Off by default.")
     group.add_argument("--ordmoe-lazy-fanout", action=argparse.BooleanOptionalAction, default=True,
                        help="Run the layers before the first tier-routed layer once, not C times.")
+    group.add_argument("--ordmoe-objective", choices=OBJECTIVES, default="advantage",
+                       help="Tier-ranking objective: advantage (the paper's Eq. 9), pairwise-logistic or "
+                            "plackett-luce (bounded preference objectives over the tier order).")
+    group.add_argument("--ordmoe-beta", type=float, default=1.0,
+                       help="Scale of log-likelihood differences in the preference objectives.")
+    group.add_argument("--ordmoe-path-schedule", choices=PATH_SCHEDULES, default="fused",
+                       help="fused: all paths of a micro-batch in one forward (fastest, C x activations); "
+                            "sequential: one path after another (the plain model's activation memory).")
+    group.add_argument("--ordmoe-lower-path-fraction", type=float, default=1.0,
+                       help="Run paths 2..C on this random share of each micro-batch's sequences (an unbiased "
+                            "estimate of the rank loss's gradient; 1.0 is the paper's).")
     return parser
 
 
@@ -53,6 +64,7 @@ def ordmoe_config_from_args(args: argparse.Namespace) -> Optional[OrdMoEConfig]:
     if not getattr(args, "ordmoe", True):
         return None
     names = {"num_tiers", "grouping", "tier_ranks", "layer_scope", "ranking", "rewards", "advantage",
-             "rank_loss_coeff", "logprob_floor", "lazy_fanout"}
+             "rank_loss_coeff", "logprob_floor", "lazy_fanout", "objective", "beta", "path_schedule",
+             "lower_path_fraction"}
     given = {name: getattr(args, "ordmoe_" + name) for name in names if hasattr(args, "ordmoe_" + name)}
     return OrdMoEConfig(**given)

@@ -12,7 +12,7 @@ INNER_IMPORTS_ALLOWED = {
 }
 FLOORS = {
     "method": 0, "runtime": 1, "data": 1, "mcore": 2, "flags": 2,
-    "train": 3, "megatron_lm": 3, "convert": 3, "report": 3, "entrypoints": 4,
+    "train": 3, "megatron_lm": 3, "convert": 3, "report": 3, "sweep": 4, "entrypoints": 5,
 }
 
 

@@ -4,8 +4,9 @@ All ``C`` paths are stacked on the batch dimension and routed by one router call
 all-to-all dispatcher already moves every path's tokens in one all-to-all per direction (the
 same number of collectives as plain top-K). One thing it assumes does not hold: dropless
 dispatch sizes its permutation buffer as ``tokens x top-K``, while a path whose tier is not K
-wide (an explicit, uneven layout) selects another number of experts. The size is still known
-without a device sync: tokens per path times the sum of the paths' tier widths.
+wide (an explicit, uneven layout) selects another number of experts, and sub-sampled lower paths
+have fewer tokens than path 1. The size is still known without a device sync: each path's
+tokens times its tier width, which the router records (``TierRouter.routed_slots``).
 
 FP8 padding (``--moe-router-padding-for-quantization``, set by ``--fp8-format`` on GPU) works on
 the stacked routing map, so each expert's token count is padded for all paths together.
@@ -31,8 +32,7 @@ class OrdMoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             or self.config.moe_router_padding_for_quantization
         )
         if not dynamic:
-            widths = self.router.path_widths()
-            self.num_out_tokens = routing_map.size(0) // len(widths) * sum(widths)
+            self.num_out_tokens = self.router.routed_slots
         return tokens_per_expert
 
 

@@ -1,8 +1,10 @@
 """The OrdMoE loss in Megatron's loss-function convention ``(loss, num_tokens, report)``.
 
-``output_tensor`` is the per-token loss ``[C*b, s]`` that ``OrdMoEGPTModel`` returns with
-labels. The returned loss is ``L_NTP`` summed over path-1 tokens plus the rank-loss term scaled
-so that Megatron's schedules turn it into ``λ·L_ERL``:
+``ordmoe_loss`` takes the per-token loss of all paths of a micro-batch (the fused schedule);
+``ordmoe_path_loss`` takes one path's (the sequential schedule) and gives it its share of the
+same loss, so that the gradients are the fused ones. The returned loss is ``L_NTP`` summed over
+path-1 tokens plus the rank-loss term scaled so that Megatron's schedules turn it into
+``λ·L_ERL``:
 
 - default: the schedule divides by this micro-batch's token count, so the rank term is
   ``λ · mean_i ERL_i · num_tokens``: the rank loss is the mean over sequences, averaged over
@@ -11,17 +13,20 @@ so that Megatron's schedules turn it into ``λ·L_ERL``:
   ``λ · sum_i |m_i| · ERL_i``: each sequence's rank loss weighs by its number of loss tokens,
   as each token does in the LM loss.
 
-Every report entry is a ``[numerator, denominator]`` pair, which Megatron sums over
-micro-batches and all-reduces over data-parallel ranks before dividing, so logged values do not
-depend on the parallel layout.
+Sub-sampled lower paths (``lower_rows``, ``m`` of the ``b`` sequences): the rank loss runs over
+those sequences only, scaled by ``b / m``, an unbiased estimate of the full term; the LM loss
+keeps every sequence. Every report entry is a ``[numerator, denominator]`` pair, which Megatron
+sums over micro-batches and all-reduces over data-parallel ranks before dividing, so logged values
+do not depend on the parallel layout; the rank entries count the sub-sampled sequences.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from ordmoe_megatron.method import OrdMoEConfig, expert_rank_loss, sequence_logprobs, tier_order_correct
+from ordmoe_megatron.method import OrdMoEConfig, rank_loss, rank_loss_weights, sequence_logprobs, tier_order_correct
 
 
 def _pair(numerator: torch.Tensor, denominator) -> torch.Tensor:
@@ -40,6 +45,14 @@ def lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": _pair(loss, num_tokens)}
 
 
+def report_keys(num_paths: int) -> list[str]:
+    """The loss report's entries for ``num_paths`` paths, in order (Megatron-LM reduces the keys of
+    the first micro-batch's report, so every micro-batch reports all of them)."""
+    if num_paths == 1:
+        return ["lm loss"]
+    return ["lm loss", "rank loss"] + [f"path{j + 1} logprob" for j in range(num_paths)] + ["tier order acc"]
+
+
 def ordmoe_loss(
     loss_mask: torch.Tensor,
     output_tensor: torch.Tensor,
@@ -48,35 +61,131 @@ def ordmoe_loss(
     num_paths: int,
     vocab_size: int,
     per_token_loss: bool = False,
+    lower_rows: Optional[torch.Tensor] = None,
 ):
-    """Loss function for Megatron schedules: bind everything but ``output_tensor`` with partial."""
+    """Loss function of the fused schedule: ``output_tensor`` is the per-token loss
+    ``[b + (C-1)*m, s]``, path-major; ``lower_rows`` the ``m`` sequences of the lower paths
+    (None: all). Bind everything but ``output_tensor`` with partial."""
     batch, seq = loss_mask.shape[0], loss_mask.shape[-1]
-    token_nll = output_tensor.float().view(num_paths, batch, seq)
-    mask = loss_mask.view(batch, seq).float()
-    lm, num_tokens, report = lm_loss(mask, token_nll[0])
+    mask = loss_mask.reshape(batch, seq).float()
+    nll = output_tensor.float().reshape(-1, seq)
+    lm, num_tokens, report = lm_loss(mask, nll[:batch])
     if num_paths == 1:
         return lm, num_tokens, report
 
-    tokens_per_seq = mask.sum(-1)
+    top, sub_mask = (nll[:batch], mask) if lower_rows is None else (nll[:batch][lower_rows], mask[lower_rows])
+    rows = sub_mask.shape[0]
+    path_logprobs = sequence_logprobs(torch.cat([top, nll[batch:]]).view(num_paths, rows, seq), sub_mask)
+    per_seq_rank = rank_loss(path_logprobs, ordmoe.objective, reduction="none", **ordmoe.objective_kwargs(vocab_size))
+    coeffs = _rank_coefficients(mask, sub_mask, num_tokens, ordmoe.rank_loss_coeff, per_token_loss)
+    report.update(_rank_report(path_logprobs, per_seq_rank, sub_mask, per_token_loss))
+    return lm + (coeffs * per_seq_rank).sum(), num_tokens, report
+
+
+@dataclass
+class MicroBatchPaths:
+    """What ``ordmoe_path_loss`` keeps between the paths of one micro-batch, on the last pipeline
+    stage: each path's per-sequence log-likelihoods (over the rank loss's sequences) and path 1's
+    LM report; for an objective that is not linear in each path, all paths' log-likelihoods from
+    a forward-only pre-pass."""
+
+    logprobs: dict = field(default_factory=dict)  # path -> [m], detached
+    lm_report: Optional[torch.Tensor] = None
+    weight_logprobs: Optional[torch.Tensor] = None  # [C, m]
+
+
+def ordmoe_path_loss(
+    loss_mask: torch.Tensor,
+    output_tensor: torch.Tensor,
+    *,
+    path: int,
+    paths_of_micro_batch: MicroBatchPaths,
+    ordmoe: OrdMoEConfig,
+    num_paths: int,
+    vocab_size: int,
+    per_token_loss: bool = False,
+    lower_rows: Optional[torch.Tensor] = None,
+    weights_needed: bool = True,
+):
+    """Loss function of the sequential schedule for path ``path`` of a micro-batch:
+    ``output_tensor`` is that path's per-token loss (``[b, s]`` for path 1, ``[m, s]`` on the
+    ``lower_rows`` for a lower path). Its loss is its share of ``ordmoe_loss``: path 1's LM loss
+    plus ``sum_i coeff_i * w_ji * L_ji`` over the rank loss's sequences, with
+    ``w_ji = d ERL_i / d L_ji`` held constant, whose gradient in this path is the fused loss's.
+    The schedule runs a micro-batch's paths in order and scales Megatron's per-micro-batch
+    division (see ``mcore.schedules``); the last path returns the micro-batch's whole report, the
+    others zero pairs. ``weights_needed`` False (forward-only) lets an objective that is not
+    linear in each path run without its pre-pass."""
+    batch, seq = loss_mask.shape[0], loss_mask.shape[-1]
+    mask = loss_mask.reshape(batch, seq).float()
+    nll = output_tensor.float().reshape(-1, seq)
+    num_tokens = mask.sum().to(torch.int)
+    sub_mask = mask if lower_rows is None else mask[lower_rows]
+    state = paths_of_micro_batch
+    if path == 0:
+        lm, _, lm_report = lm_loss(mask, nll)
+        state.lm_report = lm_report["lm loss"]
+        rows_nll = nll if lower_rows is None else nll[lower_rows]
+    else:
+        lm, rows_nll = 0.0, nll
+    logprobs = sequence_logprobs(rows_nll.unsqueeze(0), sub_mask)[0]  # [m]
+    state.logprobs[path] = logprobs.detach()
+
+    kwargs = ordmoe.objective_kwargs(vocab_size)
+    if ordmoe.linear_objective:  # the weight needs this path's own values only (the floor)
+        own = torch.zeros(num_paths, logprobs.shape[0], dtype=logprobs.dtype, device=logprobs.device)
+        own[path] = logprobs.detach()
+        weights = rank_loss_weights(own, ordmoe.objective, **kwargs)[path]
+    elif state.weight_logprobs is not None:
+        weights = rank_loss_weights(state.weight_logprobs, ordmoe.objective, **kwargs)[path]
+    elif weights_needed:
+        raise RuntimeError(f"--ordmoe-objective {ordmoe.objective} with the sequential path schedule needs every "
+                           "path's log-likelihoods before the backward (the schedule's forward-only pre-pass)")
+    else:
+        weights = torch.zeros_like(logprobs)
+    coeffs = _rank_coefficients(mask, sub_mask, num_tokens, ordmoe.rank_loss_coeff, per_token_loss)
+    loss = lm + (coeffs * weights * logprobs).sum()
+    # Per-token loss: the schedule sums num_tokens over micro-batches, so count them once.
+    path_tokens = num_tokens if (path == 0 or not per_token_loss) else torch.zeros_like(num_tokens)
+
+    if path < num_paths - 1:
+        return loss, path_tokens, _zero_report(num_paths, loss.device)
+    path_logprobs = torch.stack([state.logprobs[j] for j in range(num_paths)])
+    per_seq_rank = rank_loss(path_logprobs, ordmoe.objective, reduction="none", **kwargs)
+    report = {"lm loss": state.lm_report}
+    report.update(_rank_report(path_logprobs, per_seq_rank, sub_mask, per_token_loss))
+    return loss, path_tokens, report
+
+
+def _rank_coefficients(mask, sub_mask, num_tokens, coeff: float, per_token_loss: bool) -> torch.Tensor:
+    """Per sub-sampled sequence, what its rank loss is multiplied by in the returned loss (see the
+    module docstring); ``b / m`` makes the sub-sampled sum an unbiased estimate of the full one."""
+    scale = coeff * mask.shape[0] / sub_mask.shape[0]
+    tokens_per_seq = sub_mask.sum(-1)
+    if per_token_loss:
+        return scale * tokens_per_seq
+    n_valid = (mask.sum(-1) > 0).sum().clamp(min=1)
+    return scale * (tokens_per_seq > 0).float() * num_tokens / n_valid
+
+
+def _rank_report(path_logprobs: torch.Tensor, per_seq_rank: torch.Tensor, sub_mask: torch.Tensor,
+                 per_token_loss: bool) -> dict:
+    tokens_per_seq = sub_mask.sum(-1)
     valid = (tokens_per_seq > 0).float()
     n_valid = valid.sum()
-    path_logprobs = sequence_logprobs(token_nll, mask)  # [C, b]
-    per_seq_rank = expert_rank_loss(
-        path_logprobs, ordmoe.rewards, ordmoe.advantage, ordmoe.floor_value(vocab_size), reduction="none"
-    )
+    report = {}
     if per_token_loss:
-        rank_term = (per_seq_rank * tokens_per_seq).sum()
-        report["rank loss"] = _pair(rank_term, num_tokens)
+        report["rank loss"] = _pair((per_seq_rank * tokens_per_seq).sum(), tokens_per_seq.sum())
     else:
-        rank_mean = (per_seq_rank * valid).sum() / n_valid.clamp(min=1)
-        rank_term = rank_mean * num_tokens
         report["rank loss"] = _pair((per_seq_rank * valid).sum(), n_valid)
-    loss = lm + ordmoe.rank_loss_coeff * rank_term
-
-    for j in range(num_paths):
+    for j in range(path_logprobs.shape[0]):
         report[f"path{j + 1} logprob"] = _pair((path_logprobs[j] * valid).sum(), n_valid)
     report["tier order acc"] = _pair((tier_order_correct(path_logprobs) * valid).sum(), n_valid)
-    return loss, num_tokens, report
+    return report
+
+
+def _zero_report(num_paths: int, device) -> dict:
+    return {key: torch.zeros(2, device=device) for key in report_keys(num_paths)}
 
 
 def reduce_reports(reports: list[dict], group: Optional[torch.distributed.ProcessGroup] = None) -> dict:

@@ -5,6 +5,7 @@ Both are read and reset here, once per logged step.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional
 
 import torch
@@ -26,6 +27,21 @@ def pop_tier_load_by_layer(chunks: Iterable[torch.nn.Module]) -> dict[int, torch
         if load is not None:
             out[router.layer_number] = load
     return out
+
+
+@contextlib.contextmanager
+def tier_load_paused(chunks: Iterable[torch.nn.Module]):
+    """Forwards inside do not count towards the per-tier load (evaluation between training steps,
+    the sequential schedule's forward-only pre-pass)."""
+    routers = tier_routers(chunks)
+    saved = [r.count_tier_load for r in routers]
+    for router in routers:
+        router.count_tier_load = False
+    try:
+        yield
+    finally:
+        for router, value in zip(routers, saved):
+            router.count_tier_load = value
 
 
 def tier_load_max_over_mean(loads: dict[int, torch.Tensor]) -> Optional[list[float]]:

@@ -6,6 +6,10 @@ layer then processes all paths at once, each MoE layer doing one dispatch and on
 the output is the per-token loss ``[C*b, s]`` (with labels) or logits for every path.
 Attention, dense MLPs, embeddings and the output layer are shared weights; rows never mix.
 
+Rows (``set_path_rows``): with several paths, the rows the lower paths run on (sub-sampled
+lower paths: ``m`` of the ``b`` rows, so the stack is ``[s, b + (C-1)*m, h]``); with one path
+alone (``set_path_tiers([j])``, the sequential schedule), the rows that path runs on.
+
 Lazy fan-out: when the first tier-routed layer ``L`` is not layer 1 (dense first layers, or a
 partial layer scope), the paths are identical up to ``L``, so the model runs the embedding and
 layers ``1..L-1`` once and repeats the hidden states just before layer ``L``. With pipeline
@@ -48,6 +52,7 @@ class OrdMoEGPTModel(GPTModel):
         if self.fanout_layer is not None:
             layer = next(l for l in self.decoder.layers if l.layer_number == self.fanout_layer)
             layer.register_forward_pre_hook(self._fan_out_before_layer, with_kwargs=True)
+        self.path_rows: Optional[torch.Tensor] = None
         self.set_path_tiers(list(range(ordmoe.num_tiers)))
 
     def _lazy_fanout_layer(self) -> Optional[int]:
@@ -60,11 +65,11 @@ class OrdMoEGPTModel(GPTModel):
     def _fan_out_before_layer(self, module, args, kwargs):
         if self.num_paths == 1:
             return None
-        kwargs["hidden_states"] = _repeat_batch(kwargs["hidden_states"], self.num_paths, dim=1)
+        kwargs["hidden_states"] = self.stack_paths(kwargs["hidden_states"], dim=1)
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.shape[0] > 1:
-            kwargs["attention_mask"] = _repeat_batch(mask, self.num_paths, dim=0)
-        kwargs["padding_mask"] = _repeat_batch(kwargs.get("padding_mask"), self.num_paths, dim=0)
+            kwargs["attention_mask"] = self.stack_paths(mask, dim=0)
+        kwargs["padding_mask"] = self.stack_paths(kwargs.get("padding_mask"), dim=0)
         return args, kwargs
 
     def tier_routers(self) -> list[TierRouter]:
@@ -81,8 +86,30 @@ class OrdMoEGPTModel(GPTModel):
             raise ValueError(f"path tiers {path_tiers} must be tier indices 0..{self.ordmoe.num_tiers - 1}")
         self.path_tiers = list(path_tiers)
         for router in self.tier_routers():
-            before_fanout = self.fanout_layer is not None and router.layer_number < self.fanout_layer
-            router.path_tiers = [0] if before_fanout else self.path_tiers
+            router.path_tiers = [0] if self._before_fanout(router) else self.path_tiers
+        self.set_path_rows(self.path_rows)  # the routers' row counts follow the number of paths
+
+    def set_path_rows(self, rows: Optional[torch.Tensor]) -> None:
+        """The rows of the micro-batch to run (None: all of them): with several paths, the rows
+        of the lower paths (path 1 runs every row); with one path, that path's. Set for each
+        micro-batch (``mcore.schedules`` does); the routers learn how many rows each lower path
+        has, on every pipeline stage."""
+        self.path_rows = rows
+        for router in self.tier_routers():
+            router.lower_path_rows = None if rows is None or self.num_paths == 1 else len(rows)
+
+    def stack_paths(self, tensor: Optional[torch.Tensor], dim: int) -> Optional[torch.Tensor]:
+        """``tensor``'s rows (along ``dim``) for every path, path-major (see ``set_path_rows``)."""
+        if tensor is None:
+            return None
+        rows = self.path_rows
+        chosen = tensor if rows is None else tensor.index_select(dim, rows.to(tensor.device))
+        if self.num_paths == 1:
+            return chosen
+        return torch.cat([tensor] + [chosen] * (self.num_paths - 1), dim=dim)
+
+    def _before_fanout(self, router: TierRouter) -> bool:
+        return self.fanout_layer is not None and router.layer_number < self.fanout_layer
 
     def forward(
         self,
@@ -95,18 +122,19 @@ class OrdMoEGPTModel(GPTModel):
         padding_mask: Optional[torch.Tensor] = None,
         **kwargs,
     ):
-        paths = self.num_paths
-        if paths > 1:
-            labels = _repeat_batch(labels, paths, dim=0)
-        if paths > 1 and self.fanout_layer is None:
+        labels = self.stack_paths(labels, dim=0)
+        # Whether this forward's rows differ from the micro-batch's (several paths, or one lower
+        # path on sub-sampled rows); the fan-out hook stacks them instead when there is one.
+        restacked = self.num_paths > 1 or self.path_rows is not None
+        if restacked and (self.fanout_layer is None or self.num_paths == 1):
             if self.pre_process:
                 if decoder_input is None:
                     decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
                     padding_mask = self._scatter_padding_mask(padding_mask)
-                decoder_input = decoder_input.repeat(1, paths, 1)
-            padding_mask = _repeat_batch(padding_mask, paths, dim=0)
+                decoder_input = self.stack_paths(decoder_input, dim=1)
+            padding_mask = self.stack_paths(padding_mask, dim=0)
             if attention_mask is not None and attention_mask.shape[0] > 1:
-                attention_mask = _repeat_batch(attention_mask, paths, dim=0)
+                attention_mask = self.stack_paths(attention_mask, dim=0)
         return super().forward(
             input_ids, position_ids, attention_mask, decoder_input, labels, *args, padding_mask=padding_mask, **kwargs
         )
@@ -118,11 +146,3 @@ class OrdMoEGPTModel(GPTModel):
             return padding_mask
         scattered = tensor_parallel.scatter_to_sequence_parallel_region(padding_mask.transpose(0, 1).contiguous())
         return scattered.transpose(0, 1).contiguous()
-
-
-def _repeat_batch(tensor: Optional[torch.Tensor], paths: int, dim: int) -> Optional[torch.Tensor]:
-    if tensor is None:
-        return None
-    reps = [1] * tensor.dim()
-    reps[dim] = paths
-    return tensor.repeat(*reps)

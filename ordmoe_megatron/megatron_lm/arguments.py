@@ -176,6 +176,10 @@ def validate(args, need_model_config: bool):
     if args.ordmoe:
         try:
             ordmoe = ordmoe_config_from_args(args)
+            ordmoe.check_pipeline(getattr(args, "micro_batch_size", 1) or 1,
+                                  getattr(args, "pipeline_model_parallel_size", 1) or 1,
+                                  bool(getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+                                       or getattr(args, "virtual_pipeline_model_parallel_size", None)))
         except ValueError as err:
             raise OrdMoEArgumentError(str(err)) from None
         for refused, message in (

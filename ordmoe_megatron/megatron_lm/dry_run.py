@@ -17,7 +17,6 @@ def describe_run(args: argparse.Namespace, ordmoe: Optional[OrdMoEConfig], confi
     tp, pp, cp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size
     dp = a.data_parallel_size
     ep, etp = a.expert_model_parallel_size, a.expert_tensor_parallel_size
-    paths = ordmoe.num_tiers if ordmoe is not None else 1
     num_micro = a.global_batch_size // (a.micro_batch_size * dp)
     if a.fp8:
         precision = f"fp8 {a.fp8} (recipe {getattr(a, 'fp8_recipe', 'delayed')}), params {_dtype(a.params_dtype)}"
@@ -50,7 +49,8 @@ def describe_run(args: argparse.Namespace, ordmoe: Optional[OrdMoEConfig], confi
         f"{a.virtual_pipeline_model_parallel_size or 1}, layers per pipeline stage {a.num_layers // pp}, "
         f"distributed optimizer {bool(a.use_distributed_optimizer)}",
         f"  activations between pipeline stages: [{a.seq_length // (tp if a.sequence_parallel else 1)}, "
-        f"{paths} x {a.micro_batch_size}, {a.hidden_size}]",
+        f"{ordmoe.stage_batch_rows(a.micro_batch_size) if ordmoe is not None else a.micro_batch_size}, "
+        f"{a.hidden_size}]",
         "tier layout:",
     ]
     if ordmoe is None:

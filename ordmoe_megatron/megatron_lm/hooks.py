@@ -168,7 +168,8 @@ def _get_forward_backward_func(**schedule_kwargs):
     if ordmoe is None or not ordmoe.enabled:
         return _ORIGINALS["get_forward_backward_func"](**schedule_kwargs)
     forward_backward = get_ordmoe_forward_backward_func(
-        ordmoe, args.padded_vocab_size, per_token_loss=args.calculate_per_token_loss, **schedule_kwargs
+        ordmoe, args.padded_vocab_size, per_token_loss=args.calculate_per_token_loss, seed=args.seed,
+        step_fn=lambda: getattr(args, "curr_iteration", 0), **schedule_kwargs
     )
 
     @functools.wraps(forward_backward)
@@ -208,6 +209,8 @@ def _check_losses(args, ordmoe: OrdMoEConfig, reports) -> None:
         return
     machine = get_rerun_state_machine()
     for report in reports:
+        if not any(float(pair[1]) for pair in report.values()):
+            continue  # a sequential schedule's path before the last: its micro-batch reports at the last
         loss = report["lm loss"][0]
         if "rank loss" in report:
             loss = loss + ordmoe.rank_loss_coeff * report["rank loss"][0]
@@ -234,6 +237,11 @@ def shared_prefix_layers(args, ordmoe: Optional[OrdMoEConfig]) -> int:
                                        getattr(args, "recompute_granularity", None) == "full")
 
 
+def lower_path_share(args, ordmoe: OrdMoEConfig) -> float:
+    """The share of each micro-batch's sequences the lower paths run on (``m / b``)."""
+    return ordmoe.lower_path_rows(args.micro_batch_size) / args.micro_batch_size
+
+
 def ordmoe_num_floating_point_operations(args, batch_size, base: Optional[Callable] = None, **token_counts) -> float:
     """Megatron-LM's ``num_floating_point_operations`` for an OrdMoE run:
     ``mcore.flops.ordmoe_step_flops`` of ``base(args, batch_size, **token_counts)`` and of the
@@ -250,7 +258,8 @@ def ordmoe_num_floating_point_operations(args, batch_size, base: Optional[Callab
         return base(args, batch_size, **token_counts)
     shared = shared_prefix_layers(args, ordmoe)
     shared_flops = _layer_flops(base, args, batch_size, list(range(shared)), **token_counts) if shared else 0.0
-    return ordmoe_step_flops(base(copy.copy(args), batch_size, **token_counts), shared_flops, ordmoe.num_tiers)
+    return ordmoe_step_flops(base(copy.copy(args), batch_size, **token_counts), shared_flops, ordmoe.num_tiers,
+                             lower_path_share(args, ordmoe))
 
 
 def flops_factor(args, ordmoe: Optional[OrdMoEConfig], base: Optional[Callable] = None) -> float:
@@ -258,7 +267,7 @@ def flops_factor(args, ordmoe: Optional[OrdMoEConfig], base: Optional[Callable] 
     if ordmoe is None or not ordmoe.enabled:
         return 1.0
     if not shared_prefix_layers(args, ordmoe):
-        return ordmoe_step_flops(1.0, 0.0, ordmoe.num_tiers)
+        return ordmoe_step_flops(1.0, 0.0, ordmoe.num_tiers, lower_path_share(args, ordmoe))
     if base is None:
         from megatron.training.training import num_floating_point_operations as base
     args = copy.copy(args)

@@ -1,10 +1,16 @@
 """The OrdMoE method in plain PyTorch: tiers, the objective, the configuration. No Megatron import."""
-from ordmoe_megatron.method.config import RANKINGS, OrdMoEConfig, parse_layer_scope
+from ordmoe_megatron.method.config import PATH_SCHEDULES, RANKINGS, OrdMoEConfig, parse_layer_scope
 from ordmoe_megatron.method.layers import moe_layer_numbers, moe_layer_pattern, parse_moe_layer_freq
 from ordmoe_megatron.method.objective import (
     ADVANTAGE_MODES,
+    LINEAR_OBJECTIVES,
+    OBJECTIVES,
     default_rewards,
     expert_rank_loss,
+    pairwise_logistic_loss,
+    plackett_luce_loss,
+    rank_loss,
+    rank_loss_weights,
     rank_advantages,
     sequence_logprobs,
     tier_order_correct,
@@ -17,6 +23,7 @@ from ordmoe_megatron.method.tiers import (
     parse_rank_spec,
     rank_order,
     ranking_scores,
+    route_to_experts,
     routing_scores,
     select_tier,
     tier_gating,

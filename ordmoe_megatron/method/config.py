@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ordmoe_megatron.method.layers import moe_layer_numbers
-from ordmoe_megatron.method.objective import ADVANTAGE_MODES, default_rewards
+from ordmoe_megatron.method.objective import ADVANTAGE_MODES, LINEAR_OBJECTIVES, OBJECTIVES, default_rewards
 from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
 from ordmoe_megatron.method.tiers import GROUPINGS, format_tiers, tier_ranks
 
 RANKINGS = ("token", "average")
+# fused: all paths of a micro-batch in one forward ([s, C*b, h]); sequential: each path its own
+# forward and backward, one after another (plain activation memory and p2p shapes).
+PATH_SCHEDULES = ("fused", "sequential")
 
 
 def parse_layer_scope(scope: Optional[str]) -> Optional[list[int]]:
@@ -41,6 +44,10 @@ class OrdMoEConfig:
     logprob_floor: Union[None, float, str] = None  # a float, or "vocab" for -log(vocab size)
     ranking: str = "token"
     lazy_fanout: bool = True
+    objective: str = "advantage"  # OBJECTIVES: the paper's (Eq. 9), pairwise-logistic, plackett-luce
+    beta: float = 1.0  # the preference objectives' scale of log-likelihood differences
+    path_schedule: str = "fused"  # PATH_SCHEDULES
+    lower_path_fraction: float = 1.0  # the share of each micro-batch's sequences paths 2..C run on
     scope_layers: Optional[list[int]] = field(init=False, default=None)
 
     def __post_init__(self):
@@ -83,6 +90,18 @@ class OrdMoEConfig:
                 ) from None
         if isinstance(self.logprob_floor, float) and self.logprob_floor > 0:
             raise ValueError(f"--ordmoe-logprob-floor={self.logprob_floor} is a log-likelihood and must be <= 0")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--ordmoe-objective='{self.objective}' is not one of {', '.join(OBJECTIVES)}")
+        if self.logprob_floor is not None and self.objective != "advantage":
+            raise ValueError(f"--ordmoe-logprob-floor is for the advantage objective; --ordmoe-objective "
+                             f"{self.objective} is bounded already: drop the floor")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"--ordmoe-beta={self.beta} must be a finite number above 0")
+        if self.path_schedule not in PATH_SCHEDULES:
+            raise ValueError(f"--ordmoe-path-schedule='{self.path_schedule}' is not one of {', '.join(PATH_SCHEDULES)}")
+        if not (isinstance(self.lower_path_fraction, (int, float)) and 0 < self.lower_path_fraction <= 1):
+            raise ValueError(f"--ordmoe-lower-path-fraction={self.lower_path_fraction} must be in (0, 1]: the share "
+                             "of each micro-batch's sequences the lower paths run on")
         self.scope_layers = parse_layer_scope(self.layer_scope)
 
     @property
@@ -92,6 +111,15 @@ class OrdMoEConfig:
 
     def floor_value(self, vocab_size: int) -> Optional[float]:
         return -math.log(vocab_size) if self.logprob_floor == "vocab" else self.logprob_floor
+
+    def objective_kwargs(self, vocab_size: int) -> dict:
+        """This run's settings of ``objective.rank_loss`` (and ``rank_loss_weights``)."""
+        return dict(rewards=self.rewards, mode=self.advantage, floor=self.floor_value(vocab_size), beta=self.beta)
+
+    @property
+    def linear_objective(self) -> bool:
+        """Whether a path's gradient weight needs only its own log-likelihood (``LINEAR_OBJECTIVES``)."""
+        return self.objective in LINEAR_OBJECTIVES
 
     def tiers(self, num_experts: int, topk: int) -> list[list[int]]:
         return tier_ranks(num_experts, topk, self.num_tiers, self.grouping, self.tier_ranks)
@@ -109,17 +137,52 @@ class OrdMoEConfig:
         (every stage must exchange the same activation shape) nor with full recompute (the
         recomputed block calls its layers without keywords): there the fan-out is at the embedding.
         """
-        if not self.enabled or not self.lazy_fanout or pipelined or full_recompute:
-            return 0
+        if not self.enabled or not self.lazy_fanout or pipelined or full_recompute or self.path_schedule == "sequential":
+            return 0  # (sequential: each forward is one path, which runs every layer)
         scoped = [l for l in moe_layer_numbers(num_layers, moe_layer_freq) if self.in_scope(l)]
         return min(scoped) - 1 if scoped else 0
 
+    def lower_path_rows(self, batch: int) -> int:
+        """How many of a micro-batch's ``batch`` sequences the lower paths run on."""
+        return batch if self.lower_path_fraction >= 1 else max(1, round(self.lower_path_fraction * batch))
+
+    def stage_batch_rows(self, micro_batch_size: int) -> str:
+        """The batch dimension of the activations pipeline stages exchange: ``'3 x 2'`` (fused),
+        ``'2 + 2 x 1'`` (fused, sub-sampled), ``'2'`` or ``'2 or 1'`` (sequential, one path at a
+        time; sub-sampled lower paths send fewer rows)."""
+        b, m, c = micro_batch_size, self.lower_path_rows(micro_batch_size), self.num_tiers
+        if not self.enabled:
+            return str(b)
+        if self.path_schedule == "sequential":
+            return f"{b}" if m == b else f"{b} or {m} (one path at a time)"
+        return f"{c} x {b}" if m == b else f"{b} + {c - 1} x {m}"
+
+    def check_pipeline(self, micro_batch_size: int, pipeline: int, virtual_stages: bool) -> None:
+        """The sequential schedule with sub-sampled lower paths sends activations of two shapes
+        between pipeline stages (Megatron's ``variable_seq_lengths``, which exchanges each shape
+        first). Megatron pairs those shape messages wrongly when a stage's previous and next stage
+        are the same rank (two stages with virtual stages); refused there."""
+        if not (self.enabled and self.path_schedule == "sequential" and pipeline == 2 and virtual_stages
+                and self.lower_path_rows(micro_batch_size) < micro_batch_size):
+            return
+        raise ValueError("--ordmoe-path-schedule sequential with --ordmoe-lower-path-fraction below 1 needs Megatron's "
+                         "variable-shape pipeline exchange, which mis-pairs its messages with 2 pipeline stages and "
+                         "virtual stages: use the fused schedule, a fraction of 1, more pipeline stages, or no "
+                         "virtual stages")
+
+    def paths_per_sequence(self, micro_batch_size: int) -> float:
+        """Forward paths a training sequence takes on average: ``1 + (C-1) m / b``."""
+        return 1 + (self.num_tiers - 1) * self.lower_path_rows(micro_batch_size) / micro_batch_size
+
     def describe(self, num_experts: int, topk: int) -> str:
-        """One line: the tiers and the objective's settings."""
+        """One line: the tiers, the objective's settings and the path schedule."""
+        objective = (f"rewards {self.rewards}, advantage {self.advantage}" if self.objective == "advantage"
+                     else f"objective {self.objective} (beta {self.beta:g})")
         return (
             f"OrdMoE: {self.num_tiers} tiers ({self.grouping}: {format_tiers(self.tiers(num_experts, topk))}), "
-            f"rewards {self.rewards}, advantage {self.advantage}, rank-loss coeff {self.rank_loss_coeff}, "
-            f"ranking {self.ranking}, layers {self.layer_scope or 'all'}"
+            f"{objective}, rank-loss coeff {self.rank_loss_coeff}, ranking {self.ranking}, "
+            f"layers {self.layer_scope or 'all'}, paths {self.path_schedule}"
+            + (f" (lower paths on {self.lower_path_fraction:g} of the sequences)" if self.lower_path_fraction < 1 else "")
         )
 
     def describe_layout(self, num_experts: int, topk: int, num_layers: int, moe_layer_freq=1,
@@ -137,7 +200,8 @@ class OrdMoEConfig:
         lines += [
             f"tier-routed MoE layers: {format_ranges(scoped)}",
             f"paths per sequence: {self.num_tiers}; fan-out {fanout}",
-            f"loss: lm loss (path 1) + {self.rank_loss_coeff:g} x rank loss ({self.advantage} advantages)"
+            f"loss: lm loss (path 1) + {self.rank_loss_coeff:g} x rank loss ("
+            + (f"{self.advantage} advantages" if self.objective == "advantage" else self.objective) + ")"
             + ("" if self.logprob_floor is None else f", log-likelihood floor {self.logprob_floor}"),
         ]
         return lines
@@ -180,6 +244,10 @@ class OrdMoEConfig:
             (getattr(c, "moe_router_force_biased", None) is not None,
              "--moe-router-force-biased (biased random routing for benchmarks) is not supported with OrdMoE: "
              "remove it"),
+            (self.path_schedule == "sequential" and getattr(c, "recompute_granularity", None) is not None,
+             "--recompute-granularity with --ordmoe-path-schedule sequential would recompute a path with the "
+             "next path's tiers: use the fused schedule, or no recompute (sequential keeps the plain activation "
+             "memory)"),
             (getattr(c, "transformer_impl", None) == "inference_optimized",
              "--transformer-impl inference_optimized swaps the MoE dispatcher at every forward; OrdMoE trains "
              "with the local or transformer_engine implementation"),

@@ -10,6 +10,11 @@ from typing import Optional, Sequence
 import torch
 
 ADVANTAGE_MODES = ("zscore", "center", "raw")
+# The tier-ranking objectives: the paper's advantage-weighted log-likelihoods (Eq. 9), and two
+# standard preference objectives over the tier order (bounded, unlike the paper's push-down).
+OBJECTIVES = ("advantage", "pairwise-logistic", "plackett-luce")
+# Objectives whose gradient in a path's log-likelihood does not depend on the other paths'.
+LINEAR_OBJECTIVES = ("advantage",)
 
 
 def default_rewards(num_tiers: int) -> list[float]:
@@ -60,7 +65,55 @@ def expert_rank_loss(
     if floor is not None:
         stop_push = (adv < 0).unsqueeze(1) & (path_logprobs.detach() < floor)
         logprobs = torch.where(stop_push, path_logprobs.detach(), path_logprobs)
-    per_sequence = -(adv.unsqueeze(1) * logprobs).sum(dim=0)
+    return _reduce(-(adv.unsqueeze(1) * logprobs).sum(dim=0), reduction)
+
+
+def pairwise_logistic_loss(path_logprobs: torch.Tensor, beta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Bradley-Terry over every ordered pair of tiers: ``mean_{j<k} -log sigmoid(beta (L_j - L_k))``
+    per sequence (tier ``j`` is the better of ``j < k``). Bounded below by 0 and saturating: once a
+    lower tier is well below a higher one it is no longer pushed down."""
+    c = path_logprobs.shape[0]
+    higher, lower = torch.triu_indices(c, c, offset=1, device=path_logprobs.device)
+    margins = beta * (path_logprobs[higher] - path_logprobs[lower])  # [pairs, N]
+    return _reduce(-torch.nn.functional.logsigmoid(margins).mean(dim=0), reduction)
+
+
+def plackett_luce_loss(path_logprobs: torch.Tensor, beta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """The negative log-likelihood of the order ``1 > 2 > ... > C`` under a Plackett-Luce model
+    with scores ``beta * L_j``, per sequence, divided by the ``C - 1`` choices it makes."""
+    scores = beta * path_logprobs
+    c = scores.shape[0]
+    # Choice k picks tier k among tiers k..C: log softmax over the remaining, at the first.
+    tail_logsumexp = torch.stack([torch.logsumexp(scores[k:], dim=0) for k in range(c - 1)])
+    return _reduce(-(scores[:-1] - tail_logsumexp).sum(dim=0) / max(c - 1, 1), reduction)
+
+
+def rank_loss(path_logprobs: torch.Tensor, objective: str = "advantage", *, rewards=None, mode: str = "zscore",
+              floor: Optional[float] = None, beta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """The tier-ranking objective ``objective`` (``OBJECTIVES``) of ``path_logprobs`` ``[C, N]``."""
+    if objective == "advantage":
+        return expert_rank_loss(path_logprobs, rewards, mode, floor, reduction)
+    if objective == "pairwise-logistic":
+        return pairwise_logistic_loss(path_logprobs, beta, reduction)
+    if objective == "plackett-luce":
+        return plackett_luce_loss(path_logprobs, beta, reduction)
+    raise ValueError(f"--ordmoe-objective='{objective}' is not one of {', '.join(OBJECTIVES)}")
+
+
+def rank_loss_weights(path_logprobs: torch.Tensor, objective: str = "advantage", **kwargs) -> torch.Tensor:
+    """``d rank_loss_i / d L_{j,i}`` at ``path_logprobs`` ``[C, N]`` (per sequence, ``reduction``
+    none): the weight of each path's log-likelihood in the loss's gradient. A path can then run
+    forward and backward on its own (the sequential path schedule) with the gradient of the whole
+    objective: ``sum_j weights[j] * L_j`` has it. For the linear ``advantage`` objective a path's
+    weight needs only its own log-likelihood (the floor); the others need all paths' values."""
+    logprobs = path_logprobs.detach().double().requires_grad_(True)
+    with torch.enable_grad():
+        loss = rank_loss(logprobs, objective, reduction="sum", **kwargs)
+        (weights,) = torch.autograd.grad(loss, logprobs)
+    return weights.to(path_logprobs.dtype)
+
+
+def _reduce(per_sequence: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return per_sequence
     if reduction == "sum":

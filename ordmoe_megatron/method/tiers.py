@@ -203,6 +203,20 @@ def select_tier(
         experts = order[positions].unsqueeze(0).expand(logits.shape[0], -1)
     else:
         experts = order[:, positions]
+    return route_to_experts(logits, experts, topk, score_function, use_pre_softmax, scaling_factor, fp32_scores)
+
+
+def route_to_experts(
+    logits: torch.Tensor,
+    experts: torch.Tensor,
+    topk: int,
+    score_function: str = "softmax",
+    use_pre_softmax: bool = False,
+    scaling_factor: Optional[float] = None,
+    fp32_scores: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``probs`` and boolean ``routing_map`` (``[tokens, n]``) of routing each token to its
+    ``experts`` (``[tokens, w]``) with ``tier_gating``'s weights."""
     probs = tier_gating(logits, experts, topk, score_function, use_pre_softmax, scaling_factor, fp32_scores)
     dense_probs = torch.zeros_like(logits).scatter(1, experts, probs)
     routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, experts, True)

@@ -76,7 +76,8 @@ def rng_path(path: str, rank: int) -> str:
     return os.path.join(path, f"rng_rank{rank}.pt")
 
 
-def _rng_state() -> dict:
+def random_states() -> dict:
+    """Every random generator's state on this rank (Python, NumPy, torch, CUDA, Megatron's tracker)."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -88,7 +89,8 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_random_states(state: dict) -> None:
+    """Restore what ``random_states`` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -121,7 +123,7 @@ def save_checkpoint(
     bridges.checkpoint_writers_die_with_parent()
     dist_checkpointing.save(state, tmp)
     if include_rng:
-        torch.save(_rng_state(), rng_path(tmp, rank))
+        torch.save(random_states(), rng_path(tmp, rank))
     if rank == 0:
         with open(os.path.join(tmp, RUN_FILE), "w") as f:
             json.dump({"iteration": iteration, **(run or {})}, f, indent=2, default=str)
@@ -211,7 +213,7 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = Tr
     if load_rng:
         rng_file = rng_path(path, torch.distributed.get_rank())
         try:
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            set_random_states(torch.load(rng_file, weights_only=False))
         except (OSError, EOFError, RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{rng_file}: cannot restore the random states ({type(err).__name__}: {err}); "
                                   "restore the file or load an earlier checkpoint") from None

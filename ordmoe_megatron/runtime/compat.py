@@ -18,8 +18,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 
 def _parse(version: str) -> tuple[int, int, int]:
+    # megatron-core appends "+<git hash>" when its installed files sit inside a git checkout
+    # (a virtual environment in a repository): that hash is not part of the release.
     numbers = []
-    for part in version.split(".")[:3]:
+    for part in version.split("+")[0].split(".")[:3]:
         digits = "".join(c for c in part if c.isdigit())
         numbers.append(int(digits or 0))
     return tuple(numbers + [0] * (3 - len(numbers)))
@@ -81,6 +83,15 @@ LOAD_BALANCING_TYPES: tuple[str, ...] = ("aux_loss", "seq_aux_loss", "global_aux
 # 0.18: the sqrtsoftplus score function (softplus, then square root; normalised like sigmoid).
 SCORE_FUNCTIONS: tuple[str, ...] = ("softmax", "sigmoid") + (("sqrtsoftplus",) if VERSION >= (0, 18, 0) else ())
 
+
+# --------------------------------------------------------------------------------------------
+# loss scales (0.19: the MoE and MTP auxiliary losses may have their own scale functions)
+# --------------------------------------------------------------------------------------------
+# The model config's functions that scale a loss's gradient, besides ``grad_scale_func`` (which
+# the auxiliary losses fall back to when these are unset).
+AUX_LOSS_SCALE_FUNCS: tuple[str, ...] = (
+    ("moe_grad_scale_func", "mtp_grad_scale_func") if VERSION >= (0, 19, 0) else ()
+)
 
 # --------------------------------------------------------------------------------------------
 # checkpoints (0.19: the common state lives in the torch_dist shards, no common.pt)

@@ -45,7 +45,7 @@ def prepare_data(config: RunConfig) -> tuple[RunConfig, DataSources]:
         return config, DataSources()
     sources = DataSources()
     if config.preset:
-        paths = prepare_tiny_data(os.path.join(config.work_dir, "data"), seed=config.seed)
+        paths = prepare_tiny_data(config.preset_data_dir or os.path.join(config.work_dir, "data"), seed=config.seed)
         config = config.replace(data_path=paths["train_prefix"], valid_data_path=paths["valid_prefix"],
                                 tokenizer_model=paths["tokenizer_model"])
         sources.heldout_tasks = paths["heldout_tasks"]

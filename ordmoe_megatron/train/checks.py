@@ -51,6 +51,12 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
     if config.global_batch_size % (config.micro_batch_size * dp):
         problems.append(f"--global-batch-size={config.global_batch_size} must be a multiple of "
                         f"--micro-batch-size x data-parallel size = {config.micro_batch_size} x {dp}")
+    elif layout.virtual_pipeline and (config.global_batch_size // (config.micro_batch_size * dp)) % pp:
+        # Megatron's interleaved schedule runs the micro-batches in groups of one per stage.
+        problems.append(f"with virtual pipeline stages the micro-batches per step (--global-batch-size / "
+                        f"(--micro-batch-size x data-parallel size) = "
+                        f"{config.global_batch_size // (config.micro_batch_size * dp)}) must be a multiple of "
+                        f"--pipeline-model-parallel-size={pp}")
     return problems
 
 
@@ -62,6 +68,12 @@ def check_values(config: RunConfig) -> None:
     if config.micro_batch_size > config.global_batch_size:
         raise CheckError(f"--micro-batch-size={config.micro_batch_size} is larger than "
                          f"--global-batch-size={config.global_batch_size}")
+    if config.ordmoe is not None:
+        try:
+            config.ordmoe.check_pipeline(config.micro_batch_size, config.layout.pipeline,
+                                         bool(config.layout.virtual_pipeline))
+        except ValueError as err:
+            raise CheckError(str(err)) from None
 
 
 def check_model(config: RunConfig) -> None:
@@ -198,15 +210,18 @@ def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:
     resuming = plan.kind in ("resume", "done")
     try:
         for flag, path, is_dir in (("--save", config.save, True), ("--metrics-out", config.metrics_out, False),
-                                   ("--plot-out", config.plot_out, False), ("--save-grads", config.save_grads, True),
-                                   ("--work-dir", config.work_dir, True)):
+                                   ("--plot-out", config.plot_out, False), ("--eval-out", config.eval_out, False),
+                                   ("--save-grads", config.save_grads, True),
+                                   ("--work-dir", config.work_dir, True),
+                                   ("--preset-data-dir", config.preset_data_dir, True)):
             if path:
                 check_writable(path, flag, is_dir)
         if config.save and has_checkpoint(config.save) and not config.overwrite and not (
                 resuming and config.load == config.save):
             raise CheckError(f"--save {config.save} already holds a checkpoint; pass --overwrite to replace it, "
                              "or --load the same directory to resume it")
-        for flag, path in (("--metrics-out", config.metrics_out), ("--plot-out", config.plot_out)):
+        for flag, path in (("--metrics-out", config.metrics_out), ("--plot-out", config.plot_out),
+                           ("--eval-out", config.eval_out)):
             if path and not resuming:
                 check_output(path, config.overwrite, "--overwrite")
     except OutputError as err:

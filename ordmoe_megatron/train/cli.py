@@ -42,7 +42,7 @@ DEFAULT_MODEL = dict(
     make_vocab_size_divisible_by=128, seq_length=64, max_position_embeddings=64,
 )
 PRESET_OUTPUTS = (("save", "checkpoints"), ("load", "checkpoints"), ("metrics_out", "metrics.jsonl"),
-                  ("plot_out", "metrics.png"))
+                  ("plot_out", "metrics.png"), ("eval_out", "eval.json"), ("preset_data_dir", "data"))
 
 
 class UsageError(ValueError):
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="A complete embedded run; 'tiny' is the default when no data is named.")
     parser.add_argument("--work-dir", default=None, help="Where a preset keeps its data, checkpoints and outputs.")
+    parser.add_argument("--preset-data-dir", default=None,
+                        help="Where the preset builds (or finds) its corpus, tokenizer and data files; default "
+                             "<work-dir>/data. Runs with the same --seed can share one.")
     parser.add_argument("--dry-run", action="store_true",
                         help="Print the resolved configuration, parallel layout and tier layout, then exit.")
     parser.add_argument("--compare-baseline", action="store_true",
@@ -112,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-interval", type=POSITIVE, default=None)
     train.add_argument("--eval-iters", type=NON_NEGATIVE, default=2)
     train.add_argument("--metrics-out", default=None, help="JSON lines, one object per iteration.")
+    train.add_argument("--eval-out", default=None,
+                       help="After training, evaluate every path on --eval-iters held-out batches and write the "
+                            "result here (JSON); a preset writes <work-dir>/eval.json.")
     train.add_argument("--plot-out", default=None, help="PNG of each path's log-likelihood and the tier ordering.")
     train.add_argument("--overwrite", action="store_true", help="Replace existing outputs (metrics, plot, checkpoints).")
     par = parser.add_argument_group("parallelism (data-parallel size = world size / (TP x PP))")
@@ -206,7 +212,7 @@ def describe(config: RunConfig, plan: checks.ResumePlan) -> str:
     lines += ["  " + line for line in cfg.describe_layout(flags["num_experts"], flags["moe_router_topk"],
                                                            flags["num_layers"], flags["moe_layer_freq"], shared)]
     seq = config.seq_length // layout.tensor if layout.sequence_parallel else config.seq_length
-    lines.append(f"  activations between pipeline stages: [{seq}, {cfg.num_tiers} x {config.micro_batch_size}, "
+    lines.append(f"  activations between pipeline stages: [{seq}, {cfg.stage_batch_rows(config.micro_batch_size)}, "
                  f"{flags['hidden_size']}]")
     return "\n".join(lines)
 

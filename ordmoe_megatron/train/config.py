@@ -53,12 +53,14 @@ class RunConfig:
     finetune: bool = False
     save_grads: Optional[str] = None
     metrics_out: Optional[str] = None
+    eval_out: Optional[str] = None  # the final held-out evaluation, JSON
     plot_out: Optional[str] = None
     overwrite: bool = False
     override_opt_param_scheduler: bool = False  # a resume may take a new learning-rate schedule
     # the embedded default
     preset: Optional[str] = None
     work_dir: Optional[str] = None
+    preset_data_dir: Optional[str] = None  # where the preset builds its corpus (default <work_dir>/data)
     compare_baseline: bool = False
 
     @property
@@ -72,6 +74,11 @@ class RunConfig:
     @property
     def num_paths(self) -> int:
         return self.ordmoe.num_tiers if self.ordmoe is not None else 1
+
+    @property
+    def paths_per_sequence(self) -> float:
+        """Forward paths a training sequence takes on average (``1 + (C-1) m / b``)."""
+        return self.ordmoe.paths_per_sequence(self.micro_batch_size) if self.ordmoe is not None else 1.0
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -95,6 +102,9 @@ RUN_FIELDS = (
 ) + ("lr", "min_lr", "lr_warmup_iters", "train_iters")
 # The learning-rate schedule, which --override-opt-param-scheduler lets a resume change on purpose.
 SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_iters", "train_iters")
+# How the paths run, not what they compute (the same gradients): a resume may change them, e.g.
+# to the sequential schedule when memory runs short.
+ORDMOE_EXECUTION_FIELDS = ("path_schedule", "lazy_fanout")
 # Data paths are compared once known (the preset resolves its own when it builds its data).
 DATA_FIELDS = ("data_path", "valid_data_path", "tokenizer_model")
 
@@ -133,12 +143,16 @@ def _ordmoe_differences(saved: Optional[dict], here: Optional[dict]) -> list:
     if saved is None or here is None:
         on_off = lambda v: "off (--no-ordmoe)" if v is None else "on (--ordmoe)"  # noqa: E731
         return [] if saved is here else [("--ordmoe", on_off(saved), on_off(here))]
-    return [(flag_name("ordmoe_" + k), saved.get(k), here.get(k))
-            for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)]
+    # A setting a checkpoint does not record (saved before it existed) had its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(OrdMoEConfig) if f.init}
+    return [(flag_name("ordmoe_" + k), saved.get(k, defaults.get(k)), here.get(k))
+            for k in sorted(set(saved) | set(here))
+            if k not in ORDMOE_EXECUTION_FIELDS and saved.get(k, defaults.get(k)) != here.get(k)]
 
 
 def baseline_config(config: RunConfig) -> RunConfig:
     """The preset's plain top-K baseline: same data and steps, its own outputs in ``baseline/``."""
     root = os.path.join(config.work_dir, "baseline")
     return config.replace(ordmoe=None, save=os.path.join(root, "checkpoints"), load=os.path.join(root, "checkpoints"),
-                          metrics_out=os.path.join(root, "metrics.jsonl"), plot_out=os.path.join(root, "metrics.png"))
+                          metrics_out=os.path.join(root, "metrics.jsonl"), plot_out=os.path.join(root, "metrics.png"),
+                          eval_out=None)  # the OrdMoE run's --eval-out holds both

@@ -46,7 +46,7 @@ def start_afresh(config: RunConfig) -> None:
         for name in os.listdir(config.save):
             if name.startswith(("iter_", "release")):
                 shutil.rmtree(os.path.join(config.save, name), ignore_errors=True)
-    for path in (config.metrics_out, config.plot_out):
+    for path in (config.metrics_out, config.plot_out, config.eval_out):
         if path and os.path.exists(path):
             os.remove(path)
 
@@ -70,8 +70,10 @@ def run_training(config: RunConfig, sources: build.DataSources, plan: ResumePlan
 
 
 def evaluate_run(config: RunConfig, sources: build.DataSources, trainer: Trainer, tasks: list) -> dict:
-    """Held-out perplexity of every path, tier ordering, and path-1 exact match on the tasks."""
+    """Held-out perplexity of every path, tier ordering, and path-1 exact match on the tasks; with
+    the iteration and the training FLOPs per step (all paths) it was reached with."""
     result = evaluate_paths(trainer, trainer.data("valid"), max(config.eval_iters, 1))
+    result.update(iteration=trainer.iteration, step_flops=trainer.step_flops)
     layout = config.layout
     if tasks and layout.tensor == layout.pipeline == layout.expert == 1:
         result["exact_match"] = exact_match_accuracy(trainer.chunks[0], sources.tokenizer, tasks)
@@ -79,11 +81,12 @@ def evaluate_run(config: RunConfig, sources: build.DataSources, trainer: Trainer
 
 
 def run(config: RunConfig, sources: build.DataSources, plan: ResumePlan) -> None:
-    """Train, then for a preset: evaluate, optionally train and evaluate the baseline, report."""
+    """Train; then with --eval-out (a preset's default): evaluate, optionally train and evaluate
+    the baseline, report."""
     trainer = run_training(config, sources, plan, "OrdMoE" if config.ordmoe else "top-K")
-    if trainer.stopped_by_signal or not config.preset:
+    if trainer.stopped_by_signal or not config.eval_out:
         return
-    tasks = list(read_jsonl(sources.heldout_tasks))
+    tasks = list(read_jsonl(sources.heldout_tasks)) if sources.heldout_tasks else []
     label = f"OrdMoE (C={config.num_paths})" if config.ordmoe else "top-K"
     rows = {label: evaluate_run(config, sources, trainer, tasks)}
     if config.compare_baseline:
@@ -96,12 +99,12 @@ def run(config: RunConfig, sources: build.DataSources, plan: ResumePlan) -> None
         probe = config.replace(load=baseline.save, finetune=True, train_iters=0)
         rows["top-K baseline"] = evaluate_run(probe, sources, build_trainer(probe, sources, ResumePlan("weights")), tasks)
     if distributed.is_last_rank():
-        print("\nheld-out evaluation (valid split; exact match of path 1 on held-out synthetic tasks)\n"
-              + format_eval_table(rows))
-        with open(os.path.join(config.work_dir, "eval.json"), "w") as f:
+        print("\nheld-out evaluation (valid split" + ("; exact match of path 1 on held-out synthetic tasks)"
+                                                    if tasks else ")") + "\n" + format_eval_table(rows))
+        with open(config.eval_out, "w") as f:
             json.dump(rows, f, indent=2)
-        print(f"\nwrote {os.path.join(config.work_dir, 'eval.json')}, {config.metrics_out}, {config.plot_out}; "
-              f"checkpoint in {config.save}")
+        written = ", ".join(p for p in (config.eval_out, config.metrics_out, config.plot_out) if p)
+        print(f"\nwrote {written}" + (f"; checkpoint in {config.save}" if config.save else ""))
 
 
 def _lock(config: RunConfig):

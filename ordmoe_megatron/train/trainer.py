@@ -28,8 +28,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ordmoe_megatron.data.batches import shard_micro_batches
+from ordmoe_megatron.mcore.flops import ordmoe_run_step_flops
 from ordmoe_megatron.mcore.loss import lm_loss, reduce_reports
-from ordmoe_megatron.mcore.metrics import pop_moe_metrics
+from ordmoe_megatron.mcore.metrics import pop_moe_metrics, tier_load_paused
 from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
 from ordmoe_megatron.runtime import checkpointing
@@ -56,6 +57,7 @@ class Trainer:
     make_stream: Optional[Callable[[str, int], Iterator[dict]]] = None  # (split, first micro-batch)
     run_id: str = ""  # the run's identity: in its checkpoints and in every metrics line
     stopped_by_signal: bool = False
+    step_flops: float = 0.0  # training FLOPs of one step, all paths (mcore.flops)
 
     @property
     def num_paths(self) -> int:
@@ -118,13 +120,20 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePla
     tconfig.grad_scale_func = optimizer.scale_loss
 
     if config.ordmoe is not None:
-        forward_backward = get_ordmoe_forward_backward_func(config.ordmoe, vocab_size, config.calculate_per_token_loss)
+        # step_fn: sub-sampled lower paths are drawn per (seed, step), so a resumed run draws alike.
+        forward_backward = get_ordmoe_forward_backward_func(config.ordmoe, vocab_size, config.calculate_per_token_loss,
+                                                            seed=config.seed, step_fn=lambda: trainer.iteration)
     else:
         forward_backward = get_forward_backward_func()
     _, dp_size = data_parallel_rank_and_size()
+    layout = config.layout
+    shared = config.ordmoe.shared_prefix_layers(tconfig.num_layers, tconfig.moe_layer_freq, layout.pipeline > 1) \
+        if config.ordmoe is not None else 0
     trainer = Trainer(config, tconfig, model, optimizer, scheduler, forward_backward,
                       config.global_batch_size // (config.micro_batch_size * dp_size), make_stream=make_stream,
-                      run_id=plan.run_id or uuid.uuid4().hex)
+                      run_id=plan.run_id or uuid.uuid4().hex,
+                      step_flops=ordmoe_run_step_flops(tconfig, vocab_size, config.global_batch_size, config.seq_length,
+                                                       config.ordmoe, shared, config.micro_batch_size))
     if plan.kind == "weights":
         checkpointing.load_checkpoint(config.load, chunks, None, load_rng=False, optional=TierRouter.is_running_mean)
     elif plan.loads:
@@ -160,7 +169,8 @@ def train_step(trainer: Trainer, data, before_optimizer_step=None) -> dict:
         "tier_load_max_over_mean": moe.get("tier_load_max_over_mean"),
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "lr": trainer.optimizer.param_groups[0]["lr"],
-        "tokens": trainer.config.global_batch_size * trainer.config.seq_length * paths,
+        "tokens": round(trainer.config.global_batch_size * trainer.config.seq_length * trainer.config.paths_per_sequence),
+        "flops": trainer.step_flops,
         "time_s": time.perf_counter() - start,
     }
 
@@ -172,7 +182,7 @@ def evaluate_paths(trainer: Trainer, data, iterations: int) -> dict:
         chunk.eval()
     reports = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tier_load_paused(trainer.chunks):
             for _ in range(iterations):
                 reports += trainer.run_schedule(data, forward_only=True)
     finally:

@@ -87,3 +87,38 @@ def test_tiny_preset_in_bf16_trains_resumes_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.load(open(report))
     assert len(result["paths"]) == 3 and result["paths"][0]["perplexity"] > 1
+
+
+def test_sequential_schedule_matches_fused_and_holds_one_path_of_activations(megatron_single_process):
+    """On the GPU: the sequential schedule's gradients equal the fused ones (fp32), and its peak
+    memory during the step stays well under the fused step's (one path's activations at a time)."""
+    from tests.mcore.test_schedules import _batches, _step
+    from tests.mcore.test_model import _build
+
+    model = _build(OrdMoEConfig(num_tiers=3))
+    batches = _batches(2)
+    peaks, grads = {}, {}
+    for schedule in ("fused", "sequential"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _, grads[schedule] = _step(model, OrdMoEConfig(num_tiers=3, path_schedule=schedule), batches)
+        torch.cuda.synchronize()
+        peaks[schedule] = torch.cuda.max_memory_allocated() - before
+    for name, grad in grads["fused"].items():
+        assert grads["sequential"][name].is_cuda
+        torch.testing.assert_close(grads["sequential"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+    assert peaks["sequential"] < 0.8 * peaks["fused"], peaks
+
+
+def test_path_benchmark_runs_on_the_gpu(tmp_path):
+    """tools/bench_paths.py puts the model and the data on the GPU (bf16) and measures there."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "tools/bench_paths.py", "--rounds", "1", "--shapes", "8x-top2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.load(open(out))["8x-top2"]
+    assert "bf16" in proc.stdout and torch.cuda.get_device_name() in result["device"]
+    rows = {r["variant"]: r for r in result["steps"]}
+    assert rows["plain GPTModel"]["peak_bytes"] > 1e9  # the full-size layer, on the device

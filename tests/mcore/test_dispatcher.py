@@ -28,6 +28,25 @@ def test_uneven_tiers_size_the_permutation_by_their_widths(megatron_single_proce
         assert dispatcher.num_out_tokens == int(dispatcher.routing_map.sum())
 
 
+def test_sub_sampled_and_single_lower_paths_size_the_permutation_by_their_rows(megatron_single_process):
+    """Lower paths on one of the rows (fused, ``[s, b + 2 x 1, h]``), and one lower path alone on
+    it (the sequential schedule): the buffer holds each path's tokens times its tier width."""
+    from tests.mcore.test_model import _batch, _build
+
+    model = _build(OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"))
+    b = _batch()
+    batch, seq = b["tokens"].shape
+    assert batch > 1
+    for tiers, rows, slots in (([0, 1, 2], [1], seq * (batch * 2 + 1 * 1 + 1 * 3)), ([2], [1], seq * 1 * 3)):
+        model.set_path_tiers(tiers)
+        model.set_path_rows(torch.tensor(rows))
+        model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        for layer in _moe_layers(model):
+            dispatcher = layer.token_dispatcher
+            assert layer.router.routed_slots == slots
+            assert dispatcher.num_out_tokens == int(dispatcher.routing_map.sum()) == slots
+
+
 def test_fp8_padding_pads_each_expert_over_all_paths(megatron_single_process, monkeypatch):
     from megatron.core.transformer.moe import token_dispatcher
 

@@ -176,3 +176,68 @@ def test_random_grouping_keeps_path_one_and_draws_lower_tiers(megatron_single_pr
     per_path = routing_map.view(SEQ, 3, BATCH, EXPERTS)
     assert (per_path.sum(-1) == TOPK).all()
     assert not torch.equal(per_path[:, 1], per_path[:, 2])  # random draws differ across paths
+
+
+def test_sub_sampled_and_single_lower_paths_route_like_the_full_stack(megatron_single_process):
+    """Paths 2..C on rows [0, 2] of the batch (the sub-sampled stack [b + 2m]), and each path alone
+    (the sequential schedule), route those rows as the full stack does."""
+    torch.manual_seed(6)
+    _, tier = _routers(SCORE_CONFIGS["sigmoid-expert-bias"])
+    x = on_device(torch.randn(SEQ, 3 * BATCH, HIDDEN))
+    full_probs, full_map = (t.view(SEQ, 3, BATCH, EXPERTS) for t in tier(x))
+    rows = on_device(torch.tensor([0, 2]))
+    per_path = x.view(SEQ, 3, BATCH, HIDDEN)
+    stacked = torch.cat([per_path[:, 0], per_path[:, 1, rows], per_path[:, 2, rows]], dim=1)
+    tier.lower_path_rows = 2
+    probs, routing_map = (t.view(SEQ, BATCH + 4, EXPERTS) for t in tier(stacked))
+    assert torch.equal(routing_map[:, :BATCH], full_map[:, 0])
+    for j in (1, 2):
+        got = slice(BATCH + 2 * (j - 1), BATCH + 2 * j)
+        assert torch.equal(routing_map[:, got], full_map[:, j, rows])
+        torch.testing.assert_close(probs[:, got], full_probs[:, j, rows], rtol=1e-5, atol=1e-6)
+    tier.lower_path_rows = None
+    for j in (1, 2):
+        tier.path_tiers = [j]
+        alone_probs, alone_map = tier(per_path[:, j].contiguous())
+        assert torch.equal(alone_map.view(SEQ, BATCH, EXPERTS), full_map[:, j])
+        torch.testing.assert_close(alone_probs.view(SEQ, BATCH, EXPERTS), full_probs[:, j], rtol=1e-5, atol=1e-6)
+
+
+def test_tier_load_counts_per_tier(megatron_single_process):
+    from ordmoe_megatron.mcore.metrics import tier_load_paused
+
+    torch.manual_seed(7)
+    _, tier = _routers(SCORE_CONFIGS["softmax"])
+    x = on_device(torch.randn(SEQ, 3 * BATCH, HIDDEN))
+    _, full_map = tier(x)
+    fused = tier.pop_tier_load()
+    expected = full_map.view(SEQ, 3, BATCH, EXPERTS).sum((0, 2)).float()
+    assert torch.equal(fused, expected) and tier.pop_tier_load() is None
+    per_path = x.view(SEQ, 3, BATCH, HIDDEN)
+    for j in range(3):  # the sequential schedule: one path per forward, counted per tier
+        tier.path_tiers = [j]
+        tier(per_path[:, j].contiguous())
+    assert torch.equal(tier.pop_tier_load(), fused)
+    with tier_load_paused([tier]):  # evaluation between training steps does not count
+        tier(per_path[:, 0].contiguous())
+    assert tier.pop_tier_load() is None and tier.count_tier_load
+
+
+@pytest.mark.parametrize("ranks", ["1-2,5-6,11-12", "1-2,4,6-8"], ids=["even-widths", "uneven-widths"])
+def test_lower_paths_match_select_tier_per_path(megatron_single_process, ranks):
+    """The router's batched routing of all lower paths equals the method's ``select_tier`` applied
+    to each path alone, for tiers of one width and of different widths."""
+    from ordmoe_megatron.method import select_tier
+
+    torch.manual_seed(8)
+    _, tier = _routers(SCORE_CONFIGS["sigmoid-expert-bias"],
+                       OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks=ranks))
+    x = on_device(torch.randn(SEQ, 3 * BATCH, HIDDEN))
+    probs, routing_map = (t.view(SEQ, 3, BATCH, EXPERTS) for t in tier(x))
+    logits = (x @ tier.weight.t()).view(SEQ, 3, BATCH, EXPERTS)
+    for j in (1, 2):
+        ref_probs, ref_map = select_tier(logits[:, j].reshape(-1, EXPERTS), tier.tiers[j], TOPK, "sigmoid",
+                                         expert_bias=tier.expert_bias, fp32_scores=compat.ROUTER_SCORES_IN_FP32)
+        assert torch.equal(routing_map[:, j].reshape(-1, EXPERTS), ref_map)
+        torch.testing.assert_close(probs[:, j].reshape(-1, EXPERTS), ref_probs, rtol=1e-5, atol=1e-6)
+        assert (routing_map[:, j].sum(-1) == len(tier.tiers[j])).all()

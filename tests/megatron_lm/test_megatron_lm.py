@@ -291,10 +291,10 @@ def _linear_flops(args, batch_size):
     return batch_size * (sum(LAYER_FLOPS[p] for p in pattern) + OUTPUT_FLOPS)
 
 
-def _flops_args(*argv, pp=1, freq=None, recompute=None):
+def _flops_args(*argv, pp=1, freq=None, recompute=None, micro_batch_size=2):
     return _ordmoe_args(*argv, num_layers=6, moe_layer_freq=freq if freq is not None else [0, 1, 1, 1, 1, 1],
                         num_experts=8, pipeline_model_parallel_size=pp, recompute_granularity=recompute,
-                        mtp_num_layers=None)
+                        mtp_num_layers=None, micro_batch_size=micro_batch_size)
 
 
 def test_flops_count_every_path():
@@ -306,6 +306,14 @@ def test_flops_count_every_path():
         _flops_args("--ordmoe", "--ordmoe-num-tiers", "4", recompute="full"), 4, _linear_flops) == pytest.approx(4 * plain)
     assert megatron_lm.ordmoe_num_floating_point_operations(
         _flops_args("--ordmoe", "--no-ordmoe-lazy-fanout"), 4, _linear_flops) == pytest.approx(3 * plain)
+    # Lower paths on half of each micro-batch's sequences: one plain step plus two half paths.
+    assert megatron_lm.ordmoe_num_floating_point_operations(
+        _flops_args("--ordmoe", "--ordmoe-lower-path-fraction", "0.5", pp=2, micro_batch_size=4), 4,
+        _linear_flops) == pytest.approx(2 * plain)
+    # The path schedule runs the same paths: the same count.
+    assert megatron_lm.ordmoe_num_floating_point_operations(
+        _flops_args("--ordmoe", "--ordmoe-path-schedule", "sequential", pp=2), 4, _linear_flops) == \
+        pytest.approx(3 * plain)
     # --no-ordmoe and one tier: Megatron-LM's count unchanged.
     assert megatron_lm.ordmoe_num_floating_point_operations(_flops_args(), 4, _linear_flops) == plain
     assert megatron_lm.ordmoe_num_floating_point_operations(
@@ -644,6 +652,20 @@ def test_cpu_training_example_with_pipeline_parallelism(can_train, tmp_path):
     losses, _ = _train(EXAMPLE, tmp_path, "--pipeline-model-parallel-size", "2", "--ordmoe", nproc=2)
     assert sorted(losses) == [1, 2]
     assert {"lm loss", "path3 nll", "load_balancing_loss"} <= losses[2].keys()
+
+
+@needs_megatron_lm
+def test_cpu_training_sequential_paths_equal_fused_under_pipeline_parallelism(can_train, tmp_path):
+    """Megatron-LM's own training loop with the sequential schedule and sub-sampled lower paths on
+    two pipeline stages: every path its own micro-batch (its loss reports reduced by Megatron-LM),
+    fewer rows between the stages for the lower paths, the fused run's losses."""
+    flags = ["--pipeline-model-parallel-size", "2", "--ordmoe", "--ordmoe-lower-path-fraction", "0.5"]
+    fused, _ = _train(EXAMPLE, tmp_path, *flags, nproc=2)
+    sequential, _ = _train(EXAMPLE, tmp_path, *flags, "--ordmoe-path-schedule", "sequential", nproc=2)
+    assert sorted(sequential) == [1, 2]
+    for it in (1, 2):
+        for key in ("lm loss", "path1 nll", "path2 nll", "path3 nll", "load_balancing_loss", "grad norm"):
+            assert sequential[it][key] == pytest.approx(fused[it][key], rel=1e-5), (it, key)
 
 
 # ============================================================================================

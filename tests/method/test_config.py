@@ -58,6 +58,13 @@ CONFIG_ERRORS = [
     (dict(layer_scope="4-2"), "--ordmoe-layer-scope"),
     (dict(logprob_floor="low"), "--ordmoe-logprob-floor"),
     (dict(logprob_floor=1.0), "--ordmoe-logprob-floor"),
+    (dict(objective="dpo"), "--ordmoe-objective"),
+    (dict(objective="pairwise-logistic", logprob_floor="vocab"), "drop the floor"),
+    (dict(beta=0.0), "--ordmoe-beta"),
+    (dict(beta=float("inf")), "--ordmoe-beta"),
+    (dict(path_schedule="interleaved"), "--ordmoe-path-schedule"),
+    (dict(lower_path_fraction=0.0), "--ordmoe-lower-path-fraction"),
+    (dict(lower_path_fraction=1.5), "--ordmoe-lower-path-fraction"),
 ]
 
 
@@ -84,6 +91,7 @@ MODEL_ERRORS = [
     (dict(), dict(moe_router_load_balancing_type=["aux_loss", "sinkhorn"]), "aux_loss/sinkhorn"),
     (dict(), dict(moe_router_force_biased=0.5), "--moe-router-force-biased"),
     (dict(), dict(transformer_impl="inference_optimized"), "--transformer-impl inference_optimized"),
+    (dict(path_schedule="sequential"), dict(recompute_granularity="selective"), "--recompute-granularity"),
 ]
 
 
@@ -100,3 +108,30 @@ def test_layer_scope_must_hit_a_moe_layer():
 
 def test_single_tier_accepts_every_megatron_option():
     OrdMoEConfig(num_tiers=1).validate_for_model(model_config(moe_expert_capacity_factor=1.0, context_parallel_size=2))
+
+
+def test_sub_sampled_rows_flops_share_and_stage_shapes():
+    cfg = OrdMoEConfig(num_tiers=3, lower_path_fraction=0.25)
+    assert [cfg.lower_path_rows(b) for b in (1, 4, 8, 10)] == [1, 1, 2, 2]  # at least one row
+    assert cfg.paths_per_sequence(8) == pytest.approx(1.5)
+    assert OrdMoEConfig(num_tiers=3).paths_per_sequence(8) == 3
+    assert cfg.stage_batch_rows(8) == "8 + 2 x 2"
+    assert OrdMoEConfig(num_tiers=3).stage_batch_rows(4) == "3 x 4"
+    assert OrdMoEConfig(num_tiers=3, path_schedule="sequential").stage_batch_rows(4) == "4"
+    assert OrdMoEConfig(num_tiers=3, path_schedule="sequential", lower_path_fraction=0.5).stage_batch_rows(4) == \
+        "4 or 2 (one path at a time)"
+
+
+def test_sequential_schedule_runs_every_layer_on_every_path():
+    # One path per forward: nothing to share, so no lazy fan-out.
+    assert OrdMoEConfig(layer_scope="4").shared_prefix_layers(4, 1) == 3
+    assert OrdMoEConfig(layer_scope="4", path_schedule="sequential").shared_prefix_layers(4, 1) == 0
+
+
+def test_sequential_sub_sampling_with_two_stages_and_virtual_stages_is_refused():
+    cfg = OrdMoEConfig(path_schedule="sequential", lower_path_fraction=0.5)
+    with pytest.raises(ValueError, match="mis-pairs"):
+        cfg.check_pipeline(4, pipeline=2, virtual_stages=True)
+    cfg.check_pipeline(4, pipeline=2, virtual_stages=False)  # 1F1B: fine
+    cfg.check_pipeline(4, pipeline=4, virtual_stages=True)  # the previous and next stage differ: fine
+    OrdMoEConfig(lower_path_fraction=0.5).check_pipeline(4, pipeline=2, virtual_stages=True)  # fused: one shape

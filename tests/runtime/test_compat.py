@@ -23,6 +23,13 @@ def test_the_installed_megatron_core_is_supported():
     compat.check_supported()
 
 
+@pytest.mark.parametrize("version, parsed", [
+    ("0.16.1", (0, 16, 1)), ("0.19.2+0f2a709", (0, 19, 2)), ("0.17.0rc0", (0, 17, 0)), ("0.18", (0, 18, 0))])
+def test_versions_are_read_without_a_git_suffix_or_a_pre_release_tag(version, parsed):
+    """A venv inside a git checkout makes megatron-core report "0.19.2+<hash>" (seen in CI)."""
+    assert compat._parse(version) == parsed
+
+
 def test_a_megatron_core_outside_the_range_is_refused(monkeypatch):
     monkeypatch.setattr(compat, "VERSION", (0, 20, 1))
     with pytest.raises(RuntimeError, match="outside the range ordmoe-megatron supports .*0.16.1 up to 0.19.x"):

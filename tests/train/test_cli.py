@@ -36,6 +36,25 @@ def test_metrics_and_log_lines(ordmoe_run):
         assert all(key in l for l in log_lines)
 
 
+def test_eval_out_and_the_flops_each_step_reports(tmp_path):
+    out = tmp_path / "eval.json"
+    metrics = tmp_path / "m.jsonl"
+    run_cli("--ordmoe", "--ordmoe-lower-path-fraction", "0.5", "--eval-out", str(out), "--metrics-out", str(metrics),
+            "--eval-iters", "1")
+    import json
+
+    (row,) = json.loads(out.read_text()).values()
+    assert len(row["path_perplexity"]) == 3 and row["iteration"] == 4 and 0 <= row["tier_order_acc"] <= 1
+    plain = tmp_path / "plain.json"
+    run_cli("--no-ordmoe", "--eval-out", str(plain), "--eval-iters", "1")
+    (plain_row,) = json.loads(plain.read_text()).values()
+    # One plain step plus two lower paths on half of each micro-batch of 2: twice the plain FLOPs.
+    assert row["step_flops"] == pytest.approx(2 * plain_row["step_flops"])
+    records = read_metrics(metrics)
+    assert all(r["flops"] == row["step_flops"] for r in records)
+    assert records[0]["tokens"] == 4 * 32 * 2  # global batch x sequence x paths per sequence
+
+
 def test_runs_are_deterministic(ordmoe_run, tmp_path):
     out = tmp_path / "again.jsonl"
     run_cli("--ordmoe", "--metrics-out", str(out))
@@ -83,6 +102,25 @@ def test_dry_run_prints_the_layouts_and_builds_nothing(tmp_path):
     assert "3 tiers (uniform: 1-6, 25-30, 59-64)" in out
     assert "world 1 = TP 1 x PP 1 x DP 1; EP 1" in out
     assert not list(tmp_path.iterdir())
+
+
+def test_dry_run_shows_the_path_schedule_and_refuses_what_it_cannot_run():
+    from tests.helpers import cpu_env
+
+    pp2 = ["--pipeline-model-parallel-size", "2", "--dry-run"]
+    two = cpu_env(WORLD_SIZE="2")
+    sequential = run_pretrain(*SMALL, "--ordmoe-path-schedule", "sequential", "--ordmoe-lower-path-fraction", "0.5",
+                              *pp2, env=two)
+    assert "activations between pipeline stages: [32, 2 or 1 (one path at a time), 32]" in sequential.stdout
+    fused = run_pretrain(*SMALL, "--ordmoe-lower-path-fraction", "0.5", *pp2, env=two)
+    assert "activations between pipeline stages: [32, 2 + 2 x 1, 32]" in fused.stdout
+    vpp = ["--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "8"]
+    refused = run_pretrain(*SMALL, "--ordmoe-path-schedule", "sequential", "--ordmoe-lower-path-fraction", "0.5",
+                           *pp2, *vpp, env=two, check=False)
+    assert refused.returncode != 0 and "mis-pairs its messages with 2 pipeline stages" in refused.stderr
+    uneven = run_pretrain(*SMALL, *pp2, "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "6",
+                          env=two, check=False)
+    assert uneven.returncode != 0 and "must be a multiple of --pipeline-model-parallel-size=2" in uneven.stderr
 
 
 def test_bf16_trains(tmp_path):

@@ -1,9 +1,12 @@
-"""Every Megatron parallel layout reproduces the single-process OrdMoE run (C = 3, fp32, CPU).
+"""Every Megatron parallel layout reproduces the single-process OrdMoE run (C = 3, fp32, CPU), and
+in every layout the sequential path schedule reproduces the fused one.
 
 Each layout runs ``torchrun --no-python ... ordmoe-pretrain`` exactly as a user would, from the
 same starting weights, for two optimizer steps; its ``--metrics-out`` must match the
 single-process run and its first-step gradients (``--save-grads``, saved in the model's sharded
-layout and loaded back into one process) must match every parameter's gradient.
+layout and loaded back into one process) must match every parameter's gradient. The sequential
+schedule must match the fused run of the same layout within 1e-6 relative: the metrics, and the
+gradient as a whole (norm of the difference over the norm).
 """
 import json
 import os
@@ -63,13 +66,13 @@ def reference(start, per_token):
     return out
 
 
-def load_grads(rank, world_size, grad_dirs):
+def load_grads(rank, world_size, grad_dirs, model_flags=()):
     """In one process: the gradient checkpoints, as {parameter name: tensor}."""
     from ordmoe_megatron.runtime import checkpointing
     from ordmoe_megatron.runtime.distributed import init_model_parallel
     from ordmoe_megatron.train import build, cli
 
-    config = cli.run_config_from_args(cli.parse_args(MODEL))
+    config = cli.run_config_from_args(cli.parse_args(MODEL + list(model_flags)))
     init_model_parallel(config.layout, config.seed)
     tconfig = build.transformer_config(config)
     out = []
@@ -94,18 +97,30 @@ def assert_metrics_match(ref, got):
 CASES = [(layout, False) for layout in sorted(LAYOUTS)] + [(l, True) for l in ("dp2", "pp2-1f1b", "pp2-vpp2")]
 
 
+def layout_run(start, layout, per_token, extra=(), name=""):
+    """The two-step run of ``layout`` (made once per module), its outputs in ``start / <name>``:
+    from the ``init`` weights, or from a fresh initialisation for a deeper model of its own."""
+    out = start / f"{layout}{'-per-token' if per_token else ''}{name}"
+    if not (out / "metrics.jsonl").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        nproc, flags = LAYOUTS.get(layout) or DEEPER_LAYOUTS[layout]
+        start_from = ["--load", str(start / "init"), "--finetune"] if layout in LAYOUTS else []
+        per_token_flag = ["--calculate-per-token-loss"] if per_token else []
+        run(nproc, "--train-iters", "2", "--metrics-out", str(out / "metrics.jsonl"), "--save-grads", str(out / "grads"),
+            *start_from, *flags, *per_token_flag, *extra)
+    return out
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
 @pytest.mark.parametrize("layout,per_token", CASES, ids=[f"{l}{'-per-token' if t else ''}" for l, t in CASES])
 def test_layout_reproduces_single_process(start, layout, per_token):
     ref = reference(start, per_token)
-    nproc, flags = LAYOUTS[layout]
-    out = start / f"{layout}{'-per-token' if per_token else ''}"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    extra = ["--calculate-per-token-loss"] if per_token else []
-    run(nproc, "--train-iters", "2", "--load", str(start / "init"), "--metrics-out", str(out / "metrics.jsonl"),
-        "--save-grads", str(out / "grads"), "--finetune", *flags, *extra)
-    read = lambda p: [json.loads(line) for line in open(p)]
-    assert_metrics_match(read(ref / "metrics.jsonl"), read(out / "metrics.jsonl"))
+    out = layout_run(start, layout, per_token)
+    assert_metrics_match(read_metrics(ref / "metrics.jsonl"), read_metrics(out / "metrics.jsonl"))
 
     ref_grads, grads = run_on_ranks(load_grads, 1, [str(ref / "grads"), str(out / "grads")])[0]
     assert ref_grads.keys() == grads.keys()
@@ -113,3 +128,55 @@ def test_layout_reproduces_single_process(start, layout, per_token):
         scale = ref_grad.abs().max().item()
         assert scale > 0, f"{name} has no gradient"
         assert torch.allclose(grads[name], ref_grad, rtol=1e-4, atol=1e-4 * scale), name
+
+
+# The sequential schedule in every layout; sub-sampled lower paths where pipeline stages exchange
+# fewer rows for the lower paths (1F1B, and interleaved on three stages: with two, Megatron's
+# variable-shape exchange is refused, method/config.py), and the preference objectives (whose
+# sequential schedule runs a forward-only pre-pass) under VPP and TP+SP+EP.
+DEEPER_LAYOUTS = {
+    "pp3-vpp2": (3, ["--pipeline-model-parallel-size", "3", "--num-layers-per-virtual-pipeline-stage", "1",
+                     "--num-layers", "6", "--global-batch-size", "6"]),
+}
+VARIANTS = {
+    "": [],
+    "-rho": ["--ordmoe-lower-path-fraction", "0.5"],
+    "-plackett-luce-rho": ["--ordmoe-objective", "plackett-luce", "--ordmoe-lower-path-fraction", "0.5"],
+    "-pairwise-logistic": ["--ordmoe-objective", "pairwise-logistic", "--ordmoe-beta", "2"],
+}
+# Every layout once (ep2 with an objective that needs the pre-pass); the per-token loss with and
+# without pipelining; sub-sampled lower paths (two shapes between stages) with 1F1B, and with
+# interleaving on three stages together with the listwise objective. (Fewer than all products:
+# each case is two multi-rank runs, and CI runs the suite twice.)
+SEQUENTIAL_CASES = [(layout, per_token, "") for layout, per_token in CASES
+                    if layout != "ep2" and (layout, per_token) != ("pp2-vpp2", True)] + [
+    ("ep2", False, "-pairwise-logistic"), ("pp2-1f1b", False, "-rho"), ("pp3-vpp2", False, "-plackett-luce-rho"),
+]
+
+
+@pytest.mark.parametrize("layout,per_token,variant", SEQUENTIAL_CASES,
+                         ids=[f"{l}{'-per-token' if t else ''}{v}" for l, t, v in SEQUENTIAL_CASES])
+def test_sequential_schedule_reproduces_the_fused_run(start, layout, per_token, variant):
+    fused = layout_run(start, layout, per_token, VARIANTS[variant], variant)
+    sequential = layout_run(start, layout, per_token, VARIANTS[variant] + ["--ordmoe-path-schedule", "sequential"],
+                            variant + "-sequential")
+    ref, got = read_metrics(fused / "metrics.jsonl"), read_metrics(sequential / "metrics.jsonl")
+    assert len(ref) == len(got) == 2
+    for r, g in zip(ref, got):
+        for key in ("lm_loss", "aux_loss", "tier_order_acc", "grad_norm"):
+            assert g[key] == pytest.approx(r[key], rel=1e-6), key
+        assert g["path_logprob"] == pytest.approx(r["path_logprob"], rel=1e-6)
+        assert g["tier_load_max_over_mean"] == pytest.approx(r["tier_load_max_over_mean"], rel=1e-6)
+        # The rank loss is a difference of log-likelihoods: 1e-6 relative to their scale.
+        assert g["rank_loss"] == pytest.approx(r["rank_loss"], abs=1e-6 * abs(r["path_logprob"][0]))
+
+    deeper = ["--num-layers", "6"] if layout in DEEPER_LAYOUTS else []
+    ref_grads, grads = run_on_ranks(load_grads, 1, [str(fused / "grads"), str(sequential / "grads")], deeper)[0]
+    assert ref_grads.keys() == grads.keys()
+    norm = lambda tensors: torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))  # noqa: E731
+    difference = norm([grads[n] - ref_grads[n] for n in ref_grads]) / norm(ref_grads.values())
+    assert difference < 1e-6, f"gradients differ by {difference:.2e} relative"
+    for name, ref_grad in ref_grads.items():  # and no parameter is off on its own
+        scale = ref_grad.norm().item()
+        assert scale > 0, f"{name} has no gradient"
+        assert (grads[name] - ref_grad).norm().item() <= 1e-5 * scale, name

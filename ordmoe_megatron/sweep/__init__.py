@@ -1,0 +1,1 @@
+"""``ordmoe-sweep``: seeded grids of OrdMoE settings against plain top-K baselines (sweep/cli.py)."""

@@ -1,0 +1,113 @@
+"""Running the cells: several at once, each its own ``ordmoe-pretrain`` process, resumable.
+
+A cell is finished when its ``result.json`` exists (written after its run succeeded and its
+evaluation was read); a later sweep skips it. An unfinished cell (the sweep was stopped while it
+ran, or it failed) starts over: its directory is cleared first. Each cell's process dies with
+the sweep (Linux), so a stopped sweep leaves no run behind to hold a cell's directory.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+from ordmoe_megatron.runtime.outputs import staged_file
+from ordmoe_megatron.sweep.config import SweepConfig
+from ordmoe_megatron.sweep.plan import Cell, cell_command
+
+RESULT = "result.json"
+# The child asks the kernel for SIGTERM when the sweep dies, then becomes the cell's run.
+_DIE_WITH_SWEEP = ("import ctypes, os, signal, sys\n"
+                   "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)\nexcept (OSError, AttributeError):\n"
+                   "    pass\nos.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+
+
+def read_result(config: SweepConfig, cell: Cell) -> Optional[dict]:
+    path = os.path.join(cell.directory(config.out), RESULT)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_cells(config: SweepConfig, cells: list[Cell], log: Callable[[str], None]) -> dict[Cell, dict]:
+    """Run the unfinished ``cells`` (``config.jobs`` at a time); every cell's result, finished
+    before or now. A failed cell's result has ``"failed"``: the log's last lines."""
+    results = {cell: read_result(config, cell) for cell in cells}
+    todo = [cell for cell in cells if results[cell] is None]
+    for cell in cells:
+        if results[cell] is not None:
+            log(f"cell {cell.key}: finished before, kept")
+    if not todo:
+        return results
+    gpus: "queue.Queue[Optional[int]]" = queue.Queue()
+    for slot in range(config.jobs):
+        gpus.put(slot % config.gpus if config.gpus else None)
+    started, durations = time.time(), []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=config.jobs) as pool:
+        futures = {pool.submit(_run_cell, config, cell, gpus): cell for cell in todo}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+            cell = futures[future]
+            result = future.result()
+            results[cell] = result
+            durations.append(result["seconds"])
+            left = len(todo) - done
+            eta = sum(durations) / len(durations) * left / config.jobs
+            log(f"cell {done:3d}/{len(todo)} {cell.key} | "
+                + (f"FAILED (exit {result['exit_code']}; see {result['log']})" if "failed" in result
+                   else f"path-1 ppl {result['path_perplexity'][0]:.3f}")
+                + f" | {result['seconds']:.1f} s | elapsed {_clock(time.time() - started)} | eta {_clock(eta)}")
+    return results
+
+
+def _run_cell(config: SweepConfig, cell: Cell, gpus: "queue.Queue") -> dict:
+    where = cell.directory(config.out)
+    if os.path.isdir(where):
+        shutil.rmtree(where)  # an unfinished cell starts over
+    os.makedirs(where)
+    gpu = gpus.get()
+    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads_per_job)}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    command = cell_command(config, cell)
+    start = time.time()
+    try:
+        with open(os.path.join(where, "log.txt"), "w") as out:
+            out.write(" ".join(command) + "\n\n")
+            out.flush()
+            code = subprocess.call([sys.executable, "-c", _DIE_WITH_SWEEP, *command[1:]], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env)
+    finally:
+        gpus.put(gpu)
+    seconds = time.time() - start
+    log_path = os.path.join(where, "log.txt")
+    if code != 0:
+        with open(log_path) as f:
+            tail = f.read()[-2000:]
+        return {"failed": tail, "exit_code": code, "log": log_path, "seconds": seconds}
+    result = cell_result(where, seconds)
+    with staged_file(os.path.join(where, RESULT)) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def cell_result(where: str, seconds: float) -> dict:
+    """The cell's held-out evaluation (its ``eval.json`` row), last training losses, and time."""
+    with open(os.path.join(where, "eval.json")) as f:
+        evaluation = next(iter(json.load(f).values()))
+    with open(os.path.join(where, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f if line.strip()][-1]
+    return {**evaluation, "train_lm_loss": last["lm_loss"], "train_rank_loss": last.get("rank_loss"),
+            "seconds": seconds}
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
