@@ -139,6 +139,41 @@ def save_checkpoint(
     return final
 
 
+def _take_current_schedule(state, current_groups: list) -> None:
+    """Give the saved parameter groups in ``state`` the current groups' schedule values where the
+    optimizer matches groups by them (``compat.SCHEDULE_GROUP_KEYS``, megatron-core 0.19). The
+    schedule is the run's: a resume compared it, or overrides it on purpose; the scheduler sets
+    the groups' learning rates from it on the next step either way."""
+    if not compat.SCHEDULE_GROUP_KEYS:
+        return
+    identity = lambda group: tuple(group.get(key) for key in compat.GROUP_IDENTITY_KEYS)  # noqa: E731
+    current = {identity(group): group for group in current_groups}
+    for groups in _param_group_lists(state):
+        for group in groups:
+            match = current.get(identity(group))
+            if match is None:
+                continue
+            for key in compat.SCHEDULE_GROUP_KEYS:  # an absent key means "the scheduler's value"
+                if key in match:
+                    group[key] = match[key]
+                else:
+                    group.pop(key, None)
+
+
+def _param_group_lists(state):
+    """Every ``param_groups`` list in an optimizer state (chained and mixed-precision optimizers
+    nest them)."""
+    if isinstance(state, dict):
+        if isinstance(state.get("param_groups"), list):
+            yield state["param_groups"]
+        for value in state.values():
+            if isinstance(value, (dict, list)):
+                yield from _param_group_lists(value)
+    elif isinstance(state, list):
+        for value in state:
+            yield from _param_group_lists(value)
+
+
 def read_run(root: str) -> dict:
     """``run.json`` of the newest checkpoint under ``root`` ({} for converted checkpoints)."""
     path = os.path.join(checkpoint_dir(root, latest_iteration(root)), RUN_FILE)
@@ -209,6 +244,7 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = Tr
         chunk.load_state_dict({**loaded[model_key], **{name: own[name] for name in absent.get(model_key, [])}},
                               strict=strict)
     if optimizer is not None:
+        _take_current_schedule(loaded["optimizer"], optimizer.param_groups)
         optimizer.load_state_dict(loaded["optimizer"])
     if load_rng:
         rng_file = rng_path(path, torch.distributed.get_rank())

@@ -13,6 +13,7 @@ import inspect
 from typing import Any, Optional
 
 import megatron.core
+from megatron.core.optimizer import optimizer as _optimizer
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -108,6 +109,16 @@ def checkpoint_layout_problem(metadata: dict) -> Optional[str]:
         return (f"was saved by megatron-core 0.19 or later (its common state is inside the shards), which "
                 f"megatron-core {megatron.core.__version__} cannot read: load it with megatron-core 0.19 or later")
     return None
+
+
+# 0.19: an optimizer state's parameter groups are matched to the optimizer's by their learning-
+# rate and weight-decay schedule too (``max_lr``, ``min_lr``, ``start_wd``, ``end_wd``), so a
+# resume with a new schedule on purpose (--override-opt-param-scheduler) finds no group.
+# Detected from megatron-core's own list of identifying keys.
+SCHEDULE_GROUP_KEYS: tuple[str, ...] = tuple(
+    key for key in ("max_lr", "min_lr", "start_wd", "end_wd") if key in _optimizer.param_group_identifier_keys)
+GROUP_IDENTITY_KEYS: tuple[str, ...] = tuple(
+    key for key in _optimizer.param_group_identifier_keys if key not in SCHEDULE_GROUP_KEYS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,3 +95,20 @@ def test_a_gpu_without_transformer_engine_gets_the_names_megatron_core_lacks():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=cpu_env())
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_saved_optimizer_groups_take_the_current_schedule_where_groups_are_keyed_by_it(monkeypatch):
+    """megatron-core 0.19 matches saved parameter groups by max_lr/min_lr too: a resume with a new
+    schedule on purpose must re-key them (tests/train/test_reliability.py runs the whole resume)."""
+    from ordmoe_megatron.runtime import checkpointing
+
+    monkeypatch.setattr(compat, "SCHEDULE_GROUP_KEYS", ("max_lr", "min_lr", "start_wd"))
+    monkeypatch.setattr(compat, "GROUP_IDENTITY_KEYS", ("wd_mult",))
+    current = [{"wd_mult": 1.0, "max_lr": 1e-3, "min_lr": 1e-4}, {"wd_mult": 0.0, "max_lr": 1e-3, "min_lr": 1e-4}]
+    saved = {"optimizer": {"param_groups": [
+        {"wd_mult": 0.0, "max_lr": 3e-3, "min_lr": 3e-4, "start_wd": 0.1, "params": [1]},
+        {"wd_mult": 1.0, "max_lr": 3e-3, "min_lr": 3e-4, "params": [0]}]}}
+    checkpointing._take_current_schedule([saved], current)
+    groups = saved["optimizer"]["param_groups"]
+    assert groups == [{"wd_mult": 0.0, "max_lr": 1e-3, "min_lr": 1e-4, "params": [1]},
+                      {"wd_mult": 1.0, "max_lr": 1e-3, "min_lr": 1e-4, "params": [0]}]
