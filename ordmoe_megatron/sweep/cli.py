@@ -17,6 +17,8 @@ import os
 import time
 from typing import Optional, Sequence
 
+import torch
+
 from ordmoe_megatron.runtime.checkpointing import has_checkpoint
 from ordmoe_megatron.runtime.outputs import OutputError, RunLock, check_writable, staged_file
 from ordmoe_megatron.sweep import plan, results
@@ -81,8 +83,6 @@ def _num_layers(run_flags: Sequence[str]) -> int:
 
 
 def sweep_config_from_args(args) -> SweepConfig:
-    import torch
-
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     jobs = args.jobs or gpus or max(1, (os.cpu_count() or 2) // 2)
     threads = args.threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
