@@ -112,6 +112,7 @@ def _sweep(out, *extra, wait=True):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=cpu_env())
 
 
+@pytest.mark.one_version  # the harness runs ordmoe-pretrain, whose versions the rest of the suite covers
 def test_a_stopped_sweep_resumes_without_redoing_finished_cells(tmp_path):
     out = tmp_path / "sweep"
     flags = ["--grid", "custom", "--try", "C=2=--ordmoe-num-tiers 2", "--seeds", "1", "--steps", "2",

@@ -154,8 +154,16 @@ SEQUENTIAL_CASES = [(layout, per_token, "") for layout, per_token in CASES
 ]
 
 
-@pytest.mark.parametrize("layout,per_token,variant", SEQUENTIAL_CASES,
-                         ids=[f"{l}{'-per-token' if t else ''}{v}" for l, t, v in SEQUENTIAL_CASES])
+# CI's megatron-core 0.19.2 run takes the others (the pipelined, interleaved, expert- and tensor-
+# parallel exchanges, per-token loss, both kinds of objective, sub-sampled rows): two full suites
+# must fit in CI's time.
+ONE_VERSION = {("dp2", False, ""), ("tp2-sp", False, ""), ("pp2-1f1b", False, ""), ("pp2-1f1b", True, ""),
+               ("ep2-pp2", False, "")}
+
+
+@pytest.mark.parametrize("layout,per_token,variant", [
+    pytest.param(*case, marks=[pytest.mark.one_version] if case in ONE_VERSION else [],
+                 id=f"{case[0]}{'-per-token' if case[1] else ''}{case[2]}") for case in SEQUENTIAL_CASES])
 def test_sequential_schedule_reproduces_the_fused_run(start, layout, per_token, variant):
     fused = layout_run(start, layout, per_token, VARIANTS[variant], variant)
     sequential = layout_run(start, layout, per_token, VARIANTS[variant] + ["--ordmoe-path-schedule", "sequential"],
