@@ -17,7 +17,6 @@ import os
 import pickle
 import queue as queue_lib
 import socket
-import threading
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -25,6 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.multiprocessing as mp
 
+from ordmoe_megatron.runtime.bridges import exit_when_parent_exits
 from ordmoe_megatron.runtime.distributed import LOOPBACK, find_free_port, init_process_group
 
 __all__ = ["RankFailedError", "run_on_ranks"]
@@ -42,18 +42,6 @@ def _loopback_interface() -> Optional[str]:
     return None
 
 
-def _exit_with_parent() -> None:
-    """Don't outlive a parent that was killed without running its cleanup."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="ordmoe-parent-watch").start()
-
-
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict,
             results: Any) -> None:
     # Keep gloo on the loopback interface: without this it binds to whatever the hostname
@@ -63,7 +51,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
     os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    _exit_with_parent()
+    exit_when_parent_exits()  # don't outlive a parent killed without its cleanup
     # Two CPU cores shared by all ranks: avoid oversubscribing with intra-op threads.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:

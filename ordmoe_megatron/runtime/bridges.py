@@ -680,6 +680,11 @@ def _die_with_parent() -> None:
             return
     except (OSError, AttributeError):
         pass
+    exit_when_parent_exits()
+
+
+def exit_when_parent_exits() -> None:
+    """A daemon thread ends this process once its parent is gone (however the parent died)."""
     parent = os.getppid()
 
     def watch() -> None:
