@@ -5,6 +5,7 @@ torch>=2.6 and the README's install step puts in the CPU wheel (torch==2.13.0) f
 CUDA build that is already installed. Listing torch here could make pip resolve a CUDA wheel.
 megatron-core 0.18 on import triton at import time (it does not pull torch).
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -25,9 +26,11 @@ setup(
         # What Megatron-LM's megatron.training needs beyond megatron-core (for its tests here).
         "megatron-lm": ["triton", "pybind11", "six"],
     },
-    entry_points={"console_scripts": [
-        "ordmoe-pretrain=ordmoe_megatron.entrypoints:pretrain",
-        "ordmoe-tier-report=ordmoe_megatron.entrypoints:tier_report",
-        "ordmoe-sweep=ordmoe_megatron.entrypoints:sweep",
-    ]},
+    entry_points={
+        "console_scripts": [
+            "ordmoe-pretrain=ordmoe_megatron.entrypoints:pretrain",
+            "ordmoe-tier-report=ordmoe_megatron.entrypoints:tier_report",
+            "ordmoe-sweep=ordmoe_megatron.entrypoints:sweep",
+        ]
+    },
 )

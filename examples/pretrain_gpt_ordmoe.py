@@ -13,6 +13,7 @@ and calls ``pretrain(...)`` the way that tag's ``pretrain_gpt.py`` does, with th
 ``--ordmoe-dry-run`` prints the configuration, parallel layout and tier layout and exits (no GPU
 needed). Without ``--ordmoe`` this is plain ``pretrain_gpt.py``.
 """
+
 import sys
 import time
 from functools import partial
@@ -24,8 +25,10 @@ try:
 except ModuleNotFoundError as err:
     if err.name not in ("pretrain_gpt", "gpt_builders", "model_provider"):
         raise
-    sys.exit(f"pretrain_gpt_ordmoe.py: cannot import Megatron-LM's pretrain_gpt ({err}); put your Megatron-LM "
-             "checkout (core_v0.16.1 to core_v0.19.x) on PYTHONPATH, e.g. PYTHONPATH=/path/to/Megatron-LM")
+    sys.exit(
+        f"pretrain_gpt_ordmoe.py: cannot import Megatron-LM's pretrain_gpt ({err}); put your Megatron-LM "
+        "checkout (core_v0.16.1 to core_v0.19.x) on PYTHONPATH, e.g. PYTHONPATH=/path/to/Megatron-LM"
+    )
 
 from megatron.core.enums import ModelType
 from megatron.training import inprocess_restart, pretrain, set_startup_timestamps
@@ -39,28 +42,48 @@ def main() -> None:
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
     style = compat.megatron_lm_pretrain_style()  # before the in-process-restart wrapper hides the signature
     run, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
-    extra_args = megatron_lm.extra_args_provider(pretrain_gpt.add_modelopt_args if pretrain_gpt.has_nvidia_modelopt else None)
+    extra_args = megatron_lm.extra_args_provider(
+        pretrain_gpt.add_modelopt_args if pretrain_gpt.has_nvidia_modelopt else None
+    )
     defaults = {"tokenizer_type": "GPT2BPETokenizer"}
     datasets, forward_step = pretrain_gpt.train_valid_test_datasets_provider, pretrain_gpt.forward_step
     common = dict(store=store, get_embedding_ranks=pretrain_gpt.get_embedding_ranks)
     provider = partial(model_provider, megatron_lm.ordmoe_builder(gpt_builder))
     if style == "provider":  # core_v0.16, core_v0.17: pretrain parses the arguments itself
-        run(datasets, provider, ModelType.encoder_or_decoder, forward_step, args_defaults=defaults,
-            extra_args_provider=extra_args, **common)
+        run(
+            datasets,
+            provider,
+            ModelType.encoder_or_decoder,
+            forward_step,
+            args_defaults=defaults,
+            extra_args_provider=extra_args,
+            **common,
+        )
         return
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
     args = parse_and_validate_args(extra_args_provider=extra_args, args_defaults=defaults)
     if style == "container":  # core_v0.18
-        run(pretrain_cfg_container_from_args(args), datasets, provider, ModelType.encoder_or_decoder, forward_step,
-            **common)
+        run(
+            pretrain_cfg_container_from_args(args),
+            datasets,
+            provider,
+            ModelType.encoder_or_decoder,
+            forward_step,
+            **common,
+        )
         return
     from megatron.training.argument_utils import gpt_config_from_args  # core_v0.19: no model provider
 
     model_config = megatron_lm.ordmoe_model_config(args, gpt_config_from_args(args))
-    run(pretrain_cfg_container_from_args(args, model_config), datasets, ModelType.encoder_or_decoder, forward_step,
-        **common)
+    run(
+        pretrain_cfg_container_from_args(args, model_config),
+        datasets,
+        ModelType.encoder_or_decoder,
+        forward_step,
+        **common,
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Floors, each importing only those below it:
 
 Importing this package imports the method only.
 """
+
 from ordmoe_megatron.method import (
     OrdMoEConfig,
     default_rewards,

@@ -5,6 +5,7 @@ Apex): not news on a CPU machine, and noise before every run. Each entry point i
 filters first and imports its application after them; that is why the imports below sit inside
 the functions.
 """
+
 from __future__ import annotations
 
 import warnings

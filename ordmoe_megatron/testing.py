@@ -42,15 +42,15 @@ def _loopback_interface() -> Optional[str]:
     return None
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict,
-            results: Any) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, results: Any) -> None:
     # Keep gloo on the loopback interface: without this it binds to whatever the hostname
     # resolves to.
     loopback = _loopback_interface()
     if loopback is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     exit_when_parent_exits()  # don't outlive a parent killed without its cleanup
     # Two CPU cores shared by all ranks: avoid oversubscribing with intra-op threads.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -74,24 +74,30 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
         pass
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
-                 timeout: float = 600.0, **kwargs: Any) -> list:
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0, **kwargs: Any) -> list:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned processes.
 
     Each process joins a gloo process group on a free 127.0.0.1 port through
     ``runtime.distributed.init_process_group`` (which installs the bridges) before ``fn``.
-    Returns the per-rank return values, ordered by rank. If any rank raises, the others are killed and :class:`RankFailedError` is raised
-    with that rank's traceback text; the same happens when a process dies without reporting,
-    or when ``timeout`` seconds pass. (``timeout`` is consumed here, not passed to ``fn``.)
+    Returns the per-rank return values, ordered by rank. If any rank raises, the others are killed
+    and :class:`RankFailedError` is raised with that rank's traceback text; the same happens when a
+    process dies without reporting, or when ``timeout`` seconds pass. (``timeout`` is consumed here,
+    not passed to ``fn``.)
     """
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = find_free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, kwargs, results),
-                         daemon=False, name=f"ordmoe-rank{rank}")
-             for rank in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(rank, world_size, port, fn, args, kwargs, results),
+            daemon=False,
+            name=f"ordmoe-rank{rank}",
+        )
+        for rank in range(world_size)
+    ]
     # On the CPU by design, also on a GPU machine: the processes see no CUDA device.
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -111,8 +117,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - set(values))
-                raise RankFailedError(f"run_on_ranks: timed out after {timeout:.0f}s; "
-                                      f"ranks {missing} did not finish")
+                raise RankFailedError(f"run_on_ranks: timed out after {timeout:.0f}s; ranks {missing} did not finish")
             try:
                 rank, ok, data = results.get(timeout=min(remaining, 1.0))
             except queue_lib.Empty:
@@ -123,8 +128,8 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
                             rank2, ok2, data2 = results.get(timeout=2.0)
                         except queue_lib.Empty:
                             raise RankFailedError(
-                                f"run_on_ranks: rank {rank} exited with code {proc.exitcode} "
-                                f"without reporting a result") from None
+                                f"run_on_ranks: rank {rank} exited with code {proc.exitcode} without reporting a result"
+                            ) from None
                         _store(values, rank2, ok2, data2)
                         break
                 continue

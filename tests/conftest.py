@@ -1,4 +1,5 @@
 """Shared fixtures: a single-process Megatron (gloo on CPU, or NCCL when a GPU is present)."""
+
 import pytest
 from megatron.core import parallel_state
 

@@ -4,6 +4,7 @@ user runs it (a subprocess on the CPU).
 Tests that are CPU by design (gloo processes, bit-for-bit reproducibility on the CPU's kernels)
 hide CUDA from their processes with ``cpu_env``, so they test the same thing on a GPU machine.
 """
+
 import json
 import os
 import subprocess
@@ -28,8 +29,13 @@ def on_device(tensor: torch.Tensor) -> torch.Tensor:
 
 def run_pretrain(*args, check=True, env=None):
     """``ordmoe-pretrain`` on the CPU by design: its tests compare runs bit for bit."""
-    proc = subprocess.run([sys.executable, "-m", "ordmoe_megatron.train", *args], capture_output=True, text=True,
-                          timeout=900, env=env or cpu_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "ordmoe_megatron.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env or cpu_env(),
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"ordmoe-pretrain {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

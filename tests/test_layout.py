@@ -1,4 +1,5 @@
 """The package's floors (docs/layout.md), read from the source: imports run downward only."""
+
 import ast
 from pathlib import Path
 
@@ -11,8 +12,17 @@ INNER_IMPORTS_ALLOWED = {
     ("ordmoe_megatron.megatron_lm", "ordmoe_megatron.megatron_lm.model_config"),
 }
 FLOORS = {
-    "method": 0, "runtime": 1, "data": 1, "mcore": 2, "flags": 2,
-    "train": 3, "megatron_lm": 3, "convert": 3, "report": 3, "sweep": 4, "entrypoints": 5,
+    "method": 0,
+    "runtime": 1,
+    "data": 1,
+    "mcore": 2,
+    "flags": 2,
+    "train": 3,
+    "megatron_lm": 3,
+    "convert": 3,
+    "report": 3,
+    "sweep": 4,
+    "entrypoints": 5,
 }
 
 
@@ -27,8 +37,13 @@ def _package_imports(name, path):
     """(imported module, inside a function?) for every ordmoe_megatron import of a module."""
     tree = ast.parse(path.read_text())
     is_package = path.name == "__init__.py"
-    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for n in ast.walk(f) if n is not f}
+    nested = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+        if n is not f
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -67,8 +82,11 @@ def _graph():
 
 
 def test_nothing_in_the_package_imports_the_test_helpers():
-    offenders = [m for m, edges in _graph().items() if m != "ordmoe_megatron.testing"
-                 and any(t == "ordmoe_megatron.testing" for t, _ in edges)]
+    offenders = [
+        m
+        for m, edges in _graph().items()
+        if m != "ordmoe_megatron.testing" and any(t == "ordmoe_megatron.testing" for t, _ in edges)
+    ]
     assert not offenders
 
 
@@ -87,8 +105,12 @@ def test_each_floor_imports_only_the_floors_below_it():
 
 
 def test_package_imports_sit_at_the_top_of_files():
-    inner = [f"{m} -> {t}" for m, edges in _graph().items() for t, nested in edges
-             if nested and m != "ordmoe_megatron.entrypoints" and (m, t) not in INNER_IMPORTS_ALLOWED]
+    inner = [
+        f"{m} -> {t}"
+        for m, edges in _graph().items()
+        for t, nested in edges
+        if nested and m != "ordmoe_megatron.entrypoints" and (m, t) not in INNER_IMPORTS_ALLOWED
+    ]
     assert not inner, inner
 
 
@@ -96,14 +118,16 @@ def test_there_is_no_import_circle():
     graph = {m: {t for t, _ in edges if t != m} for m, edges in _graph().items()}
     # A package's __init__ importing its own submodules is not a circle.
     for m in graph:
-        graph[m] = {t for t in graph[m] if not (t.startswith(m + ".") and (PACKAGE.parent / Path(*m.split("."))).is_dir())}
+        graph[m] = {
+            t for t in graph[m] if not (t.startswith(m + ".") and (PACKAGE.parent / Path(*m.split("."))).is_dir())
+        }
     state = {}
 
     def visit(node, stack):
         state[node] = "open"
         for nxt in graph.get(node, ()):
             if state.get(nxt) == "open":
-                pytest.fail("import circle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                pytest.fail("import circle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"

@@ -1,4 +1,5 @@
 """README's two set-up commands and CI's script stay in step; its efficacy numbers are recorded."""
+
 import json
 import re
 from pathlib import Path

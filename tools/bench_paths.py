@@ -23,6 +23,7 @@ that runs out of memory shows ``OOM``.
     python tools/bench_paths.py                       # the GPU, both shapes
     python tools/bench_paths.py --device cpu --rounds 7 --json bench.json --png bench.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,17 +78,30 @@ def build(dims: dict, device: str, ordmoe=None):
 
     cuda = device == "cuda"
     config = TransformerConfig(
-        num_layers=dims["layers"], hidden_size=dims["hidden"], num_attention_heads=dims["heads"],
-        num_moe_experts=dims["experts"], moe_router_topk=dims["topk"], moe_ffn_hidden_size=dims["moe_ffn"],
-        ffn_hidden_size=4 * dims["hidden"], moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=1e-2,
-        hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False, normalization="RMSNorm",
-        use_cpu_initialization=not cuda, bf16=cuda, params_dtype=torch.bfloat16 if cuda else torch.float32,
+        num_layers=dims["layers"],
+        hidden_size=dims["hidden"],
+        num_attention_heads=dims["heads"],
+        num_moe_experts=dims["experts"],
+        moe_router_topk=dims["topk"],
+        moe_ffn_hidden_size=dims["moe_ffn"],
+        ffn_hidden_size=4 * dims["hidden"],
+        moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=1e-2,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        use_cpu_initialization=not cuda,
+        bf16=cuda,
+        params_dtype=torch.bfloat16 if cuda else torch.float32,
     )
     spec = get_gpt_layer_local_spec(num_experts=dims["experts"], moe_grouped_gemm=False, normalization="RMSNorm")
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
     kwargs = dict(vocab_size=dims["vocab"], max_sequence_length=dims["seq"])
-    model = GPTModel(config, spec, **kwargs) if ordmoe is None else OrdMoEGPTModel(config, spec, ordmoe=ordmoe, **kwargs)
+    model = (
+        GPTModel(config, spec, **kwargs) if ordmoe is None else OrdMoEGPTModel(config, spec, ordmoe=ordmoe, **kwargs)
+    )
     return model.to(device)
 
 
@@ -100,9 +114,15 @@ def forward_step(batch, data_iterator, model):
 
 
 def schedule_step(model, batch, forward_backward) -> None:
-    forward_backward(forward_step_func=functools.partial(forward_step, batch), data_iterator=iter([None] * 1),
-                     model=[model], num_microbatches=1, seq_length=batch["tokens"].shape[1],
-                     micro_batch_size=batch["tokens"].shape[0], forward_only=False)
+    forward_backward(
+        forward_step_func=functools.partial(forward_step, batch),
+        data_iterator=iter([None] * 1),
+        model=[model],
+        num_microbatches=1,
+        seq_length=batch["tokens"].shape[1],
+        micro_batch_size=batch["tokens"].shape[0],
+        forward_only=False,
+    )
 
 
 def separate_passes_step(model, batch, num_paths: int) -> None:
@@ -114,8 +134,15 @@ def separate_passes_step(model, batch, num_paths: int) -> None:
         for path in range(num_paths):
             model.set_path_tiers([path])
             out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-            loss, tokens, _ = ordmoe_path_loss(batch["loss_mask"], out, path=path, paths_of_micro_batch=state,
-                                               ordmoe=model.ordmoe, num_paths=num_paths, vocab_size=model.vocab_size)
+            loss, tokens, _ = ordmoe_path_loss(
+                batch["loss_mask"],
+                out,
+                path=path,
+                paths_of_micro_batch=state,
+                ordmoe=model.ordmoe,
+                num_paths=num_paths,
+                vocab_size=model.vocab_size,
+            )
             (loss / tokens).backward()
     finally:
         model.set_path_tiers(list(range(num_paths)))
@@ -202,9 +229,15 @@ def variants(dims: dict, device: str):
     b, s = dims["batch"], dims["seq"]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, dims["vocab"], (b, s + 1), generator=g)
-    batch = {k: v.to(device) for k, v in dict(
-        tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(b, s),
-        position_ids=torch.arange(s).unsqueeze(0).expand(b, -1)).items()}
+    batch = {
+        k: v.to(device)
+        for k, v in dict(
+            tokens=tokens[:, :-1],
+            labels=tokens[:, 1:],
+            loss_mask=torch.ones(b, s),
+            position_ids=torch.arange(s).unsqueeze(0).expand(b, -1),
+        ).items()
+    }
     last = str(dims["layers"])
     configs = {
         "fused": OrdMoEConfig(num_tiers=3),
@@ -237,7 +270,8 @@ def variants(dims: dict, device: str):
         "C=3 separate passes": (lambda: separate_passes_step(ordmoe, batch, 3), weights(ordmoe)),
         f"C=3 scope layer {last}, lazy fan-out": (
             lambda: schedule_step(lazy, batch, get_ordmoe_forward_backward_func(lazy.ordmoe, dims["vocab"])),
-            weights(lazy)),
+            weights(lazy),
+        ),
         "C=3 rho=0.25 fused": (with_config("rho fused"), weights(ordmoe)),
         "C=3 rho=0.25 sequential": (with_config("rho sequential"), weights(ordmoe)),
     }
@@ -251,8 +285,10 @@ def variants(dims: dict, device: str):
     tier.path_tiers = [0, 1, 2]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     hidden = torch.randn(s, 3 * b, dims["hidden"], generator=g).to(device, dtype).requires_grad_(True)
-    routers = {"TopKRouter, stacked input": lambda: router_step(top_k, hidden),
-               "TierRouter, stacked input": lambda: router_step(tier, hidden)}
+    routers = {
+        "TopKRouter, stacked input": lambda: router_step(top_k, hidden),
+        "TierRouter, stacked input": lambda: router_step(tier, hidden),
+    }
     return rows, routers
 
 
@@ -323,26 +359,45 @@ def main(argv=None):
     report = {}
     for shape in args.shapes:
         dims = sizes(args, shape)
-        print(f"\n### {shape}: {dims['experts']} experts top-{dims['topk']}, MoE FFN {dims['moe_ffn']}, hidden "
-              f"{dims['hidden']}, {dims['layers']} layers, micro-batch {dims['batch']} x {dims['seq']}, "
-              f"{'bf16' if args.device == 'cuda' else 'fp32'}, {where}, median of {args.rounds} rounds\n", flush=True)
+        print(
+            f"\n### {shape}: {dims['experts']} experts top-{dims['topk']}, MoE FFN {dims['moe_ffn']}, hidden "
+            f"{dims['hidden']}, {dims['layers']} layers, micro-batch {dims['batch']} x {dims['seq']}, "
+            f"{'bf16' if args.device == 'cuda' else 'fp32'}, {where}, median of {args.rounds} rounds\n",
+            flush=True,
+        )
         rows, routers = variants(dims, args.device)
-        steps = measure({k: v[0] for k, v in rows.items()}, args.rounds, args.device, {k: v[1] for k, v in rows.items()})
+        steps = measure(
+            {k: v[0] for k, v in rows.items()}, args.rounds, args.device, {k: v[1] for k, v in rows.items()}
+        )
         print("\n".join(table(steps, "plain GPTModel", with_memory=True)))
         router_times = measure(routers, args.rounds, args.device)
         print()
-        print("\n".join(table(router_times, "TopKRouter, stacked input", with_memory=False)).replace(
-            "x plain time", "x TopKRouter"), flush=True)
+        print(
+            "\n".join(table(router_times, "TopKRouter, stacked input", with_memory=False)).replace(
+                "x plain time", "x TopKRouter"
+            ),
+            flush=True,
+        )
         base_t, base_m = steps["plain GPTModel"]
         router_base = router_times["TopKRouter, stacked input"][0]
         report[shape] = {
-            "dims": dims, "device": where, "rounds": args.rounds,
-            "steps": [{"variant": k, "median_ms": None if t is None else 1000 * t,
-                       "time_ratio": None if t is None else t / base_t,
-                       "peak_bytes": m, "memory_ratio": None if m is None else m / base_m}
-                      for k, (t, m) in steps.items()],
-            "routers": [{"variant": k, "median_ms": 1000 * t, "ratio_vs_topk": t / router_base}
-                        for k, (t, _) in router_times.items()],
+            "dims": dims,
+            "device": where,
+            "rounds": args.rounds,
+            "steps": [
+                {
+                    "variant": k,
+                    "median_ms": None if t is None else 1000 * t,
+                    "time_ratio": None if t is None else t / base_t,
+                    "peak_bytes": m,
+                    "memory_ratio": None if m is None else m / base_m,
+                }
+                for k, (t, m) in steps.items()
+            ],
+            "routers": [
+                {"variant": k, "median_ms": 1000 * t, "ratio_vs_topk": t / router_base}
+                for k, (t, _) in router_times.items()
+            ],
         }
         del rows, routers
         gc.collect()

@@ -8,6 +8,7 @@ Writes <out>/latest_checkpointed_iteration.txt ("release"), <out>/release/ (dist
 <out>/model_args.json (model flags) and <out>/hf_metadata.json (for exporting back). Load it
 with Megatron-LM (or ordmoe-pretrain) using the printed flags plus --load <out>.
 """
+
 import argparse
 import os
 import shlex
@@ -21,13 +22,11 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json + safetensors)")
-    parser.add_argument("--out", "--mcore-dir", dest="out", required=True,
-                        help="output Megatron checkpoint directory")
+    parser.add_argument("--out", "--mcore-dir", dest="out", required=True, help="output Megatron checkpoint directory")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     try:
-        flags = hf_to_mcore(args.hf_dir, args.out, force=args.force,
-                            log=lambda s: print(s, file=sys.stderr))
+        flags = hf_to_mcore(args.hf_dir, args.out, force=args.force, log=lambda s: print(s, file=sys.stderr))
     except ConversionError as e:
         print(f"hf_to_mcore: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ The checkpoint is any Megatron checkpoint directory: converted by tools/hf_to_mc
 Evaluation data: --token-ids F (JSON lines), --text-file F --tokenizer-model M, or
 --data-path PREFIX --tokenizer-model M. See docs/report.md for the conventions.
 """
+
 import os
 import sys
 

@@ -4,6 +4,7 @@ One declarative table per family (:mod:`.families`), a small generic engine (:mo
 and Megatron-LM's checkpoint layout (:mod:`.mcore_io`). OrdMoE adds no parameters, so an OrdMoE
 run's checkpoint converts back like any Megatron-Core GPT MoE checkpoint.
 """
+
 from .api import flags_to_hf_config, hf_config_to_flags, hf_to_mcore, mcore_to_hf
 from .engine import ConversionError
 from .families import FAMILIES, REFUSED, get_family, infer_family

@@ -1,5 +1,6 @@
 """Hugging Face <-> Megatron-Core conversion entry points (used by tools/hf_to_mcore.py and
 tools/mcore_to_hf.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,9 @@ def spill_to_disk(tensor: torch.Tensor, directory: str, index: int) -> torch.Ten
     return torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
 
 
-def hf_to_mcore(hf_dir: str, out_dir: str, force: bool = False,
-                log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+def hf_to_mcore(
+    hf_dir: str, out_dir: str, force: bool = False, log: Optional[Callable[[str], None]] = None
+) -> Dict[str, Any]:
     """Convert a Hugging Face MoE checkpoint into Megatron-LM's release layout at ``out_dir``;
     returns the model flags. Everything is validated (config fields, tensor names, shapes,
     file integrity) before any output is written; tensors are read one at a time."""
@@ -85,25 +87,25 @@ def hf_to_mcore(hf_dir: str, out_dir: str, force: bool = False,
     for p in plan:
         dtypes = {ckpt.tensors[n][1] for n in p.hf_names}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ConversionError(f"tensors {', '.join(p.hf_names)} have dtypes "
-                                  f"{sorted(map(str, dtypes))}; expected one floating dtype")
+            raise ConversionError(
+                f"tensors {', '.join(p.hf_names)} have dtypes {sorted(map(str, dtypes))}; expected one floating dtype"
+            )
 
     log(f"{family.model_type}: {len(plan)} Megatron tensors from {len(ckpt.tensors)} HF tensors")
-    meta = {"model_type": family.model_type, "architecture": family.architecture,
-            "config": saved}
+    meta = {"model_type": family.model_type, "architecture": family.architecture, "config": saved}
     with staged_output(out_dir, force) as tmp, tempfile.TemporaryDirectory(dir=tmp) as spill:
         sharded = model.sharded_state_dict()
         for i, p in enumerate(plan):
             tensor = p.rule.transform.to_mcore([ckpt.get(n) for n in p.hf_names], flags)
             if tuple(tensor.shape) != p.mcore_shape:  # guards the tables themselves
-                raise ConversionError(f"{p.mcore_key}: built shape {list(tensor.shape)}, model "
-                                      f"expects {list(p.mcore_shape)}")
+                raise ConversionError(
+                    f"{p.mcore_key}: built shape {list(tensor.shape)}, model expects {list(p.mcore_shape)}"
+                )
             sharded[p.mcore_key] = _set_sharded_data(sharded[p.mcore_key], spill_to_disk(tensor, spill, i))
         if tied and table.tied_output and table.tied_output[0] in ckpt.tensors:
             out_name, src = table.tied_output
             if not torch.equal(ckpt.get(out_name), ckpt.get(src)):
-                raise ConversionError(f"tie_word_embeddings is true but tensor {out_name} differs "
-                                      f"from {src}")
+                raise ConversionError(f"tie_word_embeddings is true but tensor {out_name} differs from {src}")
         ckpt.close()
         mcore_io.save_checkpoint(sharded, tmp)
         mcore_io.write_model_args(tmp, flags)
@@ -115,8 +117,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, force: bool = False,
 # ----------------------------------------------------------------------------------------------
 # Megatron -> HF
 # ----------------------------------------------------------------------------------------------
-def flags_to_hf_config(family: Family, flags: Dict[str, Any],
-                       meta: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def flags_to_hf_config(family: Family, flags: Dict[str, Any], meta: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """HF config values for ``flags``: mapped fields from the table, non-model fields carried
     from the import's metadata (when there is one). A mapped field whose recorded value equals
     the new one keeps its recorded spelling (e.g. 10000 vs 10000.0)."""
@@ -140,8 +141,7 @@ def _regions(plan, sharded, md) -> Dict[str, tuple]:
         sh = sharded[p.mcore_key]
         key, offset, size = mcore_io.sharded_region(sh)
         if key not in md:
-            raise ConversionError(f"missing tensor {key} (for {p.mcore_key}) in the Megatron "
-                                  f"checkpoint")
+            raise ConversionError(f"missing tensor {key} (for {p.mcore_key}) in the Megatron checkpoint")
         stored = tuple(md[key].size)
         expected = tuple(sh.global_shape) if hasattr(sh, "global_shape") else None
         if expected is None:
@@ -149,26 +149,33 @@ def _regions(plan, sharded, md) -> Dict[str, tuple]:
         if stored != expected:
             raise ConversionError(
                 f"tensor {key} (for {p.mcore_key}) has shape {list(stored)} in the Megatron "
-                f"checkpoint, the model flags imply {list(expected)}")
+                f"checkpoint, the model flags imply {list(expected)}"
+            )
         dtype = md[key].properties.dtype
         if not dtype.is_floating_point:
             raise ConversionError(f"tensor {key} has non-float dtype {dtype}")
         out[p.mcore_key] = (key, offset, size, dtype)
     used = {r[0] for r in out.values()}
-    extra = sorted(k for k in md if k.startswith(("embedding.", "decoder.", "output_layer.", "mtp."))
-                   and k not in used)
+    extra = sorted(k for k in md if k.startswith(("embedding.", "decoder.", "output_layer.", "mtp.")) and k not in used)
     if extra:
-        raise ConversionError("Megatron checkpoint tensor(s) not part of the model that "
-                              "model_args.json describes: " + ", ".join(extra[:8]))
+        raise ConversionError(
+            "Megatron checkpoint tensor(s) not part of the model that "
+            "model_args.json describes: " + ", ".join(extra[:8])
+        )
     return out
 
 
-def mcore_to_hf(mcore_dir: str, out_dir: str, force: bool = False,
-                model_type: Optional[str] = None,
-                max_shard_size: Any = hf_io.DEFAULT_MAX_SHARD_BYTES,
-                log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+def mcore_to_hf(
+    mcore_dir: str,
+    out_dir: str,
+    force: bool = False,
+    model_type: Optional[str] = None,
+    max_shard_size: Any = hf_io.DEFAULT_MAX_SHARD_BYTES,
+    log: Optional[Callable[[str], None]] = None,
+) -> Dict[str, Any]:
     """Convert a Megatron checkpoint (release/iteration dir named by the tracker; model flags from
-    ``model_args.json`` or the iteration's ``run.json``) into a Hugging Face directory (``config.json`` + safetensors, sharded above ``max_shard_size``).
+    ``model_args.json`` or the iteration's ``run.json``) into a Hugging Face directory (``config.json``
+    + safetensors, sharded above ``max_shard_size``).
     Loads and writes one decoder layer at a time. Returns the HF config values."""
     log = log or (lambda s: None)
     check_output(out_dir, force)
@@ -202,8 +209,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, force: bool = False,
                 parts = p.rule.transform.to_hf(tensor, len(p.hf_names), flags)
                 for name, t, shape in zip(p.hf_names, parts, p.hf_shapes):
                     if tuple(t.shape) != tuple(shape):
-                        raise ConversionError(f"{name}: built shape {list(t.shape)}, expected "
-                                              f"{list(shape)}")
+                        raise ConversionError(f"{name}: built shape {list(t.shape)}, expected {list(shape)}")
                     writer.add(name, t)
         files = writer.finish()
         hf_io.write_hf_config(tmp, family.model_type, hf_values)

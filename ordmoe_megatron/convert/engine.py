@@ -13,6 +13,7 @@ model has (so which optional rows apply -- biases, shared experts, dense layers 
 the model built from the flags, not by the table), validates names and shapes before any tensor
 data is read, and applies transforms in either direction.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,8 +93,7 @@ class QKVByGroup(Transform):
         groups = ctx["num_query_groups"] if ctx["group_query_attention"] else heads
         head_dim = ctx["kv_channels"] or ctx["hidden_size"] // heads
         if heads % groups:
-            raise ConversionError(
-                f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}")
+            raise ConversionError(f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}")
         return heads, groups, head_dim
 
     def hf_shapes(self, mcore_shape, n_hf, ctx):
@@ -115,8 +115,11 @@ class QKVByGroup(Transform):
         rest = tuple(tensor.shape[1:])
         per_group = tensor.reshape(groups, (heads // groups + 2) * hd, *rest)
         q, k, v = torch.split(per_group, [heads // groups * hd, hd, hd], dim=1)
-        return [q.reshape(heads * hd, *rest).contiguous(), k.reshape(groups * hd, *rest).contiguous(),
-                v.reshape(groups * hd, *rest).contiguous()]
+        return [
+            q.reshape(heads * hd, *rest).contiguous(),
+            k.reshape(groups * hd, *rest).contiguous(),
+            v.reshape(groups * hd, *rest).contiguous(),
+        ]
 
 
 IDENTITY = Identity()
@@ -133,7 +136,7 @@ _PLACEHOLDER = re.compile(r"\{([A-Z])\}")
 def _compile(pattern: str) -> "re.Pattern[str]":
     parts, pos = [], 0
     for m in _PLACEHOLDER.finditer(pattern):
-        parts.append(re.escape(pattern[pos:m.start()]))
+        parts.append(re.escape(pattern[pos : m.start()]))
         parts.append(f"(?P<{m.group(1)}>\\d+)")
         pos = m.end()
     parts.append(re.escape(pattern[pos:]))
@@ -191,12 +194,11 @@ class TensorTable:
                 continue
             rule, binding = hit
             names = [p.format(**binding) for p in rule.hf]
-            out.append(PlannedTensor(key, tuple(shape), rule, names,
-                                     rule.transform.hf_shapes(tuple(shape), len(names), ctx)))
+            out.append(
+                PlannedTensor(key, tuple(shape), rule, names, rule.transform.hf_shapes(tuple(shape), len(names), ctx))
+            )
         if unmapped:
-            raise ConversionError(
-                "Megatron model tensor(s) not covered by the mapping table: "
-                + _preview(unmapped))
+            raise ConversionError("Megatron model tensor(s) not covered by the mapping table: " + _preview(unmapped))
         return out
 
 
@@ -206,8 +208,9 @@ def _preview(items: Sequence[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + more
 
 
-def check_hf_tensors(plan: List[PlannedTensor], available: Dict[str, Tuple[Shape, Any]],
-                     table: TensorTable, tied: bool) -> None:
+def check_hf_tensors(
+    plan: List[PlannedTensor], available: Dict[str, Tuple[Shape, Any]], table: TensorTable, tied: bool
+) -> None:
     """Before reading data: every HF tensor the plan needs exists with the right shape, and every
     HF tensor present is used (a stray tensor means the table does not describe this model)."""
     wanted: Dict[str, Shape] = {}
@@ -220,21 +223,22 @@ def check_hf_tensors(plan: List[PlannedTensor], available: Dict[str, Tuple[Shape
     for n, s in wanted.items():
         got = tuple(available[n][0])
         if got != tuple(s):
-            raise ConversionError(
-                f"tensor {n} has shape {list(got)}, the config implies {list(s)}")
+            raise ConversionError(f"tensor {n} has shape {list(got)}, the config implies {list(s)}")
     extra = [n for n in available if n not in wanted]
     if tied and table.tied_output:
         out_name, src = table.tied_output
         if out_name in extra:
             extra.remove(out_name)
             if tuple(available[out_name][0]) != tuple(available[src][0]):
-                raise ConversionError(f"tensor {out_name} (tied to {src}) has shape "
-                                      f"{list(available[out_name][0])}, expected "
-                                      f"{list(available[src][0])}")
+                raise ConversionError(
+                    f"tensor {out_name} (tied to {src}) has shape "
+                    f"{list(available[out_name][0])}, expected "
+                    f"{list(available[src][0])}"
+                )
     if extra:
         raise ConversionError(
-            "tensor(s) in the Hugging Face checkpoint not covered by the mapping table: "
-            + _preview(extra))
+            "tensor(s) in the Hugging Face checkpoint not covered by the mapping table: " + _preview(extra)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,8 +297,7 @@ def check(hf_name: str, ok: Callable[[Any], bool], why: str, default: Any = _MIS
 
     def to_flags(v):
         if hf_name in v and not ok(v[hf_name]):
-            raise ConversionError(
-                f"config.json field {hf_name}={v[hf_name]!r} is not supported: {why}")
+            raise ConversionError(f"config.json field {hf_name}={v[hf_name]!r} is not supported: {why}")
         return {}
 
     def to_hf(f):
@@ -310,8 +313,8 @@ def fixed_flags(**flags: Any) -> ConfigRule:
         for k, v in flags.items():
             if f[k] != v:
                 raise ConversionError(
-                    f"model flag {k}={f[k]!r} cannot be expressed by this Hugging Face family "
-                    f"(it needs {k}={v!r})")
+                    f"model flag {k}={f[k]!r} cannot be expressed by this Hugging Face family (it needs {k}={v!r})"
+                )
         return {}
 
     return ConfigRule((), lambda v: dict(flags), to_hf)
@@ -344,7 +347,8 @@ class ConfigTable:
         if unknown:
             raise ConversionError(
                 f"config.json field(s) not covered by the {family} mapping: {', '.join(unknown)} "
-                f"(refusing rather than silently dropping them)")
+                f"(refusing rather than silently dropping them)"
+            )
         flags: Dict[str, Any] = {}
         for r in self.rules:
             flags.update(r.to_flags(full))
@@ -358,8 +362,7 @@ class ConfigTable:
 
 
 def integral(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer() \
-        and math.isfinite(float(x))
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer() and math.isfinite(float(x))
 
 
 def iter_layer_groups(plan: Iterable[PlannedTensor]) -> List[List[PlannedTensor]]:
@@ -369,8 +372,7 @@ def iter_layer_groups(plan: Iterable[PlannedTensor]) -> List[List[PlannedTensor]
     rx = re.compile(r"decoder\.layers\.(\d+)\.")
     for p in plan:
         m = rx.match(p.mcore_key)
-        key = ("layer", int(m.group(1))) if m else (
-            ("pre", 0) if p.mcore_key.startswith("embedding") else ("post", 0))
+        key = ("layer", int(m.group(1))) if m else (("pre", 0) if p.mcore_key.startswith("embedding") else ("post", 0))
         groups.setdefault(key, []).append(p)
     order = sorted(groups, key=lambda k: ({"pre": 0, "layer": 1, "post": 2}[k[0]], k[1]))
     return [groups[k] for k in order]

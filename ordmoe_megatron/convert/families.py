@@ -14,6 +14,7 @@ Semantics matched exactly (and checked by the tests on tiny random models):
   ``moe_shared_expert_gate``.
 * fused ``linear_qkv`` is ordered by query group, fused ``linear_fc1`` is ``[gate; up]``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,9 +41,20 @@ from .engine import (
 # Fields with no effect on the forward pass (or only on training-time behaviour that Megatron
 # configures separately): carried verbatim from import to export.
 COMMON_CARRY = (
-    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
-    "_name_or_path", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
-    "initializer_range", "output_router_logits", "router_aux_loss_coef", "attention_dropout",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_name_or_path",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "initializer_range",
+    "output_router_logits",
+    "router_aux_loss_coef",
+    "attention_dropout",
     "tokenizer_class",
 )
 
@@ -68,14 +80,15 @@ def _kv_heads() -> ConfigRule:
         kv = v.get("num_key_value_heads") or heads
         if heads % kv:
             raise ConversionError(
-                f"config.json num_attention_heads={heads} is not a multiple of "
-                f"num_key_value_heads={kv}")
+                f"config.json num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}"
+            )
         gqa = kv != heads
         return {"group_query_attention": gqa, "num_query_groups": kv if gqa else 1}
 
     def to_hf(f):
-        return {"num_key_value_heads":
-                f["num_query_groups"] if f["group_query_attention"] else f["num_attention_heads"]}
+        return {
+            "num_key_value_heads": f["num_query_groups"] if f["group_query_attention"] else f["num_attention_heads"]
+        }
 
     return ConfigRule(("num_key_value_heads",), to_flags, to_hf)
 
@@ -94,7 +107,8 @@ def _head_dim(has_field: bool) -> ConfigRule:
         if f["kv_channels"] not in (None, default):
             raise ConversionError(
                 f"model flag kv_channels={f['kv_channels']} cannot be expressed by this family "
-                f"(its head dim is always hidden_size/num_attention_heads={default})")
+                f"(its head dim is always hidden_size/num_attention_heads={default})"
+            )
         return {}
 
     return ConfigRule(("head_dim",) if has_field else (), to_flags, to_hf)
@@ -113,7 +127,8 @@ def _rope() -> ConfigRule:
         if rope_type != "default":
             raise ConversionError(
                 f"config.json field rope_parameters.rope_type={rope_type!r} is not supported: "
-                f"only unscaled RoPE maps exactly onto Megatron-Core's rotary embedding")
+                f"only unscaled RoPE maps exactly onto Megatron-Core's rotary embedding"
+            )
         theta = params.pop("rope_theta", 10000.0)
         if v.get("partial_rotary_factor") not in (None, 1, 1.0):
             params["partial_rotary_factor"] = v["partial_rotary_factor"]
@@ -123,24 +138,25 @@ def _rope() -> ConfigRule:
             raise ConversionError(
                 "config.json field(s) rope_parameters."
                 + ", rope_parameters.".join(f"{k}={val!r}" for k, val in sorted(params.items()))
-                + " not supported by the mapping")
+                + " not supported by the mapping"
+            )
         if not integral(theta):
             raise ConversionError(
                 f"config.json field rope_parameters.rope_theta={theta!r} is not supported: "
-                f"Megatron-LM's --rotary-base is an integer")
-        return {"position_embedding_type": "rope", "rotary_base": int(theta),
-                "rotary_percent": 1.0}
+                f"Megatron-LM's --rotary-base is an integer"
+            )
+        return {"position_embedding_type": "rope", "rotary_base": int(theta), "rotary_percent": 1.0}
 
     def to_hf(f):
         if f["position_embedding_type"] != "rope" or f["rotary_percent"] != 1.0:
             raise ConversionError(
                 f"model flags position_embedding_type={f['position_embedding_type']!r}, "
                 f"rotary_percent={f['rotary_percent']} cannot be expressed by this family "
-                f"(it needs full-head RoPE)")
+                f"(it needs full-head RoPE)"
+            )
         return {"rope_parameters": {"rope_theta": float(f["rotary_base"]), "rope_type": "default"}}
 
-    return ConfigRule(("rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor"),
-                      to_flags, to_hf)
+    return ConfigRule(("rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor"), to_flags, to_hf)
 
 
 def _experts(*hf_names: str) -> ConfigRule:
@@ -175,8 +191,7 @@ def _moe_pattern(f: Dict[str, Any]) -> List[int]:
 def _all_moe_layers() -> ConfigRule:
     def to_hf(f):
         if 0 in _moe_pattern(f):
-            raise ConversionError(
-                "model flag moe_layer_freq puts dense layers in; this family has MoE in every layer")
+            raise ConversionError("model flag moe_layer_freq puts dense layers in; this family has MoE in every layer")
         return {}
 
     return ConfigRule((), lambda v: {"moe_layer_freq": 1}, to_hf)
@@ -193,8 +208,7 @@ def _qwen_layer_pattern() -> ConfigRule:
 
     def to_hf(f):
         pattern = _moe_pattern(f)
-        return {"decoder_sparse_step": 1,
-                "mlp_only_layers": [i for i, p in enumerate(pattern) if p == 0]}
+        return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, p in enumerate(pattern) if p == 0]}
 
     return ConfigRule(("decoder_sparse_step", "mlp_only_layers"), to_flags, to_hf)
 
@@ -204,8 +218,7 @@ def _mixtral_ffn() -> ConfigRule:
         return {"ffn_hidden_size": v["intermediate_size"], "moe_ffn_hidden_size": v["intermediate_size"]}
 
     def to_hf(f):
-        return {"intermediate_size":
-                f["moe_ffn_hidden_size"] or f["ffn_hidden_size"] or 4 * f["hidden_size"]}
+        return {"intermediate_size": f["moe_ffn_hidden_size"] or f["ffn_hidden_size"] or 4 * f["hidden_size"]}
 
     return ConfigRule(("intermediate_size",), to_flags, to_hf)
 
@@ -218,8 +231,9 @@ def _dense_ffn() -> ConfigRule:
             raise ConversionError("config.json lacks required field 'intermediate_size'")
         return {"ffn_hidden_size": v["intermediate_size"]}
 
-    return ConfigRule(("intermediate_size",), to_flags,
-                      lambda f: {"intermediate_size": f["ffn_hidden_size"] or 4 * f["hidden_size"]})
+    return ConfigRule(
+        ("intermediate_size",), to_flags, lambda f: {"intermediate_size": f["ffn_hidden_size"] or 4 * f["hidden_size"]}
+    )
 
 
 def _seq_length() -> ConfigRule:
@@ -229,14 +243,17 @@ def _seq_length() -> ConfigRule:
             raise ConversionError("config.json lacks required field 'max_position_embeddings'")
         return {"max_position_embeddings": mpe, "seq_length": min(int(mpe), 4096)}
 
-    return ConfigRule(("max_position_embeddings",), to_flags,
-                      lambda f: {"max_position_embeddings": f["max_position_embeddings"]
-                                 or f["seq_length"]})
+    return ConfigRule(
+        ("max_position_embeddings",),
+        to_flags,
+        lambda f: {"max_position_embeddings": f["max_position_embeddings"] or f["seq_length"]},
+    )
 
 
 def _silu() -> ConfigRule:
-    return check("hidden_act", lambda a: a == "silu",
-                 "the mapping covers SwiGLU (silu-gated) MLPs only", default="silu")
+    return check(
+        "hidden_act", lambda a: a == "silu", "the mapping covers SwiGLU (silu-gated) MLPs only", default="silu"
+    )
 
 
 def _common_rules() -> list:
@@ -252,8 +269,13 @@ def _common_rules() -> list:
         same("num_experts_per_tok", "moe_router_topk"),
         _rope(),
         _silu(),
-        fixed_flags(normalization="RMSNorm", swiglu=True, disable_bias_linear=True,
-                    moe_router_score_function="softmax", moe_router_topk_scaling_factor=None),
+        fixed_flags(
+            normalization="RMSNorm",
+            swiglu=True,
+            disable_bias_linear=True,
+            moe_router_score_function="softmax",
+            moe_router_topk_scaling_factor=None,
+        ),
     ]
 
 
@@ -264,12 +286,17 @@ def _common_tensors(attn: str, *, mlp_rules: list) -> list:
         TensorRule("decoder.final_layernorm.weight", "model.norm.weight"),
         TensorRule("output_layer.weight", "lm_head.weight"),
         TensorRule("decoder.layers.{L}.input_layernorm.weight", "model.layers.{L}.input_layernorm.weight"),
-        TensorRule("decoder.layers.{L}.pre_mlp_layernorm.weight",
-                   "model.layers.{L}.post_attention_layernorm.weight"),
-        TensorRule("decoder.layers.{L}.self_attention.linear_qkv.weight",
-                   (f"{a}.q_proj.weight", f"{a}.k_proj.weight", f"{a}.v_proj.weight"), QKV),
-        TensorRule("decoder.layers.{L}.self_attention.linear_qkv.bias",
-                   (f"{a}.q_proj.bias", f"{a}.k_proj.bias", f"{a}.v_proj.bias"), QKV),
+        TensorRule("decoder.layers.{L}.pre_mlp_layernorm.weight", "model.layers.{L}.post_attention_layernorm.weight"),
+        TensorRule(
+            "decoder.layers.{L}.self_attention.linear_qkv.weight",
+            (f"{a}.q_proj.weight", f"{a}.k_proj.weight", f"{a}.v_proj.weight"),
+            QKV,
+        ),
+        TensorRule(
+            "decoder.layers.{L}.self_attention.linear_qkv.bias",
+            (f"{a}.q_proj.bias", f"{a}.k_proj.bias", f"{a}.v_proj.bias"),
+            QKV,
+        ),
         TensorRule("decoder.layers.{L}.self_attention.linear_proj.weight", f"{a}.o_proj.weight"),
         TensorRule("decoder.layers.{L}.self_attention.q_layernorm.weight", f"{a}.q_norm.weight"),
         TensorRule("decoder.layers.{L}.self_attention.k_layernorm.weight", f"{a}.k_norm.weight"),
@@ -282,12 +309,17 @@ def _qwen_mlp_tensors() -> list:
     x = "decoder.layers.{L}.mlp"
     return [
         TensorRule(f"{x}.router.weight", f"{m}.gate.weight"),
-        TensorRule(f"{x}.experts.local_experts.{{E}}.linear_fc1.weight",
-                   (f"{m}.experts.{{E}}.gate_proj.weight", f"{m}.experts.{{E}}.up_proj.weight"), GLU),
-        TensorRule(f"{x}.experts.local_experts.{{E}}.linear_fc2.weight",
-                   f"{m}.experts.{{E}}.down_proj.weight"),
-        TensorRule(f"{x}.shared_experts.linear_fc1.weight",
-                   (f"{m}.shared_expert.gate_proj.weight", f"{m}.shared_expert.up_proj.weight"), GLU),
+        TensorRule(
+            f"{x}.experts.local_experts.{{E}}.linear_fc1.weight",
+            (f"{m}.experts.{{E}}.gate_proj.weight", f"{m}.experts.{{E}}.up_proj.weight"),
+            GLU,
+        ),
+        TensorRule(f"{x}.experts.local_experts.{{E}}.linear_fc2.weight", f"{m}.experts.{{E}}.down_proj.weight"),
+        TensorRule(
+            f"{x}.shared_experts.linear_fc1.weight",
+            (f"{m}.shared_expert.gate_proj.weight", f"{m}.shared_expert.up_proj.weight"),
+            GLU,
+        ),
         TensorRule(f"{x}.shared_experts.linear_fc2.weight", f"{m}.shared_expert.down_proj.weight"),
         TensorRule(f"{x}.shared_experts.gate_weight", f"{m}.shared_expert_gate.weight"),
         # dense (mlp_only_layers / decoder_sparse_step) layers
@@ -314,14 +346,27 @@ class Family:
 MIXTRAL = Family(
     model_type="mixtral",
     architecture="MixtralForCausalLM",
-    tensors=TensorTable(_common_tensors("self_attn", mlp_rules=[
-        TensorRule("decoder.layers.{L}.mlp.router.weight", "model.layers.{L}.block_sparse_moe.gate.weight"),
-        TensorRule("decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.weight",
-                   ("model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight",
-                    "model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight"), GLU),
-        TensorRule("decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight",
-                   "model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight"),
-    ]), tied_output=TIED),
+    tensors=TensorTable(
+        _common_tensors(
+            "self_attn",
+            mlp_rules=[
+                TensorRule("decoder.layers.{L}.mlp.router.weight", "model.layers.{L}.block_sparse_moe.gate.weight"),
+                TensorRule(
+                    "decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.weight",
+                    (
+                        "model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight",
+                        "model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight",
+                    ),
+                    GLU,
+                ),
+                TensorRule(
+                    "decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight",
+                    "model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight",
+                ),
+            ],
+        ),
+        tied_output=TIED,
+    ),
     config=ConfigTable(
         rules=[
             *_common_rules(),
@@ -329,11 +374,19 @@ MIXTRAL = Family(
             _mixtral_ffn(),
             _experts("num_local_experts"),
             _all_moe_layers(),
-            check("sliding_window", lambda w: w is None,
-                  "sliding-window attention is not expressible in Megatron-Core's GPTModel",
-                  default=None),
-            fixed_flags(moe_router_pre_softmax=False, add_qkv_bias=False, qk_layernorm=False,
-                        moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False),
+            check(
+                "sliding_window",
+                lambda w: w is None,
+                "sliding-window attention is not expressible in Megatron-Core's GPTModel",
+                default=None,
+            ),
+            fixed_flags(
+                moe_router_pre_softmax=False,
+                add_qkv_bias=False,
+                qk_layernorm=False,
+                moe_shared_expert_intermediate_size=None,
+                moe_shared_expert_gate=False,
+            ),
         ],
         # router_jitter_noise only perturbs inputs in training mode.
         carry=COMMON_CARRY + ("router_jitter_noise",),
@@ -348,11 +401,17 @@ def _qwen_config_rules() -> list:
         same("moe_intermediate_size", "moe_ffn_hidden_size"),
         negated("norm_topk_prob", "moe_router_pre_softmax", hf_default=False),
         _qwen_layer_pattern(),
-        check("use_sliding_window", lambda u: not u,
-              "sliding-window attention is not expressible in Megatron-Core's GPTModel",
-              default=False),
-        check("layer_types", lambda t: t is None or all(x == "full_attention" for x in t),
-              "only full attention maps onto Megatron-Core's GPTModel"),
+        check(
+            "use_sliding_window",
+            lambda u: not u,
+            "sliding-window attention is not expressible in Megatron-Core's GPTModel",
+            default=False,
+        ),
+        check(
+            "layer_types",
+            lambda t: t is None or all(x == "full_attention" for x in t),
+            "only full attention maps onto Megatron-Core's GPTModel",
+        ),
         # meaningful only with use_sliding_window=True (refused above)
         ConfigRule(("max_window_layers",), lambda v: {}, lambda f: {}, carried=True),
     ]
@@ -362,15 +421,18 @@ def _qwen2_shared() -> ConfigRule:
     def to_flags(v):
         size = v.get("shared_expert_intermediate_size")
         if not size:
-            raise ConversionError("config.json shared_expert_intermediate_size must be > 0 "
-                                  "(Qwen2-MoE always builds a gated shared expert)")
+            raise ConversionError(
+                "config.json shared_expert_intermediate_size must be > 0 "
+                "(Qwen2-MoE always builds a gated shared expert)"
+            )
         return {"moe_shared_expert_intermediate_size": size, "moe_shared_expert_gate": True}
 
     def to_hf(f):
         if not f["moe_shared_expert_intermediate_size"] or not f["moe_shared_expert_gate"]:
             raise ConversionError(
                 "Qwen2-MoE needs a gated shared expert (model flags "
-                "moe_shared_expert_intermediate_size and moe_shared_expert_gate)")
+                "moe_shared_expert_intermediate_size and moe_shared_expert_gate)"
+            )
         return {"shared_expert_intermediate_size": f["moe_shared_expert_intermediate_size"]}
 
     return ConfigRule(("shared_expert_intermediate_size",), to_flags, to_hf)
@@ -405,16 +467,26 @@ QWEN3_MOE = Family(
             # "num_experts" works as a kwarg on every transformers version (v5 maps it to
             # num_local_experts, which is how v5 writes it).
             _experts("num_experts", "num_local_experts"),
-            check("attention_bias", lambda b: not b,
-                  "Qwen3-MoE puts the bias on q/k/v *and* o_proj; Megatron-Core has add_qkv_bias "
-                  "(q/k/v only) or add_bias_linear (every linear, not allowed with MoE)",
-                  default=False),
+            check(
+                "attention_bias",
+                lambda b: not b,
+                "Qwen3-MoE puts the bias on q/k/v *and* o_proj; Megatron-Core has add_qkv_bias "
+                "(q/k/v only) or add_bias_linear (every linear, not allowed with MoE)",
+                default=False,
+            ),
             # Qwen3 applies a sliding window whenever sliding_window is set.
-            check("sliding_window", lambda w: w is None,
-                  "sliding-window attention is not expressible in Megatron-Core's GPTModel",
-                  default=None),
-            fixed_flags(qk_layernorm=True, add_qkv_bias=False,
-                        moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False),
+            check(
+                "sliding_window",
+                lambda w: w is None,
+                "sliding-window attention is not expressible in Megatron-Core's GPTModel",
+                default=None,
+            ),
+            fixed_flags(
+                qk_layernorm=True,
+                add_qkv_bias=False,
+                moe_shared_expert_intermediate_size=None,
+                moe_shared_expert_gate=False,
+            ),
         ],
         carry=COMMON_CARRY,
     ),
@@ -429,13 +501,16 @@ REFUSED: Dict[str, str] = {
         "OLMoE applies q_norm/k_norm as one RMSNorm over the whole q/k projection "
         "(num_heads*head_dim features); Megatron-Core 0.16.1's qk_layernorm normalises each head "
         "separately (kv_channels features), which is a different function, so no exact mapping "
-        "exists"),
+        "exists"
+    ),
     "deepseek_v2": (
         "DeepSeek-V2 uses multi-latent attention with interleaved/YaRN RoPE and group-limited "
-        "routing; no mapping table is shipped for it"),
+        "routing; no mapping table is shipped for it"
+    ),
     "deepseek_v3": (
         "DeepSeek-V3 uses multi-latent attention, sigmoid routing with e_score_correction_bias, "
-        "group-limited top-k and multi-token prediction; no mapping table is shipped for it"),
+        "group-limited top-k and multi-token prediction; no mapping table is shipped for it"
+    ),
     "bailing_moe": "Ling/Bailing-MoE is not part of transformers (remote code); no table is shipped",
 }
 
@@ -446,8 +521,8 @@ def get_family(model_type: str) -> Family:
     if model_type in REFUSED:
         raise ConversionError(f"model_type {model_type!r} is refused: {REFUSED[model_type]}")
     raise ConversionError(
-        f"model_type {model_type!r} is not in the mapping tables "
-        f"(supported: {', '.join(sorted(FAMILIES))})")
+        f"model_type {model_type!r} is not in the mapping tables (supported: {', '.join(sorted(FAMILIES))})"
+    )
 
 
 def infer_family(flags: Dict[str, Any]) -> Family:
@@ -459,5 +534,4 @@ def infer_family(flags: Dict[str, Any]) -> Family:
             return fam
         except ConversionError as e:
             reasons.append(f"{fam.model_type}: {e}")
-    raise ConversionError("no Hugging Face family can express these model flags:\n  "
-                          + "\n  ".join(reasons))
+    raise ConversionError("no Hugging Face family can express these model flags:\n  " + "\n  ".join(reasons))

@@ -3,6 +3,7 @@
 ``transformers`` and ``safetensors`` are optional (the ``convert`` extra): they are imported where
 conversion uses them, so the rest of the package works without them.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,16 @@ SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -37,8 +45,9 @@ def read_safetensors_header(path: str) -> Dict[str, Dict[str, Any]]:
                 raise ConversionError(f"{path}: truncated safetensors file ({size} bytes)")
             (hlen,) = struct.unpack("<Q", raw)
             if hlen > size - 8:
-                raise ConversionError(f"{path}: truncated safetensors file (header says "
-                                      f"{hlen} header bytes, file has {size})")
+                raise ConversionError(
+                    f"{path}: truncated safetensors file (header says {hlen} header bytes, file has {size})"
+                )
             header = json.loads(fh.read(hlen))
     except (OSError, ValueError) as e:
         raise ConversionError(f"{path}: unreadable safetensors file: {e}") from None
@@ -47,7 +56,8 @@ def read_safetensors_header(path: str) -> Dict[str, Dict[str, Any]]:
     if size != 8 + hlen + end:
         raise ConversionError(
             f"{path}: truncated or corrupt safetensors file: the header describes "
-            f"{8 + hlen + end} bytes, the file has {size}")
+            f"{8 + hlen + end} bytes, the file has {size}"
+        )
     for name, t in header.items():
         begin, stop = (int(x) for x in t["data_offsets"])
         dtype = _ST_DTYPES.get(t["dtype"])
@@ -57,8 +67,10 @@ def read_safetensors_header(path: str) -> Dict[str, Dict[str, Any]]:
         for d in t["shape"]:
             numel *= int(d)
         if stop - begin != numel * torch.empty((), dtype=dtype).element_size():
-            raise ConversionError(f"{path}: tensor {name} has a byte size that does not match its "
-                                  f"shape {t['shape']} and dtype {t['dtype']}")
+            raise ConversionError(
+                f"{path}: tensor {name} has a byte size that does not match its "
+                f"shape {t['shape']} and dtype {t['dtype']}"
+            )
     return header
 
 
@@ -101,7 +113,8 @@ class HFCheckpoint:
             if absent:
                 raise ConversionError(
                     f"tensor {absent[0]} is listed in {INDEX_NAME} but missing from "
-                    f"{weight_map[absent[0]]}" + (f" (+{len(absent) - 1} more)" if len(absent) > 1 else ""))
+                    f"{weight_map[absent[0]]}" + (f" (+{len(absent) - 1} more)" if len(absent) > 1 else "")
+                )
         self._handles: Dict[str, Any] = {}
 
     def get(self, name: str) -> torch.Tensor:
@@ -121,8 +134,7 @@ def parse_size(text: Any) -> int:
     if isinstance(text, int):
         return text
     s = str(text).strip().upper()
-    units = [("GIB", 1024**3), ("MIB", 1024**2), ("KIB", 1024), ("GB", 10**9), ("MB", 10**6),
-             ("KB", 10**3), ("B", 1)]
+    units = [("GIB", 1024**3), ("MIB", 1024**2), ("KIB", 1024), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)]
     for suffix, mult in units:
         if s.endswith(suffix):
             return int(float(s[: -len(suffix)]) * mult)
@@ -163,8 +175,7 @@ class ShardWriter:
         self._flush()
         n = len(self._shards)
         if n == 1:
-            os.replace(os.path.join(self.out_dir, self._shards[0][0]),
-                       os.path.join(self.out_dir, SINGLE_NAME))
+            os.replace(os.path.join(self.out_dir, self._shards[0][0]), os.path.join(self.out_dir, SINGLE_NAME))
             return [SINGLE_NAME]
         weight_map, names = {}, []
         for i, (tmp_name, tensors) in enumerate(self._shards):
@@ -173,8 +184,11 @@ class ShardWriter:
             names.append(final)
             weight_map.update({t: final for t in tensors})
         with open(os.path.join(self.out_dir, INDEX_NAME), "w") as fh:
-            json.dump({"metadata": {"total_size": self.total_bytes},
-                       "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)
+            json.dump(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))},
+                fh,
+                indent=2,
+            )
         return names
 
 

@@ -11,6 +11,7 @@ Layout written for converted checkpoints (what Megatron-LM's ``--load`` expects)
 
 Training checkpoints (``iter_0000100/`` named by the tracker file) are read the same way.
 """
+
 from __future__ import annotations
 
 import dataclasses as dc
@@ -42,7 +43,6 @@ from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, normalize_
 from .engine import ConversionError
 
 
-
 # ----------------------------------------------------------------------------------------------
 # layout
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +60,9 @@ def resolve_checkpoint_dir(mcore_dir: str) -> str:
     if not os.path.exists(os.path.join(path, "metadata.json")):
         raise ConversionError(
             f"{path}: not a Megatron dist_checkpointing checkpoint (no metadata.json"
-            + ("" if has_tracker else f", and no {TRACKER} in {mcore_dir}") + ")")
+            + ("" if has_tracker else f", and no {TRACKER} in {mcore_dir}")
+            + ")"
+        )
     return path
 
 
@@ -86,8 +88,10 @@ def read_checkpoint_flags(mcore_dir: str) -> Dict[str, Any]:
     try:
         flags = checkpointing.checkpoint_model_flags(mcore_dir)
         if flags is None:
-            raise ConversionError(f"{os.path.join(mcore_dir, MODEL_ARGS)} not found (nor model_flags in the "
-                                  "checkpoint's run.json): the model flags of this checkpoint are needed")
+            raise ConversionError(
+                f"{os.path.join(mcore_dir, MODEL_ARGS)} not found (nor model_flags in the "
+                "checkpoint's run.json): the model flags of this checkpoint are needed"
+            )
         return normalize_flags(flags)
     except (CheckpointError, ValueError) as e:
         raise ConversionError(f"{mcore_dir}: {e}") from None
@@ -123,18 +127,24 @@ def build_model(flags: Dict[str, Any], device: str = "meta", layer_spec=None):
     """GPTModel for ``flags`` with all parallel sizes 1. ``device='meta'`` allocates nothing:
     conversion only needs its state-dict keys, shapes and sharded-state-dict structure."""
     config = transformer_config_from_flags(
-        flags, use_cpu_initialization=True, perform_initialization=device != "meta",
-        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
+        flags,
+        use_cpu_initialization=True,
+        perform_initialization=device != "meta",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=torch.float32,
     )
     with torch.device(device):
-        return gpt_model_from_flags(flags, config, layer_spec=layer_spec,
-                                    pre_process=True, post_process=True)
+        return gpt_model_from_flags(flags, config, layer_spec=layer_spec, pre_process=True, post_process=True)
 
 
 def tensor_shapes(model) -> Dict[str, tuple]:
     """state-dict key -> shape for the model's real tensors (no ``_extra_state``)."""
-    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return {
+        k: tuple(v.shape)
+        for k, v in model.state_dict(keep_vars=True).items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
 
 
 def save_checkpoint(sharded_model_sd: Dict[str, Any], out_dir: str) -> None:
@@ -177,7 +187,7 @@ def sharded_region(sh) -> Tuple[str, tuple, tuple]:
     boxes = [(tuple(p.global_offset), (1,) * p.prepend_axis_num + tuple(p.local_shape)) for p in parts]
     lo = tuple(min(b[0][d] for b in boxes) for d in range(len(boxes[0][0])))
     hi = tuple(max(b[0][d] + b[1][d] for b in boxes) for d in range(len(boxes[0][0])))
-    size = tuple(h - l for l, h in zip(lo, hi))
+    size = tuple(high - low for low, high in zip(lo, hi))
     volume = 1
     for s in size:
         volume *= s
@@ -186,8 +196,7 @@ def sharded_region(sh) -> Tuple[str, tuple, tuple]:
     return keys.pop(), lo, size
 
 
-def read_regions(ckpt_dir: str, requests: Dict[str, Tuple[str, tuple, tuple, torch.dtype]]
-                 ) -> Dict[str, torch.Tensor]:
+def read_regions(ckpt_dir: str, requests: Dict[str, Tuple[str, tuple, tuple, torch.dtype]]) -> Dict[str, torch.Tensor]:
     """Read sub-boxes of stored global tensors with plain torch DCP (no process group needed).
     ``requests``: name -> (sharded key, offset, size, dtype). Reading only the boxes asked for
     keeps memory at one layer, whatever parallel layout the checkpoint was saved with."""
@@ -202,13 +211,14 @@ def read_regions(ckpt_dir: str, requests: Dict[str, Tuple[str, tuple, tuple, tor
             for name, (key, offset, size, _) in requests.items():
                 chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=torch.Size(size))
                 covered = 0
-                for item in create_read_items_for_chunk_list(
-                        key, self.metadata.state_dict_metadata[key], [chunk]):
+                for item in create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk]):
                     items.append(dc.replace(item, dest_index=MetadataIndex(name)))
                     covered += torch.Size(item.lengths).numel()
                 if covered != torch.Size(size).numel():
-                    raise ConversionError(f"tensor {key} (for {name}): the checkpoint stores only "
-                                          f"{covered} of the {torch.Size(size).numel()} values")
+                    raise ConversionError(
+                        f"tensor {key} (for {name}): the checkpoint stores only "
+                        f"{covered} of the {torch.Size(size).numel()} values"
+                    )
             return LoadPlan(items)
 
         def create_global_plan(self, global_plan):
@@ -230,11 +240,11 @@ def read_regions(ckpt_dir: str, requests: Dict[str, Tuple[str, tuple, tuple, tor
             pass
 
     try:
-        dcp_load(buffers, storage_reader=FileSystemReader(ckpt_dir), planner=_BoxPlanner(),
-                 no_dist=True)
+        dcp_load(buffers, storage_reader=FileSystemReader(ckpt_dir), planner=_BoxPlanner(), no_dist=True)
     except (ConversionError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-        raise ConversionError(f"{ckpt_dir}: reading {', '.join(sorted(requests))[:200]} failed "
-                              f"(truncated or corrupt checkpoint?): {e}") from None
+        raise ConversionError(
+            f"{ckpt_dir}: reading {', '.join(sorted(requests))[:200]} failed (truncated or corrupt checkpoint?): {e}"
+        ) from None
     return buffers

@@ -4,6 +4,7 @@ A stream is indexed by global micro-batch number ``k``; data-parallel rank ``r``
 ``k = r, r + d, ...``, so every layout averages the same micro-batches as one process, and a run
 resumed at micro-batch ``k`` sees exactly what the uninterrupted run saw.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,7 +17,10 @@ def dataset_micro_batches(dataset, micro_batch_size: int, start: int = 0) -> Ite
     """Collated micro-batches of a megatron-core ``GPTDataset`` from micro-batch ``start`` on."""
     for k in itertools.count(start):
         samples = [dataset[(k * micro_batch_size + i) % len(dataset)] for i in range(micro_batch_size)]
-        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch = {
+            key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+            for key in ("tokens", "labels", "loss_mask", "position_ids")
+        }
         batch["loss_mask"] = batch["loss_mask"].float()
         yield batch
 
@@ -42,7 +46,8 @@ def synthetic_micro_batches(seed: int, vocab: int, seq: int, micro_batch_size: i
             rows.append(row.long())
         tokens = torch.stack(rows)
         yield dict(
-            tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
+            tokens=tokens[:, :-1].contiguous(),
+            labels=tokens[:, 1:].contiguous(),
             loss_mask=torch.ones(micro_batch_size, seq),
             position_ids=positions[:seq].unsqueeze(0).expand(micro_batch_size, -1).contiguous(),
         )

@@ -76,9 +76,7 @@ def list_stdlib_sources(stdlib_dir: Optional[str] = None) -> List[str]:
     found = []
     for root, dirs, files in os.walk(stdlib_dir):
         # Prune in place so os.walk never descends into skipped trees; sort for determinism.
-        dirs[:] = sorted(
-            d for d in dirs if d not in SKIPPED_STDLIB_DIRS and not d.startswith(("config-", "."))
-        )
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_STDLIB_DIRS and not d.startswith(("config-", ".")))
         for name in sorted(files):
             if name.endswith(".py") and not name.startswith("test_"):
                 found.append(os.path.relpath(os.path.join(root, name), stdlib_dir))
@@ -228,9 +226,7 @@ DEFAULT_TASKS: Dict[str, TaskGenerator] = {
 }
 
 
-def sample_unique_problems(
-    generate: TaskGenerator, count: int, rng: random.Random
-) -> List[Tuple[str, str]]:
+def sample_unique_problems(generate: TaskGenerator, count: int, rng: random.Random) -> List[Tuple[str, str]]:
     """``count`` problems with pairwise distinct prompts (so pools split from it are disjoint)."""
     seen, problems = set(), []
     for _ in range(count * 50):  # bounded: a too-small problem space fails loudly below
@@ -371,9 +367,7 @@ def build_corpus(out_dir: str, seed: int = 1234, **kwargs) -> dict:
     text_rng = random.Random(f"{seed}:text")
     task_rng = random.Random(f"{seed}:tasks")
 
-    text_docs = collect_stdlib_documents(
-        text_rng, params["max_text_chars"], params["max_doc_chars"]
-    )
+    text_docs = collect_stdlib_documents(text_rng, params["max_text_chars"], params["max_doc_chars"])
     n_valid_text = max(1, round(len(text_docs) * params["valid_fraction"]))
     # Files were visited in random order, so the first ones are a random document-level sample.
     valid_text, train_text = text_docs[:n_valid_text], text_docs[n_valid_text:]

@@ -5,6 +5,7 @@ first token is the previous window's last, so every token after the first is a t
 once; no context crosses a window boundary). ``micro_batches`` right-pads windows into batches
 (padding: token 0, loss mask 0).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,10 @@ def load_any_tokenizer(path: str):
     except DocumentError:
         raise
     except Exception as err:  # sentencepiece / transformers raise many types; name the file
-        raise DocumentError(f"--tokenizer-model {path}: cannot load it as a SentencePiece model or a Hugging Face "
-                          f"tokenizer directory: {type(err).__name__}: {err}") from None
+        raise DocumentError(
+            f"--tokenizer-model {path}: cannot load it as a SentencePiece model or a Hugging Face "
+            f"tokenizer directory: {type(err).__name__}: {err}"
+        ) from None
 
 
 def read_token_ids(path: str) -> list[list[int]]:
@@ -72,10 +75,13 @@ def read_token_ids(path: str) -> list[list[int]]:
             except json.JSONDecodeError as err:
                 raise DocumentError(f"--token-ids {path}, line {lineno}: not JSON ({err.msg})") from None
             ids = record.get("tokens") if isinstance(record, dict) else record
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                    for t in ids):
-                raise DocumentError(f"--token-ids {path}, line {lineno}: expected {{\"tokens\": [ids]}} or a list of "
-                                  "non-negative integer token ids")
+            if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids
+            ):
+                raise DocumentError(
+                    f'--token-ids {path}, line {lineno}: expected {{"tokens": [ids]}} or a list of '
+                    "non-negative integer token ids"
+                )
             documents.append(ids)
     if not documents:
         raise DocumentError(f"--token-ids {path}: no documents")
@@ -105,7 +111,7 @@ def document_windows(documents: Iterable[list[int]], seq_length: int) -> Iterato
     than two tokens have no target and give no window."""
     for ids in documents:
         for start in range(0, len(ids) - 1, seq_length):
-            yield ids[start:start + seq_length + 1]
+            yield ids[start : start + seq_length + 1]
 
 
 def windows_to_samples(windows: Iterable[list[int]]) -> Iterator[dict]:
@@ -122,8 +128,16 @@ def dataset_samples(prefix: str, tokenizer, seq_length: int, max_sequences: int,
         raise DocumentError(f"--data-path {prefix}: {err}") from None
     with tempfile.TemporaryDirectory(prefix="tier-report-index-") as cache:  # write nothing next to the data
         try:
-            dataset, _, _ = build_gpt_datasets(prefix, tokenizer, seq_length, num_samples=(None, None, None), seed=seed,
-                                               split="100,0,0", path_to_cache=cache, create_attention_mask=False)
+            dataset, _, _ = build_gpt_datasets(
+                prefix,
+                tokenizer,
+                seq_length,
+                num_samples=(None, None, None),
+                seed=seed,
+                split="100,0,0",
+                path_to_cache=cache,
+                create_attention_mask=False,
+            )
         except (FileNotFoundError, ValueError) as err:
             raise DocumentError(f"--data-path {prefix}: {err}") from None
         if dataset is None or len(dataset) == 0:
@@ -135,10 +149,19 @@ def dataset_samples(prefix: str, tokenizer, seq_length: int, max_sequences: int,
     return samples
 
 
-def load_samples(seq_length: int, vocab_size: int, max_sequences: int, seed: int = 1234, *,
-                 token_ids: Optional[str] = None, text_file: Optional[str] = None, data_path: Optional[str] = None,
-                 tokenizer_model: Optional[str] = None, documents: str = "paragraphs",
-                 append_eod: bool = True) -> tuple[list[dict], dict]:
+def load_samples(
+    seq_length: int,
+    vocab_size: int,
+    max_sequences: int,
+    seed: int = 1234,
+    *,
+    token_ids: Optional[str] = None,
+    text_file: Optional[str] = None,
+    data_path: Optional[str] = None,
+    tokenizer_model: Optional[str] = None,
+    documents: str = "paragraphs",
+    append_eod: bool = True,
+) -> tuple[list[dict], dict]:
     """The evaluation sequences (``tokens``, ``labels``, ``loss_mask``, 1-D each) of exactly one
     source, and a description of it."""
     if token_ids:
@@ -148,17 +171,23 @@ def load_samples(seq_length: int, vocab_size: int, max_sequences: int, seed: int
         tokenizer = load_any_tokenizer(tokenizer_model)
         described = {"tokenizer_model": os.path.abspath(tokenizer_model)}
         if data_path:
-            described.update(source="data-path", path=os.path.abspath(data_path),
-                             documents=f"GPTDataset samples (packed, shuffled with seed {seed})")
+            described.update(
+                source="data-path",
+                path=os.path.abspath(data_path),
+                documents=f"GPTDataset samples (packed, shuffled with seed {seed})",
+            )
             samples = dataset_samples(data_path, tokenizer, seq_length, max_sequences, seed)
             docs = None
         else:
             texts = read_text_documents(text_file, documents)
             eod = [tokenizer.eod] if append_eod and tokenizer.eod is not None else []
             docs = [tokenizer.tokenize(t) + eod for t in texts]
-            described.update(source="text-file", path=os.path.abspath(text_file),
-                             documents=("separated by blank lines" if documents == "paragraphs" else "one per line")
-                             + (", end-of-document token appended" if eod else ""))
+            described.update(
+                source="text-file",
+                path=os.path.abspath(text_file),
+                documents=("separated by blank lines" if documents == "paragraphs" else "one per line")
+                + (", end-of-document token appended" if eod else ""),
+            )
     if docs is not None:
         described["num_documents"] = len(docs)
         windows = []
@@ -169,25 +198,29 @@ def load_samples(seq_length: int, vocab_size: int, max_sequences: int, seed: int
         samples = list(windows_to_samples(windows))
     samples = [s for s in samples if s["loss_mask"].sum() > 0]
     if not samples:
-        raise DocumentError(f"{described['source']} {described['path']}: no sequence with a target token "
-                            "(every document has fewer than two tokens)")
+        raise DocumentError(
+            f"{described['source']} {described['path']}: no sequence with a target token "
+            "(every document has fewer than two tokens)"
+        )
     top = max(int(torch.cat([s["tokens"], s["labels"]]).max()) for s in samples)
     if top >= vocab_size:
-        raise DocumentError(f"{described['source']} {described['path']}: token id {top} is outside the model's "
-                            f"vocabulary of {vocab_size}: the data was made with another tokenizer")
+        raise DocumentError(
+            f"{described['source']} {described['path']}: token id {top} is outside the model's "
+            f"vocabulary of {vocab_size}: the data was made with another tokenizer"
+        )
     return samples, described
 
 
 def micro_batches(samples: list[dict], micro_batch_size: int) -> Iterator[dict]:
     """Right-padded micro-batches (padding: token 0, loss mask 0), each as long as its longest."""
     for start in range(0, len(samples), micro_batch_size):
-        chunk = samples[start:start + micro_batch_size]
+        chunk = samples[start : start + micro_batch_size]
         length = max(len(s["tokens"]) for s in chunk)
         batch = {}
         for key, dtype in (("tokens", torch.long), ("labels", torch.long), ("loss_mask", torch.float32)):
             rows = torch.zeros(len(chunk), length, dtype=dtype)
             for i, s in enumerate(chunk):
-                rows[i, :len(s[key])] = s[key].to(dtype)
+                rows[i, : len(s[key])] = s[key].to(dtype)
             batch[key] = rows
         batch["position_ids"] = torch.arange(length).unsqueeze(0).expand(len(chunk), -1).contiguous()
         yield batch

@@ -39,8 +39,16 @@ from ordmoe_megatron.data.tokenizer import (
 #   sequence_lengths int32[S] sequence_pointers int64[S] document_indices int64[D]
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _IDX_HEADER = struct.Struct("<9sQBQQ")
-_IDX_DTYPES = {1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32,
-               5: numpy.int64, 6: numpy.float64, 7: numpy.float32, 8: numpy.uint16}
+_IDX_DTYPES = {
+    1: numpy.uint8,
+    2: numpy.int8,
+    3: numpy.int16,
+    4: numpy.int32,
+    5: numpy.int64,
+    6: numpy.float64,
+    7: numpy.float32,
+    8: numpy.uint16,
+}
 
 TOKENIZER_SIDECAR_SUFFIX = ".tokenizer.json"
 DATA_FORMAT_VERSION = 1
@@ -117,8 +125,7 @@ def _read_exactly(f, nbytes: int, path: str, what: str, prefix: str) -> bytes:
     data = f.read(nbytes)
     if len(data) != nbytes:
         raise ValueError(
-            f"Truncated index file {path}: {what} needs {nbytes} bytes, found {len(data)}. "
-            + _fix_hint(prefix)
+            f"Truncated index file {path}: {what} needs {nbytes} bytes, found {len(data)}. " + _fix_hint(prefix)
         )
     return data
 
@@ -153,8 +160,13 @@ def _read_index(prefix: str) -> dict:
             f"Corrupt index file {path}: {n_seq} sequences, {n_doc} document boundaries, "
             f"{trailing} unexpected trailing bytes. " + _fix_hint(prefix)
         )
-    return {"dtype": _IDX_DTYPES[code], "lengths": lengths, "pointers": pointers,
-            "document_indices": doc_indices, "num_documents": int(n_doc - 1)}
+    return {
+        "dtype": _IDX_DTYPES[code],
+        "lengths": lengths,
+        "pointers": pointers,
+        "document_indices": doc_indices,
+        "num_documents": int(n_doc - 1),
+    }
 
 
 def check_data_files(prefix: str) -> dict:
@@ -166,8 +178,7 @@ def check_data_files(prefix: str) -> dict:
     for path in (prefix + ".idx", prefix + ".bin"):
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"Megatron data file missing: {path} (prefix '{prefix}' needs both .bin and "
-                ".idx). " + _fix_hint(prefix)
+                f"Megatron data file missing: {path} (prefix '{prefix}' needs both .bin and .idx). " + _fix_hint(prefix)
             )
     index = _read_index(prefix)
     itemsize = numpy.dtype(index["dtype"]).itemsize
@@ -184,15 +195,20 @@ def check_data_files(prefix: str) -> dict:
     # Sequences are stored back to back: each pointer is the sum of the lengths before it.
     lengths = index["lengths"].astype(numpy.int64)
     if not numpy.array_equal(index["pointers"], (numpy.cumsum(lengths) - lengths) * itemsize):
-        raise ValueError(f"Corrupt index file {prefix}.idx: sequence pointers do not match "
-                         "the sequence lengths. " + _fix_hint(prefix))
+        raise ValueError(
+            f"Corrupt index file {prefix}.idx: sequence pointers do not match "
+            "the sequence lengths. " + _fix_hint(prefix)
+        )
     try:
         with open(bin_path, "rb") as f:
             f.read(1)
     except OSError as err:
         raise ValueError(f"Cannot read data file {bin_path}: {err}. " + _fix_hint(prefix)) from err
-    return {"num_documents": index["num_documents"], "num_tokens": num_tokens,
-            "dtype": numpy.dtype(index["dtype"]).name}
+    return {
+        "num_documents": index["num_documents"],
+        "num_tokens": num_tokens,
+        "dtype": numpy.dtype(index["dtype"]).name,
+    }
 
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -216,13 +232,19 @@ def check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
     """Refuse a ``--split`` that leaves a split of the data without a document, or without one
     ``seq_length + 1``-token sample: megatron-core's GPTDataset would search for one forever."""
     if not re.fullmatch(r"\s*[.0-9]+(\s*,\s*[.0-9]+){0,2}\s*", split or "") or not sum(
-            float(w) for w in re.findall(r"[.0-9]+", split)):
-        raise ValueError(f"--split {split!r} must be up to three non-negative weights with a positive sum, "
-                         "e.g. 969,30,1 (train, validation, test)")
+        float(w) for w in re.findall(r"[.0-9]+", split)
+    ):
+        raise ValueError(
+            f"--split {split!r} must be up to three non-negative weights with a positive sum, "
+            "e.g. 969,30,1 (train, validation, test)"
+        )
     index = _read_index(prefix)
     docs = index["num_documents"]
-    tokens_per_doc = numpy.add.reduceat(index["lengths"].astype(numpy.int64), index["document_indices"][:-1]) \
-        if docs else numpy.zeros(0, numpy.int64)
+    tokens_per_doc = (
+        numpy.add.reduceat(index["lengths"].astype(numpy.int64), index["document_indices"][:-1])
+        if docs
+        else numpy.zeros(0, numpy.int64)
+    )
     bounds = _split_bounds(split)
     for name, bound in zip(SPLIT_NAMES, bounds):
         if bound is None:
@@ -231,8 +253,7 @@ def check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
         tokens = int(tokens_per_doc[begin:end].sum())
         if end > begin and tokens >= seq_length + 1:
             continue
-        need = next(n for n in range(max(docs, 1), 10 ** 7)
-                    if int(round(bound[1] * n)) > int(round(bound[0] * n)))
+        need = next(n for n in range(max(docs, 1), 10**7) if int(round(bound[1] * n)) > int(round(bound[0] * n)))
         raise ValueError(
             f"--split {split} gives the {name} split {end - begin} of the {docs} documents in {prefix} "
             f"({tokens} tokens; it needs at least one {seq_length + 1}-token sample): with this --split the data "
@@ -263,9 +284,9 @@ def check_tokenizer_matches_data(tokenizer, prefix: str) -> None:
         written_with = recorded.get("tokenizer") or {}
         given = tokenizer_fingerprint(tokenizer)
         both_hashed = written_with.get("sha256") and given["sha256"]
-        if (both_hashed and written_with["sha256"] != given["sha256"]) or written_with.get(
+        if (both_hashed and written_with["sha256"] != given["sha256"]) or written_with.get("vocab_size") != given[
             "vocab_size"
-        ) != given["vocab_size"]:
+        ]:
             raise ValueError(
                 f"Tokenizer mismatch for {prefix}.bin: it was written with tokenizer "
                 f"{written_with} (recorded in {prefix}{TOKENIZER_SIDECAR_SUFFIX}), but the "
@@ -318,8 +339,7 @@ def build_gpt_datasets(
         check_tokenizer_matches_data(tokenizer, prefix)
 
     if valid_prefix:
-        per_split = [([data_prefix], None), ([valid_prefix], None),
-                     ([test_prefix], None) if test_prefix else None]
+        per_split = [([data_prefix], None), ([valid_prefix], None), ([test_prefix], None) if test_prefix else None]
         blend_kwargs = {"blend_per_split": per_split}
     else:
         blend_kwargs = {"blend": ([data_prefix], None), "split": split}
@@ -333,14 +353,11 @@ def build_gpt_datasets(
         random_seed=seed,
         sequence_length=seq_length,
         tokenizer=tokenizer,
-        path_to_cache=path_to_cache
-        or os.path.join(os.path.dirname(os.path.abspath(data_prefix)), "index_cache"),
+        path_to_cache=path_to_cache or os.path.join(os.path.dirname(os.path.abspath(data_prefix)), "index_cache"),
         **blend_kwargs,
         **options,
     )
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config
-    )
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config)
     return tuple(builder.build())
 
 
@@ -369,21 +386,30 @@ def _read_json(path: str) -> Optional[dict]:
         return None
 
 
-def _prepare_tokenizer(corpus_dir: str, tok_dir: str, seed: int, vocab_size: int,
-                       corpus_fingerprint: str) -> Tuple[str, bool]:
+def _prepare_tokenizer(
+    corpus_dir: str, tok_dir: str, seed: int, vocab_size: int, corpus_fingerprint: str
+) -> Tuple[str, bool]:
     """Train the tokenizer unless one trained on this corpus with these settings is there."""
     model_prefix = os.path.join(tok_dir, "tiny_sp")
     model_path = model_prefix + ".model"
     record_path = os.path.join(tok_dir, "training.json")
-    wanted = {"corpus_sha256": corpus_fingerprint, "seed": seed, "vocab_size": vocab_size,
-              "format_version": DATA_FORMAT_VERSION}
+    wanted = {
+        "corpus_sha256": corpus_fingerprint,
+        "seed": seed,
+        "vocab_size": vocab_size,
+        "format_version": DATA_FORMAT_VERSION,
+    }
     recorded = _read_json(record_path)
-    if (recorded and os.path.isfile(model_path)
-            and {k: recorded.get(k) for k in wanted} == wanted
-            and recorded.get("model_sha256") == corpus_lib.sha256_file(model_path)):
+    if (
+        recorded
+        and os.path.isfile(model_path)
+        and {k: recorded.get(k) for k in wanted} == wanted
+        and recorded.get("model_sha256") == corpus_lib.sha256_file(model_path)
+    ):
         return model_path, False
-    train_sentencepiece([os.path.join(corpus_dir, corpus_lib.TRAIN_FILE)], model_prefix,
-                        vocab_size=vocab_size, seed=seed)
+    train_sentencepiece(
+        [os.path.join(corpus_dir, corpus_lib.TRAIN_FILE)], model_prefix, vocab_size=vocab_size, seed=seed
+    )
     with open(record_path, "w", encoding="utf-8") as f:
         json.dump({**wanted, "model_sha256": corpus_lib.sha256_file(model_path)}, f, indent=2)
     return model_path, True
@@ -404,8 +430,7 @@ def _data_is_current(prefix: str, jsonl_path: str, model_path: str) -> bool:
     return True
 
 
-def prepare_tiny_data(work_dir: str, seed: int = 1234, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                      **corpus_kwargs) -> dict:
+def prepare_tiny_data(work_dir: str, seed: int = 1234, vocab_size: int = DEFAULT_VOCAB_SIZE, **corpus_kwargs) -> dict:
     """Build (or re-use) the built-in tiny corpus, tokenizer and megatron data in ``work_dir``.
 
     Each stage is skipped when its outputs exist and their recorded parameters and sha256
@@ -426,9 +451,7 @@ def prepare_tiny_data(work_dir: str, seed: int = 1234, vocab_size: int = DEFAULT
             rebuilt.append("corpus")
         manifest = corpus_lib.load_manifest(corpus_dir)
 
-        model_path, trained = _prepare_tokenizer(
-            corpus_dir, tok_dir, seed, vocab_size, manifest["sha256"]["content"]
-        )
+        model_path, trained = _prepare_tokenizer(corpus_dir, tok_dir, seed, vocab_size, manifest["sha256"]["content"])
         if trained:
             rebuilt.append("tokenizer")
 

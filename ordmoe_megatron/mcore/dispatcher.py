@@ -11,6 +11,7 @@ tokens times its tier width, which the router records (``TierRouter.routed_slots
 FP8 padding (``--moe-router-padding-for-quantization``, set by ``--fp8-format`` on GPU) works on
 the stacked routing map, so each expert's token count is padded for all paths together.
 """
+
 from __future__ import annotations
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -46,8 +47,11 @@ def use_ordmoe_dispatcher(moe_layer: MoELayer) -> None:
     if not isinstance(router, TierRouter) or type(moe_layer.token_dispatcher) is not MoEAlltoAllTokenDispatcher:
         return  # the all-gather dispatcher sizes its buffers from the routing map already
     moe_layer.token_dispatcher = OrdMoEAlltoAllTokenDispatcher(
-        moe_layer.num_local_experts, moe_layer.local_expert_indices, config=moe_layer.config,
-        pg_collection=router.pg_collection, router=router,
+        moe_layer.num_local_experts,
+        moe_layer.local_expert_indices,
+        config=moe_layer.config,
+        pg_collection=router.pg_collection,
+        router=router,
     )
     if moe_layer.use_shared_expert and moe_layer.shared_expert_overlap:
         moe_layer.token_dispatcher.set_shared_experts(moe_layer.shared_experts)

@@ -19,6 +19,7 @@ keeps every sequence. Every report entry is a ``[numerator, denominator]`` pair,
 sums over micro-batches and all-reduces over data-parallel ranks before dividing, so logged values
 do not depend on the parallel layout; the rank entries count the sub-sampled sequences.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -139,8 +140,10 @@ def ordmoe_path_loss(
     elif state.weight_logprobs is not None:
         weights = rank_loss_weights(state.weight_logprobs, ordmoe.objective, **kwargs)[path]
     elif weights_needed:
-        raise RuntimeError(f"--ordmoe-objective {ordmoe.objective} with the sequential path schedule needs every "
-                           "path's log-likelihoods before the backward (the schedule's forward-only pre-pass)")
+        raise RuntimeError(
+            f"--ordmoe-objective {ordmoe.objective} with the sequential path schedule needs every "
+            "path's log-likelihoods before the backward (the schedule's forward-only pre-pass)"
+        )
     else:
         weights = torch.zeros_like(logprobs)
     coeffs = _rank_coefficients(mask, sub_mask, num_tokens, ordmoe.rank_loss_coeff, per_token_loss)
@@ -168,8 +171,9 @@ def _rank_coefficients(mask, sub_mask, num_tokens, coeff: float, per_token_loss:
     return scale * (tokens_per_seq > 0).float() * num_tokens / n_valid
 
 
-def _rank_report(path_logprobs: torch.Tensor, per_seq_rank: torch.Tensor, sub_mask: torch.Tensor,
-                 per_token_loss: bool) -> dict:
+def _rank_report(
+    path_logprobs: torch.Tensor, per_seq_rank: torch.Tensor, sub_mask: torch.Tensor, per_token_loss: bool
+) -> dict:
     tokens_per_seq = sub_mask.sum(-1)
     valid = (tokens_per_seq > 0).float()
     n_valid = valid.sum()

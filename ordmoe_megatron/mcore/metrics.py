@@ -3,6 +3,7 @@ per-tier expert load that ``TierRouter.pop_tier_load`` counts.
 
 Both are read and reset here, once per logged step.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -16,6 +16,7 @@ layers ``1..L-1`` once and repeats the hidden states just before layer ``L``. Wi
 parallelism the fan-out stays at the embedding: every stage must exchange the same activation
 shape, and the schedules size their buffers once.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -50,7 +51,7 @@ class OrdMoEGPTModel(GPTModel):
                 use_ordmoe_dispatcher(module)
         self.fanout_layer = self._lazy_fanout_layer()
         if self.fanout_layer is not None:
-            layer = next(l for l in self.decoder.layers if l.layer_number == self.fanout_layer)
+            layer = next(candidate for candidate in self.decoder.layers if candidate.layer_number == self.fanout_layer)
             layer.register_forward_pre_hook(self._fan_out_before_layer, with_kwargs=True)
         self.path_rows: Optional[torch.Tensor] = None
         self.set_path_tiers(list(range(ordmoe.num_tiers)))
@@ -58,8 +59,9 @@ class OrdMoEGPTModel(GPTModel):
     def _lazy_fanout_layer(self) -> Optional[int]:
         """The layer to fan out before, or None to fan out at the embedding."""
         c = self.config
-        shared = self.ordmoe.shared_prefix_layers(c.num_layers, c.moe_layer_freq, c.pipeline_model_parallel_size > 1,
-                                                  c.recompute_granularity == "full")
+        shared = self.ordmoe.shared_prefix_layers(
+            c.num_layers, c.moe_layer_freq, c.pipeline_model_parallel_size > 1, c.recompute_granularity == "full"
+        )
         return shared + 1 if shared else None
 
     def _fan_out_before_layer(self, module, args, kwargs):

@@ -10,6 +10,7 @@ for bit the standard ones, and it alone feeds the load-balancing losses, the z-l
 expert-bias token counts. Paths 2..C get tier ``j`` of their own scores with the model's gating
 rule, and carry no auxiliary loss.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -116,24 +117,39 @@ class TierRouter(TopKRouter):
         flat = logits.reshape(-1, n)
         if not self.tier_routing_active or all(t == 0 for t in tiers):
             probs, routing_map = topk_routing_with_score_function(
-                flat, self.topk, use_pre_softmax=self.config.moe_router_pre_softmax,
-                scaling_factor=self.config.moe_router_topk_scaling_factor, score_function=self.score_function,
-                expert_bias=self.expert_bias, fused=self.config.moe_router_fusion,
+                flat,
+                self.topk,
+                use_pre_softmax=self.config.moe_router_pre_softmax,
+                scaling_factor=self.config.moe_router_topk_scaling_factor,
+                score_function=self.score_function,
+                expert_bias=self.expert_bias,
+                fused=self.config.moe_router_fusion,
             )
             return probs.view(seq, rows, n), routing_map.view(seq, rows, n)
         order = self._tier_order(flat)
         if order is None:
-            order = rank_order(ranking_scores(flat, self.score_function, self.config.moe_router_pre_softmax,
-                                              self.expert_bias, compat.ROUTER_SCORES_IN_FP32))
+            order = rank_order(
+                ranking_scores(
+                    flat,
+                    self.score_function,
+                    self.config.moe_router_pre_softmax,
+                    self.expert_bias,
+                    compat.ROUTER_SCORES_IN_FP32,
+                )
+            )
         widths = {len(self.tiers[t]) for t in tiers}
         if len(widths) == 1:  # one gather and one gating for every lower path
             return self._route_rows(logits, order, self._row_positions(tuple(tiers), rows, logits.device))
         # Tiers of different widths (explicit uneven tiers): the same ranking, one gating per path.
         per_path = rows // len(tiers)
-        parts = [self._route_rows(logits[:, p * per_path:(p + 1) * per_path],
-                                  order if order.dim() == 1 else order.view(seq, rows, n)[:, p * per_path:(p + 1) * per_path],
-                                  self._row_positions((tier,), per_path, logits.device))
-                 for p, tier in enumerate(tiers)]
+        parts = [
+            self._route_rows(
+                logits[:, p * per_path : (p + 1) * per_path],
+                order if order.dim() == 1 else order.view(seq, rows, n)[:, p * per_path : (p + 1) * per_path],
+                self._row_positions((tier,), per_path, logits.device),
+            )
+            for p, tier in enumerate(tiers)
+        ]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
     def _route_rows(self, logits: torch.Tensor, order: torch.Tensor, positions: torch.Tensor):
@@ -145,9 +161,13 @@ class TierRouter(TopKRouter):
         else:
             experts = order.reshape(seq, rows, n).gather(2, positions.unsqueeze(0).expand(seq, -1, -1))
         probs, routing_map = route_to_experts(
-            logits.reshape(-1, n), experts.reshape(-1, positions.shape[1]), self.topk,
-            score_function=self.score_function, use_pre_softmax=self.config.moe_router_pre_softmax,
-            scaling_factor=self.config.moe_router_topk_scaling_factor, fp32_scores=compat.ROUTER_SCORES_IN_FP32,
+            logits.reshape(-1, n),
+            experts.reshape(-1, positions.shape[1]),
+            self.topk,
+            score_function=self.score_function,
+            use_pre_softmax=self.config.moe_router_pre_softmax,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            fp32_scores=compat.ROUTER_SCORES_IN_FP32,
         )
         return probs.view(seq, rows, n), routing_map.view(seq, rows, n)
 
@@ -167,9 +187,7 @@ class TierRouter(TopKRouter):
 
     def path_widths(self) -> list[int]:
         """Experts each stacked path routes a token to (tier widths; top-K outside the scope)."""
-        return [
-            len(self.tiers[t]) if t > 0 and self.tier_routing_active else self.topk for t in self.path_tiers
-        ]
+        return [len(self.tiers[t]) if t > 0 and self.tier_routing_active else self.topk for t in self.path_tiers]
 
     def pop_tier_load(self) -> Optional[torch.Tensor]:
         """Tokens routed to each expert by each tier since the last call, ``[tiers, experts]``
@@ -204,7 +222,9 @@ class TierRouter(TopKRouter):
     @torch.no_grad()
     def _update_score_mean(self, logits: torch.Tensor) -> None:
         scores = routing_scores(logits, self.score_function)
-        stats = torch.cat([scores.sum(0).double(), torch.tensor([scores.shape[0]], dtype=torch.float64, device=scores.device)])
+        stats = torch.cat(
+            [scores.sum(0).double(), torch.tensor([scores.shape[0]], dtype=torch.float64, device=scores.device)]
+        )
         if dist.is_initialized() and self.tp_dp_cp_group is not None and dist.get_world_size(self.tp_dp_cp_group) > 1:
             dist.all_reduce(stats, group=self.tp_dp_cp_group)
         self.score_sum += stats[:-1]

@@ -28,6 +28,7 @@ Works for every schedule ``get_forward_backward_func()`` returns (no pipelining,
 interleaved), with and without ``calculate_per_token_loss``. With one path (``C = 1``) Megatron's
 own function is returned: the user's loss function runs unchanged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,9 +49,15 @@ from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.checkpointing import random_states, set_random_states
 
 
-def get_ordmoe_forward_backward_func(ordmoe: OrdMoEConfig, vocab_size: int, per_token_loss: bool = False, *,
-                                     seed: int = 0, step_fn: Optional[Callable[[], int]] = None,
-                                     **schedule_kwargs):
+def get_ordmoe_forward_backward_func(
+    ordmoe: OrdMoEConfig,
+    vocab_size: int,
+    per_token_loss: bool = False,
+    *,
+    seed: int = 0,
+    step_fn: Optional[Callable[[], int]] = None,
+    **schedule_kwargs,
+):
     """``get_forward_backward_func(**schedule_kwargs)`` for a model that runs all
     ``ordmoe.num_tiers`` paths. ``seed`` and ``step_fn`` (the training iteration) key the draws
     of sub-sampled lower paths; without ``step_fn`` the training calls are counted."""
@@ -69,8 +76,14 @@ def get_ordmoe_forward_backward_func(ordmoe: OrdMoEConfig, vocab_size: int, per_
 class PathSchedule:
     """Runs one ``forward_backward`` call with every path of every micro-batch."""
 
-    def __init__(self, ordmoe: OrdMoEConfig, vocab_size: int, per_token_loss: bool, seed: int,
-                 step_fn: Optional[Callable[[], int]]):
+    def __init__(
+        self,
+        ordmoe: OrdMoEConfig,
+        vocab_size: int,
+        per_token_loss: bool,
+        seed: int,
+        step_fn: Optional[Callable[[], int]],
+    ):
         self.ordmoe = ordmoe
         self.num_paths = ordmoe.num_tiers
         self.vocab_size = vocab_size
@@ -79,8 +92,18 @@ class PathSchedule:
         self.step_fn = step_fn
         self.training_calls = 0
 
-    def run(self, forward_backward, *, forward_step_func, data_iterator, model, num_microbatches: int,
-            micro_batch_size: int, forward_only: bool = False, **kwargs):
+    def run(
+        self,
+        forward_backward,
+        *,
+        forward_step_func,
+        data_iterator,
+        model,
+        num_microbatches: int,
+        micro_batch_size: int,
+        forward_only: bool = False,
+        **kwargs,
+    ):
         chunks = model if isinstance(model, list) else [model]
         models = {id(chunk): _ordmoe_model(chunk) for chunk in chunks}
         lower = micro_batch_size if forward_only else self.ordmoe.lower_path_rows(micro_batch_size)
@@ -90,20 +113,45 @@ class PathSchedule:
         common = dict(model=model, forward_only=forward_only, **kwargs)
         try:
             if self.ordmoe.path_schedule == "fused":
-                return self._fused(forward_backward, forward_step_func, data_iterator, num_microbatches,
-                                   micro_batch_size, lower, models, draw, common)
-            return self._sequential(forward_backward, forward_step_func, data_iterator, num_microbatches,
-                                    micro_batch_size, lower, models, draw, common, get_model_config(chunks[0]))
+                return self._fused(
+                    forward_backward,
+                    forward_step_func,
+                    data_iterator,
+                    num_microbatches,
+                    micro_batch_size,
+                    lower,
+                    models,
+                    draw,
+                    common,
+                )
+            return self._sequential(
+                forward_backward,
+                forward_step_func,
+                data_iterator,
+                num_microbatches,
+                micro_batch_size,
+                lower,
+                models,
+                draw,
+                common,
+                get_model_config(chunks[0]),
+            )
         finally:
             for ordmoe_model in models.values():
                 ordmoe_model.set_path_tiers(list(range(self.num_paths)))
                 ordmoe_model.set_path_rows(None)
 
-    def _fused(self, forward_backward, forward_step_func, data_iterator, num_microbatches, batch, lower, models,
-               draw, common):
+    def _fused(
+        self, forward_backward, forward_step_func, data_iterator, num_microbatches, batch, lower, models, draw, common
+    ):
         counts = {key: 0 for key in models}
-        bind = functools.partial(ordmoe_loss, ordmoe=self.ordmoe, num_paths=self.num_paths,
-                                 vocab_size=self.vocab_size, per_token_loss=self.per_token_loss)
+        bind = functools.partial(
+            ordmoe_loss,
+            ordmoe=self.ordmoe,
+            num_paths=self.num_paths,
+            vocab_size=self.vocab_size,
+            per_token_loss=self.per_token_loss,
+        )
 
         def forward_step(data, chunk, *args, **kwargs):
             micro_batch = counts[id(chunk)]
@@ -113,20 +161,45 @@ class PathSchedule:
             output, loss_func = forward_step_func(data, chunk, *args, **kwargs)
             return output, functools.partial(bind, _loss_mask(loss_func), lower_rows=rows)
 
-        return forward_backward(forward_step_func=functools.wraps(forward_step_func)(forward_step),
-                                data_iterator=data_iterator, num_microbatches=num_microbatches,
-                                micro_batch_size=batch + (self.num_paths - 1) * lower, **common)
+        return forward_backward(
+            forward_step_func=functools.wraps(forward_step_func)(forward_step),
+            data_iterator=data_iterator,
+            num_microbatches=num_microbatches,
+            micro_batch_size=batch + (self.num_paths - 1) * lower,
+            **common,
+        )
 
-    def _sequential(self, forward_backward, forward_step_func, data_iterator, num_microbatches, batch, lower,
-                    models, draw, common, config):
+    def _sequential(
+        self,
+        forward_backward,
+        forward_step_func,
+        data_iterator,
+        num_microbatches,
+        batch,
+        lower,
+        models,
+        draw,
+        common,
+        config,
+    ):
         paths = self.num_paths
         forward_only = common["forward_only"]
         # Sub-sampled lower paths send fewer rows than path 1 between pipeline stages.
-        shapes = (_variable_shapes(config) if lower < batch and parallel_state.get_pipeline_model_parallel_world_size() > 1
-                  else contextlib.nullcontext())
+        shapes = (
+            _variable_shapes(config)
+            if lower < batch and parallel_state.get_pipeline_model_parallel_world_size() > 1
+            else contextlib.nullcontext()
+        )
         scale = contextlib.nullcontext() if forward_only or self.per_token_loss else _loss_scales_times(config, paths)
-        run = functools.partial(self._sequential_pass, forward_backward, forward_step_func,
-                                num_microbatches=num_microbatches, batch=batch, models=models, draw=draw)
+        run = functools.partial(
+            self._sequential_pass,
+            forward_backward,
+            forward_step_func,
+            num_microbatches=num_microbatches,
+            batch=batch,
+            models=models,
+            draw=draw,
+        )
         weight_logprobs = None
         with shapes:
             if not forward_only and not self.ordmoe.linear_objective:
@@ -135,22 +208,42 @@ class PathSchedule:
                 with torch.no_grad(), tier_load_paused(models.values()):
                     _, states = run(recorded, weight_logprobs=None, common=dict(common, forward_only=True))
                 set_random_states(saved)
-                weight_logprobs = {k: torch.stack([s.logprobs[j] for j in range(paths)]) for k, s in states.items()
-                                   if len(s.logprobs) == paths}
+                weight_logprobs = {
+                    k: torch.stack([s.logprobs[j] for j in range(paths)])
+                    for k, s in states.items()
+                    if len(s.logprobs) == paths
+                }
                 data_iterator = _map_iterators(recorded, lambda r: iter(r.items))
             with scale:
                 reports, _ = run(data_iterator, weight_logprobs=weight_logprobs, common=common)
         return reports
 
-    def _sequential_pass(self, forward_backward, forward_step_func, data_iterator, *, num_microbatches, batch, models,
-                         draw, weight_logprobs, common):
+    def _sequential_pass(
+        self,
+        forward_backward,
+        forward_step_func,
+        data_iterator,
+        *,
+        num_microbatches,
+        batch,
+        models,
+        draw,
+        weight_logprobs,
+        common,
+    ):
         """One ``forward_backward`` over ``C x num_microbatches`` single-path micro-batches; returns
         its reports and the per-micro-batch ``MicroBatchPaths`` (filled on the last pipeline stage)."""
         paths = self.num_paths
         counts = {key: 0 for key in models}
         states: dict[int, MicroBatchPaths] = {}
-        bind = functools.partial(ordmoe_path_loss, ordmoe=self.ordmoe, num_paths=paths, vocab_size=self.vocab_size,
-                                 per_token_loss=self.per_token_loss, weights_needed=not common["forward_only"])
+        bind = functools.partial(
+            ordmoe_path_loss,
+            ordmoe=self.ordmoe,
+            num_paths=paths,
+            vocab_size=self.vocab_size,
+            per_token_loss=self.per_token_loss,
+            weights_needed=not common["forward_only"],
+        )
 
         def forward_step(data, chunk, *args, **kwargs):
             micro_batch, path = divmod(counts[id(chunk)], paths)
@@ -159,14 +252,21 @@ class PathSchedule:
             models[id(chunk)].set_path_tiers([path])
             models[id(chunk)].set_path_rows(None if path == 0 else rows)
             output, loss_func = forward_step_func(data, chunk, *args, **kwargs)
-            state = states.setdefault(micro_batch, MicroBatchPaths(
-                weight_logprobs=None if weight_logprobs is None else weight_logprobs.get(micro_batch)))
-            return output, functools.partial(bind, _loss_mask(loss_func), path=path, paths_of_micro_batch=state,
-                                             lower_rows=rows)
+            state = states.setdefault(
+                micro_batch,
+                MicroBatchPaths(weight_logprobs=None if weight_logprobs is None else weight_logprobs.get(micro_batch)),
+            )
+            return output, functools.partial(
+                bind, _loss_mask(loss_func), path=path, paths_of_micro_batch=state, lower_rows=rows
+            )
 
-        reports = forward_backward(forward_step_func=functools.wraps(forward_step_func)(forward_step),
-                                   data_iterator=_map_iterators(data_iterator, lambda it: _RepeatEach(it, paths)),
-                                   num_microbatches=num_microbatches * paths, micro_batch_size=batch, **common)
+        reports = forward_backward(
+            forward_step_func=functools.wraps(forward_step_func)(forward_step),
+            data_iterator=_map_iterators(data_iterator, lambda it: _RepeatEach(it, paths)),
+            num_microbatches=num_microbatches * paths,
+            micro_batch_size=batch,
+            **common,
+        )
         return reports, states
 
     def _subset_drawer(self, batch: int, lower: int, device) -> Callable[[int], Optional[torch.Tensor]]:
@@ -198,8 +298,11 @@ def _ordmoe_model(chunk: torch.nn.Module) -> OrdMoEGPTModel:
 def _loss_mask(loss_func) -> Optional[torch.Tensor]:
     # None: Megatron-LM core_v0.18 on gives pipeline stages before the last no loss mask; the
     # schedules call the loss function on the last stage only.
-    if isinstance(loss_func, functools.partial) and loss_func.args and (
-            loss_func.args[0] is None or isinstance(loss_func.args[0], torch.Tensor)):
+    if (
+        isinstance(loss_func, functools.partial)
+        and loss_func.args
+        and (loss_func.args[0] is None or isinstance(loss_func.args[0], torch.Tensor))
+    ):
         return loss_func.args[0]
     raise TypeError(
         "OrdMoE: forward_step must return (output, functools.partial(loss_func, loss_mask, ...)) as "

@@ -5,6 +5,7 @@ MoE layers; ``ModuleSpec`` nodes, or the ``functools.partial`` nodes of megatron
 it looks for ``MoESubmodules`` and swaps only the router, so parameter names and the rest of the
 layer stay exactly Megatron's.
 """
+
 from __future__ import annotations
 
 import copy

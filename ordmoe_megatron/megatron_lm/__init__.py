@@ -17,6 +17,7 @@ called, so no name in Megatron-LM is replaced.
 - ``hooks``: every name OrdMoE rebinds in Megatron-LM (the model builder, the schedules, FLOPs);
 - ``model_config``: core_v0.19's model configuration and builder for OrdMoE.
 """
+
 from ordmoe_megatron.flags import ordmoe_config_from_args
 from ordmoe_megatron.megatron_lm.arguments import (
     OrdMoEArgumentError,

@@ -1,4 +1,5 @@
 """``python -m ordmoe_megatron.megatron_lm --help``: the flags the Megatron-LM hook adds."""
+
 import sys
 
 from ordmoe_megatron.megatron_lm.arguments import main

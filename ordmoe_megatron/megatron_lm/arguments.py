@@ -28,6 +28,7 @@ Refused with ``--ordmoe`` (besides what ``OrdMoEConfig.validate_for_model`` refu
 ``megatron.training`` is Megatron-LM's, not megatron-core's: it is imported where it is used, so
 this module imports (and its tests run) without a Megatron-LM checkout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,9 +73,13 @@ def add_ordmoe_megatron_args(parser: argparse.ArgumentParser) -> argparse.Argume
 
 def add_dry_run_flag(parser: argparse.ArgumentParser) -> None:
     group = next((g for g in parser._action_groups if g.title == "OrdMoE"), parser)
-    group.add_argument("--ordmoe-dry-run", action="store_true", default=False,
-                       help="Print the resolved configuration, the parallel layout and the OrdMoE tier "
-                            "layout, then exit without building anything (works without a GPU).")
+    group.add_argument(
+        "--ordmoe-dry-run",
+        action="store_true",
+        default=False,
+        help="Print the resolved configuration, the parallel layout and the OrdMoE tier "
+        "layout, then exit without building anything (works without a GPU).",
+    )
 
 
 def extra_args_provider(existing: Optional[Callable] = None, check_now: bool = True) -> Callable:
@@ -176,21 +181,31 @@ def validate(args, need_model_config: bool):
     if args.ordmoe:
         try:
             ordmoe = ordmoe_config_from_args(args)
-            ordmoe.check_pipeline(getattr(args, "micro_batch_size", 1) or 1,
-                                  getattr(args, "pipeline_model_parallel_size", 1) or 1,
-                                  bool(getattr(args, "num_layers_per_virtual_pipeline_stage", None)
-                                       or getattr(args, "virtual_pipeline_model_parallel_size", None)))
+            ordmoe.check_pipeline(
+                getattr(args, "micro_batch_size", 1) or 1,
+                getattr(args, "pipeline_model_parallel_size", 1) or 1,
+                bool(
+                    getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+                    or getattr(args, "virtual_pipeline_model_parallel_size", None)
+                ),
+            )
         except ValueError as err:
             raise OrdMoEArgumentError(str(err)) from None
         for refused, message in (
-            (getattr(args, "use_legacy_models", False),
-             "--use-legacy-models: OrdMoE needs the Megatron-Core GPTModel; remove --use-legacy-models"),
-            (getattr(args, "overlap_moe_expert_parallel_comm", False),
-             "--overlap-moe-expert-parallel-comm makes forward_step build a schedule plan that bypasses the "
-             "OrdMoE paths; remove it with --ordmoe"),
-            (getattr(args, "yaml_cfg", None) is not None,
-             "--yaml-cfg replaces the command-line arguments after OrdMoE has read them; pass the model "
-             "flags on the command line with --ordmoe"),
+            (
+                getattr(args, "use_legacy_models", False),
+                "--use-legacy-models: OrdMoE needs the Megatron-Core GPTModel; remove --use-legacy-models",
+            ),
+            (
+                getattr(args, "overlap_moe_expert_parallel_comm", False),
+                "--overlap-moe-expert-parallel-comm makes forward_step build a schedule plan that bypasses the "
+                "OrdMoE paths; remove it with --ordmoe",
+            ),
+            (
+                getattr(args, "yaml_cfg", None) is not None,
+                "--yaml-cfg replaces the command-line arguments after OrdMoE has read them; pass the model "
+                "flags on the command line with --ordmoe",
+            ),
         ):
             if refused:
                 raise OrdMoEArgumentError(message)
@@ -199,9 +214,7 @@ def validate(args, need_model_config: bool):
         config = transformer_config(validated)
     except Exception as err:  # Megatron-LM's own validation: it reports this itself later
         if need_model_config:
-            raise OrdMoEArgumentError(
-                f"Megatron-LM rejects these arguments: {type(err).__name__}: {err}"
-            ) from None
+            raise OrdMoEArgumentError(f"Megatron-LM rejects these arguments: {type(err).__name__}: {err}") from None
         return ordmoe, None, None
     if ordmoe is not None:
         try:

@@ -1,5 +1,6 @@
 """``pretrain_gpt.py --ordmoe-dry-run``: the configuration, parallel layout and tier layout that
 Megatron-LM's validated arguments describe, printed without building anything."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def describe_run(args: argparse.Namespace, ordmoe: Optional[OrdMoEConfig], confi
         f"{config.moe_router_load_balancing_type} (coeff {config.moe_aux_loss_coeff}), dispatcher "
         f"{config.moe_token_dispatcher_type}, grouped gemm {bool(a.moe_grouped_gemm)}",
         f"  implementation: {a.transformer_impl}, precision {precision}",
-        *([f"  (no GPU here: TransformerConfig checks that need one were skipped: {config.skipped_checks})"]
-          if getattr(config, "skipped_checks", None) else []),
+        *(
+            [f"  (no GPU here: TransformerConfig checks that need one were skipped: {config.skipped_checks})"]
+            if getattr(config, "skipped_checks", None)
+            else []
+        ),
         f"  training: micro batch {a.micro_batch_size}, global batch {a.global_batch_size}, "
         f"{num_micro} micro-batches per step, {a.train_iters} iterations, lr {a.lr}",
         "parallel layout:",
@@ -56,8 +60,13 @@ def describe_run(args: argparse.Namespace, ordmoe: Optional[OrdMoEConfig], confi
     if ordmoe is None:
         lines.append("  OrdMoE off (--no-ordmoe): plain top-K training")
         return "\n".join(lines)
-    layout = ordmoe.describe_layout(config.num_moe_experts, config.moe_router_topk, config.num_layers,
-                                    config.moe_layer_freq, hooks.shared_prefix_layers(a, ordmoe))
+    layout = ordmoe.describe_layout(
+        config.num_moe_experts,
+        config.moe_router_topk,
+        config.num_layers,
+        config.moe_layer_freq,
+        hooks.shared_prefix_layers(a, ordmoe),
+    )
     lines += ["  " + line for line in layout]
     lines.append("  FLOPs counted per step: " + _flops_factor_text(a, ordmoe))
     return "\n".join(lines)
@@ -67,11 +76,14 @@ def _flops_factor_text(args, ordmoe: OrdMoEConfig) -> str:
     args = copy.copy(args)
     if getattr(args, "padded_vocab_size", None) is None:
         if args.vocab_size is None:  # the tokenizer decides; a dry run does not load it
-            return (f"{ordmoe.num_tiers} x the plain model's, less the layers run once "
-                    "(exact factor needs the tokenizer's vocabulary size)")
+            return (
+                f"{ordmoe.num_tiers} x the plain model's, less the layers run once "
+                "(exact factor needs the tokenizer's vocabulary size)"
+            )
         args.padded_vocab_size = padded_vocab_size(
             {"vocab_size": args.vocab_size, "make_vocab_size_divisible_by": args.make_vocab_size_divisible_by},
-            args.tensor_model_parallel_size)
+            args.tensor_model_parallel_size,
+        )
     return f"{hooks.flops_factor(args, ordmoe):.3f} x the plain model's"
 
 

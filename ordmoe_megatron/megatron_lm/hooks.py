@@ -32,6 +32,7 @@
 
 ``megatron.training`` is Megatron-LM's, not megatron-core's: it is imported where it is used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -168,8 +169,12 @@ def _get_forward_backward_func(**schedule_kwargs):
     if ordmoe is None or not ordmoe.enabled:
         return _ORIGINALS["get_forward_backward_func"](**schedule_kwargs)
     forward_backward = get_ordmoe_forward_backward_func(
-        ordmoe, args.padded_vocab_size, per_token_loss=args.calculate_per_token_loss, seed=args.seed,
-        step_fn=lambda: getattr(args, "curr_iteration", 0), **schedule_kwargs
+        ordmoe,
+        args.padded_vocab_size,
+        per_token_loss=args.calculate_per_token_loss,
+        seed=args.seed,
+        step_fn=lambda: getattr(args, "curr_iteration", 0),
+        **schedule_kwargs,
     )
 
     @functools.wraps(forward_backward)
@@ -216,15 +221,22 @@ def _check_losses(args, ordmoe: OrdMoEConfig, reports) -> None:
             loss = loss + ordmoe.rank_loss_coeff * report["rank loss"][0]
         if args.check_for_nan_in_loss_and_grad:
             for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
-                machine.validate_result(result=loss, rejection_func=reject,
-                                        message=f"found {what} in local forward loss calculation (OrdMoE)",
-                                        tolerance=0.0, fatal=True)
+                machine.validate_result(
+                    result=loss,
+                    rejection_func=reject,
+                    message=f"found {what} in local forward loss calculation (OrdMoE)",
+                    tolerance=0.0,
+                    fatal=True,
+                )
         if args.check_for_spiky_loss:
             machine.validate_result(
                 result=loss,
-                rejection_func=functools.partial(machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR,
-                                                 context="loss"),
-                message="Spiky loss", tolerance=0.0, fatal=False,
+                rejection_func=functools.partial(
+                    machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR, context="loss"
+                ),
+                message="Spiky loss",
+                tolerance=0.0,
+                fatal=False,
             )
 
 
@@ -233,8 +245,12 @@ def shared_prefix_layers(args, ordmoe: Optional[OrdMoEConfig]) -> int:
     arguments (``OrdMoEConfig.shared_prefix_layers``)."""
     if ordmoe is None:
         return 0
-    return ordmoe.shared_prefix_layers(args.num_layers, args.moe_layer_freq, args.pipeline_model_parallel_size > 1,
-                                       getattr(args, "recompute_granularity", None) == "full")
+    return ordmoe.shared_prefix_layers(
+        args.num_layers,
+        args.moe_layer_freq,
+        args.pipeline_model_parallel_size > 1,
+        getattr(args, "recompute_granularity", None) == "full",
+    )
 
 
 def lower_path_share(args, ordmoe: OrdMoEConfig) -> float:
@@ -258,8 +274,12 @@ def ordmoe_num_floating_point_operations(args, batch_size, base: Optional[Callab
         return base(args, batch_size, **token_counts)
     shared = shared_prefix_layers(args, ordmoe)
     shared_flops = _layer_flops(base, args, batch_size, list(range(shared)), **token_counts) if shared else 0.0
-    return ordmoe_step_flops(base(copy.copy(args), batch_size, **token_counts), shared_flops, ordmoe.num_tiers,
-                             lower_path_share(args, ordmoe))
+    return ordmoe_step_flops(
+        base(copy.copy(args), batch_size, **token_counts),
+        shared_flops,
+        ordmoe.num_tiers,
+        lower_path_share(args, ordmoe),
+    )
 
 
 def flops_factor(args, ordmoe: Optional[OrdMoEConfig], base: Optional[Callable] = None) -> float:
@@ -294,5 +314,6 @@ def _layer_flops(base: Callable, args, batch_size, layer_indices: list[int], **t
 
 
 def _num_floating_point_operations(args, batch_size, **token_counts):
-    return ordmoe_num_floating_point_operations(args, batch_size, _ORIGINALS["num_floating_point_operations"],
-                                                **token_counts)
+    return ordmoe_num_floating_point_operations(
+        args, batch_size, _ORIGINALS["num_floating_point_operations"], **token_counts
+    )

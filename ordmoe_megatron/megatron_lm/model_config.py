@@ -8,6 +8,7 @@ stay Megatron-LM's) with the module's ``GPTModel`` bound to ``OrdMoEGPTModel`` w
 
 Imported only on core_v0.19 and later (``hooks.ordmoe_model_config``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,9 @@ class OrdMoEGPTModelBuilder(GPTModelBuilder):
 
 def ordmoe_gpt_model_config(model_config: GPTModelConfig, ordmoe: OrdMoEConfig) -> OrdMoEGPTModelConfig:
     if type(model_config) is not GPTModelConfig:
-        raise TypeError(f"--ordmoe builds from Megatron-LM's GPTModelConfig, not {type(model_config).__name__} "
-                        "(ModelOpt's model configuration is not supported with --ordmoe)")
+        raise TypeError(
+            f"--ordmoe builds from Megatron-LM's GPTModelConfig, not {type(model_config).__name__} "
+            "(ModelOpt's model configuration is not supported with --ordmoe)"
+        )
     fields = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config) if f.init}
     return OrdMoEGPTModelConfig(**fields, ordmoe=ordmoe)

@@ -1,4 +1,5 @@
 """The OrdMoE method in plain PyTorch: tiers, the objective, the configuration. No Megatron import."""
+
 from ordmoe_megatron.method.config import PATH_SCHEDULES, RANKINGS, OrdMoEConfig, parse_layer_scope
 from ordmoe_megatron.method.layers import moe_layer_numbers, moe_layer_pattern, parse_moe_layer_freq
 from ordmoe_megatron.method.objective import (
@@ -9,9 +10,9 @@ from ordmoe_megatron.method.objective import (
     expert_rank_loss,
     pairwise_logistic_loss,
     plackett_luce_loss,
+    rank_advantages,
     rank_loss,
     rank_loss_weights,
-    rank_advantages,
     sequence_logprobs,
     tier_order_correct,
 )

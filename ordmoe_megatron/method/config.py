@@ -3,6 +3,7 @@
 No Megatron import: ``validate_for_model`` reads a Megatron ``TransformerConfig`` by attribute
 name, so this file stays testable on its own. Every message names the flag and the fix.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,7 +79,9 @@ class OrdMoEConfig:
         if self.ranking not in RANKINGS:
             raise ValueError(f"--ordmoe-ranking='{self.ranking}' is not one of {', '.join(RANKINGS)}")
         if self.ranking == "average" and self.grouping == "random":
-            raise ValueError("--ordmoe-ranking=average ranks by routing scores; --ordmoe-grouping=random ignores them: pick one")
+            raise ValueError(
+                "--ordmoe-ranking=average ranks by routing scores; --ordmoe-grouping=random ignores them: pick one"
+            )
         if isinstance(self.logprob_floor, str) and self.logprob_floor.lower() == "none":
             self.logprob_floor = None
         if isinstance(self.logprob_floor, str) and self.logprob_floor != "vocab":
@@ -86,22 +89,27 @@ class OrdMoEConfig:
                 self.logprob_floor = float(self.logprob_floor)
             except ValueError:
                 raise ValueError(
-                    f"--ordmoe-logprob-floor='{self.logprob_floor}' must be a number (a log-likelihood, <= 0), 'vocab' or 'none'"
+                    f"--ordmoe-logprob-floor='{self.logprob_floor}' must be a number (a log-likelihood, <= 0), "
+                    "'vocab' or 'none'"
                 ) from None
         if isinstance(self.logprob_floor, float) and self.logprob_floor > 0:
             raise ValueError(f"--ordmoe-logprob-floor={self.logprob_floor} is a log-likelihood and must be <= 0")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--ordmoe-objective='{self.objective}' is not one of {', '.join(OBJECTIVES)}")
         if self.logprob_floor is not None and self.objective != "advantage":
-            raise ValueError(f"--ordmoe-logprob-floor is for the advantage objective; --ordmoe-objective "
-                             f"{self.objective} is bounded already: drop the floor")
+            raise ValueError(
+                f"--ordmoe-logprob-floor is for the advantage objective; --ordmoe-objective "
+                f"{self.objective} is bounded already: drop the floor"
+            )
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"--ordmoe-beta={self.beta} must be a finite number above 0")
         if self.path_schedule not in PATH_SCHEDULES:
             raise ValueError(f"--ordmoe-path-schedule='{self.path_schedule}' is not one of {', '.join(PATH_SCHEDULES)}")
         if not (isinstance(self.lower_path_fraction, (int, float)) and 0 < self.lower_path_fraction <= 1):
-            raise ValueError(f"--ordmoe-lower-path-fraction={self.lower_path_fraction} must be in (0, 1]: the share "
-                             "of each micro-batch's sequences the lower paths run on")
+            raise ValueError(
+                f"--ordmoe-lower-path-fraction={self.lower_path_fraction} must be in (0, 1]: the share "
+                "of each micro-batch's sequences the lower paths run on"
+            )
         self.scope_layers = parse_layer_scope(self.layer_scope)
 
     @property
@@ -128,8 +136,9 @@ class OrdMoEConfig:
         """Whether the (1-based, global) layer routes its paths by tier."""
         return self.scope_layers is None or layer_number in self.scope_layers
 
-    def shared_prefix_layers(self, num_layers: int, moe_layer_freq, pipelined: bool = False,
-                             full_recompute: bool = False) -> int:
+    def shared_prefix_layers(
+        self, num_layers: int, moe_layer_freq, pipelined: bool = False, full_recompute: bool = False
+    ) -> int:
         """The lazy fan-out rule: how many leading layers run once for all paths.
 
         The paths are identical until the first tier-routed MoE layer, so the layers before it
@@ -137,9 +146,15 @@ class OrdMoEConfig:
         (every stage must exchange the same activation shape) nor with full recompute (the
         recomputed block calls its layers without keywords): there the fan-out is at the embedding.
         """
-        if not self.enabled or not self.lazy_fanout or pipelined or full_recompute or self.path_schedule == "sequential":
+        if (
+            not self.enabled
+            or not self.lazy_fanout
+            or pipelined
+            or full_recompute
+            or self.path_schedule == "sequential"
+        ):
             return 0  # (sequential: each forward is one path, which runs every layer)
-        scoped = [l for l in moe_layer_numbers(num_layers, moe_layer_freq) if self.in_scope(l)]
+        scoped = [layer for layer in moe_layer_numbers(num_layers, moe_layer_freq) if self.in_scope(layer)]
         return min(scoped) - 1 if scoped else 0
 
     def lower_path_rows(self, batch: int) -> int:
@@ -162,13 +177,20 @@ class OrdMoEConfig:
         between pipeline stages (Megatron's ``variable_seq_lengths``, which exchanges each shape
         first). Megatron pairs those shape messages wrongly when a stage's previous and next stage
         are the same rank (two stages with virtual stages); refused there."""
-        if not (self.enabled and self.path_schedule == "sequential" and pipeline == 2 and virtual_stages
-                and self.lower_path_rows(micro_batch_size) < micro_batch_size):
+        if not (
+            self.enabled
+            and self.path_schedule == "sequential"
+            and pipeline == 2
+            and virtual_stages
+            and self.lower_path_rows(micro_batch_size) < micro_batch_size
+        ):
             return
-        raise ValueError("--ordmoe-path-schedule sequential with --ordmoe-lower-path-fraction below 1 needs Megatron's "
-                         "variable-shape pipeline exchange, which mis-pairs its messages with 2 pipeline stages and "
-                         "virtual stages: use the fused schedule, a fraction of 1, more pipeline stages, or no "
-                         "virtual stages")
+        raise ValueError(
+            "--ordmoe-path-schedule sequential with --ordmoe-lower-path-fraction below 1 needs Megatron's "
+            "variable-shape pipeline exchange, which mis-pairs its messages with 2 pipeline stages and "
+            "virtual stages: use the fused schedule, a fraction of 1, more pipeline stages, or no "
+            "virtual stages"
+        )
 
     def paths_per_sequence(self, micro_batch_size: int) -> float:
         """Forward paths a training sequence takes on average: ``1 + (C-1) m / b``."""
@@ -176,23 +198,31 @@ class OrdMoEConfig:
 
     def describe(self, num_experts: int, topk: int) -> str:
         """One line: the tiers, the objective's settings and the path schedule."""
-        objective = (f"rewards {self.rewards}, advantage {self.advantage}" if self.objective == "advantage"
-                     else f"objective {self.objective} (beta {self.beta:g})")
+        objective = (
+            f"rewards {self.rewards}, advantage {self.advantage}"
+            if self.objective == "advantage"
+            else f"objective {self.objective} (beta {self.beta:g})"
+        )
         return (
             f"OrdMoE: {self.num_tiers} tiers ({self.grouping}: {format_tiers(self.tiers(num_experts, topk))}), "
             f"{objective}, rank-loss coeff {self.rank_loss_coeff}, ranking {self.ranking}, "
             f"layers {self.layer_scope or 'all'}, paths {self.path_schedule}"
-            + (f" (lower paths on {self.lower_path_fraction:g} of the sequences)" if self.lower_path_fraction < 1 else "")
+            + (
+                f" (lower paths on {self.lower_path_fraction:g} of the sequences)"
+                if self.lower_path_fraction < 1
+                else ""
+            )
         )
 
-    def describe_layout(self, num_experts: int, topk: int, num_layers: int, moe_layer_freq=1,
-                        shared_prefix: int = 0) -> list[str]:
+    def describe_layout(
+        self, num_experts: int, topk: int, num_layers: int, moe_layer_freq=1, shared_prefix: int = 0
+    ) -> list[str]:
         """The dry runs' tier layout: tiers, rewards, tier-routed layers, fan-out and loss."""
         tiers = self.tiers(num_experts, topk)
         lines = [self.describe(num_experts, topk), f"tiers (routing ranks): {format_tiers(tiers)}"]
         for j, (ranks, reward) in enumerate(zip(tiers, self.rewards), start=1):
             lines.append(f"  tier {j}: ranks {format_tiers([ranks])} ({len(ranks)} experts), reward {reward:g}")
-        scoped = [l for l in moe_layer_numbers(num_layers, moe_layer_freq) if self.in_scope(l)]
+        scoped = [layer for layer in moe_layer_numbers(num_layers, moe_layer_freq) if self.in_scope(layer)]
         fanout = "at the embedding"
         if shared_prefix:
             runs = f"layer {shared_prefix} runs" if shared_prefix == 1 else f"layers 1-{shared_prefix} run"
@@ -201,7 +231,8 @@ class OrdMoEConfig:
             f"tier-routed MoE layers: {format_ranges(scoped)}",
             f"paths per sequence: {self.num_tiers}; fan-out {fanout}",
             f"loss: lm loss (path 1) + {self.rank_loss_coeff:g} x rank loss ("
-            + (f"{self.advantage} advantages" if self.objective == "advantage" else self.objective) + ")"
+            + (f"{self.advantage} advantages" if self.objective == "advantage" else self.objective)
+            + ")"
             + ("" if self.logprob_floor is None else f", log-likelihood floor {self.logprob_floor}"),
         ]
         return lines
@@ -219,47 +250,68 @@ class OrdMoEConfig:
         self.tiers(n, c.moe_router_topk)
         num_layers = c.num_layers
         if self.scope_layers is not None:
-            bad = [l for l in self.scope_layers if l < 1 or l > num_layers]
+            bad = [layer for layer in self.scope_layers if layer < 1 or layer > num_layers]
             if bad:
                 raise ValueError(f"--ordmoe-layer-scope names layers {bad}; the model has layers 1-{num_layers}")
             moe = moe_layer_numbers(num_layers, getattr(c, "moe_layer_freq", 1))
             if not set(moe).intersection(self.scope_layers):
-                raise ValueError(
-                    f"--ordmoe-layer-scope {self.layer_scope} contains no MoE layer (MoE layers: {moe})"
-                )
+                raise ValueError(f"--ordmoe-layer-scope {self.layer_scope} contains no MoE layer (MoE layers: {moe})")
         if not self.enabled:
             return  # one tier is plain top-K routing: every Megatron MoE option works unchanged
         balancing = getattr(c, "moe_router_load_balancing_type", "aux_loss")
         balancing = list(balancing) if isinstance(balancing, (list, tuple)) else [balancing]
         refusals = [
-            (getattr(c, "moe_expert_capacity_factor", None) is not None,
-             "--moe-expert-capacity-factor (token dropping) would drop tokens by the load of all paths; "
-             "OrdMoE needs dropless routing: remove the flag"),
-            (bool(getattr(c, "moe_router_num_groups", None)) or bool(getattr(c, "moe_router_group_topk", None)),
-             "--moe-router-num-groups/--moe-router-group-topk (group-limited routing) has no tier analogue: remove them"),
-            (bool({"sinkhorn", "quantile_balancing"} & set(balancing)),
-             f"--moe-router-load-balancing-type={'/'.join(balancing)} is not supported with OrdMoE (it picks "
-             "experts by its own rule, which lower tiers cannot follow): use aux_loss, seq_aux_loss, "
-             "global_aux_loss or none"),
-            (getattr(c, "moe_router_force_biased", None) is not None,
-             "--moe-router-force-biased (biased random routing for benchmarks) is not supported with OrdMoE: "
-             "remove it"),
-            (self.path_schedule == "sequential" and getattr(c, "recompute_granularity", None) is not None,
-             "--recompute-granularity with --ordmoe-path-schedule sequential would recompute a path with the "
-             "next path's tiers: use the fused schedule, or no recompute (sequential keeps the plain activation "
-             "memory)"),
-            (getattr(c, "transformer_impl", None) == "inference_optimized",
-             "--transformer-impl inference_optimized swaps the MoE dispatcher at every forward; OrdMoE trains "
-             "with the local or transformer_engine implementation"),
-            (bool(getattr(c, "moe_enable_routing_replay", False)),
-             "--moe-enable-routing-replay replays recorded top-K choices and cannot replay tiers: remove it"),
-            (bool(getattr(c, "mtp_num_layers", None)),
-             "--mtp-num-layers (multi-token prediction) is not supported with OrdMoE: remove it"),
-            (getattr(c, "moe_token_dispatcher_type", "alltoall") == "flex",
-             "--moe-token-dispatcher-type=flex (DeepEP/HybridEP) is not supported with OrdMoE: use alltoall or allgather"),
-            (getattr(c, "context_parallel_size", 1) > 1,
-             "--context-parallel-size > 1 is not supported with OrdMoE (paths are stacked on the batch dimension and "
-             "the per-sequence log-likelihood would need a context-parallel reduction): use 1"),
+            (
+                getattr(c, "moe_expert_capacity_factor", None) is not None,
+                "--moe-expert-capacity-factor (token dropping) would drop tokens by the load of all paths; "
+                "OrdMoE needs dropless routing: remove the flag",
+            ),
+            (
+                bool(getattr(c, "moe_router_num_groups", None)) or bool(getattr(c, "moe_router_group_topk", None)),
+                "--moe-router-num-groups/--moe-router-group-topk (group-limited routing) has no tier analogue: "
+                "remove them",
+            ),
+            (
+                bool({"sinkhorn", "quantile_balancing"} & set(balancing)),
+                f"--moe-router-load-balancing-type={'/'.join(balancing)} is not supported with OrdMoE (it picks "
+                "experts by its own rule, which lower tiers cannot follow): use aux_loss, seq_aux_loss, "
+                "global_aux_loss or none",
+            ),
+            (
+                getattr(c, "moe_router_force_biased", None) is not None,
+                "--moe-router-force-biased (biased random routing for benchmarks) is not supported with OrdMoE: "
+                "remove it",
+            ),
+            (
+                self.path_schedule == "sequential" and getattr(c, "recompute_granularity", None) is not None,
+                "--recompute-granularity with --ordmoe-path-schedule sequential would recompute a path with the "
+                "next path's tiers: use the fused schedule, or no recompute (sequential keeps the plain activation "
+                "memory)",
+            ),
+            (
+                getattr(c, "transformer_impl", None) == "inference_optimized",
+                "--transformer-impl inference_optimized swaps the MoE dispatcher at every forward; OrdMoE trains "
+                "with the local or transformer_engine implementation",
+            ),
+            (
+                bool(getattr(c, "moe_enable_routing_replay", False)),
+                "--moe-enable-routing-replay replays recorded top-K choices and cannot replay tiers: remove it",
+            ),
+            (
+                bool(getattr(c, "mtp_num_layers", None)),
+                "--mtp-num-layers (multi-token prediction) is not supported with OrdMoE: remove it",
+            ),
+            (
+                getattr(c, "moe_token_dispatcher_type", "alltoall") == "flex",
+                "--moe-token-dispatcher-type=flex (DeepEP/HybridEP) is not supported with OrdMoE: use alltoall or "
+                "allgather",
+            ),
+            (
+                getattr(c, "context_parallel_size", 1) > 1,
+                "--context-parallel-size > 1 is not supported with OrdMoE (paths are stacked on the batch dimension "
+                "and "
+                "the per-sequence log-likelihood would need a context-parallel reduction): use 1",
+            ),
         ]
         for refused, message in refusals:
             if refused:

@@ -4,6 +4,7 @@
 0/1 pattern, one entry per layer (1 = MoE), written on the command line as a list expression
 such as ``'([0]+[1]*23)'``. Layer numbers are 1-based, as Megatron's ``layer_number``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -50,7 +51,9 @@ def _eval_int_list_expr(text: str) -> list[int]:
     try:
         result = ev(ast.parse(text, mode="eval"))
     except SyntaxError:
-        raise ValueError(f"moe_layer_freq expression {text!r} is not a list expression such as '([0]+[1]*23)'") from None
+        raise ValueError(
+            f"moe_layer_freq expression {text!r} is not a list expression such as '([0]+[1]*23)'"
+        ) from None
     if not isinstance(result, list) or not all(isinstance(v, int) for v in result):
         raise ValueError(f"moe_layer_freq expression {text!r} is not a list of ints")
     return result
@@ -70,7 +73,7 @@ def moe_layer_pattern(num_layers: int, moe_layer_freq: Union[Freq, str, None]) -
 
 def moe_layer_numbers(num_layers: int, moe_layer_freq: Union[Freq, str, None]) -> list[int]:
     """1-based numbers of the MoE layers."""
-    return [l for l, is_moe in enumerate(moe_layer_pattern(num_layers, moe_layer_freq), start=1) if is_moe]
+    return [layer for layer, is_moe in enumerate(moe_layer_pattern(num_layers, moe_layer_freq), start=1) if is_moe]
 
 
 def has_dense_layers(num_layers: int, moe_layer_freq: Union[Freq, str, None]) -> bool:

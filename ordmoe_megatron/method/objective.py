@@ -3,6 +3,7 @@
 Shapes: ``C`` paths, ``N`` sequences, ``S`` positions. ``path_logprobs[j, i]`` is the mean
 target log-likelihood of sequence ``i`` on path ``j`` (Eq. 7).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -88,8 +89,16 @@ def plackett_luce_loss(path_logprobs: torch.Tensor, beta: float = 1.0, reduction
     return _reduce(-(scores[:-1] - tail_logsumexp).sum(dim=0) / max(c - 1, 1), reduction)
 
 
-def rank_loss(path_logprobs: torch.Tensor, objective: str = "advantage", *, rewards=None, mode: str = "zscore",
-              floor: Optional[float] = None, beta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+def rank_loss(
+    path_logprobs: torch.Tensor,
+    objective: str = "advantage",
+    *,
+    rewards=None,
+    mode: str = "zscore",
+    floor: Optional[float] = None,
+    beta: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """The tier-ranking objective ``objective`` (``OBJECTIVES``) of ``path_logprobs`` ``[C, N]``."""
     if objective == "advantage":
         return expert_rank_loss(path_logprobs, rewards, mode, floor, reduction)

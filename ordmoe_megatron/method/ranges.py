@@ -2,6 +2,7 @@
 
 The one place that reads and writes such lists (layer scopes, tier ranks, log lines).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -16,7 +17,9 @@ def parse_range(part: str, flag: str, example: str) -> list[int]:
         else:
             lo = hi = int(part)
     except ValueError:
-        raise ValueError(f"{flag}: cannot read '{part}'; write a range 'a-b' or a number 'a', e.g. '{example}'") from None
+        raise ValueError(
+            f"{flag}: cannot read '{part}'; write a range 'a-b' or a number 'a', e.g. '{example}'"
+        ) from None
     if lo > hi:
         raise ValueError(f"{flag}: range '{part}' runs backwards; write '{hi}-{lo}'")
     return list(range(lo, hi + 1))

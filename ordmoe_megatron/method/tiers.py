@@ -4,6 +4,7 @@ Plain PyTorch, no Megatron import (method page §1 and §2). Ranks are 1-based: 
 expert with the highest routing score. Tier 1 is always ranks 1..K, so path 1 is the standard
 top-K forward.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -73,7 +74,8 @@ def _check_explicit(tiers: list[list[int]], n: int, k: int, c: int) -> None:
         raise ValueError(f"--ordmoe-tier-ranks lists {len(tiers)} tiers but --ordmoe-num-tiers={c}; make them agree")
     if tiers[0] != list(range(1, k + 1)):
         raise ValueError(
-            f"--ordmoe-tier-ranks: tier 1 must be ranks 1-{k} (the standard top-{k}), got {format_ranges(tiers[0], sep='+')}"
+            f"--ordmoe-tier-ranks: tier 1 must be ranks 1-{k} (the standard top-{k}), "
+            f"got {format_ranges(tiers[0], sep='+')}"
         )
     seen: set[int] = set()
     for j, tier in enumerate(tiers, start=1):
@@ -84,7 +86,9 @@ def _check_explicit(tiers: list[list[int]], n: int, k: int, c: int) -> None:
             raise ValueError(f"--ordmoe-tier-ranks: tier {j} has ranks {bad} outside 1-{n} (the layer has {n} experts)")
         overlap = seen.intersection(tier)
         if overlap or len(set(tier)) != len(tier):
-            raise ValueError(f"--ordmoe-tier-ranks: tier {j} repeats ranks {sorted(overlap) or tier}; tiers must not overlap")
+            raise ValueError(
+                f"--ordmoe-tier-ranks: tier {j} repeats ranks {sorted(overlap) or tier}; tiers must not overlap"
+            )
         seen.update(tier)
 
 

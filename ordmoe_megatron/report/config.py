@@ -1,4 +1,5 @@
 """The tier report's typed configuration and its cheap checks (no Megatron import)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,10 @@ def check_sources(config: ReportConfig) -> None:
     """Flag combinations (cheap, before anything is read)."""
     sources = [name for name in ("token_ids", "text_file", "data_path") if getattr(config, name)]
     if len(sources) != 1:
-        raise ReportError("give exactly one evaluation data source: --token-ids F, --text-file F --tokenizer-model M, "
-                          f"or --data-path PREFIX --tokenizer-model M (got {len(sources)})")
+        raise ReportError(
+            "give exactly one evaluation data source: --token-ids F, --text-file F --tokenizer-model M, "
+            f"or --data-path PREFIX --tokenizer-model M (got {len(sources)})"
+        )
     if sources[0] in ("text_file", "data_path") and not config.tokenizer_model:
         raise ReportError(f"--{sources[0].replace('_', '-')} needs --tokenizer-model (the checkpoint's tokenizer)")
     for name in ("max_sequences", "micro_batch_size"):

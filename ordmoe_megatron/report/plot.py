@@ -1,4 +1,5 @@
 """The tier report's outputs: the console table, the JSON, and the PNG."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,15 +18,22 @@ from ordmoe_megatron.runtime.outputs import check_distinct, check_output, staged
 
 
 def format_table(report: dict) -> str:
-    lines = ["path | tier ranks | mean logprob | perplexity | token ppl | load max/mean", "--- | --- | --- | --- | --- | ---"]
+    lines = [
+        "path | tier ranks | mean logprob | perplexity | token ppl | load max/mean",
+        "--- | --- | --- | --- | --- | ---",
+    ]
     for r in report["paths"]:
         load = "-" if r["load_max_over_mean"] is None else f"{r['load_max_over_mean']:.2f}"
-        lines.append(f"{r['path']} | {r['tier_ranks']} | {r['mean_logprob']:.4f} | {r['perplexity']:.3f} | "
-                     f"{r['token_perplexity']:.3f} | {load}")
+        lines.append(
+            f"{r['path']} | {r['tier_ranks']} | {r['mean_logprob']:.4f} | {r['perplexity']:.3f} | "
+            f"{r['token_perplexity']:.3f} | {load}"
+        )
     acc = report["tier_order_acc"]
     d = report["data"]
-    lines.append(f"tier-ordering accuracy: {'- (one path)' if acc is None else f'{acc:.3f}'} over {d['sequences']} "
-                 f"sequences, {d['target_tokens']} target tokens")
+    lines.append(
+        f"tier-ordering accuracy: {'- (one path)' if acc is None else f'{acc:.3f}'} over {d['sequences']} "
+        f"sequences, {d['target_tokens']} target tokens"
+    )
     return "\n".join(lines)
 
 
@@ -36,9 +44,14 @@ def plot_report(report: dict, png_path: str) -> str:
     paths = len(rows)
     labels = [f"path {r['path']}\n(ranks {r['tier_ranks']})" for r in rows]
     colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.85, paths))
-    heat = np.array([np.asarray(l["tokens_per_expert"][j], dtype=float) / max(np.mean(l["tokens_per_expert"][j]), 1e-12)
-                     for l in layers for j in range(paths)])
-    heat_labels = [f"L{l['layer']} p{j + 1}" for l in layers for j in range(paths)]
+    heat = np.array(
+        [
+            np.asarray(entry["tokens_per_expert"][j], dtype=float) / max(np.mean(entry["tokens_per_expert"][j]), 1e-12)
+            for entry in layers
+            for j in range(paths)
+        ]
+    )
+    heat_labels = [f"L{entry['layer']} p{j + 1}" for entry in layers for j in range(paths)]
     fig = plt.figure(figsize=(13, max(7.0, 4.0 + 0.22 * len(heat_labels))))
     grid = fig.add_gridspec(3, 2, width_ratios=[1, 1.5])
     ax_lp, ax_ppl, ax_load = (fig.add_subplot(grid[i, 0]) for i in range(3))
@@ -59,15 +72,24 @@ def plot_report(report: dict, png_path: str) -> str:
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)
     acc = report["tier_order_acc"]
-    ax_lp.set_title(f"tier-ordering accuracy {'-' if acc is None else f'{acc:.3f}'} "
-                    f"({report['data']['sequences']} sequences)", fontsize=10)
+    ax_lp.set_title(
+        f"tier-ordering accuracy {'-' if acc is None else f'{acc:.3f}'} ({report['data']['sequences']} sequences)",
+        fontsize=10,
+    )
     width = 0.8 / max(paths, 1)
     lx = np.arange(len(layers))
     for j in range(paths):
-        ax_load.bar(lx + (j - (paths - 1) / 2) * width, [l["max_over_mean"][j] for l in layers], width,
-                    color=colors[j], label=f"path {j + 1}")
+        ax_load.bar(
+            lx + (j - (paths - 1) / 2) * width,
+            [entry["max_over_mean"][j] for entry in layers],
+            width,
+            color=colors[j],
+            label=f"path {j + 1}",
+        )
     ax_load.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax_load.set_xticks(lx, [f"L{l['layer']}" + ("" if l["tier_routed"] else "*") for l in layers], fontsize=8)
+    ax_load.set_xticks(
+        lx, [f"L{entry['layer']}" + ("" if entry["tier_routed"] else "*") for entry in layers], fontsize=8
+    )
     ax_load.set_ylabel("expert load max / mean")
     ax_load.set_xlabel("MoE layer (* = not tier-routed)")
     ax_load.legend(fontsize=8)
@@ -79,8 +101,11 @@ def plot_report(report: dict, png_path: str) -> str:
     ax_heat.set_title("per-tier expert load (layer x path)", fontsize=10)
     ckpt = report["checkpoint"]
     tag = ckpt["iteration"] if ckpt["iteration"] == "release" else f"iteration {ckpt['iteration']}"
-    fig.suptitle(f"tier report: {os.path.basename(ckpt['load'].rstrip('/'))} ({ckpt['kind']}, {tag}), "
-                 f"C={paths}, {report['data']['source']}", fontsize=11)
+    fig.suptitle(
+        f"tier report: {os.path.basename(ckpt['load'].rstrip('/'))} ({ckpt['kind']}, {tag}), "
+        f"C={paths}, {report['data']['source']}",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(png_path, dpi=100, format="png")
     plt.close(fig)

@@ -13,6 +13,7 @@ Conventions (also written into the JSON): see ``CONVENTION``. Runs in one proces
 through the CPU emulation, or one GPU). The checkpoint, the data and the flags are checked
 before the model is built.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,11 +55,14 @@ def inspect(root: str) -> CheckpointInfo:
         raise ReportError(f"--load {root}: {err}") from None
     flags = info.flags
     if flags is None:
-        raise ReportError(f"--load {root}: the checkpoint records no model flags (model_args.json next to a "
-                          "converted checkpoint, or model_flags in the run.json that ordmoe-pretrain writes)")
+        raise ReportError(
+            f"--load {root}: the checkpoint records no model flags (model_args.json next to a "
+            "converted checkpoint, or model_flags in the run.json that ordmoe-pretrain writes)"
+        )
     if not flags.get("num_experts"):
-        raise ReportError(f"--load {root}: not a MoE model (no num_experts in its model flags); a tier report "
-                          "needs routed experts")
+        raise ReportError(
+            f"--load {root}: not a MoE model (no num_experts in its model flags); a tier report needs routed experts"
+        )
     embedding = info.tensors.get("embedding.word_embeddings.weight")
     if embedding is None:
         raise ReportError(f"--load {root}: {info.path} holds no embedding.word_embeddings.weight: not a GPT checkpoint")
@@ -70,8 +74,10 @@ def inspect(root: str) -> CheckpointInfo:
         rows = int(embedding.size[0])  # a training run's padding depends on its TP size
         info.flags = dict(flags, padded_vocab_size=rows)
     if int(embedding.size[0]) != rows:
-        raise ReportError(f"--load {root}: the embedding has {embedding.size[0]} rows but the model flags imply "
-                          f"{rows}: the model flags do not describe this checkpoint")
+        raise ReportError(
+            f"--load {root}: the embedding has {embedding.size[0]} rows but the model flags imply "
+            f"{rows}: the model flags do not describe this checkpoint"
+        )
     return info
 
 
@@ -79,8 +85,10 @@ def resolve_seq_length(requested: Optional[int], flags: dict) -> int:
     max_pos = flags.get("max_position_embeddings") or flags.get("seq_length")
     seq = requested or min(flags.get("seq_length") or max_pos or DEFAULT_MAX_SEQ_LENGTH, DEFAULT_MAX_SEQ_LENGTH)
     if flags.get("position_embedding_type") == "learned_absolute" and max_pos and seq > max_pos:
-        raise ReportError(f"--seq-length={seq} exceeds the model's {max_pos} learned positions "
-                          "(max_position_embeddings); use at most that")
+        raise ReportError(
+            f"--seq-length={seq} exceeds the model's {max_pos} learned positions "
+            "(max_position_embeddings); use at most that"
+        )
     return seq
 
 
@@ -92,8 +100,13 @@ def report_config(flags: dict, ordmoe: OrdMoEConfig):
     cannot honour (a layer scope without MoE layers, ...). Cheap: builds no weights."""
     try:
         config = transformer_config_from_flags(
-            flags, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-            perform_initialization=False, params_dtype=torch.float32, moe_token_dispatcher_type="alltoall",
+            flags,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            use_cpu_initialization=True,
+            perform_initialization=False,
+            params_dtype=torch.float32,
+            moe_token_dispatcher_type="alltoall",
             **bridges.config_overrides(),
         )
         ordmoe.validate_for_model(config)
@@ -104,8 +117,9 @@ def report_config(flags: dict, ordmoe: OrdMoEConfig):
 
 def build_report_model(flags: dict, config, ordmoe: OrdMoEConfig) -> OrdMoEGPTModel:
     """``OrdMoEGPTModel`` for the checkpoint's flags, in eval mode, weights not loaded yet."""
-    model = gpt_model_from_flags(flags, config, model_class=OrdMoEGPTModel, ordmoe=ordmoe,
-                                 pre_process=True, post_process=True)
+    model = gpt_model_from_flags(
+        flags, config, model_class=OrdMoEGPTModel, ordmoe=ordmoe, pre_process=True, post_process=True
+    )
     return model.to(distributed.device()).eval()
 
 
@@ -132,8 +146,13 @@ def evaluate_tiers(model: OrdMoEGPTModel, batches: Iterable[dict]) -> dict:
     device = next(model.parameters()).device
     pop_tier_load_by_layer([model])  # start from zero
     load: dict = {}
-    sums = {"sequences": 0, "tokens": 0.0, "logprob_sum": torch.zeros(paths, dtype=torch.float64),
-            "nll_sum": torch.zeros(paths, dtype=torch.float64), "order_correct": 0.0}
+    sums = {
+        "sequences": 0,
+        "tokens": 0.0,
+        "logprob_sum": torch.zeros(paths, dtype=torch.float64),
+        "nll_sum": torch.zeros(paths, dtype=torch.float64),
+        "order_correct": 0.0,
+    }
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         mask = batch["loss_mask"]
@@ -162,17 +181,32 @@ def summarize(sums: dict, ordmoe: OrdMoEConfig, num_experts: int, topk: int) -> 
     for j in range(paths):
         mean_lp = float(sums["logprob_sum"][j]) / sums["sequences"]
         token_lp = -float(sums["nll_sum"][j]) / sums["tokens"]
-        rows.append({"path": j + 1, "tier_ranks": format_tiers([tiers[j]]), "mean_logprob": mean_lp,
-                     "perplexity": _exp(-mean_lp), "token_mean_logprob": token_lp, "token_perplexity": _exp(-token_lp)})
+        rows.append(
+            {
+                "path": j + 1,
+                "tier_ranks": format_tiers([tiers[j]]),
+                "mean_logprob": mean_lp,
+                "perplexity": _exp(-mean_lp),
+                "token_mean_logprob": token_lp,
+                "token_perplexity": _exp(-token_lp),
+            }
+        )
     layers = []
     for layer in sorted(sums["load"]):
         counts = sums["load"][layer]
         mean = counts.mean(-1).clamp(min=1e-12)
-        layers.append({"layer": layer, "tier_routed": bool(sums["tier_routed"][layer]),
-                       "tokens_per_expert": [[int(round(v)) for v in row.tolist()] for row in counts],
-                       "max_over_mean": (counts.max(-1).values / mean).tolist(),
-                       "min_over_mean": (counts.min(-1).values / mean).tolist()})
-    per_path = [sum(l["max_over_mean"][j] for l in layers) / len(layers) for j in range(paths)] if layers else []
+        layers.append(
+            {
+                "layer": layer,
+                "tier_routed": bool(sums["tier_routed"][layer]),
+                "tokens_per_expert": [[int(round(v)) for v in row.tolist()] for row in counts],
+                "max_over_mean": (counts.max(-1).values / mean).tolist(),
+                "min_over_mean": (counts.min(-1).values / mean).tolist(),
+            }
+        )
+    per_path = (
+        [sum(entry["max_over_mean"][j] for entry in layers) / len(layers) for j in range(paths)] if layers else []
+    )
     for j, row in enumerate(rows):
         row["load_max_over_mean"] = per_path[j] if per_path else None
     return {
@@ -195,14 +229,24 @@ def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, fl
     flags = info.flags
     tconfig = report_config(flags, ordmoe)  # C x K > n, layer scope, ...: before any work
     if ordmoe.ranking == "average" and not any(k.endswith("router.score_sum") for k in info.tensors):
-        raise ReportError(f"--ordmoe-ranking average ranks by the running mean scores a checkpoint trained with "
-                          f"--ordmoe-ranking average saves; {config.load} has none: use --ordmoe-ranking token")
+        raise ReportError(
+            f"--ordmoe-ranking average ranks by the running mean scores a checkpoint trained with "
+            f"--ordmoe-ranking average saves; {config.load} has none: use --ordmoe-ranking token"
+        )
     seq_length = resolve_seq_length(config.seq_length, flags)
     try:
         samples, data = load_samples(
-            seq_length, flags["vocab_size"] or flags["padded_vocab_size"], config.max_sequences, config.seed,
-            token_ids=config.token_ids, text_file=config.text_file, data_path=config.data_path,
-            tokenizer_model=config.tokenizer_model, documents=config.documents, append_eod=config.append_eod)
+            seq_length,
+            flags["vocab_size"] or flags["padded_vocab_size"],
+            config.max_sequences,
+            config.seed,
+            token_ids=config.token_ids,
+            text_file=config.text_file,
+            data_path=config.data_path,
+            tokenizer_model=config.tokenizer_model,
+            documents=config.documents,
+            append_eod=config.append_eod,
+        )
     except DocumentError as err:
         raise ReportError(str(err)) from None
     try:
@@ -212,23 +256,37 @@ def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, fl
     model = build_report_model(flags, tconfig, ordmoe)
     load_weights(model, info)
     tag = "release" if info.iteration is None else f"iteration {info.iteration}"
-    log(f"tier report: {config.load} ({info.kind}, {tag}); {len(samples)} sequences of at most {seq_length} "
-        f"targets; {ordmoe.describe(flags['num_experts'], flags['moe_router_topk'])}")
+    log(
+        f"tier report: {config.load} ({info.kind}, {tag}); {len(samples)} sequences of at most {seq_length} "
+        f"targets; {ordmoe.describe(flags['num_experts'], flags['moe_router_topk'])}"
+    )
     # Random grouping draws from the default generator: the same draws for the same seed.
     torch.manual_seed(config.seed)
     sums = evaluate_tiers(model, micro_batches(samples, config.micro_batch_size))
     report = {
-        "checkpoint": {"load": os.path.abspath(config.load), "kind": info.kind,
-                       "iteration": info.iteration if info.iteration is not None else "release",
-                       "hf_model_type": (info.hf_metadata or {}).get("model_type"),
-                       "trained_ordmoe": info.run.get("run", {}).get("ordmoe") if info.kind == "trained" else None,
-                       "num_experts": flags["num_experts"],
-                       "moe_router_topk": flags["moe_router_topk"], "num_layers": flags["num_layers"]},
-        "data": {**data, "seq_length": seq_length, "sequences": sums["sequences"],
-                 "target_tokens": int(sums["tokens"])},
-        "ordmoe": {"num_tiers": ordmoe.num_tiers, "grouping": ordmoe.grouping,
-                   "tier_ranks": ordmoe.tiers(flags["num_experts"], flags["moe_router_topk"]),
-                   "layer_scope": ordmoe.layer_scope or "all", "ranking": ordmoe.ranking},
+        "checkpoint": {
+            "load": os.path.abspath(config.load),
+            "kind": info.kind,
+            "iteration": info.iteration if info.iteration is not None else "release",
+            "hf_model_type": (info.hf_metadata or {}).get("model_type"),
+            "trained_ordmoe": info.run.get("run", {}).get("ordmoe") if info.kind == "trained" else None,
+            "num_experts": flags["num_experts"],
+            "moe_router_topk": flags["moe_router_topk"],
+            "num_layers": flags["num_layers"],
+        },
+        "data": {
+            **data,
+            "seq_length": seq_length,
+            "sequences": sums["sequences"],
+            "target_tokens": int(sums["tokens"]),
+        },
+        "ordmoe": {
+            "num_tiers": ordmoe.num_tiers,
+            "grouping": ordmoe.grouping,
+            "tier_ranks": ordmoe.tiers(flags["num_experts"], flags["moe_router_topk"]),
+            "layer_scope": ordmoe.layer_scope or "all",
+            "ranking": ordmoe.ranking,
+        },
         "convention": CONVENTION,
         **summarize(sums, ordmoe, flags["num_experts"], flags["moe_router_topk"]),
     }

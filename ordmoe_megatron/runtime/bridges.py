@@ -197,8 +197,9 @@ class _CPUEvent:
     """Stand-in for ``torch.cuda.Event``: completes immediately; ``record`` stores a wall-clock
     timestamp so ``elapsed_time`` (milliseconds, like CUDA) works for Megatron's timers."""
 
-    def __init__(self, enable_timing: bool = False, blocking: bool = False,
-                 interprocess: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False, **kwargs: Any
+    ) -> None:
         self._time: float | None = None
 
     def record(self, stream: Any = None) -> None:
@@ -238,8 +239,9 @@ def _device_capability(device: Any = None) -> tuple[int, int]:
 
 
 def _device_properties(device: Any = None) -> types.SimpleNamespace:
-    return types.SimpleNamespace(name="cpu (megatron cpu_emulation)", major=0, minor=0,
-                                 total_memory=0, multi_processor_count=1)
+    return types.SimpleNamespace(
+        name="cpu (megatron cpu_emulation)", major=0, minor=0, total_memory=0, multi_processor_count=1
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,15 +260,13 @@ def _cuda_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
-def _megatron_get_cuda_rng_state(device: Any = "cuda", clone: bool = False,
-                                 graph_safe: bool = False) -> torch.Tensor:
+def _megatron_get_cuda_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     if graph_safe:
         raise NotImplementedError("cpu_emulation: CUDA-graph-safe RNG states are not emulated")
     return torch.get_rng_state()  # already a fresh copy, so `clone` needs no extra work
 
 
-def _megatron_set_cuda_rng_state(new_state: torch.Tensor, device: Any = -1,
-                                 graph_safe: bool = False) -> None:
+def _megatron_set_cuda_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
     if graph_safe:
         raise NotImplementedError("cpu_emulation: CUDA-graph-safe RNG states are not emulated")
     torch.set_rng_state(new_state)
@@ -283,8 +283,7 @@ class _DropCpuRngChangedWarning(logging.Filter):
 # --------------------------------------------------------------------------------------------
 # 4. host-side split sizes
 # --------------------------------------------------------------------------------------------
-def _maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False,
-                              record_stream: bool = False) -> Any:
+def _maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
     """Like Megatron's version, but also converts tensors that are already on the CPU, so the
     dispatcher ends up with exactly what it gets on GPU: host split sizes as a numpy int array
     (the dispatcher calls ``.tolist()`` on them; gloo's ``all_to_all_single`` accepts them,
@@ -326,8 +325,7 @@ def _wrap_gather_along_first_dim(original: Any) -> Any:
 
 
 def _wrap_reduce_scatter_along_first_dim(original: Any) -> Any:
-    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
-                                        use_global_buffer=False):
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
         if input_split_sizes is None or group.size() == 1 or not _is_gloo(group):
             return original(input_, group, input_split_sizes, use_global_buffer)
         sizes = [int(s) for s in input_split_sizes]
@@ -355,16 +353,23 @@ class CPUSequenceParallelNorm(torch.nn.Module):
     signature matches Megatron's norm modules so it can be used in a ``ModuleSpec``.
     """
 
-    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5,
-                 persist_layer_norm: bool = False, zero_centered_gamma: bool = False,
-                 normalization: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str | None = None,
+    ) -> None:
         super().__init__()
         # Like WrappedTorchNorm, config decides (the local spec's `normalization` arg is
         # routed through config.normalization).
         self.normalization = config.normalization
         if self.normalization not in ("LayerNorm", "RMSNorm"):
-            raise ValueError(f"CPUSequenceParallelNorm: unsupported normalization "
-                             f"{self.normalization!r} (LayerNorm or RMSNorm)")
+            raise ValueError(
+                f"CPUSequenceParallelNorm: unsupported normalization {self.normalization!r} (LayerNorm or RMSNorm)"
+            )
         self.hidden_size = hidden_size
         self.eps = eps
         self.zero_centered_gamma = bool(config.layernorm_zero_centered_gamma)
@@ -391,15 +396,16 @@ def sequence_parallel_layer_spec(spec: Any) -> Any:
     """Return a copy of a layer ``ModuleSpec`` (e.g. from ``get_gpt_layer_local_spec``) with
     every ``WrappedTorchNorm`` replaced by :class:`CPUSequenceParallelNorm`, so the model can
     use ``sequence_parallel=True`` (needed for MoE with TP > 1) on CPU."""
+
     def swap(obj: Any) -> Any:
         if obj is WrappedTorchNorm:
             return CPUSequenceParallelNorm
         if isinstance(obj, ModuleSpec):
-            return dataclasses.replace(obj, module=swap(obj.module),
-                                       submodules=swap(obj.submodules))
+            return dataclasses.replace(obj, module=swap(obj.module), submodules=swap(obj.submodules))
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return dataclasses.replace(obj, **{f.name: swap(getattr(obj, f.name))
-                                               for f in dataclasses.fields(obj) if f.init})
+            return dataclasses.replace(
+                obj, **{f.name: swap(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+            )
         if isinstance(obj, (list, tuple)):
             return type(obj)(swap(o) for o in obj)
         return obj
@@ -413,16 +419,25 @@ def sequence_parallel_layer_spec(spec: Any) -> Any:
 _CPU = torch.device("cpu")
 _CUDA_TYPE_NAMES = {
     f"torch.{name}": f"torch.cuda.{name}"
-    for name in ("FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor", "ByteTensor",
-                 "CharTensor", "ShortTensor", "IntTensor", "LongTensor", "BoolTensor")
+    for name in (
+        "FloatTensor",
+        "DoubleTensor",
+        "HalfTensor",
+        "BFloat16Tensor",
+        "ByteTensor",
+        "CharTensor",
+        "ShortTensor",
+        "IntTensor",
+        "LongTensor",
+        "BoolTensor",
+    )
 }
 _CPU_TYPE_NAMES = {v: k for k, v in _CUDA_TYPE_NAMES.items()}
 
 
 # Python-level torch entry points that run other torch code (the backward pass) which must
 # still see the mode.
-_KEEP_MODE_INSIDE = frozenset({torch.Tensor.backward, torch.autograd.backward,
-                               torch.autograd.grad})
+_KEEP_MODE_INSIDE = frozenset({torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad})
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -440,8 +455,7 @@ class CudaToCPUMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.to:
-            args = tuple(_CPU if (i > 0 and _is_cuda_device(a)) else a
-                         for i, a in enumerate(args))
+            args = tuple(_CPU if (i > 0 and _is_cuda_device(a)) else a for i, a in enumerate(args))
         elif func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         elif func is torch.Tensor.record_stream:
@@ -485,8 +499,10 @@ def cuda_device_mode():
 def _set(obj: Any, name: str, value: Any, where: str) -> None:
     """Replace an attribute that must already exist (upgrade guard)."""
     if not hasattr(obj, name):
-        raise CPUEmulationError(f"cpu_emulation: {where}.{name} not found; this megatron-core/"
-                                f"torch version is not supported by the CPU emulation")
+        raise CPUEmulationError(
+            f"cpu_emulation: {where}.{name} not found; this megatron-core/"
+            f"torch version is not supported by the CPU emulation"
+        )
     setattr(obj, name, value)
 
 
@@ -495,8 +511,10 @@ def _check_params(fn: Any, names: tuple[str, ...], where: str) -> None:
     replacement implements."""
     found = tuple(inspect.signature(fn).parameters)
     if found != names:
-        raise CPUEmulationError(f"cpu_emulation: {where} has parameters {found}, expected "
-                                f"{names}; this megatron-core version is not supported")
+        raise CPUEmulationError(
+            f"cpu_emulation: {where} has parameters {found}, expected "
+            f"{names}; this megatron-core version is not supported"
+        )
 
 
 def _apply_patches() -> None:
@@ -511,8 +529,10 @@ def _apply_patches() -> None:
         torch._dynamo.config.disable = True
 
         if not hasattr(torch.overrides, "redispatch_function"):
-            raise CPUEmulationError("cpu_emulation: torch.overrides.redispatch_function missing "
-                                    "(needed to keep the device mode active in backward)")
+            raise CPUEmulationError(
+                "cpu_emulation: torch.overrides.redispatch_function missing "
+                "(needed to keep the device mode active in backward)"
+            )
 
         # 1. torch.cuda runtime
         cuda = torch.cuda
@@ -540,37 +560,57 @@ def _apply_patches() -> None:
             _set(module, "set_rng_state", _cuda_set_rng_state, where)
             _set(module, "manual_seed", functools.partial(_cuda_manual_seed), where)
             _set(module, "manual_seed_all", functools.partial(_cuda_manual_seed), where)
-        _check_params(mrandom._get_cuda_rng_state, ("device", "clone", "graph_safe"),
-                      "tensor_parallel.random._get_cuda_rng_state")
-        _check_params(mrandom._set_cuda_rng_state, ("new_state", "device", "graph_safe"),
-                      "tensor_parallel.random._set_cuda_rng_state")
-        _set(mrandom, "_get_cuda_rng_state", _megatron_get_cuda_rng_state,
-             "megatron.core.tensor_parallel.random")
-        _set(mrandom, "_set_cuda_rng_state", _megatron_set_cuda_rng_state,
-             "megatron.core.tensor_parallel.random")
+        _check_params(
+            mrandom._get_cuda_rng_state, ("device", "clone", "graph_safe"), "tensor_parallel.random._get_cuda_rng_state"
+        )
+        _check_params(
+            mrandom._set_cuda_rng_state,
+            ("new_state", "device", "graph_safe"),
+            "tensor_parallel.random._set_cuda_rng_state",
+        )
+        _set(mrandom, "_get_cuda_rng_state", _megatron_get_cuda_rng_state, "megatron.core.tensor_parallel.random")
+        _set(mrandom, "_set_cuda_rng_state", _megatron_set_cuda_rng_state, "megatron.core.tensor_parallel.random")
         logging.getLogger(mrandom.__name__).addFilter(_DropCpuRngChangedWarning())
 
         # 4. split sizes
-        _check_params(moe_utils.maybe_move_tensor_to_cpu, ("tensor", "as_numpy", "record_stream"),
-                      "moe_utils.maybe_move_tensor_to_cpu")
-        _set(moe_utils, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu,
-             "megatron.core.transformer.moe.moe_utils")
-        _set(token_dispatcher, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu,
-             "megatron.core.transformer.moe.token_dispatcher")
+        _check_params(
+            moe_utils.maybe_move_tensor_to_cpu,
+            ("tensor", "as_numpy", "record_stream"),
+            "moe_utils.maybe_move_tensor_to_cpu",
+        )
+        _set(
+            moe_utils, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu, "megatron.core.transformer.moe.moe_utils"
+        )
+        _set(
+            token_dispatcher,
+            "maybe_move_tensor_to_cpu",
+            _maybe_move_tensor_to_cpu,
+            "megatron.core.transformer.moe.token_dispatcher",
+        )
 
         # 5. uneven gather / reduce-scatter on gloo
-        _check_params(mappings._gather_along_first_dim,
-                      ("input_", "group", "output_split_sizes", "use_global_buffer"),
-                      "mappings._gather_along_first_dim")
-        _check_params(mappings._reduce_scatter_along_first_dim,
-                      ("input_", "group", "input_split_sizes", "use_global_buffer"),
-                      "mappings._reduce_scatter_along_first_dim")
-        _set(mappings, "_gather_along_first_dim",
-             _wrap_gather_along_first_dim(mappings._gather_along_first_dim),
-             "megatron.core.tensor_parallel.mappings")
-        _set(mappings, "_reduce_scatter_along_first_dim",
-             _wrap_reduce_scatter_along_first_dim(mappings._reduce_scatter_along_first_dim),
-             "megatron.core.tensor_parallel.mappings")
+        _check_params(
+            mappings._gather_along_first_dim,
+            ("input_", "group", "output_split_sizes", "use_global_buffer"),
+            "mappings._gather_along_first_dim",
+        )
+        _check_params(
+            mappings._reduce_scatter_along_first_dim,
+            ("input_", "group", "input_split_sizes", "use_global_buffer"),
+            "mappings._reduce_scatter_along_first_dim",
+        )
+        _set(
+            mappings,
+            "_gather_along_first_dim",
+            _wrap_gather_along_first_dim(mappings._gather_along_first_dim),
+            "megatron.core.tensor_parallel.mappings",
+        )
+        _set(
+            mappings,
+            "_reduce_scatter_along_first_dim",
+            _wrap_reduce_scatter_along_first_dim(mappings._reduce_scatter_along_first_dim),
+            "megatron.core.tensor_parallel.mappings",
+        )
 
         # 6. final norm of TransformerBlock (only when it is the torch fallback)
         if not hasattr(transformer_block, "LayerNormImpl"):
@@ -604,8 +644,9 @@ def bridge_missing_transformer_engine() -> None:
     if hasattr(moe_utils, "te_general_gemm"):
         return
     if getattr(moe_utils, "HAVE_TE", None) is not False:
-        raise CPUEmulationError("bridges: moe_utils.te_general_gemm missing but HAVE_TE is not False; "
-                                "unexpected megatron-core")
+        raise CPUEmulationError(
+            "bridges: moe_utils.te_general_gemm missing but HAVE_TE is not False; unexpected megatron-core"
+        )
     moe_utils.te_general_gemm = None
 
 
@@ -648,8 +689,12 @@ def megatron_lm_on_cpu() -> None:
     # Megatron-LM's modules (not megatron-core's): only there when a Megatron-LM checkout is.
     import megatron.training.training as training
 
-    _set(training, "initialize_megatron", functools.partial(training.initialize_megatron, allow_no_cuda=True),
-         "megatron.training.training")
+    _set(
+        training,
+        "initialize_megatron",
+        functools.partial(training.initialize_megatron, allow_no_cuda=True),
+        "megatron.training.training",
+    )
     torch.cuda.device_count = lambda: 1
     try:
         import megatron.legacy.fused_kernels as fused_kernels
@@ -706,8 +751,12 @@ def checkpoint_writers_die_with_parent() -> None:
     global _writers_bound
     if _writers_bound:
         return
-    _set(filesystem_async, "_results_queue", filesystem_async._results_queue,
-         "megatron.core.dist_checkpointing.strategies.filesystem_async")
+    _set(
+        filesystem_async,
+        "_results_queue",
+        filesystem_async._results_queue,
+        "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    )
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
         manager.start(initializer=_die_with_parent)
@@ -728,10 +777,13 @@ def assumed_gpu_capability():
     if torch.cuda.is_available():
         yield
         return
-    hopper = types.SimpleNamespace(name="assumed sm_90 GPU (no GPU here)", major=9, minor=0,
-                                   total_memory=80 * 2**30, multi_processor_count=132)
-    originals = {"get_device_capability": torch.cuda.get_device_capability,
-                 "get_device_properties": torch.cuda.get_device_properties}
+    hopper = types.SimpleNamespace(
+        name="assumed sm_90 GPU (no GPU here)", major=9, minor=0, total_memory=80 * 2**30, multi_processor_count=132
+    )
+    originals = {
+        "get_device_capability": torch.cuda.get_device_capability,
+        "get_device_properties": torch.cuda.get_device_properties,
+    }
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
     torch.cuda.get_device_properties = lambda device=None: hopper
     try:

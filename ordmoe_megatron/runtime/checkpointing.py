@@ -9,6 +9,7 @@
 A save writes into a temporary directory that is renamed into place before the tracker file is
 replaced (both atomic), so an interrupted save never leaves a checkpoint that loads as valid.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,7 +58,9 @@ def latest_iteration(root: str) -> Optional[int]:
     try:
         return int(tag)
     except ValueError:
-        raise CheckpointError(f"{tracker} is corrupt (holds {tag!r}); it should name an iteration or 'release'") from None
+        raise CheckpointError(
+            f"{tracker} is corrupt (holds {tag!r}); it should name an iteration or 'release'"
+        ) from None
 
 
 def has_checkpoint(root: Optional[str]) -> bool:
@@ -205,16 +208,25 @@ def check_compatible(root: str, model_flags: dict) -> None:
     if saved is None:
         return
     # The training length is not part of the model: a model may continue at another length.
-    differing = {k: (saved[k], v) for k, v in model_flags.items()
-                 if k in saved and k != "seq_length" and saved[k] != v}
+    differing = {k: (saved[k], v) for k, v in model_flags.items() if k in saved and k != "seq_length" and saved[k] != v}
     if differing:
-        detail = ", ".join(f"--{k.replace('_', '-')} is {v!r} here but {s!r} in the checkpoint" for k, (s, v) in differing.items())
-        raise CheckpointError(f"--load {root} was saved by another model configuration: {detail}. "
-                              "Use the checkpoint's model flags (see its run.json) or another --load.")
+        detail = ", ".join(
+            f"--{k.replace('_', '-')} is {v!r} here but {s!r} in the checkpoint" for k, (s, v) in differing.items()
+        )
+        raise CheckpointError(
+            f"--load {root} was saved by another model configuration: {detail}. "
+            "Use the checkpoint's model flags (see its run.json) or another --load."
+        )
 
 
-def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = True, strict: bool = True,
-                    optional: Optional[Callable[[str], bool]] = None) -> dict:
+def load_checkpoint(
+    root: str,
+    chunks: list,
+    optimizer=None,
+    load_rng: bool = True,
+    strict: bool = True,
+    optional: Optional[Callable[[str], bool]] = None,
+) -> dict:
     """Load the newest checkpoint under ``root`` into ``chunks`` (and ``optimizer``, and with
     ``load_rng`` this rank's random states, which must be there); returns its ``run.json``.
 
@@ -228,8 +240,11 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = Tr
     if optional is not None:
         stored = read_tensor_metadata(path)
         for model_key, model_state in state.items():
-            absent[model_key] = [name for name, value in model_state.items()
-                                 if optional(name) and getattr(value, "key", name) not in stored]
+            absent[model_key] = [
+                name
+                for name, value in model_state.items()
+                if optional(name) and getattr(value, "key", name) not in stored
+            ]
             for name in absent[model_key]:
                 del model_state[name]
     if optimizer is not None:
@@ -241,8 +256,9 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = Tr
     for i, chunk in enumerate(chunks):
         model_key = "model" if len(chunks) == 1 else f"model{i}"
         own = chunk.state_dict()
-        chunk.load_state_dict({**loaded[model_key], **{name: own[name] for name in absent.get(model_key, [])}},
-                              strict=strict)
+        chunk.load_state_dict(
+            {**loaded[model_key], **{name: own[name] for name in absent.get(model_key, [])}}, strict=strict
+        )
     if optimizer is not None:
         _take_current_schedule(loaded["optimizer"], optimizer.param_groups)
         optimizer.load_state_dict(loaded["optimizer"])
@@ -251,8 +267,10 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, load_rng: bool = Tr
         try:
             set_random_states(torch.load(rng_file, weights_only=False))
         except (OSError, EOFError, RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"{rng_file}: cannot restore the random states ({type(err).__name__}: {err}); "
-                                  "restore the file or load an earlier checkpoint") from None
+            raise CheckpointError(
+                f"{rng_file}: cannot restore the random states ({type(err).__name__}: {err}); "
+                "restore the file or load an earlier checkpoint"
+            ) from None
     return read_run(root)
 
 
@@ -260,12 +278,16 @@ def check_layout(path: str) -> None:
     """The iteration directory is a whole checkpoint this megatron-core can read:
     ``metadata.json`` readable, and ``common.pt`` there when the layout has one."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path} is missing: the tracker names a checkpoint that is not there; point the "
-                              "tracker at an iteration that exists, or load an earlier checkpoint")
+        raise CheckpointError(
+            f"{path} is missing: the tracker names a checkpoint that is not there; point the "
+            "tracker at an iteration that exists, or load an earlier checkpoint"
+        )
     meta_file = os.path.join(path, "metadata.json")
     if not os.path.isfile(meta_file):
-        raise CheckpointError(f"{path} is missing or incomplete (no metadata.json); the save may have been "
-                              "interrupted: load an earlier checkpoint")
+        raise CheckpointError(
+            f"{path} is missing or incomplete (no metadata.json); the save may have been "
+            "interrupted: load an earlier checkpoint"
+        )
     try:
         with open(meta_file) as f:
             metadata = json.load(f)
@@ -275,8 +297,10 @@ def check_layout(path: str) -> None:
     if problem:
         raise CheckpointError(f"{path} {problem}")
     if "common_backend" in metadata and not os.path.isfile(os.path.join(path, "common.pt")):
-        raise CheckpointError(f"{os.path.join(path, 'common.pt')} is missing (the checkpoint's common state); "
-                              "restore it or load an earlier checkpoint")
+        raise CheckpointError(
+            f"{os.path.join(path, 'common.pt')} is missing (the checkpoint's common state); "
+            "restore it or load an earlier checkpoint"
+        )
 
 
 def read_tensor_metadata(path: str) -> dict:
@@ -301,8 +325,10 @@ def read_tensor_metadata(path: str) -> dict:
             sizes[rel] = os.path.getsize(file)
         end = int(info.offset) + int(info.length)
         if sizes[rel] < end:
-            raise CheckpointError(f"{os.path.join(path, rel)}: truncated checkpoint file ({sizes[rel]} bytes, "
-                                  f"{index.fqn} ends at byte {end})")
+            raise CheckpointError(
+                f"{os.path.join(path, rel)}: truncated checkpoint file ({sizes[rel]} bytes, "
+                f"{index.fqn} ends at byte {end})"
+            )
     return {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
@@ -340,8 +366,15 @@ def inspect_checkpoint(root: str) -> CheckpointInfo:
             flags = normalize_flags(flags)
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{root}: unusable model flags: {err}") from None
-    return CheckpointInfo(root=root, iteration=iteration, path=path, flags=flags, tensors=tensors, run=run,
-                          hf_metadata=read_hf_metadata(root))
+    return CheckpointInfo(
+        root=root,
+        iteration=iteration,
+        path=path,
+        flags=flags,
+        tensors=tensors,
+        run=run,
+        hf_metadata=read_hf_metadata(root),
+    )
 
 
 def read_hf_metadata(root: str) -> Optional[dict]:

@@ -5,6 +5,7 @@ Each difference is one name below, with the version that introduced it; nothing 
 package asks which version is installed. Where a feature can be detected it is, so a backport
 is handled too; the version says when to expect it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,7 +80,8 @@ ROUTER_SCORES_IN_FP32: bool = VERSION >= (0, 18, 0)
 # Megatron's load-balancing types (0.19: quantile_balancing, which OrdMoE refuses with more than
 # one tier).
 LOAD_BALANCING_TYPES: tuple[str, ...] = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none") + (
-    ("quantile_balancing",) if VERSION >= (0, 19, 0) else ())
+    ("quantile_balancing",) if VERSION >= (0, 19, 0) else ()
+)
 
 # 0.18: the sqrtsoftplus score function (softplus, then square root; normalised like sigmoid).
 SCORE_FUNCTIONS: tuple[str, ...] = ("softmax", "sigmoid") + (("sqrtsoftplus",) if VERSION >= (0, 18, 0) else ())
@@ -90,9 +92,7 @@ SCORE_FUNCTIONS: tuple[str, ...] = ("softmax", "sigmoid") + (("sqrtsoftplus",) i
 # --------------------------------------------------------------------------------------------
 # The model config's functions that scale a loss's gradient, besides ``grad_scale_func`` (which
 # the auxiliary losses fall back to when these are unset).
-AUX_LOSS_SCALE_FUNCS: tuple[str, ...] = (
-    ("moe_grad_scale_func", "mtp_grad_scale_func") if VERSION >= (0, 19, 0) else ()
-)
+AUX_LOSS_SCALE_FUNCS: tuple[str, ...] = ("moe_grad_scale_func", "mtp_grad_scale_func") if VERSION >= (0, 19, 0) else ()
 
 # --------------------------------------------------------------------------------------------
 # checkpoints (0.19: the common state lives in the torch_dist shards, no common.pt)
@@ -106,8 +106,10 @@ COMMON_STATE_IN_SHARDS: bool = VERSION >= (0, 19, 0)
 def checkpoint_layout_problem(metadata: dict) -> Optional[str]:
     """Why this megatron-core cannot load a checkpoint with this ``metadata.json`` (None if it can)."""
     if "common_backend" not in metadata and not COMMON_STATE_IN_SHARDS:
-        return (f"was saved by megatron-core 0.19 or later (its common state is inside the shards), which "
-                f"megatron-core {megatron.core.__version__} cannot read: load it with megatron-core 0.19 or later")
+        return (
+            f"was saved by megatron-core 0.19 or later (its common state is inside the shards), which "
+            f"megatron-core {megatron.core.__version__} cannot read: load it with megatron-core 0.19 or later"
+        )
     return None
 
 
@@ -116,9 +118,11 @@ def checkpoint_layout_problem(metadata: dict) -> Optional[str]:
 # resume with a new schedule on purpose (--override-opt-param-scheduler) finds no group.
 # Detected from megatron-core's own list of identifying keys.
 SCHEDULE_GROUP_KEYS: tuple[str, ...] = tuple(
-    key for key in ("max_lr", "min_lr", "start_wd", "end_wd") if key in _optimizer.param_group_identifier_keys)
+    key for key in ("max_lr", "min_lr", "start_wd", "end_wd") if key in _optimizer.param_group_identifier_keys
+)
 GROUP_IDENTITY_KEYS: tuple[str, ...] = tuple(
-    key for key in _optimizer.param_group_identifier_keys if key not in SCHEDULE_GROUP_KEYS)
+    key for key in _optimizer.param_group_identifier_keys if key not in SCHEDULE_GROUP_KEYS
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,8 +141,15 @@ def moe_aux_loss_names(config) -> list[str]:
     """The auxiliary losses a model logs, named as Megatron's router records them."""
     balancing = config.moe_router_load_balancing_type
     balancing = balancing if isinstance(balancing, (list, tuple)) else [balancing]
-    names = [name for kind, name in (("aux_loss", "load_balancing_loss"), ("seq_aux_loss", "seq_load_balancing_loss"),
-                                      ("global_aux_loss", "global_load_balancing_loss")) if kind in balancing]
+    names = [
+        name
+        for kind, name in (
+            ("aux_loss", "load_balancing_loss"),
+            ("seq_aux_loss", "seq_load_balancing_loss"),
+            ("global_aux_loss", "global_load_balancing_loss"),
+        )
+        if kind in balancing
+    ]
     return names + (["z_loss"] if config.moe_z_loss_coeff is not None else [])
 
 
@@ -151,8 +162,15 @@ def pop_moe_aux_losses(config, num_microbatches: int) -> dict:
     """
     names = moe_aux_loss_names(config)
     totals: dict = {}
-    common = dict(loss_scale=1.0 / num_microbatches, iteration=0, total_loss_dict=totals, force_initialize=True,
-                  track_names=names, num_layers=config.num_layers, moe_layer_freq=config.moe_layer_freq)
+    common = dict(
+        loss_scale=1.0 / num_microbatches,
+        iteration=0,
+        total_loss_dict=totals,
+        force_initialize=True,
+        track_names=names,
+        num_layers=config.num_layers,
+        moe_layer_freq=config.moe_layer_freq,
+    )
     tracker = _metrics_tracker()
     if tracker is None:
         moe_utils.track_moe_metrics(**common)

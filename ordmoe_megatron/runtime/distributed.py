@@ -7,6 +7,7 @@ them; one process when unset), installs the bridges for what the machine lacks (
 Engine) and picks NCCL on GPUs and gloo otherwise. ``init_model_parallel`` builds Megatron's
 parallel groups for a ``ParallelLayout`` and seeds every generator.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,13 @@ def init_process_group(backend: Optional[str] = None, timeout_s: float = 1800.0)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.distributed.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
-                                         world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    torch.distributed.init_process_group(
+        backend,
+        init_method=f"tcp://{address}:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def init_model_parallel(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> None:
@@ -86,16 +92,19 @@ def init_model_parallel(layout: ParallelLayout = ParallelLayout(), seed: int = 1
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline, expert_model_parallel_size=layout.expert,
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        expert_model_parallel_size=layout.expert,
         expert_tensor_parallel_size=layout.expert_tensor,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
-def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234,
-                     backend: Optional[str] = None) -> None:
+def init_distributed(
+    layout: ParallelLayout = ParallelLayout(), seed: int = 1234, backend: Optional[str] = None
+) -> None:
     init_process_group(backend)
     init_model_parallel(layout, seed)
 

@@ -8,11 +8,12 @@ A flags dict is a plain ``{name: value}`` dict keyed by the Megatron-LM ``args``
 (``num_layers``, ``moe_router_topk``, ...). It is what ``model_args.json`` holds next to a converted
 checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ def _moe_freq_arg(text: str):
     try:
         return parse_moe_layer_freq(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,30 @@ MODEL_FLAGS: tuple = (
     Flag("moe_ffn_hidden_size", "int", None, "Routed expert MLP hidden size."),
     Flag("moe_shared_expert_intermediate_size", "int", None, "Shared expert MLP hidden size."),
     Flag("moe_shared_expert_gate", "bool", False, "Sigmoid gate on the shared expert output."),
-    Flag("moe_router_pre_softmax", "bool", False,
-         "Softmax over all experts before top-k (no renormalisation); default is top-k then softmax."),
-    Flag("moe_router_score_function", "str", "softmax", "Router score function.",
-         choices=("softmax", "sigmoid")),
+    Flag(
+        "moe_router_pre_softmax",
+        "bool",
+        False,
+        "Softmax over all experts before top-k (no renormalisation); default is top-k then softmax.",
+    ),
+    Flag("moe_router_score_function", "str", "softmax", "Router score function.", choices=("softmax", "sigmoid")),
     Flag("moe_router_topk_scaling_factor", "float", None, "Scale applied to routing weights."),
-    Flag("moe_layer_freq", "freq", 1,
-         "MoE layer frequency: int N, or a list expression like '([0]+[1]*23)' (0 dense, 1 MoE)."),
+    Flag(
+        "moe_layer_freq",
+        "freq",
+        1,
+        "MoE layer frequency: int N, or a list expression like '([0]+[1]*23)' (0 dense, 1 MoE).",
+    ),
     Flag("normalization", "str", "LayerNorm", "Norm type.", choices=("LayerNorm", "RMSNorm")),
     Flag("norm_epsilon", "float", 1e-5, "Norm epsilon."),
     Flag("swiglu", "bool", False, "SwiGLU MLPs (gated linear unit with SiLU)."),
-    Flag("position_embedding_type", "str", "learned_absolute", "Position embedding type.",
-         choices=("learned_absolute", "rope", "none")),
+    Flag(
+        "position_embedding_type",
+        "str",
+        "learned_absolute",
+        "Position embedding type.",
+        choices=("learned_absolute", "rope", "none"),
+    ),
     Flag("rotary_base", "int", 10000, "RoPE base (theta)."),
     Flag("rotary_percent", "float", 1.0, "Fraction of the head dim that gets RoPE."),
     Flag("untie_embeddings_and_output_weights", "bool", False, "Separate output layer weights."),
@@ -95,8 +108,9 @@ MODEL_FLAGS: tuple = (
     Flag("qk_layernorm", "bool", False, "Per-head norm on queries and keys."),
     Flag("vocab_size", "int", None, "Vocabulary size (before padding)."),
     Flag("make_vocab_size_divisible_by", "int", 128, "Pad the vocab to a multiple of this (x TP)."),
-    Flag("padded_vocab_size", "int", None,
-         "Embedding rows; derived by Megatron-LM, recorded by converters.", cli=False),
+    Flag(
+        "padded_vocab_size", "int", None, "Embedding rows; derived by Megatron-LM, recorded by converters.", cli=False
+    ),
     Flag("max_position_embeddings", "int", None, "Maximum sequence length the model supports."),
     Flag("seq_length", "int", None, "Training sequence length."),
 )
@@ -246,13 +260,17 @@ def gpt_model_from_flags(flags: Dict[str, Any], config, layer_spec=None, model_c
     if layer_spec is None:
         if f["num_experts"] is not None and has_dense_layers(f["num_layers"], f["moe_layer_freq"]):
             layer_spec = get_gpt_decoder_block_spec(
-                config, use_transformer_engine=False, normalization=f["normalization"],
+                config,
+                use_transformer_engine=False,
+                normalization=f["normalization"],
                 vp_stage=model_kwargs.get("vp_stage"),
             )
         else:
             layer_spec = get_gpt_layer_local_spec(
-                num_experts=f["num_experts"], moe_grouped_gemm=False,
-                qk_layernorm=f["qk_layernorm"], normalization=f["normalization"],
+                num_experts=f["num_experts"],
+                moe_grouped_gemm=False,
+                qk_layernorm=f["qk_layernorm"],
+                normalization=f["normalization"],
             )
         if config.sequence_parallel and not torch.cuda.is_available():
             # torch's LayerNorm refuses sequence parallelism; the CPU stand-in does not.

@@ -4,6 +4,7 @@
 replaced only with the front end's replace flag (``--overwrite``, ``--force``). ``staged_file``
 and ``staged_dir`` write next to the output and move the finished result into place.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,7 +52,9 @@ def check_writable(path: str, flag: str, is_dir: bool = False) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as err:
-        raise OutputError(f"{flag} {path} cannot be written ({where}: {err.strerror}); choose a writable place") from None
+        raise OutputError(
+            f"{flag} {path} cannot be written ({where}: {err.strerror}); choose a writable place"
+        ) from None
 
 
 class RunLock:
@@ -71,8 +74,10 @@ class RunLock:
             self._file.seek(0)
             holder = self._file.read().strip() or "unknown"
             self._file.close()
-            raise OutputError(f"{flag} {directory} is in use by another run (pid {holder}); wait for it to end, "
-                              "or give this run its own outputs") from None
+            raise OutputError(
+                f"{flag} {directory} is in use by another run (pid {holder}); wait for it to end, "
+                "or give this run its own outputs"
+            ) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(str(os.getpid()))

@@ -9,6 +9,7 @@ with plain top-K baselines at the same steps and at matched compute.
 Finished cells are kept: run the same command again to resume a stopped sweep. Results go to
 ``<out>/results.{json,csv,md,png}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,30 +33,55 @@ SPEC_FILE = "sweep.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ordmoe-sweep", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", required=True, choices=GRID_NAMES + ("custom",),
-                        help="A ready-made grid (the paper's ablation axes), or 'custom' with --try.")
-    parser.add_argument("--try", dest="tries", action="append", default=[], metavar="'NAME=FLAGS'",
-                        help="--grid custom: a setting, e.g. 'beta 2=--ordmoe-objective pairwise-logistic "
-                             "--ordmoe-beta 2' (repeat for more).")
+    parser = argparse.ArgumentParser(
+        prog="ordmoe-sweep",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--grid",
+        required=True,
+        choices=GRID_NAMES + ("custom",),
+        help="A ready-made grid (the paper's ablation axes), or 'custom' with --try.",
+    )
+    parser.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=[],
+        metavar="'NAME=FLAGS'",
+        help="--grid custom: a setting, e.g. 'beta 2=--ordmoe-objective pairwise-logistic "
+        "--ordmoe-beta 2' (repeat for more).",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--setting", choices=SETTINGS, default="pretrain",
-                        help="pretrain every cell from scratch, or finetune every cell from one base checkpoint "
-                             "per seed (the paper's setting).")
+    parser.add_argument(
+        "--setting",
+        choices=SETTINGS,
+        default="pretrain",
+        help="pretrain every cell from scratch, or finetune every cell from one base checkpoint "
+        "per seed (the paper's setting).",
+    )
     parser.add_argument("--steps", type=int, default=200, help="Steps of every OrdMoE cell and same-steps baseline.")
-    parser.add_argument("--base-steps", type=int, default=600,
-                        help="--setting finetune: steps of the plain top-K base run the sweep trains per seed.")
-    parser.add_argument("--base", default=None,
-                        help="--setting finetune: your base checkpoint, shared by every seed (no base runs).")
+    parser.add_argument(
+        "--base-steps",
+        type=int,
+        default=600,
+        help="--setting finetune: steps of the plain top-K base run the sweep trains per seed.",
+    )
+    parser.add_argument(
+        "--base", default=None, help="--setting finetune: your base checkpoint, shared by every seed (no base runs)."
+    )
     parser.add_argument("--finetune-lr", type=float, default=1e-3, help="--setting finetune: peak learning rate.")
     parser.add_argument("--out", default=None, help="The sweep's directory (default runs/sweep-<grid>-<setting>).")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="Cells at once (default: one per GPU, else one per two CPU cores).")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="Cells at once (default: one per GPU, else one per two CPU cores)."
+    )
     parser.add_argument("--threads-per-job", type=int, default=None, help="OMP threads of each cell (CPU).")
     parser.add_argument("--dry-run", action="store_true", help="Check every cell's flags, list the cells, exit.")
-    parser.add_argument("run_flags", nargs="*", help="After '--': ordmoe-pretrain flags every cell gets "
-                                                     "(default: the tiny preset).")
+    parser.add_argument(
+        "run_flags", nargs="*", help="After '--': ordmoe-pretrain flags every cell gets (default: the tiny preset)."
+    )
     return parser
 
 
@@ -87,10 +113,20 @@ def sweep_config_from_args(args) -> SweepConfig:
     jobs = args.jobs or gpus or max(1, (os.cpu_count() or 2) // 2)
     threads = args.threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
     grid = _grid(args)
-    return SweepConfig(grid=grid, out=args.out or os.path.join("runs", f"sweep-{grid.name}-{args.setting}"),
-                       seeds=tuple(args.seeds), setting=args.setting, steps=args.steps, base_steps=args.base_steps,
-                       base=args.base, finetune_lr=args.finetune_lr, run_flags=tuple(args.run_flags), jobs=jobs,
-                       threads_per_job=threads, gpus=gpus)
+    return SweepConfig(
+        grid=grid,
+        out=args.out or os.path.join("runs", f"sweep-{grid.name}-{args.setting}"),
+        seeds=tuple(args.seeds),
+        setting=args.setting,
+        steps=args.steps,
+        base_steps=args.base_steps,
+        base=args.base,
+        finetune_lr=args.finetune_lr,
+        run_flags=tuple(args.run_flags),
+        jobs=jobs,
+        threads_per_job=threads,
+        gpus=gpus,
+    )
 
 
 def check_cells(config: SweepConfig, cells: list) -> None:
@@ -102,8 +138,10 @@ def check_cells(config: SweepConfig, cells: list) -> None:
             run_config = train_cli.run_config_from_args(train_cli.parse_args(argv))
             build.transformer_config(run_config)
         except SystemExit:
-            raise SweepError(f"cell {cell.key}: ordmoe-pretrain refuses its flags (message above): "
-                             f"{' '.join(cell.flags + config.run_flags)}") from None
+            raise SweepError(
+                f"cell {cell.key}: ordmoe-pretrain refuses its flags (message above): "
+                f"{' '.join(cell.flags + config.run_flags)}"
+            ) from None
         except ValueError as err:
             raise SweepError(f"cell {cell.key}: {err}") from None
     if config.base and not has_checkpoint(config.base):
@@ -121,8 +159,10 @@ def check_out(config: SweepConfig) -> None:
         with open(path) as f:
             difference = plan.spec_difference(json.load(f), config)
         if difference:
-            raise SweepError(f"--out {config.out} holds another sweep ({difference}); give another --out, or the "
-                             "same flags to resume it")
+            raise SweepError(
+                f"--out {config.out} holds another sweep ({difference}); give another --out, or the "
+                "same flags to resume it"
+            )
 
 
 def log(message: str) -> None:
@@ -151,8 +191,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with staged_file(os.path.join(config.out, SPEC_FILE)) as tmp, open(tmp, "w") as f:
             json.dump(plan.spec(config), f, indent=2)
-        log(f"grid {config.grid.name} ({config.grid.title}), {config.setting}, seeds {list(config.seeds)}, "
-            f"{config.steps} steps, {config.jobs} cell(s) at once, out {config.out}")
+        log(
+            f"grid {config.grid.name} ({config.grid.title}), {config.setting}, seeds {list(config.seeds)}, "
+            f"{config.steps} steps, {config.jobs} cell(s) at once, out {config.out}"
+        )
         done = run_cells(config, plan.base_cells(config), log)
         if results.failed(done):
             raise SweepError(f"a base run failed ({results.failed(done)[0].key}); fix it and run the sweep again")
@@ -170,7 +212,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("wrote " + ", ".join(written))
     failed = results.failed(done)
     if failed:
-        print(f"ordmoe-sweep: {len(failed)} cell(s) failed ({', '.join(c.key for c in failed)}); their logs are in "
-              "their directories; run the same command again to retry them")
+        print(
+            f"ordmoe-sweep: {len(failed)} cell(s) failed ({', '.join(c.key for c in failed)}); their logs are in "
+            "their directories; run the same command again to retry them"
+        )
         return 1
     return 0

@@ -1,4 +1,5 @@
 """``SweepConfig``: what an ``ordmoe-sweep`` runs, typed (the command line is in ``sweep/cli.py``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,10 @@ class SweepConfig:
             raise SweepError("--base is the fine-tuning setting's shared checkpoint: add --setting finetune")
         if any(flag in self.run_flags for flag in RESERVED_FLAGS):
             used = sorted(set(self.run_flags) & set(RESERVED_FLAGS))
-            raise SweepError(f"{', '.join(used)} after '--' would fight the sweep, which sets them per cell: "
-                             "drop them (use --seeds, --steps, --out)")
+            raise SweepError(
+                f"{', '.join(used)} after '--' would fight the sweep, which sets them per cell: "
+                "drop them (use --seeds, --steps, --out)"
+            )
 
     @property
     def uses_preset(self) -> bool:
@@ -50,5 +53,17 @@ class SweepConfig:
 
 
 # Flags the sweep sets for each cell itself.
-RESERVED_FLAGS = ("--seed", "--train-iters", "--work-dir", "--save", "--load", "--metrics-out", "--plot-out",
-                  "--eval-out", "--finetune", "--preset-data-dir", "--overwrite", "--compare-baseline")
+RESERVED_FLAGS = (
+    "--seed",
+    "--train-iters",
+    "--work-dir",
+    "--save",
+    "--load",
+    "--metrics-out",
+    "--plot-out",
+    "--eval-out",
+    "--finetune",
+    "--preset-data-dir",
+    "--overwrite",
+    "--compare-baseline",
+)

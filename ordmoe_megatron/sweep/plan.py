@@ -10,6 +10,7 @@ Every cell is one run in its own directory ``<out>/cells/<setting>/seed<k>``. Th
 With the tiny preset every cell of a seed shares the seed's corpus (``<out>/data/seed<k>``), as a
 seed builds its own corpus.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,7 +67,7 @@ def matched_cells(config: SweepConfig, flops_ratio: dict[str, float]) -> list[Ce
         if steps != config.steps:
             by_steps.setdefault(steps, []).append(name)
     cells = []
-    for steps, names in sorted(by_steps.items()):
+    for steps in sorted(by_steps):
         label = f"baseline, matched compute ({steps} steps)"
         cells += [Cell(label, "matched", seed, steps, ("--no-ordmoe",)) for seed in config.seeds]
     return cells
@@ -83,14 +84,34 @@ def cell_command(config: SweepConfig, cell: Cell) -> list[str]:
     where = cell.directory(config.out)
     argv = [sys.executable, "-m", "ordmoe_megatron.train"]
     argv += ["--preset", "tiny"] if config.uses_preset else []
-    argv += [*config.run_flags, *cell.flags, "--seed", str(cell.seed), "--train-iters", str(cell.steps),
-             "--save", os.path.join(where, "checkpoints"), "--metrics-out", os.path.join(where, "metrics.jsonl"),
-             "--plot-out", os.path.join(where, "metrics.png"), "--eval-out", os.path.join(where, "eval.json")]
+    argv += [
+        *config.run_flags,
+        *cell.flags,
+        "--seed",
+        str(cell.seed),
+        "--train-iters",
+        str(cell.steps),
+        "--save",
+        os.path.join(where, "checkpoints"),
+        "--metrics-out",
+        os.path.join(where, "metrics.jsonl"),
+        "--plot-out",
+        os.path.join(where, "metrics.png"),
+        "--eval-out",
+        os.path.join(where, "eval.json"),
+    ]
     if config.uses_preset:
         argv += ["--work-dir", where, "--preset-data-dir", os.path.join(config.out, "data", f"seed{cell.seed}")]
     if config.setting == "finetune" and cell.kind != "base":
-        argv += ["--load", base_checkpoint(config, cell.seed), "--finetune", "--lr", str(config.finetune_lr),
-                 "--min-lr", str(config.finetune_lr / 10)]
+        argv += [
+            "--load",
+            base_checkpoint(config, cell.seed),
+            "--finetune",
+            "--lr",
+            str(config.finetune_lr),
+            "--min-lr",
+            str(config.finetune_lr / 10),
+        ]
     elif config.uses_preset:
         argv += ["--load", os.path.join(where, "checkpoints")]
     return argv
@@ -98,9 +119,16 @@ def cell_command(config: SweepConfig, cell: Cell) -> list[str]:
 
 def spec(config: SweepConfig) -> dict:
     """What a sweep directory's cells were made with; a later sweep on it must agree."""
-    return {"grid": config.grid.name, "settings": [[s.name, list(s.flags)] for s in config.grid.settings],
-            "setting": config.setting, "steps": config.steps, "base_steps": config.base_steps, "base": config.base,
-            "finetune_lr": config.finetune_lr, "run_flags": list(config.run_flags)}
+    return {
+        "grid": config.grid.name,
+        "settings": [[s.name, list(s.flags)] for s in config.grid.settings],
+        "setting": config.setting,
+        "steps": config.steps,
+        "base_steps": config.base_steps,
+        "base": config.base,
+        "finetune_lr": config.finetune_lr,
+        "run_flags": list(config.run_flags),
+    }
 
 
 def spec_difference(saved: dict, config: SweepConfig) -> Optional[str]:

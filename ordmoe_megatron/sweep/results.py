@@ -1,5 +1,6 @@
 """A sweep's results: one row per setting with the per-seed values, mean and standard deviation;
 written as JSON, CSV (one line per cell), a Markdown table and a PNG."""
+
 from __future__ import annotations
 
 import csv
@@ -19,11 +20,19 @@ from ordmoe_megatron.sweep.plan import BASELINE, Cell  # noqa: E402
 # (key, column title, from a cell's result, format)
 METRICS = (
     ("path1_ppl", "path-1 ppl", lambda r: r["path_perplexity"][0], ".2f"),
-    ("lowest_path_ppl", "path-C ppl", lambda r: r["path_perplexity"][-1] if len(r["path_perplexity"]) > 1 else None,
-     ".2f"),
+    (
+        "lowest_path_ppl",
+        "path-C ppl",
+        lambda r: r["path_perplexity"][-1] if len(r["path_perplexity"]) > 1 else None,
+        ".2f",
+    ),
     ("tier_order_acc", "tier order acc", lambda r: r.get("tier_order_acc"), ".3f"),
-    ("exact_match", "exact match", lambda r: statistics.mean(r["exact_match"].values()) if r.get("exact_match") else None,
-     ".3f"),
+    (
+        "exact_match",
+        "exact match",
+        lambda r: statistics.mean(r["exact_match"].values()) if r.get("exact_match") else None,
+        ".3f",
+    ),
 )
 # Path-1 perplexity over the same seed's same-steps baseline's: seeds differ far more from each
 # other (each builds its own corpus) than settings do within a seed, so the paired ratio is the
@@ -35,34 +44,55 @@ def summarize(config: SweepConfig, results: dict[Cell, dict]) -> dict:
     """``{"rows": [...], "cells": [...]}``: per setting (baseline first), steps, training compute
     relative to the same-steps baseline's, and each metric per seed with mean and std."""
     cells = [c for c in results if c.kind != "base"]
-    labels = list(dict.fromkeys([BASELINE] + [c.label for c in cells if c.kind == "ordmoe"]
-                                + [c.label for c in cells if c.kind == "matched"]))
-    baseline_flops = {c.seed: results[c]["step_flops"] * c.steps for c in cells
-                      if c.label == BASELINE and "failed" not in results[c]}
+    labels = list(
+        dict.fromkeys(
+            [BASELINE]
+            + [c.label for c in cells if c.kind == "ordmoe"]
+            + [c.label for c in cells if c.kind == "matched"]
+        )
+    )
+    baseline_flops = {
+        c.seed: results[c]["step_flops"] * c.steps for c in cells if c.label == BASELINE and "failed" not in results[c]
+    }
     value_of = lambda c: METRICS[0][2](results[c])  # noqa: E731  (path-1 perplexity)
     baseline_ppl = {c.seed: value_of(c) for c in cells if c.label == BASELINE and "failed" not in results[c]}
     rows = []
     for label in labels:
         mine = sorted((c for c in cells if c.label == label), key=lambda c: c.seed)
         ok = [c for c in mine if "failed" not in results[c]]
-        row = {"setting": label, "steps": mine[0].steps if mine else None,
-               "seeds": [c.seed for c in ok], "failed_seeds": [c.seed for c in mine if c not in ok]}
+        row = {
+            "setting": label,
+            "steps": mine[0].steps if mine else None,
+            "seeds": [c.seed for c in ok],
+            "failed_seeds": [c.seed for c in mine if c not in ok],
+        }
         compute = [results[c]["step_flops"] * c.steps / baseline_flops[c.seed] for c in ok if c.seed in baseline_flops]
         row["compute"] = statistics.mean(compute) if compute else None
         for key, _, value, _ in METRICS:
             row[key] = _spread([value(results[c]) for c in ok])
         row[PAIRED[0]] = _spread([value_of(c) / baseline_ppl[c.seed] for c in ok if c.seed in baseline_ppl])
         rows.append(row)
-    per_cell = [{"setting": c.label, "kind": c.kind, "seed": c.seed, "steps": c.steps, **_flat(results[c])}
-                for c in sorted(results, key=lambda c: (c.kind, c.label, c.seed))]
-    return {"grid": config.grid.name, "title": config.grid.title, "setting": config.setting,
-            "preset": config.uses_preset, "rows": rows, "cells": per_cell}
+    per_cell = [
+        {"setting": c.label, "kind": c.kind, "seed": c.seed, "steps": c.steps, **_flat(results[c])}
+        for c in sorted(results, key=lambda c: (c.kind, c.label, c.seed))
+    ]
+    return {
+        "grid": config.grid.name,
+        "title": config.grid.title,
+        "setting": config.setting,
+        "preset": config.uses_preset,
+        "rows": rows,
+        "cells": per_cell,
+    }
 
 
 def _spread(values: list) -> dict:
     values = [v for v in values if v is not None]
-    return {"values": values, "mean": statistics.mean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)}
+    return {
+        "values": values,
+        "mean": statistics.mean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) > 1 else (0.0 if values else None),
+    }
 
 
 def _number(value: float, fmt: str) -> str:
@@ -86,25 +116,37 @@ def markdown(summary: dict) -> str:
     header = ["setting", "steps", "compute"]
     for _, title, _ in columns:
         header += [f"{title} per seed", f"{title} mean ± std"]
-    lines = [f"**{summary['title']}** ({summary['setting']})", "",
-             "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    lines = [
+        f"**{summary['title']}** ({summary['setting']})",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| --- |" + " ---: |" * (len(header) - 1),
+    ]
     for row in summary["rows"]:
-        cells = [row["setting"] + (f" (failed: seeds {row['failed_seeds']})" if row["failed_seeds"] else ""),
-                 str(row["steps"]), "-" if row["compute"] is None else f"{row['compute']:.2f}x"]
+        cells = [
+            row["setting"] + (f" (failed: seeds {row['failed_seeds']})" if row["failed_seeds"] else ""),
+            str(row["steps"]),
+            "-" if row["compute"] is None else f"{row['compute']:.2f}x",
+        ]
         for key, _, fmt in columns:
             m = row[key]
             if m["mean"] is None:
                 cells += ["-", "-"]
             else:
-                cells += [" / ".join(_number(v, fmt) for v in m["values"]),
-                          f"{_number(m['mean'], fmt)} ± {_number(m['std'], fmt)}"]
+                cells += [
+                    " / ".join(_number(v, fmt) for v in m["values"]),
+                    f"{_number(m['mean'], fmt)} ± {_number(m['std'], fmt)}",
+                ]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({s for r in summary["rows"] for s in r["seeds"]})
     corpus = " (each builds its own corpus with the tiny preset)" if summary["preset"] else ""
-    lines += ["", f"Seeds {', '.join(map(str, seeds))}{corpus}; per-seed values in seed order; std is the sample "
-              "standard deviation over seeds; compute is the training FLOPs the run reports, relative to the "
-              "same-steps baseline; path-1 ppl / baseline's is each seed's path-1 perplexity over that seed's "
-              "same-steps baseline's (below 1: better than the baseline)."]
+    lines += [
+        "",
+        f"Seeds {', '.join(map(str, seeds))}{corpus}; per-seed values in seed order; std is the sample "
+        "standard deviation over seeds; compute is the training FLOPs the run reports, relative to the "
+        "same-steps baseline; path-1 ppl / baseline's is each seed's path-1 perplexity over that seed's "
+        "same-steps baseline's (below 1: better than the baseline).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -129,8 +171,9 @@ def plot(summary: dict, path: str) -> None:
     """Per setting: path-1 perplexity (mean ± std, each seed a dot), the paired ratio to the
     same-steps baseline, and tier-ordering accuracy."""
     rows = [r for r in summary["rows"] if r["path1_ppl"]["mean"] is not None]
-    fig, (ax, paired, acc) = plt.subplots(1, 3, figsize=(15, 0.5 * len(rows) + 2),
-                                          gridspec_kw={"width_ratios": [3, 2, 1]})
+    fig, (ax, paired, acc) = plt.subplots(
+        1, 3, figsize=(15, 0.5 * len(rows) + 2), gridspec_kw={"width_ratios": [3, 2, 1]}
+    )
     y = list(range(len(rows)))
     colors = ["#888888" if r["setting"].startswith("baseline") else "#3b75af" for r in rows]
     for axis, key in ((ax, "path1_ppl"), (paired, PAIRED[0])):
@@ -142,8 +185,9 @@ def plot(summary: dict, path: str) -> None:
         if values:
             axis.set_xlim(left=0.8 * min(values))  # the differences, not the distance from zero
         axis.invert_yaxis()
-    ax.set_yticks(y, [r["setting"] if "steps" in r["setting"] else f"{r['setting']} ({r['steps']} steps)"
-                      for r in rows])
+    ax.set_yticks(
+        y, [r["setting"] if "steps" in r["setting"] else f"{r['setting']} ({r['steps']} steps)" for r in rows]
+    )
     ax.set_xlabel("held-out path-1 perplexity (lower is better; dots: seeds)")
     paired.axvline(1.0, color="k", lw=0.8)
     paired.set_yticks(y, [""] * len(rows))

@@ -5,6 +5,7 @@ evaluation was read); a later sweep skips it. An unfinished cell (the sweep was 
 ran, or it failed) starts over: its directory is cleared first. Each cell's process dies with
 the sweep (Linux), so a stopped sweep leaves no run behind to hold a cell's directory.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -23,9 +24,11 @@ from ordmoe_megatron.sweep.plan import Cell, cell_command
 
 RESULT = "result.json"
 # The child asks the kernel for SIGTERM when the sweep dies, then becomes the cell's run.
-_DIE_WITH_SWEEP = ("import ctypes, os, signal, sys\n"
-                   "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)\nexcept (OSError, AttributeError):\n"
-                   "    pass\nos.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+_DIE_WITH_SWEEP = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)\nexcept (OSError, AttributeError):\n"
+    "    pass\nos.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+)
 
 
 def read_result(config: SweepConfig, cell: Cell) -> Optional[dict]:
@@ -59,10 +62,15 @@ def run_cells(config: SweepConfig, cells: list[Cell], log: Callable[[str], None]
             durations.append(result["seconds"])
             left = len(todo) - done
             eta = sum(durations) / len(durations) * left / config.jobs
-            log(f"cell {done:3d}/{len(todo)} {cell.key} | "
-                + (f"FAILED (exit {result['exit_code']}; see {result['log']})" if "failed" in result
-                   else f"path-1 ppl {result['path_perplexity'][0]:.3f}")
-                + f" | {result['seconds']:.1f} s | elapsed {_clock(time.time() - started)} | eta {_clock(eta)}")
+            log(
+                f"cell {done:3d}/{len(todo)} {cell.key} | "
+                + (
+                    f"FAILED (exit {result['exit_code']}; see {result['log']})"
+                    if "failed" in result
+                    else f"path-1 ppl {result['path_perplexity'][0]:.3f}"
+                )
+                + f" | {result['seconds']:.1f} s | elapsed {_clock(time.time() - started)} | eta {_clock(eta)}"
+            )
     return results
 
 
@@ -81,8 +89,9 @@ def _run_cell(config: SweepConfig, cell: Cell, gpus: "queue.Queue") -> dict:
         with open(os.path.join(where, "log.txt"), "w") as out:
             out.write(" ".join(command) + "\n\n")
             out.flush()
-            code = subprocess.call([sys.executable, "-c", _DIE_WITH_SWEEP, *command[1:]], stdout=out,
-                                   stderr=subprocess.STDOUT, env=env)
+            code = subprocess.call(
+                [sys.executable, "-c", _DIE_WITH_SWEEP, *command[1:]], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
     finally:
         gpus.put(gpu)
     seconds = time.time() - start
@@ -104,8 +113,12 @@ def cell_result(where: str, seconds: float) -> dict:
         evaluation = next(iter(json.load(f).values()))
     with open(os.path.join(where, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f if line.strip()][-1]
-    return {**evaluation, "train_lm_loss": last["lm_loss"], "train_rank_loss": last.get("rank_loss"),
-            "seconds": seconds}
+    return {
+        **evaluation,
+        "train_lm_loss": last["lm_loss"],
+        "train_rank_loss": last.get("rank_loss"),
+        "seconds": seconds,
+    }
 
 
 def _clock(seconds: float) -> str:

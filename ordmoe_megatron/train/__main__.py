@@ -1,4 +1,5 @@
 """``python -m ordmoe_megatron.train``: ``ordmoe-pretrain``."""
+
 import sys
 
 from ordmoe_megatron.entrypoints import pretrain

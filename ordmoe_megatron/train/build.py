@@ -4,6 +4,7 @@
 the configuration with the data paths and the tokenizer's vocabulary filled in; nothing is
 changed in place.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,11 @@ def prepare_data(config: RunConfig) -> tuple[RunConfig, DataSources]:
     sources = DataSources()
     if config.preset:
         paths = prepare_tiny_data(config.preset_data_dir or os.path.join(config.work_dir, "data"), seed=config.seed)
-        config = config.replace(data_path=paths["train_prefix"], valid_data_path=paths["valid_prefix"],
-                                tokenizer_model=paths["tokenizer_model"])
+        config = config.replace(
+            data_path=paths["train_prefix"],
+            valid_data_path=paths["valid_prefix"],
+            tokenizer_model=paths["tokenizer_model"],
+        )
         sources.heldout_tasks = paths["heldout_tasks"]
     if not os.path.isfile(config.tokenizer_model):
         raise DataError(f"--tokenizer-model {config.tokenizer_model} does not exist")
@@ -67,15 +71,23 @@ def transformer_config(config: RunConfig):
     layout = config.layout
     tconfig = transformer_config_from_flags(
         config.model_flags,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
         moe_aux_loss_coeff=config.moe_aux_loss_coeff,
         moe_router_load_balancing_type=config.moe_router_load_balancing_type,
         moe_token_dispatcher_type=config.moe_token_dispatcher_type,
         calculate_per_token_loss=config.calculate_per_token_loss,
-        tensor_model_parallel_size=layout.tensor, sequence_parallel=layout.sequence_parallel,
-        pipeline_model_parallel_size=layout.pipeline, virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
-        expert_model_parallel_size=layout.expert, expert_tensor_parallel_size=layout.expert_tensor,
-        bf16=config.bf16, params_dtype=dtype, pipeline_dtype=dtype, fp8=config.fp8_format,
+        tensor_model_parallel_size=layout.tensor,
+        sequence_parallel=layout.sequence_parallel,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        expert_model_parallel_size=layout.expert,
+        expert_tensor_parallel_size=layout.expert_tensor,
+        bf16=config.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        fp8=config.fp8_format,
         **bridges.config_overrides(),
     )
     if config.ordmoe is not None:
@@ -96,14 +108,23 @@ def stream_factory(config: RunConfig, sources: DataSources) -> MicroBatchStream:
     """``(split, first micro-batch) -> micro-batch stream`` for the trainer."""
     if config.mock_data:
         return lambda split, start: batches.synthetic_micro_batches(
-            config.seed + (0 if split == "train" else 1), config.vocab_size, config.seq_length,
-            config.micro_batch_size, start)
+            config.seed + (0 if split == "train" else 1),
+            config.vocab_size,
+            config.seq_length,
+            config.micro_batch_size,
+            start,
+        )
     per_eval = config.eval_iters * config.global_batch_size
     evals = config.train_iters // config.eval_interval + 2 if config.eval_interval else 2
     train_ds, valid_ds, _ = build_gpt_datasets(
-        config.data_path, sources.tokenizer, config.seq_length,
+        config.data_path,
+        sources.tokenizer,
+        config.seq_length,
         num_samples=(max(config.train_iters, 1) * config.global_batch_size, evals * per_eval, None),
-        seed=config.seed, valid_prefix=config.valid_data_path, split=config.split, create_attention_mask=False,
+        seed=config.seed,
+        valid_prefix=config.valid_data_path,
+        split=config.split,
+        create_attention_mask=False,
     )
     datasets = {"train": train_ds, "valid": valid_ds or train_ds}
     return lambda split, start: batches.dataset_micro_batches(datasets[split], config.micro_batch_size, start)

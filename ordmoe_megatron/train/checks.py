@@ -3,6 +3,7 @@
 The CLI and ``--dry-run`` run the same checks; ``run.main`` repeats those that depend on data the
 preset builds first.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,38 +41,51 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
     if tp > 1 and num_experts and not layout.sequence_parallel:
         problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
     if layout.sequence_parallel and tp == 1:
-        problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits sequences over "
-                        "the tensor-parallel ranks)")
+        problems.append(
+            "--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits sequences over "
+            "the tensor-parallel ranks)"
+        )
     if num_layers % pp:
         problems.append(f"--num-layers={num_layers} is not a multiple of --pipeline-model-parallel-size={pp}")
     if layers_per_virtual_stage is not None and (
-            pp == 1 or layers_per_virtual_stage <= 0 or (num_layers // pp) % layers_per_virtual_stage):
-        problems.append("--num-layers-per-virtual-pipeline-stage needs pipeline parallelism and must divide "
-                        f"the {num_layers // pp} layers of each pipeline stage")
+        pp == 1 or layers_per_virtual_stage <= 0 or (num_layers // pp) % layers_per_virtual_stage
+    ):
+        problems.append(
+            "--num-layers-per-virtual-pipeline-stage needs pipeline parallelism and must divide "
+            f"the {num_layers // pp} layers of each pipeline stage"
+        )
     if config.global_batch_size % (config.micro_batch_size * dp):
-        problems.append(f"--global-batch-size={config.global_batch_size} must be a multiple of "
-                        f"--micro-batch-size x data-parallel size = {config.micro_batch_size} x {dp}")
+        problems.append(
+            f"--global-batch-size={config.global_batch_size} must be a multiple of "
+            f"--micro-batch-size x data-parallel size = {config.micro_batch_size} x {dp}"
+        )
     elif layout.virtual_pipeline and (config.global_batch_size // (config.micro_batch_size * dp)) % pp:
         # Megatron's interleaved schedule runs the micro-batches in groups of one per stage.
-        problems.append(f"with virtual pipeline stages the micro-batches per step (--global-batch-size / "
-                        f"(--micro-batch-size x data-parallel size) = "
-                        f"{config.global_batch_size // (config.micro_batch_size * dp)}) must be a multiple of "
-                        f"--pipeline-model-parallel-size={pp}")
+        problems.append(
+            f"with virtual pipeline stages the micro-batches per step (--global-batch-size / "
+            f"(--micro-batch-size x data-parallel size) = "
+            f"{config.global_batch_size // (config.micro_batch_size * dp)}) must be a multiple of "
+            f"--pipeline-model-parallel-size={pp}"
+        )
     return problems
 
 
 def check_values(config: RunConfig) -> None:
     """What no single flag's parser can see: values that must fit each other."""
     if config.min_lr > config.lr:
-        raise CheckError(f"--min-lr={config.min_lr} is above --lr={config.lr}; the schedule decays from --lr "
-                         "down to --min-lr")
+        raise CheckError(
+            f"--min-lr={config.min_lr} is above --lr={config.lr}; the schedule decays from --lr down to --min-lr"
+        )
     if config.micro_batch_size > config.global_batch_size:
-        raise CheckError(f"--micro-batch-size={config.micro_batch_size} is larger than "
-                         f"--global-batch-size={config.global_batch_size}")
+        raise CheckError(
+            f"--micro-batch-size={config.micro_batch_size} is larger than "
+            f"--global-batch-size={config.global_batch_size}"
+        )
     if config.ordmoe is not None:
         try:
-            config.ordmoe.check_pipeline(config.micro_batch_size, config.layout.pipeline,
-                                         bool(config.layout.virtual_pipeline))
+            config.ordmoe.check_pipeline(
+                config.micro_batch_size, config.layout.pipeline, bool(config.layout.virtual_pipeline)
+            )
         except ValueError as err:
             raise CheckError(str(err)) from None
 
@@ -93,8 +107,10 @@ def check_precision(config: RunConfig) -> None:
     try:
         import transformer_engine  # noqa: F401  (only probed: FP8 needs it)
     except ImportError:
-        raise CheckError("--fp8-format needs Transformer Engine on a GPU (pip install '.[te]' on the cluster); "
-                         "drop the flag on this machine") from None
+        raise CheckError(
+            "--fp8-format needs Transformer Engine on a GPU (pip install '.[te]' on the cluster); "
+            "drop the flag on this machine"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,13 +145,17 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
         return ResumePlan("new")  # --overwrite on its own outputs starts afresh
     if not has_checkpoint(load):
         if os.path.isdir(load) and _iteration_dir(load):
-            raise CheckError(f"--load {load} is one iteration of a checkpoint; point --load at "
-                             f"{os.path.dirname(os.path.normpath(load))}, the directory that holds "
-                             f"{checkpointing.TRACKER}")
+            raise CheckError(
+                f"--load {load} is one iteration of a checkpoint; point --load at "
+                f"{os.path.dirname(os.path.normpath(load))}, the directory that holds "
+                f"{checkpointing.TRACKER}"
+            )
         if load == save:
             return ResumePlan("new", notes=(f"no checkpoint in {load} yet: a new run",))
-        raise CheckError(f"--load {load} holds no checkpoint (no {checkpointing.TRACKER}); point --load at the "
-                         "directory --save wrote, or leave --load out to start a new run")
+        raise CheckError(
+            f"--load {load} holds no checkpoint (no {checkpointing.TRACKER}); point --load at the "
+            "directory --save wrote, or leave --load out to start a new run"
+        )
     try:
         info = checkpointing.inspect_checkpoint(load)
         checkpointing.check_compatible(load, config.model_flags)
@@ -152,15 +172,19 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
         return ResumePlan("weights", notes=tuple(notes))
     run = info.run.get("run")
     if run is None or "run_id" not in info.run:
-        raise CheckError(f"--load {load}: {info.path} records no run (its run.json has none); pass --finetune to "
-                         "start a new run from its weights")
+        raise CheckError(
+            f"--load {load}: {info.path} records no run (its run.json has none); pass --finetune to "
+            "start a new run from its weights"
+        )
     differences = run_differences(run, config)
     notes = []
     if config.override_opt_param_scheduler:
         changed = [d for d in differences if d[0] in map(flag_name, SCHEDULE_FIELDS)]
         differences = [d for d in differences if d not in changed]
-        notes += [f"learning-rate schedule overridden (--override-opt-param-scheduler): {flag} {saved} -> {here}"
-                  for flag, saved, here in changed]
+        notes += [
+            f"learning-rate schedule overridden (--override-opt-param-scheduler): {flag} {saved} -> {here}"
+            for flag, saved, here in changed
+        ]
     if differences:
         detail = "; ".join(f"{flag} is {saved!r} there but {here!r} here" for flag, saved, here in differences)
         schedule = any(d[0] in map(flag_name, SCHEDULE_FIELDS) for d in differences)
@@ -174,16 +198,19 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
     if load_rng:
         for rank in range(world):
             if not os.path.isfile(checkpointing.rng_path(info.path, rank)):
-                raise CheckError(f"--load {load}: {checkpointing.rng_path(info.path, rank)} is missing (the random "
-                                 "states of that rank); restore it or load an earlier checkpoint")
+                raise CheckError(
+                    f"--load {load}: {checkpointing.rng_path(info.path, rank)} is missing (the random "
+                    "states of that rank); restore it or load an earlier checkpoint"
+                )
     else:
         notes.append(f"random states not restored: saved by {saved_world} processes, resumed on {world}")
     kind = "done" if info.iteration >= config.train_iters else "resume"
     if kind == "done":
-        notes.append(f"{load} is at iteration {info.iteration} and --train-iters is {config.train_iters}: nothing to "
-                     "train (raise --train-iters, with --override-opt-param-scheduler, to train on)")
-    return ResumePlan(kind, iteration=info.iteration, run_id=info.run["run_id"], load_rng=load_rng,
-                      notes=tuple(notes))
+        notes.append(
+            f"{load} is at iteration {info.iteration} and --train-iters is {config.train_iters}: nothing to "
+            "train (raise --train-iters, with --override-opt-param-scheduler, to train on)"
+        )
+    return ResumePlan(kind, iteration=info.iteration, run_id=info.run["run_id"], load_rng=load_rng, notes=tuple(notes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,19 +236,28 @@ def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:
     run's metrics. With --compare-baseline the baseline's outputs too."""
     resuming = plan.kind in ("resume", "done")
     try:
-        for flag, path, is_dir in (("--save", config.save, True), ("--metrics-out", config.metrics_out, False),
-                                   ("--plot-out", config.plot_out, False), ("--eval-out", config.eval_out, False),
-                                   ("--save-grads", config.save_grads, True),
-                                   ("--work-dir", config.work_dir, True),
-                                   ("--preset-data-dir", config.preset_data_dir, True)):
+        for flag, path, is_dir in (
+            ("--save", config.save, True),
+            ("--metrics-out", config.metrics_out, False),
+            ("--plot-out", config.plot_out, False),
+            ("--eval-out", config.eval_out, False),
+            ("--save-grads", config.save_grads, True),
+            ("--work-dir", config.work_dir, True),
+            ("--preset-data-dir", config.preset_data_dir, True),
+        ):
             if path:
                 check_writable(path, flag, is_dir)
-        if config.save and has_checkpoint(config.save) and not config.overwrite and not (
-                resuming and config.load == config.save):
-            raise CheckError(f"--save {config.save} already holds a checkpoint; pass --overwrite to replace it, "
-                             "or --load the same directory to resume it")
-        for flag, path in (("--metrics-out", config.metrics_out), ("--plot-out", config.plot_out),
-                           ("--eval-out", config.eval_out)):
+        if (
+            config.save
+            and has_checkpoint(config.save)
+            and not config.overwrite
+            and not (resuming and config.load == config.save)
+        ):
+            raise CheckError(
+                f"--save {config.save} already holds a checkpoint; pass --overwrite to replace it, "
+                "or --load the same directory to resume it"
+            )
+        for path in (config.metrics_out, config.plot_out, config.eval_out):
             if path and not resuming:
                 check_output(path, config.overwrite, "--overwrite")
     except OutputError as err:
@@ -229,8 +265,10 @@ def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:
     if resuming and config.metrics_out and os.path.isfile(config.metrics_out) and not config.overwrite:
         others = metrics_of_other_runs(config.metrics_out, plan.run_id)
         if others:
-            raise CheckError(f"--metrics-out {config.metrics_out} holds metrics of another run ({others}); pass "
-                             "--overwrite to replace it, or give this run another --metrics-out")
+            raise CheckError(
+                f"--metrics-out {config.metrics_out} holds metrics of another run ({others}); pass "
+                "--overwrite to replace it, or give this run another --metrics-out"
+            )
     if config.compare_baseline and config.work_dir:
         baseline = baseline_config(config).replace(compare_baseline=False)
         check_outputs(baseline, plan_resume(baseline, world), world)

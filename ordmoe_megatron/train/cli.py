@@ -7,6 +7,7 @@ and Megatron data files on the machine, trains, saves, plots and evaluates, with
 
 This module reads the flags and turns them into a ``RunConfig``; nothing below it sees them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,31 @@ from ordmoe_megatron.train.config import RunConfig
 
 PRESETS = {
     "tiny": dict(
-        num_layers=4, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, num_experts=8,
-        moe_router_topk=2, moe_ffn_hidden_size=128, normalization="RMSNorm", swiglu=True,
-        position_embedding_type="rope", disable_bias_linear=True, untie_embeddings_and_output_weights=True,
-        seq_length=128, max_position_embeddings=128, micro_batch_size=8, global_batch_size=16,
-        train_iters=200, lr=3e-3, min_lr=3e-4, lr_warmup_iters=10, log_interval=10, eval_interval=100,
-        eval_iters=4, work_dir="runs/tiny", ordmoe=True,
+        num_layers=4,
+        hidden_size=128,
+        ffn_hidden_size=256,
+        num_attention_heads=4,
+        num_experts=8,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=128,
+        normalization="RMSNorm",
+        swiglu=True,
+        position_embedding_type="rope",
+        disable_bias_linear=True,
+        untie_embeddings_and_output_weights=True,
+        seq_length=128,
+        max_position_embeddings=128,
+        micro_batch_size=8,
+        global_batch_size=16,
+        train_iters=200,
+        lr=3e-3,
+        min_lr=3e-4,
+        lr_warmup_iters=10,
+        log_interval=10,
+        eval_interval=100,
+        eval_iters=4,
+        work_dir="runs/tiny",
+        ordmoe=True,
         # Without a floor the rank loss drove tiers 2-3 to about -100 nats per token within 200
         # steps of this run (and path 1 ended worse than the baseline); see docs/trainer.md.
         ordmoe_logprob_floor="vocab",
@@ -36,13 +56,31 @@ PRESETS = {
 }
 # The model the flags describe when no preset is used (as small as a useful test).
 DEFAULT_MODEL = dict(
-    num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_experts=8, moe_router_topk=2,
-    moe_ffn_hidden_size=64, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
-    disable_bias_linear=True, untie_embeddings_and_output_weights=True, vocab_size=256,
-    make_vocab_size_divisible_by=128, seq_length=64, max_position_embeddings=64,
+    num_layers=4,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_experts=8,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=64,
+    normalization="RMSNorm",
+    swiglu=True,
+    position_embedding_type="rope",
+    disable_bias_linear=True,
+    untie_embeddings_and_output_weights=True,
+    vocab_size=256,
+    make_vocab_size_divisible_by=128,
+    seq_length=64,
+    max_position_embeddings=64,
 )
-PRESET_OUTPUTS = (("save", "checkpoints"), ("load", "checkpoints"), ("metrics_out", "metrics.jsonl"),
-                  ("plot_out", "metrics.png"), ("eval_out", "eval.json"), ("preset_data_dir", "data"))
+PRESET_OUTPUTS = (
+    ("save", "checkpoints"),
+    ("load", "checkpoints"),
+    ("metrics_out", "metrics.jsonl"),
+    ("plot_out", "metrics.png"),
+    ("eval_out", "eval.json"),
+    ("preset_data_dir", "data"),
+)
 
 
 class UsageError(ValueError):
@@ -72,25 +110,43 @@ NON_NEGATIVE_FLOAT = _number(float, 0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ordmoe-pretrain", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="A complete embedded run; 'tiny' is the default when no data is named.")
+    parser = argparse.ArgumentParser(
+        prog="ordmoe-pretrain",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="A complete embedded run; 'tiny' is the default when no data is named.",
+    )
     parser.add_argument("--work-dir", default=None, help="Where a preset keeps its data, checkpoints and outputs.")
-    parser.add_argument("--preset-data-dir", default=None,
-                        help="Where the preset builds (or finds) its corpus, tokenizer and data files; default "
-                             "<work-dir>/data. Runs with the same --seed can share one.")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="Print the resolved configuration, parallel layout and tier layout, then exit.")
-    parser.add_argument("--compare-baseline", action="store_true",
-                        help="Also train a plain top-K baseline on the same data and steps, and evaluate both.")
+    parser.add_argument(
+        "--preset-data-dir",
+        default=None,
+        help="Where the preset builds (or finds) its corpus, tokenizer and data files; default "
+        "<work-dir>/data. Runs with the same --seed can share one.",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Print the resolved configuration, parallel layout and tier layout, then exit.",
+    )
+    parser.add_argument(
+        "--compare-baseline",
+        action="store_true",
+        help="Also train a plain top-K baseline on the same data and steps, and evaluate both.",
+    )
     add_model_args(parser)
     parser.set_defaults(**DEFAULT_MODEL)
     add_ordmoe_args(parser)
     parser.set_defaults(ordmoe=True)
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", default=None, help="Megatron .bin/.idx prefix of the training data.")
-    data.add_argument("--valid-data-path", default=None, help="Prefix of validation data (else --split of --data-path).")
+    data.add_argument(
+        "--valid-data-path", default=None, help="Prefix of validation data (else --split of --data-path)."
+    )
     data.add_argument("--split", default="969,30,1")
     data.add_argument("--tokenizer-model", default=None, help="SentencePiece model that made the data files.")
     data.add_argument("--mock-data", action="store_true", help="Synthetic token streams, no files.")
@@ -109,17 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=("alltoall", "allgather"))
     train.add_argument("--calculate-per-token-loss", action="store_true")
     train.add_argument("--bf16", action="store_true", help="BF16 weights and activations, FP32 main weights.")
-    train.add_argument("--fp8-format", choices=("hybrid", "e4m3"), default=None,
-                       help="FP8 through Transformer Engine (GPU with TE only; needs --bf16).")
+    train.add_argument(
+        "--fp8-format",
+        choices=("hybrid", "e4m3"),
+        default=None,
+        help="FP8 through Transformer Engine (GPU with TE only; needs --bf16).",
+    )
     train.add_argument("--log-interval", type=POSITIVE, default=5)
     train.add_argument("--eval-interval", type=POSITIVE, default=None)
     train.add_argument("--eval-iters", type=NON_NEGATIVE, default=2)
     train.add_argument("--metrics-out", default=None, help="JSON lines, one object per iteration.")
-    train.add_argument("--eval-out", default=None,
-                       help="After training, evaluate every path on --eval-iters held-out batches and write the "
-                            "result here (JSON); a preset writes <work-dir>/eval.json.")
+    train.add_argument(
+        "--eval-out",
+        default=None,
+        help="After training, evaluate every path on --eval-iters held-out batches and write the "
+        "result here (JSON); a preset writes <work-dir>/eval.json.",
+    )
     train.add_argument("--plot-out", default=None, help="PNG of each path's log-likelihood and the tier ordering.")
-    train.add_argument("--overwrite", action="store_true", help="Replace existing outputs (metrics, plot, checkpoints).")
+    train.add_argument(
+        "--overwrite", action="store_true", help="Replace existing outputs (metrics, plot, checkpoints)."
+    )
     par = parser.add_argument_group("parallelism (data-parallel size = world size / (TP x PP))")
     par.add_argument("--tensor-model-parallel-size", type=POSITIVE, default=1)
     par.add_argument("--sequence-parallel", action="store_true")
@@ -132,11 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--load", default=None, help="Checkpoint directory to resume (or, with --finetune, start) from.")
     ckpt.add_argument("--save-interval", type=POSITIVE, default=None)
     ckpt.add_argument("--finetune", action="store_true", help="Load model weights only; start at iteration 0.")
-    ckpt.add_argument("--override-opt-param-scheduler", action="store_true",
-                      help="Resume with the learning-rate schedule given here (--lr, --min-lr, --lr-warmup-iters, "
-                           "--train-iters), not the checkpoint's.")
-    ckpt.add_argument("--save-grads", default=None,
-                      help="Save the first step's gradients as a checkpoint (to compare parallel layouts).")
+    ckpt.add_argument(
+        "--override-opt-param-scheduler",
+        action="store_true",
+        help="Resume with the learning-rate schedule given here (--lr, --min-lr, --lr-warmup-iters, "
+        "--train-iters), not the checkpoint's.",
+    )
+    ckpt.add_argument(
+        "--save-grads",
+        default=None,
+        help="Save the first step's gradients as a checkpoint (to compare parallel layouts).",
+    )
     return parser
 
 
@@ -147,7 +218,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     preset = known.preset or (None if known.data_path or known.mock_data else "tiny")
     if preset:
         parser.set_defaults(**PRESETS[preset])
-    load = known.load or (os.path.join(known.work_dir or PRESETS[preset]["work_dir"], "checkpoints") if preset else None)
+    load = known.load or (
+        os.path.join(known.work_dir or PRESETS[preset]["work_dir"], "checkpoints") if preset else None
+    )
     if has_checkpoint(load):
         # The checkpoint's model flags become the defaults; flags given here still win (and are
         # checked against the checkpoint before it is loaded).
@@ -174,16 +247,20 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     try:
         ordmoe = ordmoe_config_from_args(args)
         layout = ParallelLayout(
-            tensor=args.tensor_model_parallel_size, pipeline=pp, expert=args.expert_model_parallel_size,
-            expert_tensor=args.expert_tensor_parallel_size, sequence_parallel=args.sequence_parallel,
+            tensor=args.tensor_model_parallel_size,
+            pipeline=pp,
+            expert=args.expert_model_parallel_size,
+            expert_tensor=args.expert_tensor_parallel_size,
+            sequence_parallel=args.sequence_parallel,
             virtual_pipeline=None if vstage is None or pp <= 1 or vstage <= 0 else args.num_layers // pp // vstage,
         )
         model_flags = flags_from_args(args)
     except ValueError as err:
         raise UsageError(str(err)) from None
     fields = {f for f in RunConfig.__dataclass_fields__} - {"model_flags", "ordmoe", "layout"}
-    return RunConfig(model_flags=model_flags, ordmoe=ordmoe, layout=layout,
-                     **{name: getattr(args, name) for name in fields})
+    return RunConfig(
+        model_flags=model_flags, ordmoe=ordmoe, layout=layout, **{name: getattr(args, name) for name in fields}
+    )
 
 
 def describe(config: RunConfig, plan: checks.ResumePlan) -> str:
@@ -197,11 +274,13 @@ def describe(config: RunConfig, plan: checks.ResumePlan) -> str:
     lines += [f"  {k:40s} {v}" for k, v in sorted(values.items())]
     lines += [
         "checkpoint:",
-        f"  {plan.kind}" + (f" at iteration {plan.iteration}" if plan.loads else "")
+        f"  {plan.kind}"
+        + (f" at iteration {plan.iteration}" if plan.loads else "")
         + "".join(f"; {note}" for note in plan.notes),
         "parallel layout:",
         "  " + layout.describe(world),
-        f"  micro-batches per step and data-parallel rank: {config.global_batch_size // (config.micro_batch_size * dp)}",
+        "  micro-batches per step and data-parallel rank: "
+        f"{config.global_batch_size // (config.micro_batch_size * dp)}",
         "tier layout:",
     ]
     cfg = config.ordmoe
@@ -209,11 +288,17 @@ def describe(config: RunConfig, plan: checks.ResumePlan) -> str:
         lines.append("  OrdMoE off (--no-ordmoe): plain top-K")
         return "\n".join(lines)
     shared = cfg.shared_prefix_layers(flags["num_layers"], flags["moe_layer_freq"], layout.pipeline > 1)
-    lines += ["  " + line for line in cfg.describe_layout(flags["num_experts"], flags["moe_router_topk"],
-                                                           flags["num_layers"], flags["moe_layer_freq"], shared)]
+    lines += [
+        "  " + line
+        for line in cfg.describe_layout(
+            flags["num_experts"], flags["moe_router_topk"], flags["num_layers"], flags["moe_layer_freq"], shared
+        )
+    ]
     seq = config.seq_length // layout.tensor if layout.sequence_parallel else config.seq_length
-    lines.append(f"  activations between pipeline stages: [{seq}, {cfg.stage_batch_rows(config.micro_batch_size)}, "
-                 f"{flags['hidden_size']}]")
+    lines.append(
+        f"  activations between pipeline stages: [{seq}, {cfg.stage_batch_rows(config.micro_batch_size)}, "
+        f"{flags['hidden_size']}]"
+    )
     return "\n".join(lines)
 
 
@@ -228,5 +313,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(describe(config, plan))
         return 0
     return run.main(config, plan)
-
-

@@ -4,6 +4,7 @@ The command line (``train/cli.py``) is the only place that reads flags; everythi
 a ``RunConfig``. Field names are the flags' destinations (``lr`` is ``--lr``), so a message about
 a field can always name its flag (``flag_name``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,9 +97,23 @@ def flag_name(field: str) -> str:
 # The parallel layout is not among them: a checkpoint loads under any layout, and every layout
 # takes the same micro-batches in the same steps.
 RUN_FIELDS = (
-    "ordmoe", "moe_aux_loss_coeff", "moe_router_load_balancing_type", "moe_token_dispatcher_type",
-    "calculate_per_token_loss", "bf16", "fp8_format", "data_path", "valid_data_path", "split", "tokenizer_model",
-    "mock_data", "micro_batch_size", "global_batch_size", "weight_decay", "clip_grad", "seed",
+    "ordmoe",
+    "moe_aux_loss_coeff",
+    "moe_router_load_balancing_type",
+    "moe_token_dispatcher_type",
+    "calculate_per_token_loss",
+    "bf16",
+    "fp8_format",
+    "data_path",
+    "valid_data_path",
+    "split",
+    "tokenizer_model",
+    "mock_data",
+    "micro_batch_size",
+    "global_batch_size",
+    "weight_decay",
+    "clip_grad",
+    "seed",
 ) + ("lr", "min_lr", "lr_warmup_iters", "train_iters")
 # The learning-rate schedule, which --override-opt-param-scheduler lets a resume change on purpose.
 SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_iters", "train_iters")
@@ -145,14 +160,21 @@ def _ordmoe_differences(saved: Optional[dict], here: Optional[dict]) -> list:
         return [] if saved is here else [("--ordmoe", on_off(saved), on_off(here))]
     # A setting a checkpoint does not record (saved before it existed) had its default.
     defaults = {f.name: f.default for f in dataclasses.fields(OrdMoEConfig) if f.init}
-    return [(flag_name("ordmoe_" + k), saved.get(k, defaults.get(k)), here.get(k))
-            for k in sorted(set(saved) | set(here))
-            if k not in ORDMOE_EXECUTION_FIELDS and saved.get(k, defaults.get(k)) != here.get(k)]
+    return [
+        (flag_name("ordmoe_" + k), saved.get(k, defaults.get(k)), here.get(k))
+        for k in sorted(set(saved) | set(here))
+        if k not in ORDMOE_EXECUTION_FIELDS and saved.get(k, defaults.get(k)) != here.get(k)
+    ]
 
 
 def baseline_config(config: RunConfig) -> RunConfig:
     """The preset's plain top-K baseline: same data and steps, its own outputs in ``baseline/``."""
     root = os.path.join(config.work_dir, "baseline")
-    return config.replace(ordmoe=None, save=os.path.join(root, "checkpoints"), load=os.path.join(root, "checkpoints"),
-                          metrics_out=os.path.join(root, "metrics.jsonl"), plot_out=os.path.join(root, "metrics.png"),
-                          eval_out=None)  # the OrdMoE run's --eval-out holds both
+    return config.replace(
+        ordmoe=None,
+        save=os.path.join(root, "checkpoints"),
+        load=os.path.join(root, "checkpoints"),
+        metrics_out=os.path.join(root, "metrics.jsonl"),
+        plot_out=os.path.join(root, "metrics.png"),
+        eval_out=None,
+    )  # the OrdMoE run's --eval-out holds both

@@ -2,6 +2,7 @@
 path 1, the plain top-K model (one process, no model parallelism); ``format_eval_table`` prints
 the preset's closing table. (Perplexities come from ``trainer.evaluate_paths``.)
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -49,7 +50,7 @@ def exact_match_accuracy(model, tokenizer, tasks: list[dict], max_new_tokens: in
     try:
         for _, group in sorted(by_length.items()):
             for start in range(0, len(group), 64):
-                chunk = group[start:start + 64]
+                chunk = group[start : start + 64]
                 outputs = greedy_complete(model, [ids for _, ids in chunk], max_new_tokens, newline_ids)
                 for (task, _), out in zip(chunk, outputs):
                     kind = task_kind(task["prompt"])

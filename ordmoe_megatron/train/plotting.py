@@ -1,4 +1,5 @@
 """PNG plots of a run's metrics (matplotlib, headless)."""
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ def plot_metrics(metrics_jsonl: str, png_path: str, title: str = "OrdMoE trainin
     ax_loss.plot(iters, [r["lm_loss"] for r in records], color="tab:gray", alpha=0.6, label="LM loss (path 1)")
     ax_loss.set_ylabel("LM loss")
     lines = ax_acc.get_legend_handles_labels()[0] + ax_loss.get_legend_handles_labels()[0]
-    ax_acc.legend(lines, [l.get_label() for l in lines], loc="center right")
+    ax_acc.legend(lines, [line.get_label() for line in lines], loc="center right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     fig.savefig(png_path, dpi=110)

@@ -1,5 +1,6 @@
 """One ``ordmoe-pretrain`` run from a checked ``RunConfig``: data, model, training, and for a
 preset the held-out evaluation, the optional baseline and the closing table."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,11 @@ def run_training(config: RunConfig, sources: build.DataSources, plan: ResumePlan
         cfg = config.ordmoe
         for note in plan.notes:
             print(f" {note}", flush=True)
-        print((cfg.describe(flags["num_experts"], flags["moe_router_topk"]) if cfg else f"{label}: plain top-K routing")
-              + (f"; resuming at iteration {trainer.iteration}" if trainer.iteration else ""), flush=True)
+        print(
+            (cfg.describe(flags["num_experts"], flags["moe_router_topk"]) if cfg else f"{label}: plain top-K routing")
+            + (f"; resuming at iteration {trainer.iteration}" if trainer.iteration else ""),
+            flush=True,
+        )
     history = train(trainer, run_meta(config))
     if history and config.plot_out and config.metrics_out and distributed.is_last_rank():
         plot_metrics(config.metrics_out, config.plot_out, title=label)
@@ -91,16 +95,23 @@ def run(config: RunConfig, sources: build.DataSources, plan: ResumePlan) -> None
     rows = {label: evaluate_run(config, sources, trainer, tasks)}
     if config.compare_baseline:
         baseline = baseline_config(config)
-        baseline_trainer = run_training(baseline, sources, checks.plan_resume(baseline, distributed.world_size_from_env()),
-                                        "top-K baseline")
+        baseline_trainer = run_training(
+            baseline, sources, checks.plan_resume(baseline, distributed.world_size_from_env()), "top-K baseline"
+        )
         if baseline_trainer.stopped_by_signal:
             return
         # Evaluate the baseline's weights with the same tier paths, to compare tier ordering too.
         probe = config.replace(load=baseline.save, finetune=True, train_iters=0)
-        rows["top-K baseline"] = evaluate_run(probe, sources, build_trainer(probe, sources, ResumePlan("weights")), tasks)
+        rows["top-K baseline"] = evaluate_run(
+            probe, sources, build_trainer(probe, sources, ResumePlan("weights")), tasks
+        )
     if distributed.is_last_rank():
-        print("\nheld-out evaluation (valid split" + ("; exact match of path 1 on held-out synthetic tasks)"
-                                                    if tasks else ")") + "\n" + format_eval_table(rows))
+        print(
+            "\nheld-out evaluation (valid split"
+            + ("; exact match of path 1 on held-out synthetic tasks)" if tasks else ")")
+            + "\n"
+            + format_eval_table(rows)
+        )
         with open(config.eval_out, "w") as f:
             json.dump(rows, f, indent=2)
         written = ", ".join(p for p in (config.eval_out, config.metrics_out, config.plot_out) if p)

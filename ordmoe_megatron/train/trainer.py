@@ -6,6 +6,7 @@ OrdMoE hook), and resumes from ``--load``. ``train_step`` is one optimizer step;
 loop with Megatron-style log lines, metrics JSON lines, evaluation and saves; ``evaluate_paths``
 runs the schedules forward-only over held-out data.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,9 +79,13 @@ class Trainer:
     def run_schedule(self, data, forward_only: bool) -> list[dict]:
         """One global batch through Megatron's schedule; the last stage's loss reports."""
         return self.forward_backward(
-            forward_step_func=forward_step, data_iterator=data, model=self.model,
-            num_microbatches=self.num_microbatches, seq_length=self.config.seq_length,
-            micro_batch_size=self.config.micro_batch_size, forward_only=forward_only,
+            forward_step_func=forward_step,
+            data_iterator=data,
+            model=self.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.config.seq_length,
+            micro_batch_size=self.config.micro_batch_size,
+            forward_only=forward_only,
         )
 
 
@@ -101,18 +106,35 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePla
             chunk.cuda(torch.cuda.current_device())
     vocab_size = chunks[0].vocab_size
     wrapped = [Float16Module(tconfig, chunk) for chunk in chunks] if tconfig.bf16 else chunks
-    model = [DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=tconfig.bf16), chunk)
-             for chunk in wrapped]
+    model = [
+        DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=tconfig.bf16), chunk)
+        for chunk in wrapped
+    ]
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay,
-                        clip_grad=config.clip_grad, bf16=tconfig.bf16, fp16=False),
+        OptimizerConfig(
+            optimizer="adam",
+            lr=config.lr,
+            min_lr=config.min_lr,
+            weight_decay=config.weight_decay,
+            clip_grad=config.clip_grad,
+            bf16=tconfig.bf16,
+            fp16=False,
+        ),
         model,
     )
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr, lr_warmup_steps=config.lr_warmup_iters,
-        lr_decay_steps=max(config.train_iters, config.lr_warmup_iters + 1), lr_decay_style="cosine",
-        start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=max(config.train_iters, 1),
-        wd_incr_style="constant", override_opt_param_scheduler=config.override_opt_param_scheduler,
+        optimizer,
+        init_lr=0.0,
+        max_lr=config.lr,
+        min_lr=config.min_lr,
+        lr_warmup_steps=config.lr_warmup_iters,
+        lr_decay_steps=max(config.train_iters, config.lr_warmup_iters + 1),
+        lr_decay_style="cosine",
+        start_wd=config.weight_decay,
+        end_wd=config.weight_decay,
+        wd_incr_steps=max(config.train_iters, 1),
+        wd_incr_style="constant",
+        override_opt_param_scheduler=config.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=not config.override_opt_param_scheduler,
     )
     tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
@@ -121,19 +143,42 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePla
 
     if config.ordmoe is not None:
         # step_fn: sub-sampled lower paths are drawn per (seed, step), so a resumed run draws alike.
-        forward_backward = get_ordmoe_forward_backward_func(config.ordmoe, vocab_size, config.calculate_per_token_loss,
-                                                            seed=config.seed, step_fn=lambda: trainer.iteration)
+        forward_backward = get_ordmoe_forward_backward_func(
+            config.ordmoe,
+            vocab_size,
+            config.calculate_per_token_loss,
+            seed=config.seed,
+            step_fn=lambda: trainer.iteration,
+        )
     else:
         forward_backward = get_forward_backward_func()
     _, dp_size = data_parallel_rank_and_size()
     layout = config.layout
-    shared = config.ordmoe.shared_prefix_layers(tconfig.num_layers, tconfig.moe_layer_freq, layout.pipeline > 1) \
-        if config.ordmoe is not None else 0
-    trainer = Trainer(config, tconfig, model, optimizer, scheduler, forward_backward,
-                      config.global_batch_size // (config.micro_batch_size * dp_size), make_stream=make_stream,
-                      run_id=plan.run_id or uuid.uuid4().hex,
-                      step_flops=ordmoe_run_step_flops(tconfig, vocab_size, config.global_batch_size, config.seq_length,
-                                                       config.ordmoe, shared, config.micro_batch_size))
+    shared = (
+        config.ordmoe.shared_prefix_layers(tconfig.num_layers, tconfig.moe_layer_freq, layout.pipeline > 1)
+        if config.ordmoe is not None
+        else 0
+    )
+    trainer = Trainer(
+        config,
+        tconfig,
+        model,
+        optimizer,
+        scheduler,
+        forward_backward,
+        config.global_batch_size // (config.micro_batch_size * dp_size),
+        make_stream=make_stream,
+        run_id=plan.run_id or uuid.uuid4().hex,
+        step_flops=ordmoe_run_step_flops(
+            tconfig,
+            vocab_size,
+            config.global_batch_size,
+            config.seq_length,
+            config.ordmoe,
+            shared,
+            config.micro_batch_size,
+        ),
+    )
     if plan.kind == "weights":
         checkpointing.load_checkpoint(config.load, chunks, None, load_rng=False, optional=TierRouter.is_running_mean)
     elif plan.loads:
@@ -169,7 +214,9 @@ def train_step(trainer: Trainer, data, before_optimizer_step=None) -> dict:
         "tier_load_max_over_mean": moe.get("tier_load_max_over_mean"),
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "lr": trainer.optimizer.param_groups[0]["lr"],
-        "tokens": round(trainer.config.global_batch_size * trainer.config.seq_length * trainer.config.paths_per_sequence),
+        "tokens": round(
+            trainer.config.global_batch_size * trainer.config.seq_length * trainer.config.paths_per_sequence
+        ),
         "flops": trainer.step_flops,
         "time_s": time.perf_counter() - start,
     }
@@ -260,7 +307,9 @@ class StopSignal:
 
     def __init__(self, signum: int = signal.SIGTERM):
         self.signum, self.received = signum, False
-        self._previous = signal.signal(signum, self._handle) if threading.current_thread() is threading.main_thread() else None
+        self._previous = (
+            signal.signal(signum, self._handle) if threading.current_thread() is threading.main_thread() else None
+        )
 
     def _handle(self, signum, frame):
         self.received = True
@@ -280,17 +329,22 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
     (with --save) and stops after the step; ``trainer.stopped_by_signal`` says so."""
     config = trainer.config
     logging = is_last_rank()
-    metrics_file = _open_metrics(config.metrics_out, trainer.iteration, trainer.run_id) \
-        if config.metrics_out and logging else None
+    metrics_file = (
+        _open_metrics(config.metrics_out, trainer.iteration, trainer.run_id) if config.metrics_out and logging else None
+    )
     _, dp_size = data_parallel_rank_and_size()
     data = trainer.data("train", trainer.iteration * trainer.num_microbatches * dp_size)
     history, window = [], []
     stop = StopSignal()
 
     def save():
-        checkpointing.save_checkpoint(config.save, trainer.iteration, checkpointing.sharded_model_state(trainer.chunks),
-                                      trainer.optimizer, {**run_meta, "run_id": trainer.run_id,
-                                                          "scheduler": trainer.scheduler.state_dict()})
+        checkpointing.save_checkpoint(
+            config.save,
+            trainer.iteration,
+            checkpointing.sharded_model_state(trainer.chunks),
+            trainer.optimizer,
+            {**run_meta, "run_id": trainer.run_id, "scheduler": trainer.scheduler.state_dict()},
+        )
         if logging:
             print(f" saved checkpoint at iteration {trainer.iteration:8d} to {config.save}", flush=True)
 
@@ -307,8 +361,16 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
             it = trainer.iteration
             if logging and (it % config.log_interval == 0 or it == config.train_iters):
                 seconds = sum(r["time_s"] for r in window)
-                print(format_log_line(it, config.train_iters, mean_record(window), 1000 * seconds / len(window),
-                                      sum(r["tokens"] for r in window) / seconds), flush=True)
+                print(
+                    format_log_line(
+                        it,
+                        config.train_iters,
+                        mean_record(window),
+                        1000 * seconds / len(window),
+                        sum(r["tokens"] for r in window) / seconds,
+                    ),
+                    flush=True,
+                )
                 window = []
             if stop.agreed():
                 trainer.stopped_by_signal = True
@@ -316,8 +378,12 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
             if config.eval_interval and config.eval_iters and it % config.eval_interval == 0 and trainer.make_stream:
                 result = evaluate_paths(trainer, trainer.data("valid"), config.eval_iters)
                 if logging:
-                    print(f" validation at iteration {it:8d} | lm loss: {result['lm_loss']:.6E} | path ppl: "
-                          + " / ".join(f"{p:.2f}" for p in result["path_perplexity"]) + " |", flush=True)
+                    print(
+                        f" validation at iteration {it:8d} | lm loss: {result['lm_loss']:.6E} | path ppl: "
+                        + " / ".join(f"{p:.2f}" for p in result["path_perplexity"])
+                        + " |",
+                        flush=True,
+                    )
             if config.save and config.save_interval and it % config.save_interval == 0:
                 save()
                 saved_at = it
@@ -328,9 +394,15 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
     if config.save and history and saved_at != trainer.iteration:
         save()
     if trainer.stopped_by_signal and logging:
-        print(f" stopped by signal {stop.signum} at iteration {trainer.iteration}: "
-              + (f"saved to {config.save}; run the same command to resume" if config.save
-                 else "no --save was given, so nothing was saved"), flush=True)
+        print(
+            f" stopped by signal {stop.signum} at iteration {trainer.iteration}: "
+            + (
+                f"saved to {config.save}; run the same command to resume"
+                if config.save
+                else "no --save was given, so nothing was saved"
+            ),
+            flush=True,
+        )
     return history
 
 

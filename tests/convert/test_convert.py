@@ -6,6 +6,7 @@ AutoModelForCausalLM. Every bad input fails with an error naming the problem and
 outputs untouched. A 2-process run checks resharding (EP 2 -> PP 2) and exporting a checkpoint
 saved in another parallel layout.
 """
+
 import json
 import os
 import shutil
@@ -18,8 +19,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from ordmoe_megatron.convert import ConversionError, hf_to_mcore, mcore_to_hf  # noqa: E402
-from ordmoe_megatron.convert import mcore_io  # noqa: E402
+from ordmoe_megatron.convert import (  # noqa: E402
+    ConversionError,
+    hf_to_mcore,
+    mcore_io,  # noqa: E402
+    mcore_to_hf,
+)
 from ordmoe_megatron.runtime import checkpointing  # noqa: E402
 from ordmoe_megatron.runtime.distributed import device  # noqa: E402
 from tests.helpers import on_device  # noqa: E402
@@ -31,20 +36,41 @@ VOCAB, SEQ, BATCH = 96, 12, 2
 def _configs():
     from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=128, num_experts_per_tok=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_experts_per_tok=2,
+    )
     return {
         # always renormalised top-k (== Megatron top-k then softmax)
-        "mixtral": lambda: MixtralConfig(**common, intermediate_size=48, num_hidden_layers=2,
-                                         num_local_experts=4, rms_norm_eps=1e-5),
+        "mixtral": lambda: MixtralConfig(
+            **common, intermediate_size=48, num_hidden_layers=2, num_local_experts=4, rms_norm_eps=1e-5
+        ),
         # shared expert + sigmoid gate, q/k/v bias, a dense layer, softmax-then-top-k
-        "qwen2_moe": lambda: Qwen2MoeConfig(**common, intermediate_size=40, moe_intermediate_size=32,
-                                            shared_expert_intermediate_size=48, num_hidden_layers=3,
-                                            num_experts=8, mlp_only_layers=[1], norm_topk_prob=False),
+        "qwen2_moe": lambda: Qwen2MoeConfig(
+            **common,
+            intermediate_size=40,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_hidden_layers=3,
+            num_experts=8,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        ),
         # per-head q/k norm, head_dim != hidden/heads, renormalised top-k, tied embeddings
-        "qwen3_moe": lambda: Qwen3MoeConfig(**common, intermediate_size=40, moe_intermediate_size=32,
-                                            num_hidden_layers=2, num_experts=8, head_dim=24,
-                                            norm_topk_prob=True, tie_word_embeddings=True),
+        "qwen3_moe": lambda: Qwen3MoeConfig(
+            **common,
+            intermediate_size=40,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_experts=8,
+            head_dim=24,
+            norm_topk_prob=True,
+            tie_word_embeddings=True,
+        ),
     }
 
 
@@ -182,8 +208,9 @@ def test_model_args_and_flags(work):
 
     parser = add_model_args(argparse.ArgumentParser())
     parsed = flags_from_args(parser.parse_args(flags_to_argv(flags)))
-    assert {k: v for k, v in parsed.items() if k != "padded_vocab_size"} == \
-        {k: v for k, v in flags.items() if k != "padded_vocab_size"}
+    assert {k: v for k, v in parsed.items() if k != "padded_vocab_size"} == {
+        k: v for k, v in flags.items() if k != "padded_vocab_size"
+    }
     q3 = mcore_io.read_model_args(_mcore_dir(work, "qwen3_moe"))
     assert q3["qk_layernorm"] and q3["kv_channels"] == 24 and not q3["moe_router_pre_softmax"]
     assert not q3["untie_embeddings_and_output_weights"]
@@ -284,27 +311,60 @@ L1K = "model.layers.1.self_attn.k_proj.weight"
 BAD_HF = {
     "truncated": ("mixtral", dict(), _truncate, "truncated"),
     "missing-tensor": ("mixtral", dict(tensor_edit=lambda t: t.pop(L1K)), None, L1K),
-    "wrong-shape": ("qwen3_moe", dict(tensor_edit=lambda t: t.__setitem__(
-        "model.layers.0.mlp.experts.3.up_proj.weight", torch.zeros(31, 64))), None,
-        r"model\.layers\.0\.mlp\.experts\.3\.up_proj\.weight has shape \[31, 64\]"),
-    "stray-tensor": ("mixtral", dict(tensor_edit=lambda t: t.__setitem__(
-        "model.layers.0.mlp.extra.weight", torch.zeros(2))), None, r"model\.layers\.0\.mlp\.extra\.weight"),
-    "sliding-window": ("mixtral", dict(config_edit=lambda c: c.update(sliding_window=4096)), None,
-                       "sliding_window=4096"),
-    "qwen-sliding-window": ("qwen2_moe", dict(config_edit=lambda c: c.update(use_sliding_window=True)),
-                            None, "use_sliding_window"),
-    "rope-scaling": ("qwen3_moe", dict(config_edit=lambda c: c.update(rope_parameters={
-        "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})), None, "rope_type='linear'"),
-    "unknown-field": ("mixtral", dict(config_edit=lambda c: c.update(quantization_config={
-        "quant_method": "fp8"})), None, "quantization_config"),
-    "o-proj-bias": ("qwen3_moe", dict(config_edit=lambda c: c.update(attention_bias=True)), None,
-                    "attention_bias=True"),
-    "activation": ("qwen2_moe", dict(config_edit=lambda c: c.update(hidden_act="gelu")), None,
-                   "hidden_act='gelu'"),
-    "olmoe": ("mixtral", dict(config_edit=lambda c: c.update(model_type="olmoe")), None,
-              "olmoe.*refused.*each head"),
-    "not-in-table": ("mixtral", dict(config_edit=lambda c: c.update(model_type="llama")), None,
-                     "'llama' is not in the mapping tables"),
+    "wrong-shape": (
+        "qwen3_moe",
+        dict(tensor_edit=lambda t: t.__setitem__("model.layers.0.mlp.experts.3.up_proj.weight", torch.zeros(31, 64))),
+        None,
+        r"model\.layers\.0\.mlp\.experts\.3\.up_proj\.weight has shape \[31, 64\]",
+    ),
+    "stray-tensor": (
+        "mixtral",
+        dict(tensor_edit=lambda t: t.__setitem__("model.layers.0.mlp.extra.weight", torch.zeros(2))),
+        None,
+        r"model\.layers\.0\.mlp\.extra\.weight",
+    ),
+    "sliding-window": (
+        "mixtral",
+        dict(config_edit=lambda c: c.update(sliding_window=4096)),
+        None,
+        "sliding_window=4096",
+    ),
+    "qwen-sliding-window": (
+        "qwen2_moe",
+        dict(config_edit=lambda c: c.update(use_sliding_window=True)),
+        None,
+        "use_sliding_window",
+    ),
+    "rope-scaling": (
+        "qwen3_moe",
+        dict(
+            config_edit=lambda c: c.update(
+                rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+            )
+        ),
+        None,
+        "rope_type='linear'",
+    ),
+    "unknown-field": (
+        "mixtral",
+        dict(config_edit=lambda c: c.update(quantization_config={"quant_method": "fp8"})),
+        None,
+        "quantization_config",
+    ),
+    "o-proj-bias": (
+        "qwen3_moe",
+        dict(config_edit=lambda c: c.update(attention_bias=True)),
+        None,
+        "attention_bias=True",
+    ),
+    "activation": ("qwen2_moe", dict(config_edit=lambda c: c.update(hidden_act="gelu")), None, "hidden_act='gelu'"),
+    "olmoe": ("mixtral", dict(config_edit=lambda c: c.update(model_type="olmoe")), None, "olmoe.*refused.*each head"),
+    "not-in-table": (
+        "mixtral",
+        dict(config_edit=lambda c: c.update(model_type="llama")),
+        None,
+        "'llama' is not in the mapping tables",
+    ),
 }
 
 
@@ -345,21 +405,45 @@ def _truncate_distcp(dst):
 
 BAD_MCORE = {
     "truncated": ("mixtral", dict(), _truncate_distcp, r"release/__0_0\.distcp: truncated checkpoint file"),
-    "more-layers": ("mixtral", dict(flags_edit=lambda f: f.update(num_layers=3)), None,
-                    r"decoder\.layers\.\S+ .*has shape \[2, .*the model flags imply \[3, "),
-    "wrong-hidden": ("qwen3_moe", dict(flags_edit=lambda f: f.update(moe_ffn_hidden_size=16)), None,
-                     r"linear_fc\d\.weight .*has shape"),
-    "missing-tensor": ("mixtral", dict(
-        flags_edit=lambda f: f.update(moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True),
-        meta_edit=lambda m: m.update(model_type="qwen2_moe")), None,
-        r"missing tensor decoder\.layers\.mlp\.shared_experts\.\S+"),
-    "extra-tensor": ("qwen3_moe", dict(flags_edit=lambda f: f.update(qk_layernorm=False),
-                                       meta_edit=lambda m: m.update(model_type="mixtral")), None,
-                     r"not part of the model .*q_layernorm"),
-    "not-expressible": ("mixtral", dict(flags_edit=lambda f: f.update(moe_router_pre_softmax=True)),
-                        None, "moe_router_pre_softmax=True cannot be expressed"),
-    "no-model-args": ("mixtral", dict(), lambda d: os.remove(os.path.join(d, mcore_io.MODEL_ARGS)),
-                      "model_args.json not found .*model flags of this checkpoint are needed"),
+    "more-layers": (
+        "mixtral",
+        dict(flags_edit=lambda f: f.update(num_layers=3)),
+        None,
+        r"decoder\.layers\.\S+ .*has shape \[2, .*the model flags imply \[3, ",
+    ),
+    "wrong-hidden": (
+        "qwen3_moe",
+        dict(flags_edit=lambda f: f.update(moe_ffn_hidden_size=16)),
+        None,
+        r"linear_fc\d\.weight .*has shape",
+    ),
+    "missing-tensor": (
+        "mixtral",
+        dict(
+            flags_edit=lambda f: f.update(moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True),
+            meta_edit=lambda m: m.update(model_type="qwen2_moe"),
+        ),
+        None,
+        r"missing tensor decoder\.layers\.mlp\.shared_experts\.\S+",
+    ),
+    "extra-tensor": (
+        "qwen3_moe",
+        dict(flags_edit=lambda f: f.update(qk_layernorm=False), meta_edit=lambda m: m.update(model_type="mixtral")),
+        None,
+        r"not part of the model .*q_layernorm",
+    ),
+    "not-expressible": (
+        "mixtral",
+        dict(flags_edit=lambda f: f.update(moe_router_pre_softmax=True)),
+        None,
+        "moe_router_pre_softmax=True cannot be expressed",
+    ),
+    "no-model-args": (
+        "mixtral",
+        dict(),
+        lambda d: os.remove(os.path.join(d, mcore_io.MODEL_ARGS)),
+        "model_args.json not found .*model flags of this checkpoint are needed",
+    ),
 }
 
 
@@ -380,8 +464,9 @@ def test_bad_mcore_input_fails_clearly(work, case):
 # ----------------------------------------------------------------------------------------------
 def _tool(name, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", name), *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_cli_tools(work):
@@ -414,9 +499,15 @@ def _pipeline_logits(model, tokens):
         return out, lambda output, non_loss_data=False: output.detach().clone()
 
     result = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
-        seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True,
-        collect_non_loss_data=True)
+        forward_step_func=step,
+        data_iterator=iter([tokens]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
     return result[0] if parallel_state.is_pipeline_last_stage() else None
 
 
@@ -425,17 +516,20 @@ def _reshard_worker(rank, world_size, src, ep2_dir, tokens):
     Then PP 2 (EP 1): load the EP-2 checkpoint, forward through the pipeline schedule."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, transformer_config_from_flags
     from ordmoe_megatron.runtime.distributed import ParallelLayout, init_model_parallel
+    from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, transformer_config_from_flags
 
     flags = mcore_io.read_model_args(src)
-    common = dict(hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-                  pipeline_dtype=torch.float32)
+    common = dict(hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, pipeline_dtype=torch.float32)
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
 
     init_model_parallel(ParallelLayout(expert=2))
-    model = gpt_model_from_flags(flags, transformer_config_from_flags(
-        flags, expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall", **common))
+    model = gpt_model_from_flags(
+        flags,
+        transformer_config_from_flags(
+            flags, expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall", **common
+        ),
+    )
     mcore_io.load_model_weights(model, src)
     model.eval()
     with torch.no_grad():
@@ -447,8 +541,7 @@ def _reshard_worker(rank, world_size, src, ep2_dir, tokens):
 
     init_model_parallel(ParallelLayout(pipeline=2))
     model_parallel_cuda_manual_seed(1)
-    model = gpt_model_from_flags(flags, transformer_config_from_flags(
-        flags, pipeline_model_parallel_size=2, **common))
+    model = gpt_model_from_flags(flags, transformer_config_from_flags(flags, pipeline_model_parallel_size=2, **common))
     mcore_io.load_model_weights(model, ep2_dir)
     model.eval()
     with torch.no_grad():

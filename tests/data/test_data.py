@@ -168,7 +168,7 @@ def test_heldout_prompt_tokens_are_a_prefix_of_the_full_line(tiny, tokenizer):
         prompt_ids = tokenizer.tokenize(problem["prompt"])
         full_ids = tokenizer.tokenize(problem["prompt"] + problem["answer"])
         assert full_ids[: len(prompt_ids)] == prompt_ids
-        assert tokenizer.detokenize(full_ids[len(prompt_ids):]) == problem["answer"]
+        assert tokenizer.detokenize(full_ids[len(prompt_ids) :]) == problem["answer"]
 
 
 def test_tokenizer_training_is_deterministic(tiny, tmp_path):
@@ -214,8 +214,12 @@ def test_gpt_datasets_without_torch_distributed(tiny, tokenizer, monkeypatch):
     # builder only asks torch.distributed.is_initialized(), so hide it to test that path.
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     train, valid, test = build_gpt_datasets(
-        tiny["train_prefix"], tokenizer, SEQ_LENGTH, (300, 20, None),
-        valid_prefix=tiny["valid_prefix"], seed=7,
+        tiny["train_prefix"],
+        tokenizer,
+        SEQ_LENGTH,
+        (300, 20, None),
+        valid_prefix=tiny["valid_prefix"],
+        seed=7,
     )
     assert test is None and len(train) >= 300 and len(valid) >= 20
     for dataset in (train, valid):
@@ -227,7 +231,11 @@ def test_gpt_datasets_without_torch_distributed(tiny, tokenizer, monkeypatch):
 
 def test_gpt_datasets_from_one_prefix_with_split(tiny, tokenizer, tmp_path):
     train, valid, test = build_gpt_datasets(
-        tiny["train_prefix"], tokenizer, SEQ_LENGTH, (100, 10, 10), split="90,5,5",
+        tiny["train_prefix"],
+        tokenizer,
+        SEQ_LENGTH,
+        (100, 10, 10),
+        split="90,5,5",
         path_to_cache=str(tmp_path / "cache"),
     )
     for dataset in (train, valid, test):
@@ -252,8 +260,12 @@ def _gloo_world_of_one(tmp_path):
 def test_gpt_datasets_with_gloo_initialised(tiny, tokenizer, tmp_path):
     with _gloo_world_of_one(tmp_path):
         train, valid, _ = build_gpt_datasets(
-            tiny["train_prefix"], tokenizer, SEQ_LENGTH, (50, 5, None),
-            valid_prefix=tiny["valid_prefix"], path_to_cache=str(tmp_path / "cache"),
+            tiny["train_prefix"],
+            tokenizer,
+            SEQ_LENGTH,
+            (50, 5, None),
+            valid_prefix=tiny["valid_prefix"],
+            path_to_cache=str(tmp_path / "cache"),
         )
         _assert_gpt_sample(train[0])
         _assert_gpt_sample(valid[0])
@@ -268,8 +280,12 @@ def _two_rank_worker(rank, tiny, store_path, cache_dir, out_path):
     try:
         tokenizer = load_tokenizer(tiny["tokenizer_model"])
         train, _, _ = build_gpt_datasets(
-            tiny["train_prefix"], tokenizer, SEQ_LENGTH, (64, 8, None),
-            valid_prefix=tiny["valid_prefix"], path_to_cache=cache_dir,
+            tiny["train_prefix"],
+            tokenizer,
+            SEQ_LENGTH,
+            (64, 8, None),
+            valid_prefix=tiny["valid_prefix"],
+            path_to_cache=cache_dir,
         )
         torch.save(torch.stack([train[i]["tokens"] for i in range(8)]), out_path)
     finally:
@@ -281,13 +297,12 @@ def test_gpt_datasets_on_two_gloo_ranks_agree(tiny, tmp_path):
     # torch.multiprocessing.spawn, whose children re-import pytest's whole session.
     args = [json.dumps(tiny), str(tmp_path / "pg"), str(tmp_path / "cache")]
     repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (repo_root, os.environ.get("PYTHONPATH")) if p
-    )}  # the package importable even when it is not installed
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p),
+    }  # the package importable even when it is not installed
     procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), *args, str(tmp_path / f"{rank}.pt")], env=env
-        )
+        subprocess.Popen([sys.executable, __file__, str(rank), *args, str(tmp_path / f"{rank}.pt")], env=env)
         for rank in (0, 1)
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
@@ -377,8 +392,9 @@ def test_tokenizer_mismatch_is_reported(tiny, other_tokenizer):
     with pytest.raises(ValueError, match=r"Tokenizer mismatch .*valid\.bin"):
         check_tokenizer_matches_data(other_tokenizer, tiny["valid_prefix"])
     with pytest.raises(ValueError, match=r"Tokenizer mismatch"):
-        build_gpt_datasets(tiny["train_prefix"], other_tokenizer, SEQ_LENGTH, (10, 1, None),
-                           valid_prefix=tiny["valid_prefix"])
+        build_gpt_datasets(
+            tiny["train_prefix"], other_tokenizer, SEQ_LENGTH, (10, 1, None), valid_prefix=tiny["valid_prefix"]
+        )
 
 
 def test_too_small_vocab_is_reported_without_a_record(tiny, other_tokenizer, tmp_path):

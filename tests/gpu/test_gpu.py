@@ -4,6 +4,7 @@ tiny preset trains in bf16 end to end, resumes, and gets its tier report.
 Skipped, with the reason, on a machine without CUDA (CI has none). Run them where a GPU is:
 ``python -m pytest -q tests/gpu``.
 """
+
 import json
 import os
 import shutil
@@ -23,13 +24,19 @@ pytestmark = [
 
 
 def _python(code: str, **env):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **env},
+    )
 
 
 def test_single_tier_equals_plain_gpt_model_with_deterministic_algorithms():
     # A process of its own: cuBLAS reads its workspace setting when CUDA starts.
-    proc = _python("""
+    proc = _python(
+        """
         import torch
         torch.use_deterministic_algorithms(True)
         from ordmoe_megatron.runtime.distributed import init_process_group
@@ -41,7 +48,9 @@ def test_single_tier_equals_plain_gpt_model_with_deterministic_algorithms():
             assert all(torch.equal(a, b) for a, b in zip(pl, sl)), (pl, sl)
             assert all(torch.equal(a, b) for step_a, step_b in zip(pg, sg) for a, b in zip(step_a, step_b))
         print("OK")
-    """, CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    """,
+        CUBLAS_WORKSPACE_CONFIG=":4096:8",
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
 
 
@@ -57,22 +66,36 @@ def test_fused_paths_equal_separate_tier_passes(megatron_single_process, dtype, 
         for j in range(3):
             model.set_path_tiers([j])
             alone = model(b["tokens"], b["position_ids"], None, labels=b["labels"]).float()
-            torch.testing.assert_close(fused[j * BATCH:(j + 1) * BATCH], alone, rtol=rtol, atol=rtol * 1e-2)
-    assert not torch.allclose(fused[:BATCH], fused[2 * BATCH:])
+            torch.testing.assert_close(fused[j * BATCH : (j + 1) * BATCH], alone, rtol=rtol, atol=rtol * 1e-2)
+    assert not torch.allclose(fused[:BATCH], fused[2 * BATCH :])
 
 
 def test_tiny_preset_in_bf16_trains_resumes_and_reports(tmp_path):
     work = tmp_path / "tiny"
-    common = [sys.executable, "-m", "ordmoe_megatron.train", "--preset", "tiny", "--work-dir", str(work), "--bf16",
-              "--eval-iters", "1", "--log-interval", "5"]
-    first = subprocess.run(common + ["--train-iters", "20", "--save-interval", "10"], capture_output=True, text=True,
-                           timeout=900)
+    common = [
+        sys.executable,
+        "-m",
+        "ordmoe_megatron.train",
+        "--preset",
+        "tiny",
+        "--work-dir",
+        str(work),
+        "--bf16",
+        "--eval-iters",
+        "1",
+        "--log-interval",
+        "5",
+    ]
+    first = subprocess.run(
+        common + ["--train-iters", "20", "--save-interval", "10"], capture_output=True, text=True, timeout=900
+    )
     assert first.returncode == 0, first.stderr[-4000:]
     # As if the run had died after iteration 10: the resumed run trains 11-20 again.
     shutil.rmtree(work / "checkpoints" / "iter_0000020")
     (work / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("10")
-    resumed = subprocess.run(common + ["--train-iters", "20", "--save-interval", "10"], capture_output=True,
-                             text=True, timeout=900)
+    resumed = subprocess.run(
+        common + ["--train-iters", "20", "--save-interval", "10"], capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming at iteration 10" in resumed.stdout
     records = [json.loads(line) for line in open(work / "metrics.jsonl")]
@@ -80,10 +103,26 @@ def test_tiny_preset_in_bf16_trains_resumes_and_reports(tmp_path):
     assert all(r["lm_loss"] > 0 and len(r["path_logprob"]) == 3 for r in records)
 
     report = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "ordmoe_megatron.report", "--load", str(work / "checkpoints"),
-                           "--data-path", str(work / "data" / "megatron" / "valid"), "--tokenizer-model",
-                           str(work / "data" / "tokenizer" / "tiny_sp.model"), "--max-sequences", "16",
-                           "--out-json", str(report)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ordmoe_megatron.report",
+            "--load",
+            str(work / "checkpoints"),
+            "--data-path",
+            str(work / "data" / "megatron" / "valid"),
+            "--tokenizer-model",
+            str(work / "data" / "tokenizer" / "tiny_sp.model"),
+            "--max-sequences",
+            "16",
+            "--out-json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.load(open(report))
     assert len(result["paths"]) == 3 and result["paths"][0]["perplexity"] > 1
@@ -92,8 +131,8 @@ def test_tiny_preset_in_bf16_trains_resumes_and_reports(tmp_path):
 def test_sequential_schedule_matches_fused_and_holds_one_path_of_activations(megatron_single_process):
     """On the GPU: the sequential schedule's gradients equal the fused ones (fp32), and its peak
     memory during the step stays well under the fused step's (one path's activations at a time)."""
-    from tests.mcore.test_schedules import _batches, _step
     from tests.mcore.test_model import _build
+    from tests.mcore.test_schedules import _batches, _step
 
     model = _build(OrdMoEConfig(num_tiers=3))
     batches = _batches(2)
@@ -114,9 +153,13 @@ def test_sequential_schedule_matches_fused_and_holds_one_path_of_activations(meg
 def test_path_benchmark_runs_on_the_gpu(tmp_path):
     """tools/bench_paths.py puts the model and the data on the GPU (bf16) and measures there."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "tools/bench_paths.py", "--rounds", "1", "--shapes", "8x-top2",
-                           "--json", str(out)], capture_output=True, text=True, timeout=900,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    proc = subprocess.run(
+        [sys.executable, "tools/bench_paths.py", "--rounds", "1", "--shapes", "8x-top2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.load(open(out))["8x-top2"]
     assert "bf16" in proc.stdout and torch.cuda.get_device_name() in result["device"]

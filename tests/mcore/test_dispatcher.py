@@ -1,4 +1,5 @@
 """The OrdMoE all-to-all dispatcher: buffer sizes, FP8 padding, collective count."""
+
 import torch
 
 from ordmoe_megatron import OrdMoEConfig
@@ -11,7 +12,7 @@ def _moe_layers(model):
     from ordmoe_megatron.mcore.dispatcher import OrdMoEAlltoAllTokenDispatcher
 
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    assert layers and all(isinstance(l.token_dispatcher, OrdMoEAlltoAllTokenDispatcher) for l in layers)
+    assert layers and all(isinstance(layer.token_dispatcher, OrdMoEAlltoAllTokenDispatcher) for layer in layers)
     return layers
 
 
@@ -83,16 +84,47 @@ def count_all_to_alls(rank, world_size, num_tiers):
         return original(*args, **kwargs)
 
     torch.distributed.all_to_all_single = counting
-    config = cli.run_config_from_args(cli.parse_args([
-        "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
-        "--seq-length", "16", "--max-position-embeddings", "16", "--micro-batch-size", "2",
-        "--global-batch-size", "4", "--lr-warmup-iters", "1", "--train-iters", "2",
-        "--expert-model-parallel-size", "2", "--ordmoe", "--ordmoe-num-tiers", str(num_tiers), "--mock-data",
-    ]))
+    config = cli.run_config_from_args(
+        cli.parse_args(
+            [
+                "--num-layers",
+                "2",
+                "--hidden-size",
+                "32",
+                "--ffn-hidden-size",
+                "64",
+                "--moe-ffn-hidden-size",
+                "32",
+                "--seq-length",
+                "16",
+                "--max-position-embeddings",
+                "16",
+                "--micro-batch-size",
+                "2",
+                "--global-batch-size",
+                "4",
+                "--lr-warmup-iters",
+                "1",
+                "--train-iters",
+                "2",
+                "--expert-model-parallel-size",
+                "2",
+                "--ordmoe",
+                "--ordmoe-num-tiers",
+                str(num_tiers),
+                "--mock-data",
+            ]
+        )
+    )
     tconfig = build.transformer_config(config)
     init_model_parallel(config.layout, config.seed)
-    trainer = setup(config, tconfig, build.model_chunks(config, tconfig), build.stream_factory(config, build.DataSources()),
-                    ResumePlan("new"))
+    trainer = setup(
+        config,
+        tconfig,
+        build.model_chunks(config, tconfig),
+        build.stream_factory(config, build.DataSources()),
+        ResumePlan("new"),
+    )
     data = trainer.data("train")
     calls.clear()
     train_step(trainer, data)
@@ -112,7 +144,8 @@ def test_allgather_dispatcher_gives_the_same_paths(megatron_single_process):
     b = _batch(4)
     outputs = []
     for dispatcher in ("alltoall", "allgather"):
-        model = _build(OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"),
-                       moe_token_dispatcher_type=dispatcher)
+        model = _build(
+            OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"), moe_token_dispatcher_type=dispatcher
+        )
         outputs.append(model(b["tokens"], b["position_ids"], None, labels=b["labels"]))
     assert torch.allclose(outputs[0], outputs[1], atol=1e-6, rtol=0)

@@ -1,4 +1,5 @@
 """Training FLOPs of a step: the plain GPT count by hand, and what the OrdMoE paths add."""
+
 import pytest
 
 from ordmoe_megatron import OrdMoEConfig
@@ -8,8 +9,17 @@ from ordmoe_megatron.mcore.flops import gpt_step_flops, ordmoe_run_step_flops, o
 def _config(**extra):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    kwargs = dict(num_layers=2, hidden_size=8, num_attention_heads=2, ffn_hidden_size=16, num_moe_experts=4,
-                  moe_router_topk=2, moe_ffn_hidden_size=6, moe_layer_freq=[0, 1], use_cpu_initialization=True)
+    kwargs = dict(
+        num_layers=2,
+        hidden_size=8,
+        num_attention_heads=2,
+        ffn_hidden_size=16,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=6,
+        moe_layer_freq=[0, 1],
+        use_cpu_initialization=True,
+    )
     kwargs.update(extra)
     return TransformerConfig(**kwargs)
 
@@ -34,9 +44,11 @@ def test_ordmoe_step_flops():
     assert ordmoe_run_step_flops(cfg, 32, 4, 10, OrdMoEConfig(num_tiers=3)) == pytest.approx(3 * plain)
     assert ordmoe_run_step_flops(cfg, 32, 4, 10, OrdMoEConfig(num_tiers=1)) == plain
     shared = gpt_step_flops(cfg, 32, 4, 10, layers=[0], output_layer=False)
-    assert ordmoe_run_step_flops(cfg, 32, 4, 10, OrdMoEConfig(num_tiers=3), shared_prefix_layers=1) == \
-        pytest.approx(3 * plain - 2 * shared)
+    assert ordmoe_run_step_flops(cfg, 32, 4, 10, OrdMoEConfig(num_tiers=3), shared_prefix_layers=1) == pytest.approx(
+        3 * plain - 2 * shared
+    )
     # Lower paths on a quarter of each micro-batch of 8: 1 + 2 x 1/4 plain steps.
-    assert ordmoe_run_step_flops(cfg, 32, 4, 10, OrdMoEConfig(num_tiers=3, lower_path_fraction=0.25),
-                                 micro_batch_size=8) == pytest.approx(1.5 * plain)
+    assert ordmoe_run_step_flops(
+        cfg, 32, 4, 10, OrdMoEConfig(num_tiers=3, lower_path_fraction=0.25), micro_batch_size=8
+    ) == pytest.approx(1.5 * plain)
     assert ordmoe_step_flops(10.0, 2.0, 3, 0.5) == pytest.approx(10 + 2 * 0.5 * 8)

@@ -1,5 +1,6 @@
 """The OrdMoE loss in Megatron's loss-function convention (fused, per path, sub-sampled), and the
 report reduction."""
+
 import itertools
 
 import pytest
@@ -87,9 +88,18 @@ def _sequential_losses(mask, nll, cfg, per_token, rows, weight_logprobs=None):
     state = MicroBatchPaths(weight_logprobs=weight_logprobs)
     total, tokens, reports = 0.0, 0, []
     for j in range(paths):
-        out = nll[:batch] if j == 0 else nll[batch + (j - 1) * lower: batch + j * lower]
-        loss, n, report = ordmoe_path_loss(mask, out, path=j, paths_of_micro_batch=state, ordmoe=cfg, num_paths=paths,
-                                           vocab_size=100, per_token_loss=per_token, lower_rows=rows)
+        out = nll[:batch] if j == 0 else nll[batch + (j - 1) * lower : batch + j * lower]
+        loss, n, report = ordmoe_path_loss(
+            mask,
+            out,
+            path=j,
+            paths_of_micro_batch=state,
+            ordmoe=cfg,
+            num_paths=paths,
+            vocab_size=100,
+            per_token_loss=per_token,
+            lower_rows=rows,
+        )
         total, tokens = total + loss, tokens + int(n)
         reports.append(report)
     return total, tokens, reports
@@ -102,8 +112,9 @@ def test_sequential_path_losses_have_the_fused_gradient_and_report(name, sub_sam
     cfg = OrdMoEConfig(num_tiers=3, **OBJECTIVE_CONFIGS[name])
     rows = torch.tensor([1, 3]) if sub_sampled else None
     nll, mask = _batch_of(rows=rows)
-    fused, fused_tokens, fused_report = ordmoe_loss(mask, nll, ordmoe=cfg, num_paths=3, vocab_size=100,
-                                                    per_token_loss=per_token, lower_rows=rows)
+    fused, fused_tokens, fused_report = ordmoe_loss(
+        mask, nll, ordmoe=cfg, num_paths=3, vocab_size=100, per_token_loss=per_token, lower_rows=rows
+    )
     (fused_grad,) = torch.autograd.grad(fused, nll)
     weights = None
     if not cfg.linear_objective:  # the schedule's forward-only pre-pass gives every path's values
@@ -125,8 +136,9 @@ def test_a_nonlinear_objective_needs_the_pre_pass_for_its_weights():
     cfg = OrdMoEConfig(num_tiers=3, objective="plackett-luce")
     nll, mask = _batch_of()
     with pytest.raises(RuntimeError, match="pre-pass"):
-        ordmoe_path_loss(mask, nll[:4], path=0, paths_of_micro_batch=MicroBatchPaths(), ordmoe=cfg, num_paths=3,
-                         vocab_size=100)
+        ordmoe_path_loss(
+            mask, nll[:4], path=0, paths_of_micro_batch=MicroBatchPaths(), ordmoe=cfg, num_paths=3, vocab_size=100
+        )
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["per-micro-batch", "per-token"])
@@ -144,8 +156,9 @@ def test_sub_sampled_rank_loss_is_unbiased(name, per_token):
         rows = torch.tensor(subset)
         lower_rows = torch.cat([4 + j * 4 + rows for j in range(2)])  # the subset's rows of paths 2 and 3
         nll = torch.cat([full_nll[:4], full_nll[lower_rows]]).detach().requires_grad_(True)
-        loss, _, _ = ordmoe_loss(mask, nll, ordmoe=cfg, num_paths=3, vocab_size=100, per_token_loss=per_token,
-                                 lower_rows=rows)
+        loss, _, _ = ordmoe_loss(
+            mask, nll, ordmoe=cfg, num_paths=3, vocab_size=100, per_token_loss=per_token, lower_rows=rows
+        )
         (grad,) = torch.autograd.grad(loss, nll)
         mean_loss += loss.item() / len(subsets)
         mean_grad[:4] += grad[:4] / len(subsets)

@@ -1,4 +1,5 @@
 """OrdMoEGPTModel: fused multi-path forward, and C=1 equal to plain Megatron training."""
+
 import functools
 
 import pytest
@@ -15,9 +16,18 @@ def _transformer_config(**extra):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kwargs = dict(
-        num_layers=3, hidden_size=32, num_attention_heads=4, num_moe_experts=8, moe_router_topk=2,
-        moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=1e-2, moe_router_load_balancing_type="aux_loss",
-        hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False, use_cpu_initialization=True,
+        num_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_moe_experts=8,
+        moe_router_topk=2,
+        moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=1e-2,
+        moe_router_load_balancing_type="aux_loss",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
         normalization="RMSNorm",
     )
     kwargs.update(extra)
@@ -53,7 +63,10 @@ def test_ordmoe_adds_no_parameters(megatron_single_process):
     plain = _build()
     ordmoe = _build(OrdMoEConfig(num_tiers=3))
     assert plain.state_dict().keys() == ordmoe.state_dict().keys()
-    tensors = lambda m: [v for v in m.state_dict().values() if isinstance(v, torch.Tensor)]
+
+    def tensors(model):
+        return [v for v in model.state_dict().values() if isinstance(v, torch.Tensor)]
+
     assert all(torch.equal(a, b) for a, b in zip(tensors(plain), tensors(ordmoe)))
 
 
@@ -65,10 +78,10 @@ def test_fused_forward_equals_separate_tier_forwards(megatron_single_process):
     for j in range(3):
         model.set_path_tiers([j])
         alone = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
-        torch.testing.assert_close(fused[j * BATCH:(j + 1) * BATCH], alone, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(fused[j * BATCH : (j + 1) * BATCH], alone, atol=1e-6, rtol=1e-5)
     model.set_path_tiers([0, 1, 2])
     # The lower tiers are genuinely different forwards.
-    assert not torch.allclose(fused[:BATCH], fused[2 * BATCH:])
+    assert not torch.allclose(fused[:BATCH], fused[2 * BATCH :])
 
 
 def test_precomputed_decoder_input_gives_the_same_paths(megatron_single_process):
@@ -133,7 +146,7 @@ def _train(model, loss_func, steps=3, num_microbatches=2):
     batches = [_batch(100 + i) for i in range(steps * num_microbatches)]
     losses, grads = [], []
     for step in range(steps):
-        data = iter(batches[step * num_microbatches:(step + 1) * num_microbatches])
+        data = iter(batches[step * num_microbatches : (step + 1) * num_microbatches])
 
         def forward_step(data_iterator, model):
             b = next(data_iterator)
@@ -142,8 +155,13 @@ def _train(model, loss_func, steps=3, num_microbatches=2):
 
         optimizer.zero_grad()
         reports = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=data, model=[model], num_microbatches=num_microbatches,
-            seq_length=SEQ, micro_batch_size=BATCH, forward_only=False,
+            forward_step_func=forward_step,
+            data_iterator=data,
+            model=[model],
+            num_microbatches=num_microbatches,
+            seq_length=SEQ,
+            micro_batch_size=BATCH,
+            forward_only=False,
         )
         losses.append(torch.stack([r["lm loss"] for r in reports]))
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -159,16 +177,22 @@ def _single_tier_and_plain_training(rank, world_size, extra):
     plain = _build(**extra)
     ordmoe_cfg = OrdMoEConfig(num_tiers=1)
     single = _build(ordmoe_cfg, **extra)
-    ordmoe_loss_func = lambda mask, out: ordmoe_loss(mask, out, ordmoe=ordmoe_cfg, num_paths=1, vocab_size=VOCAB)
+
+    def ordmoe_loss_func(mask, out):
+        return ordmoe_loss(mask, out, ordmoe=ordmoe_cfg, num_paths=1, vocab_size=VOCAB)
+
     return _train(plain, _plain_loss_func), _train(single, ordmoe_loss_func)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)])
+@pytest.mark.parametrize(
+    "extra", [dict(), dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)]
+)
 def test_single_tier_trains_bit_identically_to_plain_megatron(extra):
     # On the CPU by design (a gloo process): bit for bit on its deterministic kernels. The GPU's
     # version, with deterministic algorithms, is in tests/gpu.
-    ((plain_losses, plain_grads), (single_losses, single_grads)), = run_on_ranks(
-        _single_tier_and_plain_training, 1, extra)
+    (((plain_losses, plain_grads), (single_losses, single_grads)),) = run_on_ranks(
+        _single_tier_and_plain_training, 1, extra
+    )
     for step in range(3):
         assert torch.equal(plain_losses[step], single_losses[step])
         assert all(torch.equal(a, b) for a, b in zip(plain_grads[step], single_grads[step]))

@@ -1,4 +1,5 @@
 """TierRouter against Megatron's TopKRouter, on one CPU process."""
+
 import pytest
 import torch
 
@@ -30,9 +31,15 @@ def _routers(extra, ordmoe=None, topk=TOPK):
     from ordmoe_megatron.mcore.router import TierRouter
 
     kwargs = dict(
-        num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=EXPERTS,
-        moe_router_topk=topk, moe_aux_loss_coeff=1e-2, moe_router_load_balancing_type="aux_loss",
-        add_bias_linear=False, use_cpu_initialization=True,
+        num_layers=2,
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        num_moe_experts=EXPERTS,
+        moe_router_topk=topk,
+        moe_aux_loss_coeff=1e-2,
+        moe_router_load_balancing_type="aux_loss",
+        add_bias_linear=False,
+        use_cpu_initialization=True,
     )
     kwargs.update(extra)
     config = TransformerConfig(**kwargs)
@@ -230,14 +237,21 @@ def test_lower_paths_match_select_tier_per_path(megatron_single_process, ranks):
     from ordmoe_megatron.method import select_tier
 
     torch.manual_seed(8)
-    _, tier = _routers(SCORE_CONFIGS["sigmoid-expert-bias"],
-                       OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks=ranks))
+    _, tier = _routers(
+        SCORE_CONFIGS["sigmoid-expert-bias"], OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks=ranks)
+    )
     x = on_device(torch.randn(SEQ, 3 * BATCH, HIDDEN))
     probs, routing_map = (t.view(SEQ, 3, BATCH, EXPERTS) for t in tier(x))
     logits = (x @ tier.weight.t()).view(SEQ, 3, BATCH, EXPERTS)
     for j in (1, 2):
-        ref_probs, ref_map = select_tier(logits[:, j].reshape(-1, EXPERTS), tier.tiers[j], TOPK, "sigmoid",
-                                         expert_bias=tier.expert_bias, fp32_scores=compat.ROUTER_SCORES_IN_FP32)
+        ref_probs, ref_map = select_tier(
+            logits[:, j].reshape(-1, EXPERTS),
+            tier.tiers[j],
+            TOPK,
+            "sigmoid",
+            expert_bias=tier.expert_bias,
+            fp32_scores=compat.ROUTER_SCORES_IN_FP32,
+        )
         assert torch.equal(routing_map[:, j].reshape(-1, EXPERTS), ref_map)
         torch.testing.assert_close(probs[:, j].reshape(-1, EXPERTS), ref_probs, rtol=1e-5, atol=1e-6)
         assert (routing_map[:, j].sum(-1) == len(tier.tiers[j])).all()

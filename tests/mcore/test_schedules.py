@@ -1,6 +1,7 @@
 """The OrdMoE schedules: fused and sequential paths through Megatron's own schedule, sub-sampled
 lower paths (unbiased, drawn per data-parallel rank), one process unless a test says otherwise.
 The parallel layouts' versions are in tests/train/test_parallel_layouts.py."""
+
 import functools
 import itertools
 
@@ -22,8 +23,12 @@ def _batches(count, seed=0):
     for i in range(count):
         g = torch.Generator().manual_seed(seed + i)
         tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-        batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=(torch.rand(BATCH, SEQ, generator=g) > 0.2).float(),
-                     position_ids=torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1))
+        batch = dict(
+            tokens=tokens[:, :-1],
+            labels=tokens[:, 1:],
+            loss_mask=(torch.rand(BATCH, SEQ, generator=g) > 0.2).float(),
+            position_ids=torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1),
+        )
         out.append({k: v.to(device()) for k, v in batch.items()})
     return out
 
@@ -46,8 +51,14 @@ def _step(model, cfg, batches, per_token=False, forward_only=False):
     model.config.grad_scale_func = lambda loss: loss * 1.0
     scale_func = model.config.grad_scale_func
     reports = get_ordmoe_forward_backward_func(cfg, VOCAB, per_token, seed=5, step_fn=lambda: 0)(
-        forward_step_func=_forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
-        seq_length=SEQ, micro_batch_size=BATCH, forward_only=forward_only)
+        forward_step_func=_forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=BATCH,
+        forward_only=forward_only,
+    )
     assert model.config.grad_scale_func is scale_func  # the sequential schedule's scaling is undone
     assert model.path_tiers == [0, 1, 2] and model.path_rows is None
     grads = None if forward_only else {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -58,12 +69,19 @@ def _summed(reports):
     return {k: sum(r[k] for r in reports) for k in reports[0]}
 
 
-@pytest.mark.parametrize("objective,fraction,per_token", [
-    ("advantage", 1.0, False), ("advantage", 1.0, True), ("advantage", 0.5, False),
-    ("plackett-luce", 1.0, False), ("pairwise-logistic", 0.5, True),
-])
-def test_sequential_schedule_gives_the_fused_gradients_and_reports(megatron_single_process, objective, fraction,
-                                                                  per_token):
+@pytest.mark.parametrize(
+    "objective,fraction,per_token",
+    [
+        ("advantage", 1.0, False),
+        ("advantage", 1.0, True),
+        ("advantage", 0.5, False),
+        ("plackett-luce", 1.0, False),
+        ("pairwise-logistic", 0.5, True),
+    ],
+)
+def test_sequential_schedule_gives_the_fused_gradients_and_reports(
+    megatron_single_process, objective, fraction, per_token
+):
     model = _build(OrdMoEConfig(num_tiers=3), moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
     batches = _batches(2)
     kwargs = dict(num_tiers=3, objective=objective, lower_path_fraction=fraction)
@@ -86,10 +104,18 @@ def test_evaluation_runs_every_path_on_every_sequence(megatron_single_process):
     for objective in ("advantage", "plackett-luce"):  # (no pre-pass without a backward)
         with torch.no_grad():
             full, _ = _step(model, OrdMoEConfig(num_tiers=3, objective=objective), batches, forward_only=True)
-            sub, _ = _step(model, OrdMoEConfig(num_tiers=3, objective=objective, lower_path_fraction=0.25), batches,
-                           forward_only=True)
-            seq, _ = _step(model, OrdMoEConfig(num_tiers=3, objective=objective, path_schedule="sequential",
-                                               lower_path_fraction=0.25), batches, forward_only=True)
+            sub, _ = _step(
+                model,
+                OrdMoEConfig(num_tiers=3, objective=objective, lower_path_fraction=0.25),
+                batches,
+                forward_only=True,
+            )
+            seq, _ = _step(
+                model,
+                OrdMoEConfig(num_tiers=3, objective=objective, path_schedule="sequential", lower_path_fraction=0.25),
+                batches,
+                forward_only=True,
+            )
         for key, value in _summed(full).items():
             torch.testing.assert_close(_summed(sub)[key], value)
             torch.testing.assert_close(_summed(seq)[key], value, rtol=1e-6, atol=1e-6)
@@ -131,7 +157,7 @@ def _draws(rank, world_size):
     cfg = OrdMoEConfig(num_tiers=3, lower_path_fraction=0.25)
     rows = {}
     for step in (3, 4):
-        schedule = PathSchedule(cfg, VOCAB, False, seed=11, step_fn=lambda: step)
+        schedule = PathSchedule(cfg, VOCAB, False, seed=11, step_fn=lambda step=step: step)
         draw = schedule._subset_drawer(16, cfg.lower_path_rows(16), torch.device("cpu"))
         rows[step] = [draw(k).tolist() for k in range(2)]
     again = PathSchedule(cfg, VOCAB, False, seed=11, step_fn=lambda: 3)._subset_drawer(16, 4, torch.device("cpu"))
@@ -142,13 +168,13 @@ def _draws(rank, world_size):
 def test_lower_path_draws_agree_across_tensor_parallel_ranks_and_differ_across_data_parallel_ranks():
     results = run_on_ranks(_draws, 4)
     by_dp = {}
-    for tp, dp, rows in results:
+    for _tp, dp, rows in results:
         by_dp.setdefault(dp, []).append(rows)
         for step in rows:
             for draw in rows[step]:
                 assert len(draw) == 4 and draw == sorted(set(draw)) and all(0 <= r < 16 for r in draw)
     assert sorted(by_dp) == [0, 1]
-    for dp, peers in by_dp.items():
+    for peers in by_dp.values():
         assert len(peers) == 2 and peers[0] == peers[1]  # tensor-parallel peers: the same rows
     assert by_dp[0][0] != by_dp[1][0]  # data-parallel ranks: independent draws
     first = by_dp[0][0]

@@ -20,10 +20,11 @@ CPU runs of Megatron-LM's training loop: this file, run as a program
 (``python tests/megatron_lm/test_megatron_lm.py SCRIPT ARGS...``), is the launcher: it calls
 ``runtime.bridges.megatron_lm_on_cpu()`` (the CPU emulation plus three CUDA-only spots of
 Megatron-LM's ``megatron.training``, bridged at run time; no file of Megatron-LM is changed
-beyond the patch) and runs the script, and the CPU flags: ``--distributed-backend gloo --transformer-impl local --use-cpu-initialization
---no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion
---no-bias-dropout-fusion --no-persist-layer-norm``.
+beyond the patch) and runs the script, and the CPU flags: ``--distributed-backend gloo
+--transformer-impl local --use-cpu-initialization --no-gradient-accumulation-fusion
+--no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion --no-persist-layer-norm``.
 """
+
 import argparse
 import os
 import platform
@@ -45,7 +46,7 @@ MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 needs_megatron_lm = pytest.mark.skipif(
     not MEGATRON_LM_PATH,
     reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (tags core_v0.16.1 to core_v0.19.x; triton, pybind11 "
-           "and six importable) to run the Megatron-LM integration tests (docs/megatron_lm.md)",
+    "and six importable) to run the Megatron-LM integration tests (docs/megatron_lm.md)",
 )
 
 
@@ -54,8 +55,13 @@ def patch_for(checkout):
     differ there): core_v0.19 builds a GPTModelConfig, core_v0.18 parses before pretrain, and
     core_v0.16 and core_v0.17 pass everything to pretrain."""
     script = open(os.path.join(checkout, "pretrain_gpt.py")).read()
-    tag = ("core_v0.19.0" if "gpt_config_from_args" in script
-           else "core_v0.18.2" if "parse_and_validate_args" in script else "core_v0.16.1")
+    tag = (
+        "core_v0.19.0"
+        if "gpt_config_from_args" in script
+        else "core_v0.18.2"
+        if "parse_and_validate_args" in script
+        else "core_v0.16.1"
+    )
     return os.path.join(PATCHES, f"megatron-lm-{tag}-ordmoe.patch")
 
 
@@ -69,8 +75,12 @@ def test_script_passes_bash_n(script):
 
 
 def test_the_launch_scripts_are_there():
-    assert set(LAUNCHERS) == {"megatron_lm_torchrun.sh", "megatron_lm_slurm.sh",
-                              "ordmoe_pretrain_torchrun.sh", "ordmoe_pretrain_slurm.sh"}
+    assert set(LAUNCHERS) == {
+        "megatron_lm_torchrun.sh",
+        "megatron_lm_slurm.sh",
+        "ordmoe_pretrain_torchrun.sh",
+        "ordmoe_pretrain_slurm.sh",
+    }
     for script in LAUNCHERS:
         assert os.access(os.path.join(EXAMPLES, script), os.X_OK), f"{script} is not executable"
 
@@ -78,20 +88,23 @@ def test_the_launch_scripts_are_there():
 def _stand_in(path, help_text=""):
     """A program that prints its environment's WORLD_SIZE and its arguments, one a line."""
     with open(path, "w") as f:
-        f.write(textwrap.dedent(f"""\
+        f.write(
+            textwrap.dedent(f"""\
             #!/usr/bin/env bash
             if [[ "${{1:-}}" == --help ]]; then echo "{help_text}"; exit 0; fi
             echo "WORLD_SIZE=$WORLD_SIZE RANK=$RANK"
             printf 'ARG %s\\n' "$@"
-            """))
+            """)
+        )
     os.chmod(path, 0o755)
     return path
 
 
 def _run_script(script, *args, env=None):
     full_env = {**os.environ, "TORCHRUN": "false", **(env or {})}
-    return subprocess.run(["bash", os.path.join(EXAMPLES, script), *args], capture_output=True, text=True,
-                          env=full_env, timeout=120)
+    return subprocess.run(
+        ["bash", os.path.join(EXAMPLES, script), *args], capture_output=True, text=True, env=full_env, timeout=120
+    )
 
 
 def _argv(stdout):
@@ -101,7 +114,9 @@ def _argv(stdout):
 @pytest.mark.parametrize("script,world", [("ordmoe_pretrain_torchrun.sh", 8), ("ordmoe_pretrain_slurm.sh", 32)])
 def test_ordmoe_pretrain_script_dry_run_plumbing(tmp_path, script, world):
     fake = _stand_in(tmp_path / "ordmoe-pretrain", help_text="--bf16 --fp8-format")
-    proc = _run_script(script, "--dry-run", "--train-iters", "7", env={"ORDMOE_PRETRAIN": str(fake), "PRECISION": "fp8"})
+    proc = _run_script(
+        script, "--dry-run", "--train-iters", "7", env={"ORDMOE_PRETRAIN": str(fake), "PRECISION": "fp8"}
+    )
     assert proc.returncode == 0, proc.stderr
     argv = _argv(proc.stdout)
     assert f"WORLD_SIZE={world} RANK=0" in proc.stdout
@@ -109,7 +124,7 @@ def test_ordmoe_pretrain_script_dry_run_plumbing(tmp_path, script, world):
     assert "--fp8-format" in argv and argv[argv.index("--fp8-format") + 1] == "hybrid"
     assert argv[argv.index("--num-experts") + 1] == "64" and argv[argv.index("--moe-router-topk") + 1] == "6"
     assert argv[argv.index("--num-layers") + 1] == "28" and argv[argv.index("--hidden-size") + 1] == "2048"
-    launch = next(l for l in proc.stdout.splitlines() if l.startswith("would launch: "))
+    launch = next(line for line in proc.stdout.splitlines() if line.startswith("would launch: "))
     assert "--no-python" in launch and ("srun" in launch) == script.endswith("slurm.sh")
 
 
@@ -195,7 +210,10 @@ def test_bad_flag_ends_the_parse_with_a_message_naming_it(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--ordmoe", "--ordmoe-rewards", "0", "0.5", "1"])
     assert exit_info.value.code == 2
-    assert "pretrain_gpt.py: error: --ordmoe-rewards [0.0, 0.5, 1.0] must be strictly decreasing" in capsys.readouterr().err
+    assert (
+        "pretrain_gpt.py: error: --ordmoe-rewards [0.0, 0.5, 1.0] must be strictly decreasing"
+        in capsys.readouterr().err
+    )
 
 
 def test_rewards_that_are_not_finite_end_the_parse(capsys):
@@ -210,8 +228,9 @@ def test_a_damaged_checkpoint_to_load_ends_the_parse_naming_the_file(tmp_path, c
     load = tmp_path / "ckpt"
     (load / "iter_0000003").mkdir(parents=True)
     (load / "latest_checkpointed_iteration.txt").write_text("3")
-    (load / "iter_0000003" / "metadata.json").write_text('{"sharded_backend": "torch_dist", '
-                                                         '"sharded_backend_version": 1, "common_backend": "torch"}')
+    (load / "iter_0000003" / "metadata.json").write_text(
+        '{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch"}'
+    )
     parser = megatron_lm.extra_args_provider(check_now=False)(_parser())
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--ordmoe", "--load", str(load)])
@@ -230,35 +249,51 @@ def _ordmoe_args(*argv, **extra):
     return args
 
 
-@pytest.mark.parametrize("argv,extra,message", [
-    (["--ordmoe", "--ordmoe-num-tiers", "0"], {}, "--ordmoe-num-tiers=0 must be an integer >= 1"),
-    (["--ordmoe", "--ordmoe-grouping", "explicit"], {}, "--ordmoe-grouping=explicit needs --ordmoe-tier-ranks"),
-    (["--ordmoe"], {"use_legacy_models": True}, "--use-legacy-models"),
-    (["--ordmoe"], {"overlap_moe_expert_parallel_comm": True}, "--overlap-moe-expert-parallel-comm"),
-    (["--ordmoe"], {"yaml_cfg": "model.yaml"}, "--yaml-cfg"),
-])
+@pytest.mark.parametrize(
+    "argv,extra,message",
+    [
+        (["--ordmoe", "--ordmoe-num-tiers", "0"], {}, "--ordmoe-num-tiers=0 must be an integer >= 1"),
+        (["--ordmoe", "--ordmoe-grouping", "explicit"], {}, "--ordmoe-grouping=explicit needs --ordmoe-tier-ranks"),
+        (["--ordmoe"], {"use_legacy_models": True}, "--use-legacy-models"),
+        (["--ordmoe"], {"overlap_moe_expert_parallel_comm": True}, "--overlap-moe-expert-parallel-comm"),
+        (["--ordmoe"], {"yaml_cfg": "model.yaml"}, "--yaml-cfg"),
+    ],
+)
 def test_validation_errors_name_the_flag(argv, extra, message):
     with pytest.raises(megatron_lm.OrdMoEArgumentError, match="^" + message.replace("[", r"\[").replace("+", r"\+")):
         megatron_lm.validate_ordmoe_args(_ordmoe_args(*argv, **extra))
 
 
 def _model_config(**overrides):
-    config = dict(num_moe_experts=64, moe_router_topk=6, num_layers=28, moe_layer_freq=[0] + [1] * 27,
-                  moe_expert_capacity_factor=None, moe_router_num_groups=None, moe_router_group_topk=None,
-                  moe_router_load_balancing_type="aux_loss", moe_enable_routing_replay=False, mtp_num_layers=None,
-                  moe_token_dispatcher_type="alltoall", context_parallel_size=1)
+    config = dict(
+        num_moe_experts=64,
+        moe_router_topk=6,
+        num_layers=28,
+        moe_layer_freq=[0] + [1] * 27,
+        moe_expert_capacity_factor=None,
+        moe_router_num_groups=None,
+        moe_router_group_topk=None,
+        moe_router_load_balancing_type="aux_loss",
+        moe_enable_routing_replay=False,
+        mtp_num_layers=None,
+        moe_token_dispatcher_type="alltoall",
+        context_parallel_size=1,
+    )
     config.update(overrides)
     return types.SimpleNamespace(**config)
 
 
-@pytest.mark.parametrize("argv,config,message", [
-    (["--ordmoe", "--ordmoe-num-tiers", "11"], {}, "--ordmoe-num-tiers=11 needs 11x6=66 experts"),
-    (["--ordmoe", "--ordmoe-layer-scope", "29-30"], {}, "--ordmoe-layer-scope names layers [29, 30]"),
-    (["--ordmoe", "--ordmoe-layer-scope", "1"], {}, "--ordmoe-layer-scope 1 contains no MoE layer"),
-    (["--ordmoe"], {"moe_expert_capacity_factor": 1.0}, "--moe-expert-capacity-factor"),
-    (["--ordmoe"], {"context_parallel_size": 2}, "--context-parallel-size > 1"),
-    (["--ordmoe"], {"num_moe_experts": None}, "--ordmoe needs a MoE model"),
-])
+@pytest.mark.parametrize(
+    "argv,config,message",
+    [
+        (["--ordmoe", "--ordmoe-num-tiers", "11"], {}, "--ordmoe-num-tiers=11 needs 11x6=66 experts"),
+        (["--ordmoe", "--ordmoe-layer-scope", "29-30"], {}, "--ordmoe-layer-scope names layers [29, 30]"),
+        (["--ordmoe", "--ordmoe-layer-scope", "1"], {}, "--ordmoe-layer-scope 1 contains no MoE layer"),
+        (["--ordmoe"], {"moe_expert_capacity_factor": 1.0}, "--moe-expert-capacity-factor"),
+        (["--ordmoe"], {"context_parallel_size": 2}, "--context-parallel-size > 1"),
+        (["--ordmoe"], {"num_moe_experts": None}, "--ordmoe needs a MoE model"),
+    ],
+)
 def test_model_level_validation_uses_megatron_lm_config(monkeypatch, argv, config, message):
     """The model checks run on the TransformerConfig Megatron-LM makes (here a stand-in)."""
     monkeypatch.setattr(arguments, "megatron_validated_args", lambda args: args)
@@ -292,45 +327,61 @@ def _linear_flops(args, batch_size):
 
 
 def _flops_args(*argv, pp=1, freq=None, recompute=None, micro_batch_size=2):
-    return _ordmoe_args(*argv, num_layers=6, moe_layer_freq=freq if freq is not None else [0, 1, 1, 1, 1, 1],
-                        num_experts=8, pipeline_model_parallel_size=pp, recompute_granularity=recompute,
-                        mtp_num_layers=None, micro_batch_size=micro_batch_size)
+    return _ordmoe_args(
+        *argv,
+        num_layers=6,
+        moe_layer_freq=freq if freq is not None else [0, 1, 1, 1, 1, 1],
+        num_experts=8,
+        pipeline_model_parallel_size=pp,
+        recompute_granularity=recompute,
+        mtp_num_layers=None,
+        micro_batch_size=micro_batch_size,
+    )
 
 
 def test_flops_count_every_path():
     plain = _linear_flops(_flops_args(), 4)
     # Pipelining fans out at the embedding: every path runs every layer and the output layer.
     assert megatron_lm.ordmoe_num_floating_point_operations(
-        _flops_args("--ordmoe", pp=2), 4, _linear_flops) == pytest.approx(3 * plain)
+        _flops_args("--ordmoe", pp=2), 4, _linear_flops
+    ) == pytest.approx(3 * plain)
     assert megatron_lm.ordmoe_num_floating_point_operations(
-        _flops_args("--ordmoe", "--ordmoe-num-tiers", "4", recompute="full"), 4, _linear_flops) == pytest.approx(4 * plain)
+        _flops_args("--ordmoe", "--ordmoe-num-tiers", "4", recompute="full"), 4, _linear_flops
+    ) == pytest.approx(4 * plain)
     assert megatron_lm.ordmoe_num_floating_point_operations(
-        _flops_args("--ordmoe", "--no-ordmoe-lazy-fanout"), 4, _linear_flops) == pytest.approx(3 * plain)
+        _flops_args("--ordmoe", "--no-ordmoe-lazy-fanout"), 4, _linear_flops
+    ) == pytest.approx(3 * plain)
     # Lower paths on half of each micro-batch's sequences: one plain step plus two half paths.
     assert megatron_lm.ordmoe_num_floating_point_operations(
-        _flops_args("--ordmoe", "--ordmoe-lower-path-fraction", "0.5", pp=2, micro_batch_size=4), 4,
-        _linear_flops) == pytest.approx(2 * plain)
+        _flops_args("--ordmoe", "--ordmoe-lower-path-fraction", "0.5", pp=2, micro_batch_size=4), 4, _linear_flops
+    ) == pytest.approx(2 * plain)
     # The path schedule runs the same paths: the same count.
     assert megatron_lm.ordmoe_num_floating_point_operations(
-        _flops_args("--ordmoe", "--ordmoe-path-schedule", "sequential", pp=2), 4, _linear_flops) == \
-        pytest.approx(3 * plain)
+        _flops_args("--ordmoe", "--ordmoe-path-schedule", "sequential", pp=2), 4, _linear_flops
+    ) == pytest.approx(3 * plain)
     # --no-ordmoe and one tier: Megatron-LM's count unchanged.
     assert megatron_lm.ordmoe_num_floating_point_operations(_flops_args(), 4, _linear_flops) == plain
-    assert megatron_lm.ordmoe_num_floating_point_operations(
-        _flops_args("--ordmoe", "--ordmoe-num-tiers", "1"), 4, _linear_flops) == plain
+    assert (
+        megatron_lm.ordmoe_num_floating_point_operations(
+            _flops_args("--ordmoe", "--ordmoe-num-tiers", "1"), 4, _linear_flops
+        )
+        == plain
+    )
 
 
 def test_flops_subtract_the_layers_run_once():
     # Lazy fan-out: layer 1 is dense, so it runs once; with scope 4-6 layers 1-3 run once.
     plain = _linear_flops(_flops_args(), 2)
-    assert megatron_lm.ordmoe_num_floating_point_operations(
-        _flops_args("--ordmoe"), 2, _linear_flops) == pytest.approx(3 * plain - 2 * 2 * LAYER_FLOPS[0])
+    assert megatron_lm.ordmoe_num_floating_point_operations(_flops_args("--ordmoe"), 2, _linear_flops) == pytest.approx(
+        3 * plain - 2 * 2 * LAYER_FLOPS[0]
+    )
     scoped = _flops_args("--ordmoe", "--ordmoe-layer-scope", "4-6")
     assert megatron_lm.shared_prefix_layers(scoped, ordmoe_config_from_args(scoped)) == 3
     expected = 3 * plain - 2 * 2 * (LAYER_FLOPS[0] + 2 * LAYER_FLOPS[1])
     assert megatron_lm.ordmoe_num_floating_point_operations(scoped, 2, _linear_flops) == pytest.approx(expected)
-    assert megatron_lm.flops_factor(scoped, ordmoe_config_from_args(scoped), _linear_flops) == \
-        pytest.approx(expected / plain)
+    assert megatron_lm.flops_factor(scoped, ordmoe_config_from_args(scoped), _linear_flops) == pytest.approx(
+        expected / plain
+    )
 
 
 # ---- install / uninstall and the forward-backward hook -------------------------------------
@@ -343,8 +394,11 @@ def fake_training(monkeypatch):
     training.get_forward_backward_func = lambda: "megatron's forward_backward"
     training.num_floating_point_operations = _linear_flops
     package.training, package.global_vars = training, global_vars
-    for name, module in (("megatron.training", package), ("megatron.training.training", training),
-                         ("megatron.training.global_vars", global_vars)):
+    for name, module in (
+        ("megatron.training", package),
+        ("megatron.training.training", training),
+        ("megatron.training.global_vars", global_vars),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     yield training, global_vars
     megatron_lm.uninstall()
@@ -368,8 +422,14 @@ def test_install_needs_ordmoe_and_uninstall_restores(fake_training):
 def test_reports_show_path_nll_for_megatron_lm_log():
     import torch
 
-    reports = [{"lm loss": torch.tensor([6.0, 2.0]), "rank loss": torch.tensor([-0.5, 2.0]),
-                "path1 logprob": torch.tensor([-6.0, 2.0]), "path2 logprob": torch.tensor([-7.0, 2.0])}]
+    reports = [
+        {
+            "lm loss": torch.tensor([6.0, 2.0]),
+            "rank loss": torch.tensor([-0.5, 2.0]),
+            "path1 logprob": torch.tensor([-6.0, 2.0]),
+            "path2 logprob": torch.tensor([-7.0, 2.0]),
+        }
+    ]
     out = hooks._loggable(reports)[0]
     assert list(out) == ["lm loss", "rank loss", "path1 nll", "path2 nll"]
     assert out["path2 nll"].tolist() == [7.0, 2.0] and out["rank loss"].tolist() == [-0.5, 2.0]
@@ -388,19 +448,37 @@ def test_builder_builds_ordmoe_model_with_megatron_lms_spec(megatron_single_proc
     builders.GPTModel = GPTModel
 
     def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
-        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_moe_experts=8,
-                                   moe_router_topk=2, moe_ffn_hidden_size=32, use_cpu_initialization=True)
-        return builders.GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=8),
-                                 vocab_size=128, max_sequence_length=16, pre_process=pre_process,
-                                 post_process=post_process)
+        config = TransformerConfig(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_moe_experts=8,
+            moe_router_topk=2,
+            moe_ffn_hidden_size=32,
+            use_cpu_initialization=True,
+        )
+        return builders.GPTModel(
+            config=config,
+            transformer_layer_spec=get_gpt_layer_local_spec(num_experts=8),
+            vocab_size=128,
+            max_sequence_length=16,
+            pre_process=pre_process,
+            post_process=post_process,
+        )
 
     gpt_builder.__module__ = builders.__name__
     monkeypatch.setitem(sys.modules, builders.__name__, builders)
     build = megatron_lm.ordmoe_builder(gpt_builder)
     plain = build(_ordmoe_args("--no-ordmoe"), True, True)
     assert type(plain) is GPTModel
-    model = build(_ordmoe_args("--ordmoe", "--ordmoe-num-tiers", "2", "--ordmoe-rewards", "1", "0"), True, True,
-                  None, config=None, pg_collection=None)
+    model = build(
+        _ordmoe_args("--ordmoe", "--ordmoe-num-tiers", "2", "--ordmoe-rewards", "1", "0"),
+        True,
+        True,
+        None,
+        config=None,
+        pg_collection=None,
+    )
     assert isinstance(model, OrdMoEGPTModel) and model.num_paths == 2
     assert len(model.tier_routers()) == 2 and all(isinstance(r, TierRouter) for r in model.tier_routers())
     assert builders.GPTModel is GPTModel  # the name is restored
@@ -440,14 +518,23 @@ def _megatron_env(**extra):
     from tests.helpers import cpu_env
 
     env = cpu_env()  # the CPU launcher: on the CPU by design, on a GPU machine too
-    python311 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python311") if sys.version_info < (3, 12) else None
+    python311 = (
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "python311") if sys.version_info < (3, 12) else None
+    )
     env["PYTHONPATH"] = os.pathsep.join(p for p in (python311, MEGATRON_LM_PATH, ROOT, env.get("PYTHONPATH")) if p)
     # The dataset helpers are built with `make`, which calls python3 and python3-config: this
     # interpreter, not the 3.12 that the checkout's .python-version makes pyenv pick.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYENV_VERSION"] = platform.python_version()
-    env.update(PYTHONWARNINGS="ignore", CUDA_DEVICE_MAX_CONNECTIONS="1", WORLD_SIZE="1", RANK="0",
-               LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()))
+    env.update(
+        PYTHONWARNINGS="ignore",
+        CUDA_DEVICE_MAX_CONNECTIONS="1",
+        WORLD_SIZE="1",
+        RANK="0",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(find_free_port()),
+    )
     env.update(extra)
     return env
 
@@ -464,8 +551,10 @@ def megatron_lm_ready():
 
     if not os.path.isfile(os.path.join(MEGATRON_LM_PATH, "pretrain_gpt.py")):
         pytest.fail(f"MEGATRON_LM_PATH={MEGATRON_LM_PATH} has no pretrain_gpt.py")
-    for package, why in (("triton", "megatron.training imports it"),
-                         ("six", "core_v0.16's megatron.training imports it")):
+    for package, why in (
+        ("triton", "megatron.training imports it"),
+        ("six", "core_v0.16's megatron.training imports it"),
+    ):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{why}: pip install -e '.[megatron-lm]' (triton, pybind11, six; none pulls torch)")
     return MEGATRON_LM_PATH
@@ -486,20 +575,22 @@ def can_train(megatron_lm_ready):
     import glob
 
     built = glob.glob(os.path.join(megatron_lm_ready, "megatron", "core", "datasets", "helpers_cpp*.so"))
-    probe = subprocess.run([sys.executable, "-m", "pybind11", "--includes"], capture_output=True,
-                           env=_megatron_env())
+    probe = subprocess.run([sys.executable, "-m", "pybind11", "--includes"], capture_output=True, env=_megatron_env())
     if not built and (probe.returncode != 0 or shutil.which("make") is None):
-        pytest.skip("Megatron-LM compiles its dataset helpers at start-up: needs pybind11 (pip install pybind11), "
-                    "make and a C++ compiler")
+        pytest.skip(
+            "Megatron-LM compiles its dataset helpers at start-up: needs pybind11 (pip install pybind11), "
+            "make and a C++ compiler"
+        )
 
 
 @needs_megatron_lm
 def test_patch_applies_to_a_clean_checkout(megatron_lm_ready):
     patch = patch_for(megatron_lm_ready)
-    proc = subprocess.run(["git", "apply", "--check", "--verbose", patch], cwd=megatron_lm_ready,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["git", "apply", "--check", "--verbose", patch], cwd=megatron_lm_ready, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
-    touched = [l.split()[-1] for l in open(patch) if l.startswith("+++ ")]
+    touched = [line.split()[-1] for line in open(patch) if line.startswith("+++ ")]
     assert touched == ["b/pretrain_gpt.py"]
 
 
@@ -517,10 +608,19 @@ def test_patched_help_is_the_unpatched_help(patched, tmp_path):
 
 
 @needs_megatron_lm
-@pytest.mark.parametrize("bad,message", [
-    (["--ordmoe-num-tiers", "5"], "pretrain_gpt.py: error: --ordmoe-num-tiers=5 needs 5x2=10 experts but the layer has 8"),
-    (["--moe-expert-capacity-factor", "1.0"], "pretrain_gpt.py: error: --moe-expert-capacity-factor (token dropping)"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (
+            ["--ordmoe-num-tiers", "5"],
+            "pretrain_gpt.py: error: --ordmoe-num-tiers=5 needs 5x2=10 experts but the layer has 8",
+        ),
+        (
+            ["--moe-expert-capacity-factor", "1.0"],
+            "pretrain_gpt.py: error: --moe-expert-capacity-factor (token dropping)",
+        ),
+    ],
+)
 def test_patched_ordmoe_with_a_bad_flag_fails_clearly(patched, tmp_path, bad, message):
     proc = _run([sys.executable, patched, *SMALL, *CPU, "--ordmoe", *bad], cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -530,25 +630,50 @@ def test_patched_ordmoe_with_a_bad_flag_fails_clearly(patched, tmp_path, bad, me
 
 @needs_megatron_lm
 def test_patched_dry_run_prints_layouts_and_builds_nothing(patched, tmp_path):
-    proc = _run([sys.executable, patched, *SMALL, *CPU, "--tensor-model-parallel-size", "2", "--sequence-parallel",
-                 "--expert-model-parallel-size", "2", "--ordmoe", "--ordmoe-dry-run"], cwd=tmp_path,
-                WORLD_SIZE="4", CUDA_DEVICE_MAX_CONNECTIONS="1")
+    proc = _run(
+        [
+            sys.executable,
+            patched,
+            *SMALL,
+            *CPU,
+            "--tensor-model-parallel-size",
+            "2",
+            "--sequence-parallel",
+            "--expert-model-parallel-size",
+            "2",
+            "--ordmoe",
+            "--ordmoe-dry-run",
+        ],
+        cwd=tmp_path,
+        WORLD_SIZE="4",
+        CUDA_DEVICE_MAX_CONNECTIONS="1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "world size 4 = TP 2 x PP 1 x CP 1 x DP 2" in out
     assert "EP 2 x expert TP 2" in out
-    assert "tiers (routing ranks): 1-2, 3-4, 7-8" in out and "activations between pipeline stages: [32, 3 x 2, 64]" in out
+    assert (
+        "tiers (routing ranks): 1-2, 3-4, 7-8" in out and "activations between pipeline stages: [32, 3 x 2, 64]" in out
+    )
     assert "building GPT model" not in out and "initializing torch distributed" not in out
 
 
 @needs_megatron_lm
-@pytest.mark.parametrize("script,precision,expect", [
-    ("megatron_lm_torchrun.sh", "bf16", ["world size 8 = TP 2 x PP 2 x CP 1 x DP 2", "precision bfloat16"]),
-    ("megatron_lm_slurm.sh", "fp8", ["world size 32 = TP 2 x PP 4 x CP 1 x DP 4", "precision fp8 hybrid"]),
-])
+@pytest.mark.parametrize(
+    "script,precision,expect",
+    [
+        ("megatron_lm_torchrun.sh", "bf16", ["world size 8 = TP 2 x PP 2 x CP 1 x DP 2", "precision bfloat16"]),
+        ("megatron_lm_slurm.sh", "fp8", ["world size 32 = TP 2 x PP 4 x CP 1 x DP 4", "precision fp8 hybrid"]),
+    ],
+)
 def test_megatron_lm_script_dry_run(megatron_lm_ready, script, precision, expect):
-    proc = subprocess.run(["bash", os.path.join(EXAMPLES, script), "--dry-run"], capture_output=True, text=True,
-                          timeout=300, env=_megatron_env(PRECISION=precision, PYTHON=sys.executable))
+    proc = subprocess.run(
+        ["bash", os.path.join(EXAMPLES, script), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_megatron_env(PRECISION=precision, PYTHON=sys.executable),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for line in expect + ["tiers (routing ranks): 1-6, 25-30, 59-64", "experts: EP", "tier-routed MoE layers: 2-28"]:
         assert line in proc.stdout, proc.stdout
@@ -577,10 +702,23 @@ print(shared, plain, sum(per_layer), all_layers, m.ordmoe_num_floating_point_ope
 def test_flops_with_megatron_lms_formula(megatron_lm_ready, tmp_path, layout, shared):
     """Megatron-LM's formula is a sum over layers plus the output layer (what the accounting of
     layers run once relies on); the count is C x Megatron's less the shared layers' C-1 copies."""
-    argv = [*SMALL, *CPU, "--num-layers", "6", "--moe-layer-freq", "([0]+[1]*5)", *layout,
-            "--ordmoe", "--ordmoe-layer-scope", "4-6"]
-    proc = _run([sys.executable, "-c", "import sys; sys.argv[1:] = sys.argv[2:]\n" + FLOPS_CHECK, "--", *argv],
-                cwd=tmp_path, WORLD_SIZE="2")
+    argv = [
+        *SMALL,
+        *CPU,
+        "--num-layers",
+        "6",
+        "--moe-layer-freq",
+        "([0]+[1]*5)",
+        *layout,
+        "--ordmoe",
+        "--ordmoe-layer-scope",
+        "4-6",
+    ]
+    proc = _run(
+        [sys.executable, "-c", "import sys; sys.argv[1:] = sys.argv[2:]\n" + FLOPS_CHECK, "--", *argv],
+        cwd=tmp_path,
+        WORLD_SIZE="2",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got_shared, plain, per_layer_sum, all_layers, ordmoe, shared_flops = proc.stdout.split()[-6:]
     assert int(got_shared) == shared
@@ -600,8 +738,7 @@ def _losses(stdout):
             continue
         fields = [f.strip() for f in line.split("|")]
         it = int(match.group(1))
-        out[it] = {k.strip(): float(v) for k, v in (f.split(":", 1) for f in fields[1:] if ":" in f)
-                   if _is_float(v)}
+        out[it] = {k.strip(): float(v) for k, v in (f.split(":", 1) for f in fields[1:] if ":" in f) if _is_float(v)}
     return out
 
 
@@ -622,8 +759,16 @@ def _train(script, cwd, *extra, nproc=1):
     if nproc > 1:
         from ordmoe_megatron.runtime.distributed import find_free_port
 
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                    "--master-port", str(find_free_port()), os.path.abspath(__file__)]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(find_free_port()),
+            os.path.abspath(__file__),
+        ]
     proc = _run([*launcher, script, *SMALL, *CPU, *extra], cwd=cwd, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return _losses(proc.stdout), proc.stdout

@@ -1,4 +1,5 @@
 """Every invalid OrdMoE setting is refused before a model is built, with the flag named."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -8,9 +9,16 @@ from ordmoe_megatron import OrdMoEConfig, parse_layer_scope
 
 def model_config(**overrides):
     base = dict(
-        num_moe_experts=16, moe_router_topk=2, num_layers=4, moe_expert_capacity_factor=None,
-        moe_router_num_groups=None, moe_router_group_topk=None, moe_router_load_balancing_type="aux_loss",
-        moe_enable_routing_replay=False, mtp_num_layers=None, moe_token_dispatcher_type="alltoall",
+        num_moe_experts=16,
+        moe_router_topk=2,
+        num_layers=4,
+        moe_expert_capacity_factor=None,
+        moe_router_num_groups=None,
+        moe_router_group_topk=None,
+        moe_router_load_balancing_type="aux_loss",
+        moe_enable_routing_replay=False,
+        mtp_num_layers=None,
+        moe_token_dispatcher_type="alltoall",
         context_parallel_size=1,
     )
     base.update(overrides)
@@ -118,8 +126,10 @@ def test_sub_sampled_rows_flops_share_and_stage_shapes():
     assert cfg.stage_batch_rows(8) == "8 + 2 x 2"
     assert OrdMoEConfig(num_tiers=3).stage_batch_rows(4) == "3 x 4"
     assert OrdMoEConfig(num_tiers=3, path_schedule="sequential").stage_batch_rows(4) == "4"
-    assert OrdMoEConfig(num_tiers=3, path_schedule="sequential", lower_path_fraction=0.5).stage_batch_rows(4) == \
-        "4 or 2 (one path at a time)"
+    assert (
+        OrdMoEConfig(num_tiers=3, path_schedule="sequential", lower_path_fraction=0.5).stage_batch_rows(4)
+        == "4 or 2 (one path at a time)"
+    )
 
 
 def test_sequential_schedule_runs_every_layer_on_every_path():

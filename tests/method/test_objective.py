@@ -1,5 +1,6 @@
 """Advantages, the expert rank loss, the preference objectives and the per-path log-likelihoods
 (method page §3)."""
+
 import math
 
 import pytest
@@ -65,6 +66,7 @@ def test_sequence_logprobs_and_tier_order():
 
 # --- the preference objectives on the tier paths (hand-computed values and gradients) ---------
 
+
 def _softplus(x):
     return math.log1p(math.exp(x))
 
@@ -115,20 +117,24 @@ def test_objectives_reduce_per_sequence_and_dispatch_by_name():
     for name, fn in (("pairwise-logistic", pairwise_logistic_loss), ("plackett-luce", plackett_luce_loss)):
         per_seq = rank_loss(lp, name, beta=1.5, reduction="none")
         assert per_seq.shape == (5,)
-        assert torch.allclose(per_seq, torch.stack([fn(lp[:, i:i + 1], 1.5) for i in range(5)]))
+        assert torch.allclose(per_seq, torch.stack([fn(lp[:, i : i + 1], 1.5) for i in range(5)]))
         assert rank_loss(lp, name, beta=1.5).item() == pytest.approx(per_seq.mean().item())
-    assert torch.equal(rank_loss(lp, rewards=[1, 0.5, 0], reduction="none"),
-                       expert_rank_loss(lp, [1, 0.5, 0], reduction="none"))
+    assert torch.equal(
+        rank_loss(lp, rewards=[1, 0.5, 0], reduction="none"), expert_rank_loss(lp, [1, 0.5, 0], reduction="none")
+    )
     with pytest.raises(ValueError, match="--ordmoe-objective"):
         rank_loss(lp, "dpo")
 
 
-@pytest.mark.parametrize("objective,kwargs", [
-    ("advantage", dict(rewards=[1.0, 0.5, 0.0], floor=-2.5)),
-    ("advantage", dict(rewards=[2.0, 1.0, 0.0], mode="raw")),
-    ("pairwise-logistic", dict(beta=2.0)),
-    ("plackett-luce", dict(beta=0.7)),
-])
+@pytest.mark.parametrize(
+    "objective,kwargs",
+    [
+        ("advantage", dict(rewards=[1.0, 0.5, 0.0], floor=-2.5)),
+        ("advantage", dict(rewards=[2.0, 1.0, 0.0], mode="raw")),
+        ("pairwise-logistic", dict(beta=2.0)),
+        ("plackett-luce", dict(beta=0.7)),
+    ],
+)
 def test_rank_loss_weights_are_the_per_path_gradient(objective, kwargs):
     lp = (torch.randn(3, 6, generator=torch.Generator().manual_seed(1)) - 2).requires_grad_(True)
     rank_loss(lp, objective, reduction="sum", **kwargs).backward()

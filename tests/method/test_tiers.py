@@ -1,4 +1,5 @@
 """Tier layouts (method page §1) and per-token tier selection (§2), plain PyTorch."""
+
 import pytest
 import torch
 

@@ -8,6 +8,7 @@ the mean of ``log p(y_t | y_<t)`` over its targets; the reported value is the pl
 windows. Path 1 of an OrdMoE model is the standard top-K model, so its value must equal the
 Hugging Face model's.
 """
+
 import json
 import os
 import shutil
@@ -19,11 +20,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from ordmoe_megatron.convert import hf_to_mcore  # noqa: E402
 from ordmoe_megatron.data.documents import load_any_tokenizer  # noqa: E402
 from ordmoe_megatron.report import cli as report_cli  # noqa: E402
 from ordmoe_megatron.report import report as report_module  # noqa: E402
 from tests.helpers import run_pretrain  # noqa: E402
-from ordmoe_megatron.convert import hf_to_mcore  # noqa: E402
 
 VOCAB, SEQ, NUM_EXPERTS = 96, 16, 8
 # Windows: 17 -> 1; 5 -> 1; 2 -> 1; 40 -> 3 (17, 17, 8 tokens); 1 -> none (no target); 12 -> 1.
@@ -45,10 +46,21 @@ def work(tmp_path_factory, megatron_single_process):
     from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
     root = tmp_path_factory.mktemp("tier_report")
-    config = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=64, num_experts_per_tok=2, intermediate_size=40,
-                            moe_intermediate_size=32, shared_expert_intermediate_size=48, num_hidden_layers=3,
-                            num_experts=NUM_EXPERTS, mlp_only_layers=[1], norm_topk_prob=False)
+    config = Qwen2MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_experts_per_tok=2,
+        intermediate_size=40,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=3,
+        num_experts=NUM_EXPERTS,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)
@@ -72,7 +84,7 @@ def hf_mean_logprob(model, docs, seq):
     with torch.no_grad():
         for doc in docs:
             for start in range(0, len(doc) - 1, seq):
-                window = torch.tensor(doc[start:start + seq + 1])
+                window = torch.tensor(doc[start : start + seq + 1])
                 logits = model(window[None, :-1]).logits[0].double()
                 logprobs = torch.log_softmax(logits, -1).gather(-1, window[1:, None])[:, 0]
                 per_window.append(logprobs.mean())
@@ -90,8 +102,20 @@ def run_report(*argv):
 @pytest.fixture(scope="module")
 def report_c3(work):
     out = work["root"] / "c3"
-    code, report = run_report("--load", work["mcore"], "--token-ids", work["ids"], "--seq-length", str(SEQ),
-                              "--micro-batch-size", "3", "--out-json", str(out) + ".json", "--out-png", str(out) + ".png")
+    code, report = run_report(
+        "--load",
+        work["mcore"],
+        "--token-ids",
+        work["ids"],
+        "--seq-length",
+        str(SEQ),
+        "--micro-batch-size",
+        "3",
+        "--out-json",
+        str(out) + ".json",
+        "--out-png",
+        str(out) + ".png",
+    )
     assert code == 0
     return report
 
@@ -114,10 +138,12 @@ def test_three_tier_report(work, report_c3):
     assert 0.0 <= r["tier_order_acc"] <= 1.0
     assert all(p["perplexity"] > 1 and p["mean_logprob"] < 0 for p in r["paths"])
     layers = r["expert_load"]["layers"]
-    assert [l["layer"] for l in layers] == [1, 3]  # layer 2 is dense
+    assert [entry["layer"] for entry in layers] == [1, 3]  # layer 2 is dense
     for layer in layers:
         assert layer["tier_routed"]
-        assert len(layer["tokens_per_expert"]) == 3 and all(len(row) == NUM_EXPERTS for row in layer["tokens_per_expert"])
+        assert len(layer["tokens_per_expert"]) == 3 and all(
+            len(row) == NUM_EXPERTS for row in layer["tokens_per_expert"]
+        )
         # every real token goes to two experts on every path; padding is not counted
         assert all(sum(row) == 2 * r["data"]["target_tokens"] for row in layer["tokens_per_expert"])
         assert len(layer["max_over_mean"]) == 3 and all(m >= 1.0 for m in layer["max_over_mean"])
@@ -128,16 +154,36 @@ def test_three_tier_report(work, report_c3):
 
 def test_single_tier_and_layer_scope(work, report_c3):
     ref, _, _ = hf_mean_logprob(work["hf_model"], work["docs"], SEQ)
-    code, one = run_report("--load", work["mcore"], "--token-ids", work["ids"], "--seq-length", str(SEQ),
-                           "--ordmoe-num-tiers", "1", "--out-json", str(work["root"] / "c1.json"))
+    code, one = run_report(
+        "--load",
+        work["mcore"],
+        "--token-ids",
+        work["ids"],
+        "--seq-length",
+        str(SEQ),
+        "--ordmoe-num-tiers",
+        "1",
+        "--out-json",
+        str(work["root"] / "c1.json"),
+    )
     assert code == 0
     assert len(one["paths"]) == 1 and one["tier_order_acc"] is None
     assert one["paths"][0]["mean_logprob"] == pytest.approx(ref, abs=1e-4)
     assert one["paths"][0]["mean_logprob"] == pytest.approx(report_c3["paths"][0]["mean_logprob"], abs=1e-5)
-    assert all(len(l["tokens_per_expert"]) == 1 for l in one["expert_load"]["layers"])
+    assert all(len(entry["tokens_per_expert"]) == 1 for entry in one["expert_load"]["layers"])
     # Only layer 3 tier-routed: layer 1 runs once before the fan-out, the same for every path.
-    code, scoped = run_report("--load", work["mcore"], "--token-ids", work["ids"], "--seq-length", str(SEQ),
-                              "--ordmoe-layer-scope", "3", "--out-json", str(work["root"] / "scoped.json"))
+    code, scoped = run_report(
+        "--load",
+        work["mcore"],
+        "--token-ids",
+        work["ids"],
+        "--seq-length",
+        str(SEQ),
+        "--ordmoe-layer-scope",
+        "3",
+        "--out-json",
+        str(work["root"] / "scoped.json"),
+    )
     assert code == 0
     first, third = scoped["expert_load"]["layers"]
     assert not first["tier_routed"] and third["tier_routed"]
@@ -174,10 +220,21 @@ def test_text_file_equals_its_token_ids(work, documents):
         docs = ["the cat sat on a mat\nand then slept", "the dog ran far", "the cat ran"]
     else:
         docs = ["the cat sat on a mat", "and then slept", "the dog ran far", "the cat ran"]
-    ids = _write_jsonl(root / f"text-{documents}.jsonl", [[vocab[w] for w in d.split()] + [vocab["</s>"]] for d in docs])
+    ids = _write_jsonl(
+        root / f"text-{documents}.jsonl", [[vocab[w] for w in d.split()] + [vocab["</s>"]] for d in docs]
+    )
     common = ["--load", work["mcore"], "--seq-length", str(SEQ)]
-    code, from_text = run_report(*common, "--text-file", str(root / "eval.txt"), "--tokenizer-model", tok_dir,
-                                 "--documents", documents, "--out-json", str(root / f"text-{documents}.json"))
+    code, from_text = run_report(
+        *common,
+        "--text-file",
+        str(root / "eval.txt"),
+        "--tokenizer-model",
+        tok_dir,
+        "--documents",
+        documents,
+        "--out-json",
+        str(root / f"text-{documents}.json"),
+    )
     assert code == 0
     code, from_ids = run_report(*common, "--token-ids", ids, "--out-json", str(root / f"ids-{documents}.json"))
     assert code == 0
@@ -194,12 +251,25 @@ def test_megatron_data_path(work):
     tok_dir = str(root / "tokenizer")
     if not os.path.exists(tok_dir):
         _word_tokenizer(tok_dir)
-    corpus = _write_jsonl(root / "corpus.jsonl", [{"text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(9))}
-                                                  for i in range(30)])
+    corpus = _write_jsonl(
+        root / "corpus.jsonl", [{"text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(9))} for i in range(30)]
+    )
     prefix = write_indexed_dataset(corpus, load_any_tokenizer(tok_dir), str(root / "megatron" / "eval"))
     before = sorted(os.listdir(root / "megatron"))
-    code, report = run_report("--load", work["mcore"], "--data-path", prefix, "--tokenizer-model", tok_dir,
-                              "--seq-length", str(SEQ), "--max-sequences", "6", "--out-json", str(root / "bin.json"))
+    code, report = run_report(
+        "--load",
+        work["mcore"],
+        "--data-path",
+        prefix,
+        "--tokenizer-model",
+        tok_dir,
+        "--seq-length",
+        str(SEQ),
+        "--max-sequences",
+        "6",
+        "--out-json",
+        str(root / "bin.json"),
+    )
     assert code == 0
     assert report["data"]["sequences"] == 6 and report["data"]["target_tokens"] == 6 * SEQ
     assert len(report["paths"]) == 3 and 0.0 <= report["tier_order_acc"] <= 1.0
@@ -218,18 +288,21 @@ def _corrupt_tracker(path):
         f.write("garbage")
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing checkpoint", "no such checkpoint directory"),
-    ("truncated checkpoint", "truncated checkpoint file"),
-    ("corrupt tracker", "is corrupt"),
-    ("missing token file", "no such file"),
-    ("missing data prefix", "Megatron data file missing"),
-    ("token outside the vocabulary", "outside the model's vocabulary of 96"),
-    ("too many tiers", "--ordmoe-num-tiers=5 needs 5x2=10 experts"),
-    ("layer scope outside the model", "the model has layers 1-3"),
-    ("layer scope on the dense layer", "contains no MoE layer"),
-    ("average ranking without running means", "use --ordmoe-ranking token"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing checkpoint", "no such checkpoint directory"),
+        ("truncated checkpoint", "truncated checkpoint file"),
+        ("corrupt tracker", "is corrupt"),
+        ("missing token file", "no such file"),
+        ("missing data prefix", "Megatron data file missing"),
+        ("token outside the vocabulary", "outside the model's vocabulary of 96"),
+        ("too many tiers", "--ordmoe-num-tiers=5 needs 5x2=10 experts"),
+        ("layer scope outside the model", "the model has layers 1-3"),
+        ("layer scope on the dense layer", "contains no MoE layer"),
+        ("average ranking without running means", "use --ordmoe-ranking token"),
+    ],
+)
 def test_bad_inputs_fail_clearly_before_work(work, case, message, monkeypatch, capsys):
     root = work["root"] / case.replace(" ", "_")
     root.mkdir()
@@ -249,10 +322,12 @@ def test_bad_inputs_fail_clearly_before_work(work, case, message, monkeypatch, c
         data = ["--data-path", str(root / "missing"), "--tokenizer-model", tok_dir]
     elif case == "token outside the vocabulary":
         data = ["--token-ids", _write_jsonl(root / "big.jsonl", [[1, 2, VOCAB]])]
-    extra = {"too many tiers": ["--ordmoe-num-tiers", "5"],
-             "layer scope outside the model": ["--ordmoe-layer-scope", "9"],
-             "layer scope on the dense layer": ["--ordmoe-layer-scope", "2"],
-             "average ranking without running means": ["--ordmoe-ranking", "average"]}.get(case, [])
+    extra = {
+        "too many tiers": ["--ordmoe-num-tiers", "5"],
+        "layer scope outside the model": ["--ordmoe-layer-scope", "9"],
+        "layer scope on the dense layer": ["--ordmoe-layer-scope", "2"],
+        "average ranking without running means": ["--ordmoe-ranking", "average"],
+    }.get(case, [])
 
     def no_model(*_a, **_k):
         raise AssertionError("the model was built before the inputs were checked")
@@ -273,8 +348,19 @@ def test_existing_output_needs_force(work, capsys):
         report_cli.main(["--load", work["mcore"], "--token-ids", work["ids"], "--out-json", str(out)])
     assert exc.value.code == 2 and "already exists; pass --force" in capsys.readouterr().err
     assert out.read_text() == "precious\n"
-    code, report = run_report("--load", work["mcore"], "--token-ids", work["ids"], "--seq-length", str(SEQ),
-                              "--ordmoe-num-tiers", "1", "--out-json", str(out), "--force")
+    code, report = run_report(
+        "--load",
+        work["mcore"],
+        "--token-ids",
+        work["ids"],
+        "--seq-length",
+        str(SEQ),
+        "--ordmoe-num-tiers",
+        "1",
+        "--out-json",
+        str(out),
+        "--force",
+    )
     assert code == 0 and len(report["paths"]) == 1
 
 
@@ -282,22 +368,56 @@ def test_trained_checkpoint(work, tmp_path):
     """A checkpoint saved by ``ordmoe-pretrain`` (flags in run.json): the report reads it, and
     path 1 of C=3 equals the C=1 report (the standard top-K model) on the same tokens."""
     save = tmp_path / "ckpt"
-    small = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
-             "--seq-length", "32", "--max-position-embeddings", "32", "--train-iters", "2", "--lr-warmup-iters", "1",
-             "--micro-batch-size", "2", "--global-batch-size", "2", "--mock-data", "--ordmoe", "--save", str(save)]
+    small = [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--ffn-hidden-size",
+        "64",
+        "--moe-ffn-hidden-size",
+        "32",
+        "--seq-length",
+        "32",
+        "--max-position-embeddings",
+        "32",
+        "--train-iters",
+        "2",
+        "--lr-warmup-iters",
+        "1",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "2",
+        "--mock-data",
+        "--ordmoe",
+        "--save",
+        str(save),
+    ]
     proc = run_pretrain(*small)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gen = torch.Generator().manual_seed(1)
-    ids = _write_jsonl(tmp_path / "ids.jsonl", [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (33, 20, 9)])
-    code, c3 = run_report("--load", str(save), "--token-ids", ids, "--out-json", str(tmp_path / "c3.json"),
-                          "--out-png", str(tmp_path / "c3.png"))
+    ids = _write_jsonl(
+        tmp_path / "ids.jsonl", [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (33, 20, 9)]
+    )
+    code, c3 = run_report(
+        "--load",
+        str(save),
+        "--token-ids",
+        ids,
+        "--out-json",
+        str(tmp_path / "c3.json"),
+        "--out-png",
+        str(tmp_path / "c3.png"),
+    )
     assert code == 0
     assert c3["checkpoint"]["kind"] == "trained" and c3["checkpoint"]["iteration"] == 2
     assert c3["data"]["seq_length"] == 32 and c3["data"]["sequences"] == 3
     assert len(c3["paths"]) == 3 and 0.0 <= c3["tier_order_acc"] <= 1.0
-    assert [len(l["tokens_per_expert"]) for l in c3["expert_load"]["layers"]] == [3, 3]
-    code, c1 = run_report("--load", str(save), "--token-ids", ids, "--ordmoe-num-tiers", "1",
-                          "--out-json", str(tmp_path / "c1.json"))
+    assert [len(entry["tokens_per_expert"]) for entry in c3["expert_load"]["layers"]] == [3, 3]
+    code, c1 = run_report(
+        "--load", str(save), "--token-ids", ids, "--ordmoe-num-tiers", "1", "--out-json", str(tmp_path / "c1.json")
+    )
     assert code == 0
     assert c1["paths"][0]["mean_logprob"] == pytest.approx(c3["paths"][0]["mean_logprob"], abs=1e-5)
 
@@ -306,8 +426,24 @@ def test_cli_tool(work, tmp_path):
     """tools/tier_report.py as a user runs it (a fresh process)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = tmp_path / "cli.json"
-    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "tier_report.py"), "--load", work["mcore"],
-                           "--token-ids", work["ids"], "--seq-length", str(SEQ), "--ordmoe-num-tiers", "2",
-                           "--out-json", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "tools", "tier_report.py"),
+            "--load",
+            work["mcore"],
+            "--token-ids",
+            work["ids"],
+            "--seq-length",
+            str(SEQ),
+            "--ordmoe-num-tiers",
+            "2",
+            "--out-json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tier-ordering accuracy" in proc.stdout and len(json.load(open(out))["paths"]) == 2

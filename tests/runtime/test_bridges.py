@@ -52,25 +52,43 @@ def _build(tp=1, pp=1, ep=1, sp=False, ddp_config=None):
 
     init_model_parallel(ParallelLayout(tensor=tp, pipeline=pp, expert=ep), seed=SEED)
     config = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-        num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep, sequence_parallel=sp,
-        hidden_dropout=0.0, attention_dropout=0.0,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=2,
+        moe_token_dispatcher_type="alltoall",
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        sequence_parallel=sp,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
         # Megatron (any device) cannot add an expert bias in place when expert-TP is 1.
         add_bias_linear=False,
-        pipeline_dtype=torch.float32, params_dtype=torch.float32,
-        bias_dropout_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
     )
     config.finalize_model_grads_func = finalize_model_grads
     spec = get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
     if sp:
         spec = sequence_parallel_layer_spec(spec)
-    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
-                     share_embeddings_and_output_weights=True,  # PP: embedding-group all-reduce
-                     pre_process=ps.is_pipeline_first_stage(),
-                     post_process=ps.is_pipeline_last_stage())
+    model = GPTModel(
+        config,
+        spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        share_embeddings_and_output_weights=True,  # PP: embedding-group all-reduce
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
     ddp = DistributedDataParallel(config, ddp_config or DistributedDataParallelConfig(), model)
     return config, model, ddp
 
@@ -92,8 +110,7 @@ def _global_view(model, name: str, local_shape):
     if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
         name = "embedding.word_embeddings.weight"  # tied copy on the last pipeline stage
     is_expert = ".experts." in name
-    tp_rank = (ps.get_expert_tensor_parallel_rank() if is_expert
-               else ps.get_tensor_model_parallel_rank())
+    tp_rank = ps.get_expert_tensor_parallel_rank() if is_expert else ps.get_tensor_model_parallel_rank()
 
     def shard(full: torch.Tensor) -> torch.Tensor:
         if tuple(full.shape) == tuple(local_shape):
@@ -119,9 +136,14 @@ def _fwd_bwd(config, ddp, batches):
 
     ddp.zero_grad_buffer()
     out = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(list(batches)), model=[ddp],
-        num_microbatches=len(batches), seq_length=SEQ, micro_batch_size=MBS,
-        forward_only=False)
+        forward_step_func=forward_step,
+        data_iterator=iter(list(batches)),
+        model=[ddp],
+        num_microbatches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=MBS,
+        forward_only=False,
+    )
     return [float(o["loss"]) for o in out]  # empty except on the last pipeline stage
 
 
@@ -130,11 +152,10 @@ def _reference(rank, world_size):
     # Same seed -> same weights: model init goes through the emulated CUDA RNG tracker.
     _, first, _ = _build()
     config, model, ddp = _build()  # re-initializes the parallel state; train this one
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()
-             if isinstance(v, torch.Tensor)}
-    same_init = state.keys() == {k for k, v in first.state_dict().items()
-                                 if isinstance(v, torch.Tensor)} and all(
-        torch.equal(state[k], v) for k, v in first.state_dict().items() if k in state)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    same_init = state.keys() == {k for k, v in first.state_dict().items() if isinstance(v, torch.Tensor)} and all(
+        torch.equal(state[k], v) for k, v in first.state_dict().items() if k in state
+    )
     losses = _fwd_bwd(config, ddp, _data(2 * NUM_MICROBATCHES))
     grads = {n: p.main_grad.detach().clone() for n, p in model.named_parameters()}
     return {"state": state, "losses": losses, "grads": grads, "same_init": same_init}
@@ -155,8 +176,7 @@ def _layout(rank, world_size, layout, ref, optimizer_step=False):
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     batches = _data(2 * NUM_MICROBATCHES)  # what the reference ran
     assert dp_size in (1, 2)
-    mine = batches[dp_rank * NUM_MICROBATCHES:(dp_rank + 1) * NUM_MICROBATCHES] \
-        if dp_size == 2 else batches
+    mine = batches[dp_rank * NUM_MICROBATCHES : (dp_rank + 1) * NUM_MICROBATCHES] if dp_size == 2 else batches
     losses = _fwd_bwd(config, ddp, mine)
 
     max_err, finite = 0.0, True
@@ -169,18 +189,25 @@ def _layout(rank, world_size, layout, ref, optimizer_step=False):
     if optimizer_step:  # Megatron's optimizer: type checks, grad-norm all-reduce over gloo
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1e9),
-                                     [ddp])
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1e9), [ddp])
         ok, grad_norm, _ = opt.step()
         assert ok
 
     # RNG forking: the model-parallel stream differs per TP rank, the default one does not.
     with get_cuda_rng_tracker().fork():
         tp_draw = torch.rand(4)
-    return {"losses": losses, "grad_norm": grad_norm, "dp_rank": dp_rank, "dp_size": dp_size,
-            "last_stage": ps.is_pipeline_last_stage(), "grad_max_err": max_err,
-            "grads_finite": finite, "tp_rank": ps.get_tensor_model_parallel_rank(),
-            "tp_draw": tp_draw, "default_draw": torch.rand(4)}
+    return {
+        "losses": losses,
+        "grad_norm": grad_norm,
+        "dp_rank": dp_rank,
+        "dp_size": dp_size,
+        "last_stage": ps.is_pipeline_last_stage(),
+        "grad_max_err": max_err,
+        "grads_finite": finite,
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "tp_draw": tp_draw,
+        "default_draw": torch.rand(4),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -188,8 +215,9 @@ def _layout(rank, world_size, layout, ref, optimizer_step=False):
 # ------------------------------------------------------------------------------------------
 def _python(code: str) -> subprocess.CompletedProcess:
     """The emulation is for machines without CUDA: on the CPU by design, on a GPU machine too."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300, env=cpu_env())
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env=cpu_env()
+    )
 
 
 def test_enable_is_a_noop_when_cuda_is_available():
@@ -267,7 +295,7 @@ def _check_layout(results, reference, tol=1e-5):
         assert r["grad_max_err"] < tol, r["grad_max_err"]
         if r["last_stage"]:
             start = r["dp_rank"] * NUM_MICROBATCHES if r["dp_size"] > 1 else 0
-            expected = ref_losses[start:start + len(r["losses"])]
+            expected = ref_losses[start : start + len(r["losses"])]
             assert len(r["losses"]) == len(expected) > 0
             assert max(abs(a - b) for a, b in zip(r["losses"], expected)) < tol
         else:
@@ -315,6 +343,6 @@ def test_rank_failure_is_reported_with_traceback():
 
 def _fail_on_rank_1(rank, world_size):
     if rank == 1:
-        1 / 0
+        raise ZeroDivisionError("rank 1 fails on purpose")
     torch.distributed.barrier()  # rank 0 hangs here until the parent kills it
     return rank

@@ -1,4 +1,5 @@
 """What differs between the supported megatron-core versions, each against the installed one."""
+
 import functools
 import subprocess
 import sys
@@ -23,8 +24,10 @@ def test_the_installed_megatron_core_is_supported():
     compat.check_supported()
 
 
-@pytest.mark.parametrize("version, parsed", [
-    ("0.16.1", (0, 16, 1)), ("0.19.2+0f2a709", (0, 19, 2)), ("0.17.0rc0", (0, 17, 0)), ("0.18", (0, 18, 0))])
+@pytest.mark.parametrize(
+    "version, parsed",
+    [("0.16.1", (0, 16, 1)), ("0.19.2+0f2a709", (0, 19, 2)), ("0.17.0rc0", (0, 17, 0)), ("0.18", (0, 18, 0))],
+)
 def test_versions_are_read_without_a_git_suffix_or_a_pre_release_tag(version, parsed):
     """A venv inside a git checkout makes megatron-core report "0.19.2+<hash>" (seen in CI)."""
     assert compat._parse(version) == parsed
@@ -54,8 +57,11 @@ def test_scores_in_fp32_follow_megatron_core_0_18(score_function):
     kept = ranking_scores(logits, function, use_pre_softmax=pre, fp32_scores=True)
     cast = ranking_scores(logits, function, use_pre_softmax=pre, fp32_scores=False)
     assert kept.dtype == torch.float32 and cast.dtype == torch.bfloat16
-    reference = {"softmax": lambda x: torch.softmax(x, -1), "sigmoid": torch.sigmoid,
-                 "sqrtsoftplus": lambda x: torch.nn.functional.softplus(x).sqrt()}[function](logits.float())
+    reference = {
+        "softmax": lambda x: torch.softmax(x, -1),
+        "sigmoid": torch.sigmoid,
+        "sqrtsoftplus": lambda x: torch.nn.functional.softplus(x).sqrt(),
+    }[function](logits.float())
     assert torch.equal(kept, reference) and torch.equal(cast, reference.to(torch.bfloat16))
     experts = torch.tensor([[0, 3]]).expand(64, -1)
     assert tier_gating(logits, experts, 2, function, pre, fp32_scores=True).dtype == torch.bfloat16
@@ -105,10 +111,17 @@ def test_saved_optimizer_groups_take_the_current_schedule_where_groups_are_keyed
     monkeypatch.setattr(compat, "SCHEDULE_GROUP_KEYS", ("max_lr", "min_lr", "start_wd"))
     monkeypatch.setattr(compat, "GROUP_IDENTITY_KEYS", ("wd_mult",))
     current = [{"wd_mult": 1.0, "max_lr": 1e-3, "min_lr": 1e-4}, {"wd_mult": 0.0, "max_lr": 1e-3, "min_lr": 1e-4}]
-    saved = {"optimizer": {"param_groups": [
-        {"wd_mult": 0.0, "max_lr": 3e-3, "min_lr": 3e-4, "start_wd": 0.1, "params": [1]},
-        {"wd_mult": 1.0, "max_lr": 3e-3, "min_lr": 3e-4, "params": [0]}]}}
+    saved = {
+        "optimizer": {
+            "param_groups": [
+                {"wd_mult": 0.0, "max_lr": 3e-3, "min_lr": 3e-4, "start_wd": 0.1, "params": [1]},
+                {"wd_mult": 1.0, "max_lr": 3e-3, "min_lr": 3e-4, "params": [0]},
+            ]
+        }
+    }
     checkpointing._take_current_schedule([saved], current)
     groups = saved["optimizer"]["param_groups"]
-    assert groups == [{"wd_mult": 0.0, "max_lr": 1e-3, "min_lr": 1e-4, "params": [1]},
-                      {"wd_mult": 1.0, "max_lr": 1e-3, "min_lr": 1e-4, "params": [0]}]
+    assert groups == [
+        {"wd_mult": 0.0, "max_lr": 1e-3, "min_lr": 1e-4, "params": [1]},
+        {"wd_mult": 1.0, "max_lr": 1e-3, "min_lr": 1e-4, "params": [0]},
+    ]

@@ -1,4 +1,5 @@
 """Staged outputs: written whole or not at all, with a plain file's permissions."""
+
 import os
 import stat
 

@@ -1,5 +1,6 @@
 """ordmoe-sweep: the grids, the cells and their commands, the summary's numbers, a real sweep on
 mock data that is stopped and resumed, and the refusals."""
+
 import json
 import os
 import signal
@@ -14,7 +15,17 @@ from ordmoe_megatron.sweep.config import SweepConfig, SweepError
 from ordmoe_megatron.sweep.grids import Grid, Setting, ready_grids
 from tests.helpers import cpu_env
 
-MOCK = ["--mock-data", "--eval-iters", "1", "--global-batch-size", "4", "--micro-batch-size", "2", "--log-interval", "1"]
+MOCK = [
+    "--mock-data",
+    "--eval-iters",
+    "1",
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "2",
+    "--log-interval",
+    "1",
+]
 
 
 def test_ready_grids_have_the_papers_ablation_structure():
@@ -27,23 +38,37 @@ def test_ready_grids_have_the_papers_ablation_structure():
     assert [s.flags[1] if s.flags else "all" for s in grids["scope"].settings] == ["all", "1-4", "5-8", "2,4,6,8"]
     assert [s.flags[1] for s in grids["floor"].settings] == ["vocab", "none"]
     assert [s.flags[1::2] for s in grids["objective"].settings] == [
-        ("advantage", "vocab"), ("advantage", "none"), ("pairwise-logistic", "none"), ("plackett-luce", "none")]
+        ("advantage", "vocab"),
+        ("advantage", "none"),
+        ("pairwise-logistic", "none"),
+        ("plackett-luce", "none"),
+    ]
 
 
 def _config(tmp_path, **kwargs):
-    grid = Grid("custom", "custom", (Setting("C=2", ("--ordmoe-num-tiers", "2")), Setting("C=4", ("--ordmoe-num-tiers", "4"))))
+    grid = Grid(
+        "custom", "custom", (Setting("C=2", ("--ordmoe-num-tiers", "2")), Setting("C=4", ("--ordmoe-num-tiers", "4")))
+    )
     return SweepConfig(grid=grid, out=str(tmp_path), seeds=(1, 2), steps=10, **kwargs)
 
 
 def test_cells_baselines_and_matched_compute(tmp_path):
     config = _config(tmp_path)
     first = plan.first_cells(config)
-    assert [(c.label, c.seed) for c in first] == [("baseline, same steps", 1), ("C=2", 1), ("C=4", 1),
-                                                  ("baseline, same steps", 2), ("C=2", 2), ("C=4", 2)]
+    assert [(c.label, c.seed) for c in first] == [
+        ("baseline, same steps", 1),
+        ("C=2", 1),
+        ("C=4", 1),
+        ("baseline, same steps", 2),
+        ("C=2", 2),
+        ("C=4", 2),
+    ]
     assert plan.base_cells(config) == []
     matched = plan.matched_cells(config, {"C=2": 2.0, "C=4": 3.96, "C=1": 1.0})
     assert sorted({(c.label, c.steps) for c in matched}) == [
-        ("baseline, matched compute (20 steps)", 20), ("baseline, matched compute (40 steps)", 40)]
+        ("baseline, matched compute (20 steps)", 20),
+        ("baseline, matched compute (40 steps)", 40),
+    ]
     assert all(c.flags == ("--no-ordmoe",) for c in matched) and {c.seed for c in matched} == {1, 2}
 
 
@@ -62,12 +87,15 @@ def test_cell_commands_keep_every_output_in_the_cell(tmp_path):
     assert preset[preset.index("--preset-data-dir") + 1] == os.path.join(config.out, "data", "seed1")
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(seeds=(1, 1)), "distinct seeds"),
-    (dict(base="/some/ckpt"), "--setting finetune"),
-    (dict(run_flags=("--mock-data", "--seed", "3")), "--seed"),
-    (dict(setting="rlhf"), "--setting"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(seeds=(1, 1)), "distinct seeds"),
+        (dict(base="/some/ckpt"), "--setting finetune"),
+        (dict(run_flags=("--mock-data", "--seed", "3")), "--seed"),
+        (dict(setting="rlhf"), "--setting"),
+    ],
+)
 def test_sweep_config_refusals(tmp_path, kwargs, match):
     with pytest.raises(SweepError, match=match):
         SweepConfig(grid=Grid("g", "g", ()), out=str(tmp_path), **kwargs)
@@ -78,17 +106,27 @@ def test_summary_means_standard_deviations_and_compute(tmp_path):
     cells = plan.first_cells(config)
 
     def result(ppl, flops, acc=None):
-        return {"path_perplexity": [ppl, ppl + 5], "tier_order_acc": acc, "step_flops": flops,
-                "train_lm_loss": 1.0, "seconds": 1.0}
+        return {
+            "path_perplexity": [ppl, ppl + 5],
+            "tier_order_acc": acc,
+            "step_flops": flops,
+            "train_lm_loss": 1.0,
+            "seconds": 1.0,
+        }
 
-    done = {cells[0]: result(10.0, 1.0), cells[1]: result(12.0, 2.0, 0.5), cells[2]: {"failed": "x", "log": "l",
-                                                                                       "exit_code": 1, "seconds": 0},
-            cells[3]: result(14.0, 1.0), cells[4]: result(15.0, 2.0, 1.0), cells[5]: result(20.0, 4.0, 1.0)}
+    done = {
+        cells[0]: result(10.0, 1.0),
+        cells[1]: result(12.0, 2.0, 0.5),
+        cells[2]: {"failed": "x", "log": "l", "exit_code": 1, "seconds": 0},
+        cells[3]: result(14.0, 1.0),
+        cells[4]: result(15.0, 2.0, 1.0),
+        cells[5]: result(20.0, 4.0, 1.0),
+    }
     summary = results.summarize(config, done)
     rows = {r["setting"]: r for r in summary["rows"]}
     assert rows["baseline, same steps"]["path1_ppl"]["values"] == [10.0, 14.0]
     assert rows["baseline, same steps"]["path1_ppl"]["mean"] == pytest.approx(12.0)
-    assert rows["baseline, same steps"]["path1_ppl"]["std"] == pytest.approx(2 ** 0.5 * 2)  # sample std
+    assert rows["baseline, same steps"]["path1_ppl"]["std"] == pytest.approx(2**0.5 * 2)  # sample std
     assert rows["C=2"]["compute"] == pytest.approx(2.0) and rows["C=2"]["tier_order_acc"]["mean"] == 0.75
     assert rows["C=4"]["failed_seeds"] == [1] and rows["C=4"]["path1_ppl"]["values"] == [20.0]
     assert rows["C=4"]["path1_ppl"]["std"] == 0.0
@@ -115,8 +153,22 @@ def _sweep(out, *extra, wait=True):
 @pytest.mark.one_version  # the harness runs ordmoe-pretrain, whose versions the rest of the suite covers
 def test_a_stopped_sweep_resumes_without_redoing_finished_cells(tmp_path):
     out = tmp_path / "sweep"
-    flags = ["--grid", "custom", "--try", "C=2=--ordmoe-num-tiers 2", "--seeds", "1", "--steps", "2",
-             "--setting", "finetune", "--base-steps", "2", "--", *MOCK]
+    flags = [
+        "--grid",
+        "custom",
+        "--try",
+        "C=2=--ordmoe-num-tiers 2",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--setting",
+        "finetune",
+        "--base-steps",
+        "2",
+        "--",
+        *MOCK,
+    ]
     proc = _sweep(out, *flags, wait=False)
     base_result = out / "base" / "base" / "seed1" / "result.json"
     deadline = time.time() + 600
@@ -133,8 +185,11 @@ def test_a_stopped_sweep_resumes_without_redoing_finished_cells(tmp_path):
     assert "base/seed1: finished before, kept" in resumed.stdout
     assert base_result.read_text() == kept and base_result.stat().st_mtime_ns == finished_at
     summary = json.loads((out / "results.json").read_text())
-    assert [r["setting"] for r in summary["rows"]] == ["baseline, same steps", "C=2",
-                                                       "baseline, matched compute (4 steps)"]
+    assert [r["setting"] for r in summary["rows"]] == [
+        "baseline, same steps",
+        "C=2",
+        "baseline, matched compute (4 steps)",
+    ]
     assert summary["rows"][1]["compute"] == pytest.approx(2.0, rel=0.05)  # two paths' FLOPs, as reported
     assert all(r["path1_ppl"]["mean"] > 1 for r in summary["rows"])
     for name in ("results.csv", "results.md", "results.png"):
@@ -147,12 +202,18 @@ def test_a_stopped_sweep_resumes_without_redoing_finished_cells(tmp_path):
     assert again.returncode == 0 and again.stdout.count("finished before, kept") == 4
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--grid", "custom"], "needs at least one --try"),
-    (["--grid", "floor", "--", "--mock-data", "--train-iters", "5"], "--train-iters"),
-    (["--grid", "custom", "--try", "bad=--ordmoe-num-tiers 9", "--", *MOCK], "--ordmoe-num-tiers=9"),
-    (["--grid", "floor", "--setting", "finetune", "--base", "/nonexistent/ckpt", "--", *MOCK], "holds no checkpoint"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--grid", "custom"], "needs at least one --try"),
+        (["--grid", "floor", "--", "--mock-data", "--train-iters", "5"], "--train-iters"),
+        (["--grid", "custom", "--try", "bad=--ordmoe-num-tiers 9", "--", *MOCK], "--ordmoe-num-tiers=9"),
+        (
+            ["--grid", "floor", "--setting", "finetune", "--base", "/nonexistent/ckpt", "--", *MOCK],
+            "holds no checkpoint",
+        ),
+    ],
+)
 def test_bad_sweeps_are_refused_before_any_cell_runs(tmp_path, flags, message):
     proc = _sweep(tmp_path / "out", *flags)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

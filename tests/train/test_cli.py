@@ -1,13 +1,36 @@
 """``ordmoe-pretrain`` on mock data: metrics, log lines, determinism, C = 1, bad flags."""
+
 import importlib.util
 
 import pytest
 
 from tests.helpers import read_metrics, run_pretrain
 
-SMALL = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
-         "--seq-length", "32", "--max-position-embeddings", "32", "--train-iters", "4", "--log-interval", "2",
-         "--lr-warmup-iters", "1", "--micro-batch-size", "2", "--global-batch-size", "4", "--mock-data"]
+SMALL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--ffn-hidden-size",
+    "64",
+    "--moe-ffn-hidden-size",
+    "32",
+    "--seq-length",
+    "32",
+    "--max-position-embeddings",
+    "32",
+    "--train-iters",
+    "4",
+    "--log-interval",
+    "2",
+    "--lr-warmup-iters",
+    "1",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--mock-data",
+]
 
 
 def run_cli(*args, check=True):
@@ -30,17 +53,26 @@ def test_metrics_and_log_lines(ordmoe_run):
         assert m["aux_loss"] > 0 and m["lm_loss"] > 0
         # Path 1's log-likelihood is the negative LM loss: both are means over the same tokens.
         assert m["path_logprob"][0] == pytest.approx(-m["lm_loss"], rel=1e-5)
-    log_lines = [l for l in proc.stdout.splitlines() if l.startswith(" iteration")]
+    log_lines = [line for line in proc.stdout.splitlines() if line.startswith(" iteration")]
     assert len(log_lines) == 2
     for key in ("lm loss:", "rank loss:", "aux loss:", "path logprob:", "tier order acc:", "tier load max/mean:"):
-        assert all(key in l for l in log_lines)
+        assert all(key in line for line in log_lines)
 
 
 def test_eval_out_and_the_flops_each_step_reports(tmp_path):
     out = tmp_path / "eval.json"
     metrics = tmp_path / "m.jsonl"
-    run_cli("--ordmoe", "--ordmoe-lower-path-fraction", "0.5", "--eval-out", str(out), "--metrics-out", str(metrics),
-            "--eval-iters", "1")
+    run_cli(
+        "--ordmoe",
+        "--ordmoe-lower-path-fraction",
+        "0.5",
+        "--eval-out",
+        str(out),
+        "--metrics-out",
+        str(metrics),
+        "--eval-iters",
+        "1",
+    )
     import json
 
     (row,) = json.loads(out.read_text()).values()
@@ -95,8 +127,20 @@ def test_existing_metrics_file_is_not_overwritten(tmp_path):
 
 
 def test_dry_run_prints_the_layouts_and_builds_nothing(tmp_path):
-    proc = run_cli("--ordmoe", "--num-experts", "64", "--moe-router-topk", "6", "--num-layers", "28",
-                   "--save", str(tmp_path / "ckpt"), "--metrics-out", str(tmp_path / "m.jsonl"), "--dry-run")
+    proc = run_cli(
+        "--ordmoe",
+        "--num-experts",
+        "64",
+        "--moe-router-topk",
+        "6",
+        "--num-layers",
+        "28",
+        "--save",
+        str(tmp_path / "ckpt"),
+        "--metrics-out",
+        str(tmp_path / "m.jsonl"),
+        "--dry-run",
+    )
     out = proc.stdout
     assert "configuration:" in out and "parallel layout:" in out and "tier layout:" in out
     assert "3 tiers (uniform: 1-6, 25-30, 59-64)" in out
@@ -109,17 +153,28 @@ def test_dry_run_shows_the_path_schedule_and_refuses_what_it_cannot_run():
 
     pp2 = ["--pipeline-model-parallel-size", "2", "--dry-run"]
     two = cpu_env(WORLD_SIZE="2")
-    sequential = run_pretrain(*SMALL, "--ordmoe-path-schedule", "sequential", "--ordmoe-lower-path-fraction", "0.5",
-                              *pp2, env=two)
+    sequential = run_pretrain(
+        *SMALL, "--ordmoe-path-schedule", "sequential", "--ordmoe-lower-path-fraction", "0.5", *pp2, env=two
+    )
     assert "activations between pipeline stages: [32, 2 or 1 (one path at a time), 32]" in sequential.stdout
     fused = run_pretrain(*SMALL, "--ordmoe-lower-path-fraction", "0.5", *pp2, env=two)
     assert "activations between pipeline stages: [32, 2 + 2 x 1, 32]" in fused.stdout
     vpp = ["--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "8"]
-    refused = run_pretrain(*SMALL, "--ordmoe-path-schedule", "sequential", "--ordmoe-lower-path-fraction", "0.5",
-                           *pp2, *vpp, env=two, check=False)
+    refused = run_pretrain(
+        *SMALL,
+        "--ordmoe-path-schedule",
+        "sequential",
+        "--ordmoe-lower-path-fraction",
+        "0.5",
+        *pp2,
+        *vpp,
+        env=two,
+        check=False,
+    )
     assert refused.returncode != 0 and "mis-pairs its messages with 2 pipeline stages" in refused.stderr
-    uneven = run_pretrain(*SMALL, *pp2, "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "6",
-                          env=two, check=False)
+    uneven = run_pretrain(
+        *SMALL, *pp2, "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "6", env=two, check=False
+    )
     assert uneven.returncode != 0 and "must be a multiple of --pipeline-model-parallel-size=2" in uneven.stderr
 
 
@@ -130,8 +185,10 @@ def test_bf16_trains(tmp_path):
     assert len(records) == 4 and all(r["lm_loss"] > 0 and len(r["path_logprob"]) == 3 for r in records)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
-                    reason="Transformer Engine is installed here, so FP8 is not refused")
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformer_engine") is not None,
+    reason="Transformer Engine is installed here, so FP8 is not refused",
+)
 def test_fp8_without_transformer_engine_is_refused():
     fp8 = run_cli("--ordmoe", "--bf16", "--fp8-format", "hybrid", check=False)
     assert fp8.returncode != 0 and "Transformer Engine" in fp8.stderr and " iteration" not in fp8.stdout

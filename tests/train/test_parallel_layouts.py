@@ -8,8 +8,8 @@ layout and loaded back into one process) must match every parameter's gradient. 
 schedule must match the fused run of the same layout within 1e-6 relative: the metrics, and the
 gradient as a whole (norm of the difference over the norm).
 """
+
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,9 +21,30 @@ from ordmoe_megatron.runtime.distributed import find_free_port
 from ordmoe_megatron.testing import run_on_ranks
 from tests.helpers import cpu_env
 
-MODEL = ["--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
-         "--seq-length", "32", "--max-position-embeddings", "32", "--lr-warmup-iters", "1",
-         "--micro-batch-size", "2", "--global-batch-size", "8", "--log-interval", "1", "--ordmoe", "--mock-data"]
+MODEL = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "32",
+    "--ffn-hidden-size",
+    "64",
+    "--moe-ffn-hidden-size",
+    "32",
+    "--seq-length",
+    "32",
+    "--max-position-embeddings",
+    "32",
+    "--lr-warmup-iters",
+    "1",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--log-interval",
+    "1",
+    "--ordmoe",
+    "--mock-data",
+]
 
 LAYOUTS = {
     "dp2": (2, []),
@@ -32,7 +53,10 @@ LAYOUTS = {
     "pp2-1f1b": (2, ["--pipeline-model-parallel-size", "2"]),
     "pp2-vpp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
     "ep2-pp2": (4, ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-    "tp2-sp-ep2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2"]),
+    "tp2-sp-ep2": (
+        4,
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2"],
+    ),
 }
 
 
@@ -40,8 +64,16 @@ def run(nproc, *args):
     if nproc == 1:
         cmd = [sys.executable, "-m", "ordmoe_megatron.train"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--no-python", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={find_free_port()}", "ordmoe-pretrain"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--no-python",
+            f"--nproc-per-node={nproc}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={find_free_port()}",
+            "ordmoe-pretrain",
+        ]
     env = cpu_env(OMP_NUM_THREADS="1")  # gloo on the CPU by design, on a GPU machine too
     proc = subprocess.run(cmd + MODEL + list(args), capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd + list(args))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -61,8 +93,19 @@ def reference(start, per_token):
     if not (out / "metrics.jsonl").exists():
         out.mkdir(exist_ok=True)
         extra = ["--calculate-per-token-loss"] if per_token else []
-        run(1, "--train-iters", "2", "--load", str(start / "init"), "--metrics-out", str(out / "metrics.jsonl"),
-            "--save-grads", str(out / "grads"), "--finetune", *extra)
+        run(
+            1,
+            "--train-iters",
+            "2",
+            "--load",
+            str(start / "init"),
+            "--metrics-out",
+            str(out / "metrics.jsonl"),
+            "--save-grads",
+            str(out / "grads"),
+            "--finetune",
+            *extra,
+        )
     return out
 
 
@@ -94,7 +137,7 @@ def assert_metrics_match(ref, got):
 
 
 # Per-token loss normalisation matters where the token count is reduced: pipeline schedules, DP.
-CASES = [(layout, False) for layout in sorted(LAYOUTS)] + [(l, True) for l in ("dp2", "pp2-1f1b", "pp2-vpp2")]
+CASES = [(layout, False) for layout in sorted(LAYOUTS)] + [(name, True) for name in ("dp2", "pp2-1f1b", "pp2-vpp2")]
 
 
 def layout_run(start, layout, per_token, extra=(), name=""):
@@ -107,8 +150,19 @@ def layout_run(start, layout, per_token, extra=(), name=""):
         nproc, flags = LAYOUTS.get(layout) or DEEPER_LAYOUTS[layout]
         start_from = ["--load", str(start / "init"), "--finetune"] if layout in LAYOUTS else []
         per_token_flag = ["--calculate-per-token-loss"] if per_token else []
-        run(nproc, "--train-iters", "2", "--metrics-out", str(out / "metrics.jsonl"), "--save-grads", str(out / "grads"),
-            *start_from, *flags, *per_token_flag, *extra)
+        run(
+            nproc,
+            "--train-iters",
+            "2",
+            "--metrics-out",
+            str(out / "metrics.jsonl"),
+            "--save-grads",
+            str(out / "grads"),
+            *start_from,
+            *flags,
+            *per_token_flag,
+            *extra,
+        )
     return out
 
 
@@ -116,7 +170,7 @@ def read_metrics(path):
     return [json.loads(line) for line in open(path)]
 
 
-@pytest.mark.parametrize("layout,per_token", CASES, ids=[f"{l}{'-per-token' if t else ''}" for l, t in CASES])
+@pytest.mark.parametrize("layout,per_token", CASES, ids=[f"{name}{'-per-token' if t else ''}" for name, t in CASES])
 def test_layout_reproduces_single_process(start, layout, per_token):
     ref = reference(start, per_token)
     out = layout_run(start, layout, per_token)
@@ -135,8 +189,19 @@ def test_layout_reproduces_single_process(start, layout, per_token):
 # variable-shape exchange is refused, method/config.py), and the preference objectives (whose
 # sequential schedule runs a forward-only pre-pass) under VPP and TP+SP+EP.
 DEEPER_LAYOUTS = {
-    "pp3-vpp2": (3, ["--pipeline-model-parallel-size", "3", "--num-layers-per-virtual-pipeline-stage", "1",
-                     "--num-layers", "6", "--global-batch-size", "6"]),
+    "pp3-vpp2": (
+        3,
+        [
+            "--pipeline-model-parallel-size",
+            "3",
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+            "--num-layers",
+            "6",
+            "--global-batch-size",
+            "6",
+        ],
+    ),
 }
 VARIANTS = {
     "": [],
@@ -148,26 +213,45 @@ VARIANTS = {
 # without pipelining; sub-sampled lower paths (two shapes between stages) with 1F1B, and with
 # interleaving on three stages together with the listwise objective. (Fewer than all products:
 # each case is two multi-rank runs, and CI runs the suite twice.)
-SEQUENTIAL_CASES = [(layout, per_token, "") for layout, per_token in CASES
-                    if layout != "ep2" and (layout, per_token) != ("pp2-vpp2", True)] + [
-    ("ep2", False, "-pairwise-logistic"), ("pp2-1f1b", False, "-rho"), ("pp3-vpp2", False, "-plackett-luce-rho"),
+SEQUENTIAL_CASES = [
+    (layout, per_token, "")
+    for layout, per_token in CASES
+    if layout != "ep2" and (layout, per_token) != ("pp2-vpp2", True)
+] + [
+    ("ep2", False, "-pairwise-logistic"),
+    ("pp2-1f1b", False, "-rho"),
+    ("pp3-vpp2", False, "-plackett-luce-rho"),
 ]
 
 
 # CI's megatron-core 0.19.2 run takes the others (the pipelined, interleaved, expert- and tensor-
 # parallel exchanges, per-token loss, both kinds of objective, sub-sampled rows): two full suites
 # must fit in CI's time.
-ONE_VERSION = {("dp2", False, ""), ("tp2-sp", False, ""), ("pp2-1f1b", False, ""), ("pp2-1f1b", True, ""),
-               ("ep2-pp2", False, "")}
+ONE_VERSION = {
+    ("dp2", False, ""),
+    ("tp2-sp", False, ""),
+    ("pp2-1f1b", False, ""),
+    ("pp2-1f1b", True, ""),
+    ("ep2-pp2", False, ""),
+}
 
 
-@pytest.mark.parametrize("layout,per_token,variant", [
-    pytest.param(*case, marks=[pytest.mark.one_version] if case in ONE_VERSION else [],
-                 id=f"{case[0]}{'-per-token' if case[1] else ''}{case[2]}") for case in SEQUENTIAL_CASES])
+@pytest.mark.parametrize(
+    "layout,per_token,variant",
+    [
+        pytest.param(
+            *case,
+            marks=[pytest.mark.one_version] if case in ONE_VERSION else [],
+            id=f"{case[0]}{'-per-token' if case[1] else ''}{case[2]}",
+        )
+        for case in SEQUENTIAL_CASES
+    ],
+)
 def test_sequential_schedule_reproduces_the_fused_run(start, layout, per_token, variant):
     fused = layout_run(start, layout, per_token, VARIANTS[variant], variant)
-    sequential = layout_run(start, layout, per_token, VARIANTS[variant] + ["--ordmoe-path-schedule", "sequential"],
-                            variant + "-sequential")
+    sequential = layout_run(
+        start, layout, per_token, VARIANTS[variant] + ["--ordmoe-path-schedule", "sequential"], variant + "-sequential"
+    )
     ref, got = read_metrics(fused / "metrics.jsonl"), read_metrics(sequential / "metrics.jsonl")
     assert len(ref) == len(got) == 2
     for r, g in zip(ref, got):

@@ -4,6 +4,7 @@ the same run or refused, damaged checkpoints and data, outputs, signals.
 Refusals are checked in this process (``cli.main`` stops before it starts any process group);
 what needs a real run runs ``ordmoe-pretrain`` as a user would, on the CPU.
 """
+
 import json
 import os
 import shutil
@@ -18,9 +19,29 @@ import pytest
 from ordmoe_megatron.train import cli
 from tests.helpers import cpu_env, read_metrics, run_pretrain
 
-SMALL = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
-         "--seq-length", "32", "--max-position-embeddings", "32", "--lr-warmup-iters", "1", "--micro-batch-size", "2",
-         "--global-batch-size", "2", "--log-interval", "1", "--mock-data"]
+SMALL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--ffn-hidden-size",
+    "64",
+    "--moe-ffn-hidden-size",
+    "32",
+    "--seq-length",
+    "32",
+    "--max-position-embeddings",
+    "32",
+    "--lr-warmup-iters",
+    "1",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "2",
+    "--log-interval",
+    "1",
+    "--mock-data",
+]
 
 
 def refused(*argv) -> str:
@@ -44,8 +65,9 @@ def run_a(tmp_path_factory):
     """A 4-step OrdMoE run that saved at steps 2 and 4: its checkpoint and metrics."""
     root = tmp_path_factory.mktemp("run_a")
     save, metrics = root / "ckpt", root / "metrics.jsonl"
-    run_pretrain(*SMALL, "--train-iters", "4", "--save-interval", "2", "--save", str(save), "--metrics-out",
-                 str(metrics))
+    run_pretrain(
+        *SMALL, "--train-iters", "4", "--save-interval", "2", "--save", str(save), "--metrics-out", str(metrics)
+    )
     return save, metrics
 
 
@@ -65,13 +87,16 @@ def _resume(save, *extra, iters="4"):
 
 
 # ---- 1. a run in a directory that holds another run is not that run ------------------------
-@pytest.mark.parametrize("change,flag", [
-    (["--no-ordmoe"], "--ordmoe is 'on (--ordmoe)' there but 'off (--no-ordmoe)' here"),
-    (["--ordmoe-num-tiers", "2"], "--ordmoe-num-tiers is 3 there but 2 here"),
-    (["--lr", "0.001"], "--lr is 0.003 there but 0.001 here"),
-    (["--seed", "7"], "--seed is 1234 there but 7 here"),
-    (["--global-batch-size", "4"], "--global-batch-size is 2 there but 4 here"),
-])
+@pytest.mark.parametrize(
+    "change,flag",
+    [
+        (["--no-ordmoe"], "--ordmoe is 'on (--ordmoe)' there but 'off (--no-ordmoe)' here"),
+        (["--ordmoe-num-tiers", "2"], "--ordmoe-num-tiers is 3 there but 2 here"),
+        (["--lr", "0.001"], "--lr is 0.003 there but 0.001 here"),
+        (["--seed", "7"], "--seed is 1234 there but 7 here"),
+        (["--global-batch-size", "4"], "--global-batch-size is 2 there but 4 here"),
+    ],
+)
 def test_a_resume_with_other_settings_is_refused(run_a, tmp_path, change, flag):
     save, _ = _copy(run_a, tmp_path)
     message = refused(*_resume(save), *change)
@@ -83,8 +108,11 @@ def test_a_resume_with_other_settings_is_refused(run_a, tmp_path, change, flag):
 
 def test_a_new_schedule_on_purpose_is_said_in_the_log(run_a, tmp_path):
     save, metrics = _copy(run_a, tmp_path)
-    proc = run_pretrain(*_resume(save, "--lr", "0.001", "--min-lr", "0.0001", "--metrics-out", str(metrics),
-                                 "--override-opt-param-scheduler"))
+    proc = run_pretrain(
+        *_resume(
+            save, "--lr", "0.001", "--min-lr", "0.0001", "--metrics-out", str(metrics), "--override-opt-param-scheduler"
+        )
+    )
     assert "learning-rate schedule overridden (--override-opt-param-scheduler): --lr 0.003 -> 0.001" in proc.stdout
     records = read_metrics(metrics)
     assert [r["iteration"] for r in records] == [1, 2, 3, 4]
@@ -95,8 +123,13 @@ def test_overwrite_starts_a_new_run_and_nothing_of_the_old_comes_back(run_a, tmp
     save, metrics = _copy(run_a, tmp_path)
     old = read_metrics(metrics)
     args = _resume(save, "--metrics-out", str(metrics), "--seed", "7", "--overwrite", iters="8")
-    proc = subprocess.Popen([sys.executable, "-m", "ordmoe_megatron.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=cpu_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ordmoe_megatron.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cpu_env(),
+    )
     for line in proc.stdout:  # killed after its first step, before its first save
         if line.startswith(" iteration"):
             proc.kill()
@@ -159,17 +192,20 @@ def _damage(save, what):
         (it / "rng_rank0.pt").unlink()
 
 
-@pytest.mark.parametrize("what,named", [
-    ("missing shard", ".distcp: checkpoint file missing"),
-    ("truncated shard", "truncated checkpoint file"),
-    ("missing common.pt", "common.pt is missing"),
-    ("corrupt metadata.json", "metadata.json is corrupt"),
-    ("missing .metadata", "unreadable checkpoint metadata (.metadata)"),
-    ("corrupt run.json", "run.json is corrupt"),
-    ("missing run.json", "records no run"),
-    ("tracker names a missing iteration", "iter_0000005 is missing"),
-    ("missing rng file", "rng_rank0.pt is missing"),
-])
+@pytest.mark.parametrize(
+    "what,named",
+    [
+        ("missing shard", ".distcp: checkpoint file missing"),
+        ("truncated shard", "truncated checkpoint file"),
+        ("missing common.pt", "common.pt is missing"),
+        ("corrupt metadata.json", "metadata.json is corrupt"),
+        ("missing .metadata", "unreadable checkpoint metadata (.metadata)"),
+        ("corrupt run.json", "run.json is corrupt"),
+        ("missing run.json", "records no run"),
+        ("tracker names a missing iteration", "iter_0000005 is missing"),
+        ("missing rng file", "rng_rank0.pt is missing"),
+    ],
+)
 def test_a_damaged_checkpoint_is_named_before_any_work(run_a, tmp_path, what, named):
     save, _ = _copy(run_a, tmp_path)
     _damage(save, what)
@@ -177,13 +213,16 @@ def test_a_damaged_checkpoint_is_named_before_any_work(run_a, tmp_path, what, na
 
 
 # ---- 3. bad values are refused where they are read; --dry-run checks what the run checks ---
-@pytest.mark.parametrize("argv,message", [
-    (["--ordmoe-rewards", "nan", "0.5", "0"], "must be finite numbers"),
-    (["--ordmoe-rewards", "inf", "0.5", "0"], "must be finite numbers"),
-    (["--log-interval", "0"], "--log-interval: '0' must be at least 1"),
-    (["--lr", "nan"], "--lr: 'nan' is not a finite number"),
-    (["--min-lr", "0.1"], "--min-lr=0.1 is above --lr=0.003"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--ordmoe-rewards", "nan", "0.5", "0"], "must be finite numbers"),
+        (["--ordmoe-rewards", "inf", "0.5", "0"], "must be finite numbers"),
+        (["--log-interval", "0"], "--log-interval: '0' must be at least 1"),
+        (["--lr", "nan"], "--lr: 'nan' is not a finite number"),
+        (["--min-lr", "0.1"], "--min-lr=0.1 is above --lr=0.003"),
+    ],
+)
 def test_bad_values_are_refused(capsys, argv, message):
     assert message in stopped(capsys, *SMALL, *argv)
 
@@ -194,11 +233,14 @@ def test_a_misspelt_load_balancing_type_is_refused(capsys):
     assert stop.value.code == 2 and "invalid choice: 'aux-loss'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--ordmoe-layer-scope", "9"], "--ordmoe-layer-scope names layers [9]; the model has layers 1-2"),
-    (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
-    (["--moe-router-topk", "1"], "Please use --moe-router-pre-softmax when topk is 1"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--ordmoe-layer-scope", "9"], "--ordmoe-layer-scope names layers [9]; the model has layers 1-2"),
+        (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+        (["--moe-router-topk", "1"], "Please use --moe-router-pre-softmax when topk is 1"),
+    ],
+)
 def test_the_dry_run_refuses_what_the_run_refuses(argv, message):
     for dry in ([], ["--dry-run"]):
         assert message in refused(*SMALL, *argv, *dry)
@@ -212,8 +254,15 @@ def test_a_split_without_documents_is_refused_with_the_count_it_needs(tmp_path):
     corpus.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(10)))
     model = train_sentencepiece([str(corpus)], str(tmp_path / "sp"), vocab_size=280)
     prefix = write_indexed_dataset(str(corpus), load_tokenizer(model), str(tmp_path / "data"))
-    message = refused(*[a for a in SMALL if a != "--mock-data"], "--data-path", prefix, "--tokenizer-model", model,
-                      "--save", str(tmp_path / "ckpt"))
+    message = refused(
+        *[a for a in SMALL if a != "--mock-data"],
+        "--data-path",
+        prefix,
+        "--tokenizer-model",
+        model,
+        "--save",
+        str(tmp_path / "ckpt"),
+    )
     assert "gives the validation split 0 of the 10 documents" in message and "need at least" in message
 
 
@@ -226,9 +275,13 @@ def test_an_unwritable_save_is_refused_before_any_work(tmp_path):
 
 def test_a_second_run_on_the_same_save_is_refused_with_the_first_ones_pid(tmp_path):
     save = tmp_path / "ckpt"
-    first = subprocess.Popen([sys.executable, "-m", "ordmoe_megatron.train", *SMALL, "--train-iters", "200",
-                              "--save", str(save)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=cpu_env())
+    first = subprocess.Popen(
+        [sys.executable, "-m", "ordmoe_megatron.train", *SMALL, "--train-iters", "200", "--save", str(save)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cpu_env(),
+    )
     try:
         for line in first.stdout:
             if line.startswith(" iteration"):
@@ -244,8 +297,13 @@ def test_a_second_run_on_the_same_save_is_refused_with_the_first_ones_pid(tmp_pa
 def test_sigterm_saves_and_the_run_resumes(tmp_path):
     save, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
     args = [*SMALL, "--train-iters", "200", "--save", str(save), "--metrics-out", str(metrics)]
-    proc = subprocess.Popen([sys.executable, "-m", "ordmoe_megatron.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=cpu_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ordmoe_megatron.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cpu_env(),
+    )
     for line in proc.stdout:
         if line.startswith(" iteration        2/"):
             proc.send_signal(signal.SIGTERM)
@@ -254,16 +312,31 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path):
     assert proc.wait(timeout=120) == 0, out
     stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= stopped < 200 and f"stopped by signal {int(signal.SIGTERM)} at iteration {stopped}" in out
-    resumed = run_pretrain(*SMALL, "--train-iters", str(stopped + 1), "--save", str(save), "--load", str(save),
-                           "--metrics-out", str(metrics), "--override-opt-param-scheduler")
+    resumed = run_pretrain(
+        *SMALL,
+        "--train-iters",
+        str(stopped + 1),
+        "--save",
+        str(save),
+        "--load",
+        str(save),
+        "--metrics-out",
+        str(metrics),
+        "--override-opt-param-scheduler",
+    )
     assert f"resuming at iteration {stopped}" in resumed.stdout
     assert [r["iteration"] for r in read_metrics(metrics)] == list(range(1, stopped + 2))
 
 
 def test_checkpoint_writers_die_with_a_killed_run(tmp_path):
     args = [*SMALL, "--train-iters", "200", "--save", str(tmp_path / "ckpt"), "--save-interval", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "ordmoe_megatron.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=cpu_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ordmoe_megatron.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cpu_env(),
+    )
     for line in proc.stdout:
         if line.startswith(" saved checkpoint at iteration        2"):
             break
@@ -283,9 +356,20 @@ def test_checkpoint_writers_die_with_a_killed_run(tmp_path):
 # ---- 7. average ranking and checkpoints --------------------------------------------------
 def test_average_ranking_starts_its_means_from_a_checkpoint_without_them(run_a, tmp_path):
     save, _ = _copy(run_a, tmp_path)
-    proc = run_pretrain(*SMALL, "--train-iters", "1", "--load", str(save), "--finetune", "--save",
-                        str(tmp_path / "avg"), "--ordmoe-ranking", "average")
+    proc = run_pretrain(
+        *SMALL,
+        "--train-iters",
+        "1",
+        "--load",
+        str(save),
+        "--finetune",
+        "--save",
+        str(tmp_path / "avg"),
+        "--ordmoe-ranking",
+        "average",
+    )
     assert "no running means of --ordmoe-ranking average: they start afresh" in proc.stdout
-    back = run_pretrain(*SMALL, "--train-iters", "1", "--load", str(tmp_path / "avg"), "--finetune", "--save",
-                        str(tmp_path / "token"))
+    back = run_pretrain(
+        *SMALL, "--train-iters", "1", "--load", str(tmp_path / "avg"), "--finetune", "--save", str(tmp_path / "token")
+    )
     assert "running means of --ordmoe-ranking average are not used here" in back.stdout

@@ -1,4 +1,5 @@
 """The built-in trainer end to end: the tiny preset, bit-identical resume, and bad input."""
+
 import json
 import os
 import shutil
@@ -8,17 +9,48 @@ import pytest
 from tests.helpers import read_metrics as metrics
 from tests.helpers import run_pretrain as cli
 
-SMALL_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--moe-ffn-hidden-size", "64",
-               "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "4",
-               "--global-batch-size", "8", "--lr-warmup-iters", "1", "--log-interval", "2"]
+SMALL_MODEL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--ffn-hidden-size",
+    "128",
+    "--moe-ffn-hidden-size",
+    "64",
+    "--seq-length",
+    "64",
+    "--max-position-embeddings",
+    "64",
+    "--micro-batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--lr-warmup-iters",
+    "1",
+    "--log-interval",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny preset at reduced steps, with the baseline comparison."""
     work = tmp_path_factory.mktemp("tiny")
-    proc = cli("--preset", "tiny", "--work-dir", str(work), *SMALL_MODEL, "--train-iters", "6",
-               "--eval-interval", "3", "--eval-iters", "1", "--compare-baseline")
+    proc = cli(
+        "--preset",
+        "tiny",
+        "--work-dir",
+        str(work),
+        *SMALL_MODEL,
+        "--train-iters",
+        "6",
+        "--eval-interval",
+        "3",
+        "--eval-iters",
+        "1",
+        "--compare-baseline",
+    )
     return work, proc
 
 
@@ -46,8 +78,7 @@ def test_rerun_reuses_data_and_does_not_retrain(tiny):
     work, _ = tiny
     bin_file = work / "data" / "megatron" / "train.bin"
     before = bin_file.stat().st_mtime_ns
-    proc = cli("--preset", "tiny", "--work-dir", str(work), *SMALL_MODEL, "--train-iters", "6",
-               "--eval-iters", "1")
+    proc = cli("--preset", "tiny", "--work-dir", str(work), *SMALL_MODEL, "--train-iters", "6", "--eval-iters", "1")
     assert bin_file.stat().st_mtime_ns == before
     assert "resuming at iteration 6" in proc.stdout and " iteration " not in proc.stdout.replace("at iteration", "")
 
@@ -62,17 +93,43 @@ def test_data_files_are_readable_by_megatron_indexed_dataset(tiny):
 
 def test_resume_is_bit_identical(tiny, tmp_path):
     work, _ = tiny
-    data = ["--data-path", str(work / "data" / "megatron" / "train"), "--valid-data-path",
-            str(work / "data" / "megatron" / "valid"), "--tokenizer-model", _tokenizer(work)]
+    data = [
+        "--data-path",
+        str(work / "data" / "megatron" / "train"),
+        "--valid-data-path",
+        str(work / "data" / "megatron" / "valid"),
+        "--tokenizer-model",
+        _tokenizer(work),
+    ]
     straight, parts = tmp_path / "straight", tmp_path / "parts"
     cli(*data, *SMALL_MODEL, "--train-iters", "6", "--save", str(straight), "--metrics-out", str(tmp_path / "a.jsonl"))
-    cli(*data, *SMALL_MODEL, "--train-iters", "6", "--save", str(parts), "--save-interval", "3",
-        "--metrics-out", str(tmp_path / "b.jsonl"))
+    cli(
+        *data,
+        *SMALL_MODEL,
+        "--train-iters",
+        "6",
+        "--save",
+        str(parts),
+        "--save-interval",
+        "3",
+        "--metrics-out",
+        str(tmp_path / "b.jsonl"),
+    )
     # Interrupt: throw away everything after iteration 3, as if the run had died there.
     shutil.rmtree(parts / "iter_0000006")
     (parts / "latest_checkpointed_iteration.txt").write_text("3")
-    proc = cli(*data, *SMALL_MODEL, "--train-iters", "6", "--save", str(parts), "--load", str(parts),
-               "--metrics-out", str(tmp_path / "b.jsonl"))
+    proc = cli(
+        *data,
+        *SMALL_MODEL,
+        "--train-iters",
+        "6",
+        "--save",
+        str(parts),
+        "--load",
+        str(parts),
+        "--metrics-out",
+        str(tmp_path / "b.jsonl"),
+    )
     assert "resuming at iteration 3" in proc.stdout
     keys = ("lm_loss", "rank_loss", "aux_loss", "path_logprob", "tier_order_acc", "grad_norm")
     a = [{k: r[k] for k in keys} for r in metrics(tmp_path / "a.jsonl")]
@@ -98,12 +155,26 @@ def test_bad_inputs_fail_early_with_clear_errors(tiny, tmp_path):
 
     from ordmoe_megatron.data import train_sentencepiece
 
-    other = train_sentencepiece([str(work / "data" / "corpus" / "valid.jsonl")], str(tmp_path / "other"), vocab_size=512)
+    other = train_sentencepiece(
+        [str(work / "data" / "corpus" / "valid.jsonl")], str(tmp_path / "other"), vocab_size=512
+    )
     mismatch = cli("--data-path", prefix, "--tokenizer-model", other, *SMALL_MODEL, check=False)
     assert mismatch.returncode != 0 and "tokenizer" in mismatch.stderr.lower()
 
-    wrong_model = cli("--data-path", prefix, "--tokenizer-model", tokenizer, *SMALL_MODEL, "--hidden-size", "32",
-                      "--load", str(work / "checkpoints"), "--save", str(tmp_path / "s"), check=False)
+    wrong_model = cli(
+        "--data-path",
+        prefix,
+        "--tokenizer-model",
+        tokenizer,
+        *SMALL_MODEL,
+        "--hidden-size",
+        "32",
+        "--load",
+        str(work / "checkpoints"),
+        "--save",
+        str(tmp_path / "s"),
+        check=False,
+    )
     assert wrong_model.returncode != 0 and "--hidden-size is 32 here but 64 in the checkpoint" in wrong_model.stderr
 
     layout = cli("--mock-data", *SMALL_MODEL, "--tensor-model-parallel-size", "2", check=False)
@@ -127,7 +198,20 @@ def test_interrupted_save_never_loads(tiny, tmp_path):
     # A tracker naming a checkpoint whose files are incomplete is refused, not half-loaded.
     (ckpt / "latest_checkpointed_iteration.txt").write_text("9")
     os.rename(ckpt / "iter_0000009.incomplete", ckpt / "iter_0000009")
-    proc = cli("--preset", "tiny", "--work-dir", str(work), *SMALL_MODEL, "--load", str(ckpt), "--save",
-               str(tmp_path / "out"), "--metrics-out", str(tmp_path / "m.jsonl"), "--plot-out", str(tmp_path / "m.png"),
-               check=False)
+    proc = cli(
+        "--preset",
+        "tiny",
+        "--work-dir",
+        str(work),
+        *SMALL_MODEL,
+        "--load",
+        str(ckpt),
+        "--save",
+        str(tmp_path / "out"),
+        "--metrics-out",
+        str(tmp_path / "m.jsonl"),
+        "--plot-out",
+        str(tmp_path / "m.png"),
+        check=False,
+    )
     assert proc.returncode != 0 and "incomplete" in proc.stderr
