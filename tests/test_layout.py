@@ -12,6 +12,7 @@ INNER_IMPORTS_ALLOWED = {
     ("ordmoe_megatron.megatron_lm", "ordmoe_megatron.megatron_lm.model_config"),
 }
 FLOORS = {
+    "errors": -1,
     "method": 0,
     "runtime": 1,
     "data": 1,
