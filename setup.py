@@ -6,11 +6,24 @@ CUDA build that is already installed. Listing torch here could make pip resolve 
 megatron-core 0.18 on import triton at import time (it does not pull torch).
 """
 
+import ast
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def _version() -> str:
+    """The one version string, ``ordmoe_megatron.__version__`` (read without importing the package)."""
+    tree = ast.parse((Path(__file__).parent / "ordmoe_megatron" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__version__"]:
+            return node.value.value
+    raise RuntimeError("ordmoe_megatron/__init__.py defines no __version__")
+
 
 setup(
     name="ordmoe-megatron",
-    version="0.1.0",
+    version=_version(),
     description="OrdMoE (routing-score tier ranking) for Megatron-Core expert-parallel training",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -21,7 +34,7 @@ setup(
     install_requires=["megatron-core>=0.16.1,<0.20", "sentencepiece", "numpy", "psutil", "matplotlib"],
     extras_require={
         "convert": ["transformers", "safetensors"],
-        "test": ["pytest", "transformers", "safetensors"],
+        "test": ["pytest", "transformers", "safetensors", "ruff==0.17.6"],
         "te": ["transformer-engine[pytorch]"],
         # What Megatron-LM's megatron.training needs beyond megatron-core (for its tests here).
         "megatron-lm": ["triton", "pybind11", "six"],
