@@ -128,6 +128,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from torch.overrides import TorchFunctionMode
 
+from ordmoe_megatron.errors import OrdMoEError
+
 __all__ = [
     "assumed_gpu_capability",
     "megatron_lm_on_cpu",
@@ -141,7 +143,7 @@ __all__ = [
 ]
 
 
-class CPUEmulationError(RuntimeError):
+class CPUEmulationError(OrdMoEError):
     """A spot this module bridges no longer looks like the megatron-core versions it knows."""
 
 

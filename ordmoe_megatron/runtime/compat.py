@@ -18,6 +18,8 @@ from megatron.core.optimizer import optimizer as _optimizer
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from ordmoe_megatron.errors import OrdMoEError
+
 
 def _parse(version: str) -> tuple[int, int, int]:
     # megatron-core appends "+<git hash>" when its installed files sit inside a git checkout
@@ -37,7 +39,7 @@ def check_supported() -> None:
     """Refuse a megatron-core outside the tested range, with the fix."""
     low, high = SUPPORTED
     if not low <= VERSION < high:
-        raise RuntimeError(
+        raise OrdMoEError(
             f"megatron-core {megatron.core.__version__} is outside the range ordmoe-megatron supports "
             f"({'.'.join(map(str, low))} up to {high[0]}.{high[1] - 1}.x); install one in that range"
         )

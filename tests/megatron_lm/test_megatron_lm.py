@@ -176,6 +176,7 @@ def test_ordmoe_pretrain_script_real_dry_run():
 # always run: megatron_lm pieces (no Megatron-LM needed)
 # ============================================================================================
 from ordmoe_megatron import megatron_lm  # noqa: E402
+from ordmoe_megatron.errors import OrdMoEError  # noqa: E402
 from ordmoe_megatron.flags import ordmoe_config_from_args  # noqa: E402
 from ordmoe_megatron.megatron_lm import arguments, hooks  # noqa: E402
 
@@ -260,7 +261,7 @@ def _ordmoe_args(*argv, **extra):
     ],
 )
 def test_validation_errors_name_the_flag(argv, extra, message):
-    with pytest.raises(megatron_lm.OrdMoEArgumentError, match="^" + message.replace("[", r"\[").replace("+", r"\+")):
+    with pytest.raises(OrdMoEError, match="^" + message.replace("[", r"\[").replace("+", r"\+")):
         megatron_lm.validate_ordmoe_args(_ordmoe_args(*argv, **extra))
 
 
@@ -298,7 +299,7 @@ def test_model_level_validation_uses_megatron_lm_config(monkeypatch, argv, confi
     """The model checks run on the TransformerConfig Megatron-LM makes (here a stand-in)."""
     monkeypatch.setattr(arguments, "megatron_validated_args", lambda args: args)
     monkeypatch.setattr(arguments, "transformer_config", lambda args: _model_config(**config))
-    with pytest.raises(megatron_lm.OrdMoEArgumentError) as err:
+    with pytest.raises(OrdMoEError) as err:
         megatron_lm.validate_ordmoe_args(_ordmoe_args(*argv))
     assert str(err.value).startswith(message)
     assert megatron_lm.validate_ordmoe_args(_ordmoe_args("--no-ordmoe", "--ordmoe-num-tiers", "11")) is None
@@ -310,7 +311,7 @@ def test_validation_leaves_megatron_lm_errors_to_megatron_lm(monkeypatch):
 
     monkeypatch.setattr(arguments, "megatron_validated_args", reject)
     assert megatron_lm.validate_ordmoe_args(_ordmoe_args("--ordmoe")).num_tiers == 3
-    with pytest.raises(megatron_lm.OrdMoEArgumentError, match="Megatron-LM rejects these arguments"):
+    with pytest.raises(OrdMoEError, match="Megatron-LM rejects these arguments"):
         arguments.validate(_ordmoe_args("--ordmoe"), need_model_config=True)  # a dry run says so
 
 
@@ -488,7 +489,7 @@ def test_builder_builds_ordmoe_model_with_megatron_lms_spec(megatron_single_proc
         return plain
 
     legacy_builder.__module__ = builders.__name__
-    with pytest.raises(TypeError, match="not a GPTModel built through"):
+    with pytest.raises(OrdMoEError, match="not a GPTModel built through"):
         megatron_lm.ordmoe_builder(legacy_builder)(_ordmoe_args("--ordmoe"), True, True)
     assert builders.GPTModel is GPTModel
 

@@ -344,9 +344,8 @@ def test_bad_inputs_fail_clearly_before_work(work, case, message, monkeypatch, c
 def test_existing_output_needs_force(work, capsys):
     out = work["root"] / "exists.json"
     out.write_text("precious\n")
-    with pytest.raises(SystemExit) as exc:
-        report_cli.main(["--load", work["mcore"], "--token-ids", work["ids"], "--out-json", str(out)])
-    assert exc.value.code == 2 and "already exists; pass --force" in capsys.readouterr().err
+    code = report_cli.main(["--load", work["mcore"], "--token-ids", work["ids"], "--out-json", str(out)])
+    assert code == 2 and "already exists; pass --force" in capsys.readouterr().err
     assert out.read_text() == "precious\n"
     code, report = run_report(
         "--load",

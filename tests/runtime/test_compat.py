@@ -11,6 +11,7 @@ from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ordmoe_megatron import OrdMoEConfig
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.mcore.specs import ordmoe_layer_spec
 from ordmoe_megatron.method import ranking_scores, tier_gating
@@ -35,7 +36,7 @@ def test_versions_are_read_without_a_git_suffix_or_a_pre_release_tag(version, pa
 
 def test_a_megatron_core_outside_the_range_is_refused(monkeypatch):
     monkeypatch.setattr(compat, "VERSION", (0, 20, 1))
-    with pytest.raises(RuntimeError, match="outside the range ordmoe-megatron supports .*0.16.1 up to 0.19.x"):
+    with pytest.raises(OrdMoEError, match="outside the range ordmoe-megatron supports .*0.16.1 up to 0.19.x"):
         compat.check_supported()
 
 
