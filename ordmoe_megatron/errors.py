@@ -9,7 +9,7 @@ keep working. This module imports nothing: every floor may raise it.
 
 The lower floors name the kind of input they refuse with a subclass, for Python callers that handle
 one kind: ``runtime.checkpointing.CheckpointError``, ``runtime.outputs.OutputError``,
-``runtime.cpu_emulation.CPUEmulationError`` (a megatron-core the emulation does not know),
+``runtime.bridges.BridgeError`` (a megatron-core or torch the bridges do not know),
 ``data.documents.DocumentError`` and ``convert.ConversionError``. Everything else, the front ends'
 refusals included, raises ``OrdMoEError`` itself.
 """

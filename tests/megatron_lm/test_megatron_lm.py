@@ -18,7 +18,7 @@ Two groups:
 
 CPU runs of Megatron-LM's training loop: this file, run as a program
 (``python tests/megatron_lm/test_megatron_lm.py SCRIPT ARGS...``), is the launcher: it calls
-``runtime.bridges.megatron_lm_on_cpu()`` (the CPU emulation plus three CUDA-only spots of
+``megatron_lm.cpu_launch.megatron_lm_on_cpu()`` (the CPU emulation plus three CUDA-only spots of
 Megatron-LM's ``megatron.training``, bridged at run time; no file of Megatron-LM is changed
 beyond the patch) and runs the script, and the CPU flags: ``--distributed-backend gloo
 --transformer-impl local --use-cpu-initialization --no-gradient-accumulation-fusion
@@ -820,9 +820,9 @@ def test_cpu_training_sequential_paths_equal_fused_under_pipeline_parallelism(ca
 def _cpu_launch(script, argv):
     import runpy
 
-    from ordmoe_megatron.runtime import bridges
+    from ordmoe_megatron.megatron_lm.cpu_launch import megatron_lm_on_cpu
 
-    bridges.megatron_lm_on_cpu()
+    megatron_lm_on_cpu()
     sys.argv = [script, *argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
