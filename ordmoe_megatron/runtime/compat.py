@@ -130,7 +130,7 @@ GROUP_IDENTITY_KEYS: tuple[str, ...] = tuple(
 # --------------------------------------------------------------------------------------------
 # MoE auxiliary-loss logging (0.18: megatron.core.transformer.moe.moe_logging)
 # --------------------------------------------------------------------------------------------
-def _metrics_tracker():
+def moe_metrics_tracker():
     """0.18 on: the MoE metrics tracker; None before (the moe_utils functions)."""
     try:
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
@@ -173,32 +173,12 @@ def pop_moe_aux_losses(config, num_microbatches: int) -> dict:
         num_layers=config.num_layers,
         moe_layer_freq=config.moe_layer_freq,
     )
-    tracker = _metrics_tracker()
+    tracker = moe_metrics_tracker()
     if tracker is None:
         moe_utils.track_moe_metrics(**common)
     else:
         tracker.report(**common)
     return {name: float(value) for name, value in totals.items()}
-
-
-def moe_aux_loss_values() -> dict:
-    """``{name: per-layer values}`` recorded since the last reset, as they are (not reduced)."""
-    tracker = _metrics_tracker()
-    if tracker is None:
-        return {name: entry["values"] for name, entry in moe_utils.get_moe_layer_wise_logging_tracker().items()}
-    return {name: entry.values for name, entry in tracker.metrics.items()}
-
-
-def reset_moe_aux_losses() -> None:
-    """Forget every tracked auxiliary loss (the trackers size themselves by the first model's
-    layer count, so a process that builds models of other depths starts afresh)."""
-    tracker = _metrics_tracker()
-    if tracker is None:
-        moe_utils.get_moe_layer_wise_logging_tracker().clear()
-    else:
-        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
-
-        destroy_moe_metrics_tracker()
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from ordmoe_megatron.convert import (  # noqa: E402
 from ordmoe_megatron.errors import OrdMoEError  # noqa: E402
 from ordmoe_megatron.runtime import checkpointing  # noqa: E402
 from ordmoe_megatron.runtime.distributed import device  # noqa: E402
-from tests.helpers import on_device  # noqa: E402
+from tests.support import on_device  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB, SEQ, BATCH = 96, 12, 2
@@ -552,7 +552,7 @@ def _reshard_worker(rank, world_size, src, ep2_dir, tokens):
 
 
 def test_reshard_ep2_to_pp2_and_export(work):
-    from ordmoe_megatron.testing import run_on_ranks
+    from tests.support import run_on_ranks
 
     tokens = _tokens(3)
     src = _mcore_dir(work, "mixtral")

@@ -516,7 +516,7 @@ def _megatron_env(**extra):
 
     # Imported here: this file is also the launcher, run with Megatron-LM's own `tests` package
     # first on the path.
-    from tests.helpers import cpu_env
+    from tests.support import cpu_env
 
     env = cpu_env()  # the CPU launcher: on the CPU by design, on a GPU machine too
     python311 = (

@@ -21,8 +21,7 @@ import textwrap
 import pytest
 import torch
 
-from ordmoe_megatron.testing import run_on_ranks
-from tests.helpers import cpu_env
+from tests.support import cpu_env, run_on_ranks
 
 SEED = 1234
 VOCAB, SEQ, MBS = 64, 16, 2

@@ -16,7 +16,7 @@ from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.mcore.specs import ordmoe_layer_spec
 from ordmoe_megatron.method import ranking_scores, tier_gating
 from ordmoe_megatron.runtime import compat
-from tests.helpers import cpu_env
+from tests.support import cpu_env
 
 
 def test_the_installed_megatron_core_is_supported():

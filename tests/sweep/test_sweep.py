@@ -14,7 +14,7 @@ from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.sweep import plan, results
 from ordmoe_megatron.sweep.config import SweepConfig
 from ordmoe_megatron.sweep.grids import Grid, Setting, ready_grids
-from tests.helpers import cpu_env
+from tests.support import cpu_env
 
 MOCK = [
     "--mock-data",
