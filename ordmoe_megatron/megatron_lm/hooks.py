@@ -51,7 +51,7 @@ from ordmoe_megatron.mcore.flops import ordmoe_step_flops
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
 from ordmoe_megatron.method import OrdMoEConfig, moe_layer_pattern
-from ordmoe_megatron.runtime import bridges
+from ordmoe_megatron.runtime import bridges, compat
 
 SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py's: a loss 10x the largest seen is "spiky"
 REBOUND = (
@@ -131,7 +131,7 @@ def install(args: argparse.Namespace) -> bool:
             if not hasattr(training, name):
                 raise OrdMoEError(
                     f"ordmoe_megatron.megatron_lm.install: megatron.training.training.{name} not found; "
-                    "this Megatron-LM is not one ordmoe-megatron supports (core_v0.16 to core_v0.19)"
+                    f"this Megatron-LM is not one ordmoe-megatron supports ({compat.supported_megatron_lm_tags()})"
                 )
             _ORIGINALS[name] = getattr(training, name)
     # Megatron-LM trains on megatron-core, which lacks a name without Transformer Engine (0.16).

@@ -1,6 +1,8 @@
 """Everything that differs between the Megatron versions this package supports.
 
-megatron-core 0.16.1 up to the newest 0.19.x, and Megatron-LM at the matching ``core_v*`` tags.
+``SUPPORTED`` is the one statement of the range (megatron-core, and Megatron-LM at the matching
+``core_v*`` tags); ``setup.py``, the messages and the README derive from it or point here
+(``tests/runtime/test_compat.py`` checks that they agree).
 Each difference is one name below, with the version that introduced it; nothing else in the
 package asks which version is installed. Where a feature can be detected it is, so a backport
 is handled too; the version says when to expect it.
@@ -32,7 +34,21 @@ def _parse(version: str) -> tuple[int, int, int]:
 
 
 VERSION: tuple[int, int, int] = _parse(megatron.core.__version__)
-SUPPORTED = ((0, 16, 1), (0, 20, 0))  # from the first, up to (not including) the second
+# The supported megatron-core releases: from the first, up to (not including) the second. setup.py
+# reads this line (with ast: it cannot import megatron) for its install_requires.
+SUPPORTED = ((0, 16, 1), (0, 20, 0))
+
+
+def supported_range() -> str:
+    """``SUPPORTED`` in words: ``'0.16.1 up to 0.19.x'``."""
+    low, high = SUPPORTED
+    return f"{'.'.join(map(str, low))} up to {high[0]}.{high[1] - 1}.x"
+
+
+def supported_megatron_lm_tags() -> str:
+    """The Megatron-LM tags that go with ``SUPPORTED``: ``'core_v0.16.1 to core_v0.19.x'``."""
+    first, _, last = supported_range().partition(" up to ")
+    return f"core_v{first} to core_v{last}"
 
 
 def check_supported() -> None:
@@ -41,7 +57,7 @@ def check_supported() -> None:
     if not low <= VERSION < high:
         raise OrdMoEError(
             f"megatron-core {megatron.core.__version__} is outside the range ordmoe-megatron supports "
-            f"({'.'.join(map(str, low))} up to {high[0]}.{high[1] - 1}.x); install one in that range"
+            f"({supported_range()}); install one in that range"
         )
 
 

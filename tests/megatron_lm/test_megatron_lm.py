@@ -36,6 +36,8 @@ import types
 
 import pytest
 
+from ordmoe_megatron.runtime import compat
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")
 PATCHES = os.path.join(ROOT, "patches")
@@ -45,7 +47,7 @@ LAUNCHERS = [s for s in SCRIPTS if s != "ordmoe_common.sh"]
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 needs_megatron_lm = pytest.mark.skipif(
     not MEGATRON_LM_PATH,
-    reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (tags core_v0.16.1 to core_v0.19.x; triton, pybind11 "
+    reason=f"set MEGATRON_LM_PATH to a Megatron-LM checkout ({compat.supported_megatron_lm_tags()}; triton, pybind11 "
     "and six importable) to run the Megatron-LM integration tests (docs/megatron_lm.md)",
 )
 
