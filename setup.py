@@ -7,31 +7,50 @@ megatron-core 0.18 on import triton at import time (it does not pull torch).
 """
 
 import ast
-from pathlib import Path
+import os
 
 from setuptools import find_packages, setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 
-def _version() -> str:
-    """The one version string, ``ordmoe_megatron.__version__`` (read without importing the package)."""
-    tree = ast.parse((Path(__file__).parent / "ordmoe_megatron" / "__init__.py").read_text())
+
+def _module_constant(path: str, name: str):
+    """The literal value of ``name = ...`` in one of the package's files, read with ast (setup.py
+    cannot import the package: megatron-core is not installed yet)."""
+    with open(os.path.join(HERE, *path.split("/")), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__version__"]:
-            return node.value.value
-    raise RuntimeError("ordmoe_megatron/__init__.py defines no __version__")
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        if any(getattr(t, "id", None) == name for t in targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{path} has no {name} = ... line")
+
+
+def version() -> str:
+    """The one version string, ``ordmoe_megatron.__version__``."""
+    return _module_constant("ordmoe_megatron/__init__.py", "__version__")
+
+
+def megatron_core_requirement() -> str:
+    """``megatron-core>=LOW,<HIGH`` from ``SUPPORTED`` in ordmoe_megatron/runtime/compat.py, the one
+    statement of the range."""
+    low, high = _module_constant("ordmoe_megatron/runtime/compat.py", "SUPPORTED")
+    return f"megatron-core>={'.'.join(map(str, low))},<{'.'.join(map(str, high[:2]))}"
 
 
 setup(
     name="ordmoe-megatron",
-    version=_version(),
+    version=version(),
     description="OrdMoE (routing-score tier ranking) for Megatron-Core expert-parallel training",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ordmoe_megatron", "ordmoe_megatron.*"]),
     python_requires=">=3.10",
-    # megatron-core 0.16.1 up to 0.19.x (runtime/compat.py); 0.17 on declare Python >= 3.12, so on
-    # Python 3.11 pip resolves 0.16.1.
-    install_requires=["megatron-core>=0.16.1,<0.20", "sentencepiece", "numpy", "psutil", "matplotlib"],
+    # The range of runtime/compat.py's SUPPORTED; the releases after its first declare Python >= 3.12,
+    # so on Python 3.11 pip resolves the first.
+    install_requires=[megatron_core_requirement(), "sentencepiece", "numpy", "psutil", "matplotlib"],
     extras_require={
         "convert": ["transformers", "safetensors"],
         "test": ["pytest", "transformers", "safetensors", "ruff==0.17.6"],

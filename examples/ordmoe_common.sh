@@ -105,7 +105,7 @@ show_command() {
 # Megatron-LM entry point: the patched pretrain_gpt.py, or examples/pretrain_gpt_ordmoe.py.
 # ORDMOE_ENTRY=patched|example (default: patched when the checkout carries the patch).
 megatron_lm_entry() {
-    : "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a Megatron-LM checkout (tags core_v0.16.1 to core_v0.19.x)}"
+    : "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a Megatron-LM checkout at a supported tag (README, Supported versions)}"
     local entry=${ORDMOE_ENTRY:-}
     if [[ -z "$entry" ]]; then
         if grep -q "ordmoe_megatron" "$MEGATRON_LM_PATH/pretrain_gpt.py" 2>/dev/null; then

@@ -1,6 +1,6 @@
 """Megatron-LM's ``pretrain_gpt.py`` run with OrdMoE, without patching Megatron-LM.
 
-Needs a Megatron-LM checkout (tags ``core_v0.16.1`` to ``core_v0.19.x``) on ``PYTHONPATH``: this
+Needs a Megatron-LM checkout at a supported tag (README, "Supported versions") on ``PYTHONPATH``: this
 script imports ``pretrain_gpt``'s dataset provider, ``forward_step`` and ``get_embedding_ranks``
 and calls ``pretrain(...)`` the way that tag's ``pretrain_gpt.py`` does, with the OrdMoE flags
 (``megatron_lm.extra_args_provider``) and the OrdMoE model (``ordmoe_builder`` around
@@ -25,9 +25,11 @@ try:
 except ModuleNotFoundError as err:
     if err.name not in ("pretrain_gpt", "gpt_builders", "model_provider"):
         raise
+    from ordmoe_megatron.runtime.compat import supported_megatron_lm_tags
+
     sys.exit(
         f"pretrain_gpt_ordmoe.py: cannot import Megatron-LM's pretrain_gpt ({err}); put your Megatron-LM "
-        "checkout (core_v0.16.1 to core_v0.19.x) on PYTHONPATH, e.g. PYTHONPATH=/path/to/Megatron-LM"
+        f"checkout ({supported_megatron_lm_tags()}) on PYTHONPATH, e.g. PYTHONPATH=/path/to/Megatron-LM"
     )
 
 from megatron.core.enums import ModelType

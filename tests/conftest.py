@@ -3,8 +3,8 @@
 import pytest
 from megatron.core import parallel_state
 
-from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.distributed import init_distributed
+from tests.support import reset_moe_aux_losses
 
 
 @pytest.fixture(scope="session")
@@ -19,4 +19,4 @@ def fresh_aux_loss_tracker():
     """Megatron keeps a process-wide aux-loss tracker sized by the first model's layer count;
     tests build models of different depths, so each starts with an empty one."""
     yield
-    compat.reset_moe_aux_losses()
+    reset_moe_aux_losses()

@@ -82,19 +82,26 @@ def _graph():
     return graph
 
 
-def test_nothing_in_the_package_imports_the_test_helpers():
-    offenders = [
-        m
-        for m, edges in _graph().items()
-        if m != "ordmoe_megatron.testing" and any(t == "ordmoe_megatron.testing" for t, _ in edges)
-    ]
-    assert not offenders
+def test_nothing_in_the_package_imports_from_tests():
+    """Test helpers live in tests/ (tests/support.py); production code never imports them."""
+    offenders = []
+    for name, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            offenders += [f"{name} -> {t}" for t in targets if t == "tests" or t.startswith("tests.")]
+    assert not offenders, offenders
 
 
 def test_each_floor_imports_only_the_floors_below_it():
     bad = []
     for module, edges in _graph().items():
-        if module in ("ordmoe_megatron", "ordmoe_megatron.testing"):
+        if module == "ordmoe_megatron":
             continue
         here = _floor(module)
         assert here is not None, f"{module} is on no floor: add it to FLOORS and docs/layout.md"
@@ -136,3 +143,13 @@ def test_there_is_no_import_circle():
     for module in graph:
         if module not in state:
             visit(module, [module])
+
+
+def test_tests_share_helpers_only_through_tests_support():
+    """A test file imports what tests share from tests/support.py, never from another test file."""
+    offenders = []
+    for path in sorted((PACKAGE.parent / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1].startswith("test_"):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)} -> {node.module}")
+    assert not offenders, offenders

@@ -17,7 +17,8 @@ import sys
 
 def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from ordmoe_megatron.convert import ConversionError, hf_to_mcore
+    from ordmoe_megatron.convert import hf_to_mcore
+    from ordmoe_megatron.errors import OrdMoEError
     from ordmoe_megatron.runtime.model_flags import flags_to_argv
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         flags = hf_to_mcore(args.hf_dir, args.out, force=args.force, log=lambda s: print(s, file=sys.stderr))
-    except ConversionError as e:
+    except OrdMoEError as e:  # the one place the conversion turns a refusal into its exit message
         print(f"hf_to_mcore: error: {e}", file=sys.stderr)
         return 2
     print("# Megatron-LM model flags for this checkpoint:")

@@ -16,7 +16,8 @@ import sys
 
 def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from ordmoe_megatron.convert import ConversionError, mcore_to_hf
+    from ordmoe_megatron.convert import mcore_to_hf
+    from ordmoe_megatron.errors import OrdMoEError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
             max_shard_size=args.max_shard_size,
             log=lambda s: print(s, file=sys.stderr),
         )
-    except ConversionError as e:
+    except OrdMoEError as e:  # the one place the conversion turns a refusal into its exit message
         print(f"mcore_to_hf: error: {e}", file=sys.stderr)
         return 2
     return 0

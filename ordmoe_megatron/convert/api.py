@@ -22,14 +22,11 @@ from .families import Family, get_family, infer_family
 
 
 # ----------------------------------------------------------------------------------------------
-# output safety (the rule is runtime.outputs'; conversion reports it as a ConversionError)
+# output safety (the rule is runtime.outputs')
 # ----------------------------------------------------------------------------------------------
 def check_output(out_dir: str, force: bool) -> None:
     """Refuse to touch an existing, non-empty output unless ``force`` (checked before any work)."""
-    try:
-        outputs.check_output(out_dir, force, "--force", is_dir=True)
-    except outputs.OutputError as e:
-        raise ConversionError(str(e)) from None
+    outputs.check_output(out_dir, force, "--force", is_dir=True)
 
 
 @contextmanager
@@ -37,11 +34,8 @@ def staged_output(out_dir: str, force: bool):
     """``runtime.outputs.staged_dir``: the finished conversion replaces ``out_dir``; a failed one
     leaves it as it was."""
     check_output(out_dir, force)
-    try:
-        with outputs.staged_dir(out_dir, force, "--force") as tmp:
-            yield tmp
-    except outputs.OutputError as e:
-        raise ConversionError(str(e)) from None
+    with outputs.staged_dir(out_dir, force, "--force") as tmp:
+        yield tmp
 
 
 def hf_config_to_flags(hf_dir: str):
@@ -121,10 +115,7 @@ def flags_to_hf_config(family: Family, flags: Dict[str, Any], meta: Optional[Dic
     """HF config values for ``flags``: mapped fields from the table, non-model fields carried
     from the import's metadata (when there is one). A mapped field whose recorded value equals
     the new one keeps its recorded spelling (e.g. 10000 vs 10000.0)."""
-    try:
-        mapped = family.config.to_hf(flags)
-    except ConversionError as e:
-        raise ConversionError(f"{family.model_type}: {e}") from None
+    mapped = family.config.to_hf(flags)
     recorded = (meta or {}).get("config", {}) if (meta or {}).get("model_type") == family.model_type else {}
     values = {k: v for k, v in recorded.items() if k in family.config.carried()}
     for k, v in mapped.items():
@@ -189,6 +180,7 @@ def mcore_to_hf(
     if model_type is None and meta is not None:
         model_type = meta.get("model_type")
     family = get_family(model_type) if model_type else infer_family(flags)
+    log(f"{family.model_type}: exporting {mcore_dir}")  # names the family its refusals are about
     hf_values = flags_to_hf_config(family, flags, meta)
 
     mcore_io.ensure_single_process()

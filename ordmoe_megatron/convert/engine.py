@@ -23,10 +23,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
+from ordmoe_megatron.errors import OrdMoEError
+
 Shape = Tuple[int, ...]
 
 
-class ConversionError(RuntimeError):
+class ConversionError(OrdMoEError):
     """A checkpoint or config cannot be converted; the message names the tensor or field."""
 
 

@@ -41,15 +41,17 @@ def read_safetensors_header(path: str) -> Dict[str, Dict[str, Any]]:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
             raw = fh.read(8)
-            if len(raw) < 8:
-                raise ConversionError(f"{path}: truncated safetensors file ({size} bytes)")
-            (hlen,) = struct.unpack("<Q", raw)
-            if hlen > size - 8:
-                raise ConversionError(
-                    f"{path}: truncated safetensors file (header says {hlen} header bytes, file has {size})"
-                )
-            header = json.loads(fh.read(hlen))
-    except (OSError, ValueError) as e:
+            hlen = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+            text = fh.read(hlen) if hlen is not None and hlen <= size - 8 else None
+    except OSError as e:
+        raise ConversionError(f"{path}: unreadable safetensors file: {e}") from None
+    if hlen is None:
+        raise ConversionError(f"{path}: truncated safetensors file ({size} bytes)")
+    if text is None:
+        raise ConversionError(f"{path}: truncated safetensors file (header says {hlen} header bytes, file has {size})")
+    try:
+        header = json.loads(text)
+    except ValueError as e:
         raise ConversionError(f"{path}: unreadable safetensors file: {e}") from None
     header.pop("__metadata__", None)
     end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)

@@ -30,17 +30,12 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from ordmoe_megatron.runtime import checkpointing, distributed
-from ordmoe_megatron.runtime.checkpointing import (
-    HF_METADATA,
-    MODEL_ARGS,
-    TRACKER,
-    CheckpointError,
-    checkpoint_dir,
-    latest_iteration,
-)
+from ordmoe_megatron.runtime.checkpointing import HF_METADATA, MODEL_ARGS, TRACKER, checkpoint_dir, latest_iteration
 from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, normalize_flags, transformer_config_from_flags
 
 from .engine import ConversionError
+
+FLAG = "--mcore-dir"  # how the conversion's refusals name the Megatron checkpoint directory
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,10 +46,7 @@ def resolve_checkpoint_dir(mcore_dir: str) -> str:
     iteration), or ``mcore_dir`` itself when it is one."""
     has_tracker = os.path.exists(os.path.join(mcore_dir, TRACKER))
     if has_tracker:
-        try:
-            path = checkpoint_dir(mcore_dir, latest_iteration(mcore_dir))
-        except CheckpointError as e:
-            raise ConversionError(str(e)) from None
+        path = checkpoint_dir(mcore_dir, latest_iteration(mcore_dir, FLAG))
     else:
         path = mcore_dir
     if not os.path.exists(os.path.join(path, "metadata.json")):
@@ -78,23 +70,21 @@ def read_model_args(mcore_dir: str) -> Dict[str, Any]:
         raise ConversionError(f"{path} not found: the model flags of this checkpoint are needed")
     try:
         with open(path) as fh:
-            return normalize_flags(json.load(fh))
+            flags = json.load(fh)
     except (OSError, ValueError) as e:
         raise ConversionError(f"{path}: {e}") from None
+    return normalize_flags(flags, where=f"{path}: ")
 
 
 def read_checkpoint_flags(mcore_dir: str) -> Dict[str, Any]:
     """Model flags of a checkpoint (``runtime.checkpointing.checkpoint_model_flags``), normalized."""
-    try:
-        flags = checkpointing.checkpoint_model_flags(mcore_dir)
-        if flags is None:
-            raise ConversionError(
-                f"{os.path.join(mcore_dir, MODEL_ARGS)} not found (nor model_flags in the "
-                "checkpoint's run.json): the model flags of this checkpoint are needed"
-            )
-        return normalize_flags(flags)
-    except (CheckpointError, ValueError) as e:
-        raise ConversionError(f"{mcore_dir}: {e}") from None
+    flags = checkpointing.checkpoint_model_flags(mcore_dir, FLAG)
+    if flags is None:
+        raise ConversionError(
+            f"{FLAG} {mcore_dir}: {os.path.join(mcore_dir, MODEL_ARGS)} not found (nor model_flags in the "
+            "checkpoint's run.json): the model flags of this checkpoint are needed"
+        )
+    return normalize_flags(flags, where=f"{FLAG} {mcore_dir}: ")
 
 
 def write_hf_metadata(out_dir: str, meta: Dict[str, Any]) -> None:
@@ -104,10 +94,7 @@ def write_hf_metadata(out_dir: str, meta: Dict[str, Any]) -> None:
 
 
 def read_hf_metadata(mcore_dir: str) -> Optional[Dict[str, Any]]:
-    try:
-        return checkpointing.read_hf_metadata(mcore_dir)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
+    return checkpointing.read_hf_metadata(mcore_dir, FLAG)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,10 +146,7 @@ def load_model_weights(model, mcore_dir: str, strict: bool = True) -> None:
     root = mcore_dir if os.path.exists(os.path.join(mcore_dir, TRACKER)) else None
     if root is None:
         raise ConversionError(f"{mcore_dir}: no {TRACKER}; point at the directory that holds it")
-    try:
-        checkpointing.load_checkpoint(root, [model], load_rng=False, strict=strict)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
+    checkpointing.load_checkpoint(root, [model], load_rng=False, strict=strict, flag=FLAG)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,10 +154,7 @@ def load_model_weights(model, mcore_dir: str, strict: bool = True) -> None:
 # ----------------------------------------------------------------------------------------------
 def read_tensor_metadata(ckpt_dir: str) -> Dict[str, Any]:
     """``runtime.checkpointing.read_tensor_metadata``: a missing or truncated file is named."""
-    try:
-        return checkpointing.read_tensor_metadata(ckpt_dir)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
+    return checkpointing.read_tensor_metadata(ckpt_dir)
 
 
 def sharded_region(sh) -> Tuple[str, tuple, tuple]:

@@ -18,11 +18,12 @@ import torch
 
 from ordmoe_megatron.data.megatron_data import build_gpt_datasets, check_data_files
 from ordmoe_megatron.data.tokenizer import load_tokenizer
+from ordmoe_megatron.errors import OrdMoEError
 
 DOCUMENT_MODES = ("paragraphs", "lines")
 
 
-class DocumentError(ValueError):
+class DocumentError(OrdMoEError):
     """Evaluation data that cannot be read or does not fit the model; the message names the file."""
 
 
@@ -52,7 +53,7 @@ def load_any_tokenizer(path: str):
         if os.path.isdir(path):
             return HFTokenizer(path)
         return load_tokenizer(path)
-    except DocumentError:
+    except OrdMoEError:
         raise
     except Exception as err:  # sentencepiece / transformers raise many types; name the file
         raise DocumentError(
@@ -122,10 +123,7 @@ def windows_to_samples(windows: Iterable[list[int]]) -> Iterator[dict]:
 
 def dataset_samples(prefix: str, tokenizer, seq_length: int, max_sequences: int, seed: int) -> list[dict]:
     """The first ``max_sequences`` samples of one epoch of a GPTDataset over the whole file."""
-    try:
-        check_data_files(prefix)
-    except (FileNotFoundError, ValueError) as err:
-        raise DocumentError(f"--data-path {prefix}: {err}") from None
+    check_data_files(prefix, "--data-path")
     with tempfile.TemporaryDirectory(prefix="tier-report-index-") as cache:  # write nothing next to the data
         try:
             dataset, _, _ = build_gpt_datasets(
@@ -138,8 +136,10 @@ def dataset_samples(prefix: str, tokenizer, seq_length: int, max_sequences: int,
                 path_to_cache=cache,
                 create_attention_mask=False,
             )
-        except (FileNotFoundError, ValueError) as err:
-            raise DocumentError(f"--data-path {prefix}: {err}") from None
+        except OrdMoEError:
+            raise
+        except (AssertionError, OSError, ValueError) as err:  # megatron-core's dataset builder
+            raise DocumentError(f"--data-path {prefix}: megatron-core cannot build a dataset from it: {err}") from None
         if dataset is None or len(dataset) == 0:
             raise DocumentError(f"--data-path {prefix}: no {seq_length + 1}-token sample fits in the data")
         samples = []

@@ -33,6 +33,7 @@ from ordmoe_megatron.data.tokenizer import (
     tokenizer_fingerprint,
     train_sentencepiece,
 )
+from ordmoe_megatron.errors import OrdMoEError
 
 # The .idx layout megatron-core's IndexedDataset reads (version 1, not multimodal):
 #   magic(9) version<Q> dtype_code<B> sequence_count<Q> document_count<Q>
@@ -121,43 +122,44 @@ def write_indexed_dataset(jsonl_path: str, tokenizer, out_prefix: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_exactly(f, nbytes: int, path: str, what: str, prefix: str) -> bytes:
+def _read_exactly(f, nbytes: int, path: str, what: str, prefix: str, given: str = "") -> bytes:
     data = f.read(nbytes)
     if len(data) != nbytes:
-        raise ValueError(
-            f"Truncated index file {path}: {what} needs {nbytes} bytes, found {len(data)}. " + _fix_hint(prefix)
+        raise OrdMoEError(
+            given + f"Truncated index file {path}: {what} needs {nbytes} bytes, found {len(data)}. " + _fix_hint(prefix)
         )
     return data
 
 
-def _read_index(prefix: str) -> dict:
-    """Parse ``<prefix>.idx`` and check it is complete and self-consistent."""
+def _read_index(prefix: str, given: str = "") -> dict:
+    """Parse ``<prefix>.idx`` and check it is complete and self-consistent; ``given`` starts every
+    refusal (``check_data_files``)."""
     path = prefix + ".idx"
     try:
         with open(path, "rb") as f:
             magic, version, code, n_seq, n_doc = _IDX_HEADER.unpack(
-                _read_exactly(f, _IDX_HEADER.size, path, "the header", prefix)
+                _read_exactly(f, _IDX_HEADER.size, path, "the header", prefix, given)
             )
             if magic != _IDX_MAGIC or version != 1 or code not in _IDX_DTYPES:
-                raise ValueError(
-                    f"{path} is not a megatron-core index file (magic={magic!r}, "
+                raise OrdMoEError(
+                    given + f"{path} is not a megatron-core index file (magic={magic!r}, "
                     f"version={version}, dtype code={code}). " + _fix_hint(prefix)
                 )
             lengths = numpy.frombuffer(
-                _read_exactly(f, 4 * n_seq, path, f"{n_seq} sequence lengths", prefix), numpy.int32
+                _read_exactly(f, 4 * n_seq, path, f"{n_seq} sequence lengths", prefix, given), numpy.int32
             )
             pointers = numpy.frombuffer(
-                _read_exactly(f, 8 * n_seq, path, f"{n_seq} sequence pointers", prefix), numpy.int64
+                _read_exactly(f, 8 * n_seq, path, f"{n_seq} sequence pointers", prefix, given), numpy.int64
             )
             doc_indices = numpy.frombuffer(
-                _read_exactly(f, 8 * n_doc, path, f"{n_doc} document indices", prefix), numpy.int64
+                _read_exactly(f, 8 * n_doc, path, f"{n_doc} document indices", prefix, given), numpy.int64
             )
             trailing = len(f.read())
     except OSError as err:
-        raise ValueError(f"Cannot read index file {path}: {err}. " + _fix_hint(prefix)) from err
+        raise OrdMoEError(given + f"Cannot read index file {path}: {err}. " + _fix_hint(prefix)) from err
     if trailing or n_doc < 1 or doc_indices[-1] != n_seq or (lengths < 0).any():
-        raise ValueError(
-            f"Corrupt index file {path}: {n_seq} sequences, {n_doc} document boundaries, "
+        raise OrdMoEError(
+            given + f"Corrupt index file {path}: {n_seq} sequences, {n_doc} document boundaries, "
             f"{trailing} unexpected trailing bytes. " + _fix_hint(prefix)
         )
     return {
@@ -169,18 +171,22 @@ def _read_index(prefix: str) -> dict:
     }
 
 
-def check_data_files(prefix: str) -> dict:
+def check_data_files(prefix: str, flag: Optional[str] = None) -> dict:
     """Check ``<prefix>.bin/.idx`` exist, are readable, complete and agree with each other.
 
-    Raises FileNotFoundError (missing) or ValueError (unreadable, truncated, inconsistent)
-    naming the file and the fix. Returns a summary: num_documents, num_tokens, dtype.
+    Raises ``OrdMoEError`` (missing, unreadable, truncated, inconsistent) naming the file and the
+    fix, after ``'<flag> <prefix>: '`` when the flag that named the prefix is given. Returns a
+    summary: num_documents, num_tokens, dtype.
     """
+    given = f"{flag} {prefix}: " if flag else ""
     for path in (prefix + ".idx", prefix + ".bin"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"Megatron data file missing: {path} (prefix '{prefix}' needs both .bin and .idx). " + _fix_hint(prefix)
+            raise OrdMoEError(
+                given
+                + f"Megatron data file missing: {path} (prefix '{prefix}' needs both .bin and .idx). "
+                + _fix_hint(prefix)
             )
-    index = _read_index(prefix)
+    index = _read_index(prefix, given)
     itemsize = numpy.dtype(index["dtype"]).itemsize
     num_tokens = int(index["lengths"].sum(dtype=numpy.int64))
     expected_bin_bytes = num_tokens * itemsize
@@ -188,22 +194,22 @@ def check_data_files(prefix: str) -> dict:
     actual = os.path.getsize(bin_path)
     if actual != expected_bin_bytes:
         problem = "truncated" if actual < expected_bin_bytes else "longer than its index describes"
-        raise ValueError(
-            f"Data file {bin_path} is {problem}: {actual} bytes, but {prefix}.idx describes "
+        raise OrdMoEError(
+            given + f"Data file {bin_path} is {problem}: {actual} bytes, but {prefix}.idx describes "
             f"{num_tokens} tokens x {itemsize} bytes = {expected_bin_bytes}. " + _fix_hint(prefix)
         )
     # Sequences are stored back to back: each pointer is the sum of the lengths before it.
     lengths = index["lengths"].astype(numpy.int64)
     if not numpy.array_equal(index["pointers"], (numpy.cumsum(lengths) - lengths) * itemsize):
-        raise ValueError(
-            f"Corrupt index file {prefix}.idx: sequence pointers do not match "
+        raise OrdMoEError(
+            given + f"Corrupt index file {prefix}.idx: sequence pointers do not match "
             "the sequence lengths. " + _fix_hint(prefix)
         )
     try:
         with open(bin_path, "rb") as f:
             f.read(1)
     except OSError as err:
-        raise ValueError(f"Cannot read data file {bin_path}: {err}. " + _fix_hint(prefix)) from err
+        raise OrdMoEError(given + f"Cannot read data file {bin_path}: {err}. " + _fix_hint(prefix)) from err
     return {
         "num_documents": index["num_documents"],
         "num_tokens": num_tokens,
@@ -234,7 +240,7 @@ def check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
     if not re.fullmatch(r"\s*[.0-9]+(\s*,\s*[.0-9]+){0,2}\s*", split or "") or not sum(
         float(w) for w in re.findall(r"[.0-9]+", split)
     ):
-        raise ValueError(
+        raise OrdMoEError(
             f"--split {split!r} must be up to three non-negative weights with a positive sum, "
             "e.g. 969,30,1 (train, validation, test)"
         )
@@ -254,7 +260,7 @@ def check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
         if end > begin and tokens >= seq_length + 1:
             continue
         need = next(n for n in range(max(docs, 1), 10**7) if int(round(bound[1] * n)) > int(round(bound[0] * n)))
-        raise ValueError(
+        raise OrdMoEError(
             f"--split {split} gives the {name} split {end - begin} of the {docs} documents in {prefix} "
             f"({tokens} tokens; it needs at least one {seq_length + 1}-token sample): with this --split the data "
             f"need at least {need} documents (and enough tokens), or give the split its own file "
@@ -272,7 +278,7 @@ def read_sidecar(prefix: str) -> Optional[dict]:
 
 
 def check_tokenizer_matches_data(tokenizer, prefix: str) -> None:
-    """Raise ValueError if ``tokenizer`` is not the one ``<prefix>.bin/.idx`` was written with.
+    """Refuse (``OrdMoEError``) a ``tokenizer`` that is not the one ``<prefix>.bin/.idx`` was written with.
 
     Compares the tokenizer model sha256 / vocab size with ``<prefix>.tokenizer.json`` when it
     exists, and always checks every token id in the data is below the tokenizer's vocab size.
@@ -287,7 +293,7 @@ def check_tokenizer_matches_data(tokenizer, prefix: str) -> None:
         if (both_hashed and written_with["sha256"] != given["sha256"]) or written_with.get("vocab_size") != given[
             "vocab_size"
         ]:
-            raise ValueError(
+            raise OrdMoEError(
                 f"Tokenizer mismatch for {prefix}.bin: it was written with tokenizer "
                 f"{written_with} (recorded in {prefix}{TOKENIZER_SIDECAR_SUFFIX}), but the "
                 f"tokenizer given is {given} ({getattr(tokenizer, 'path', '?')}). Load the "
@@ -299,7 +305,7 @@ def check_tokenizer_matches_data(tokenizer, prefix: str) -> None:
         max_id = int(tokens.max())
         del tokens
         if max_id >= vocab_size:
-            raise ValueError(
+            raise OrdMoEError(
                 f"Tokenizer too small for {prefix}.bin: the data holds token id {max_id} but the "
                 f"tokenizer ({getattr(tokenizer, 'path', '?')}) has vocab_size {vocab_size}. Use "
                 "the tokenizer the data was written with, or re-write the data with this one."

@@ -25,6 +25,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import sentencepiece as spm
 from megatron.core.tokenizers import MegatronTokenizer
 
+from ordmoe_megatron.errors import OrdMoEError
+
 # Fixed special-token ids (SentencePiece's defaults leave pad undefined; GPTDataset pads with it).
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 METADATA_FILE = "tokenizer_metadata.json"  # the name megatron.core.tokenizers looks for
@@ -103,7 +105,7 @@ def load_tokenizer(model_path: str):
     ``pad`` and ``vocab_size``; it is what ``GPTDatasetConfig(tokenizer=...)`` expects.
     """
     if not os.path.isfile(model_path):
-        raise FileNotFoundError(
+        raise OrdMoEError(
             f"SentencePiece model not found: {model_path}. Train one with "
             "train_sentencepiece(...) or run prepare_tiny_data(work_dir)."
         )

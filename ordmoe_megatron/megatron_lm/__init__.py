@@ -20,7 +20,6 @@ called, so no name in Megatron-LM is replaced.
 
 from ordmoe_megatron.flags import ordmoe_config_from_args
 from ordmoe_megatron.megatron_lm.arguments import (
-    OrdMoEArgumentError,
     add_ordmoe_megatron_args,
     extra_args_provider,
     megatron_validated_args,

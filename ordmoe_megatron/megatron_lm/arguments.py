@@ -45,21 +45,12 @@ from typing import Callable, Optional
 import torch
 from megatron.core.transformer import TransformerConfig
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.flags import add_ordmoe_args, ordmoe_config_from_args
 from ordmoe_megatron.megatron_lm import dry_run, hooks
 from ordmoe_megatron.method import OrdMoEConfig
 from ordmoe_megatron.runtime.bridges import assumed_gpu_capability
-from ordmoe_megatron.runtime.checkpointing import (
-    CheckpointError,
-    checkpoint_dir,
-    has_checkpoint,
-    inspect_checkpoint,
-    latest_iteration,
-)
-
-
-class OrdMoEArgumentError(ValueError):
-    """An OrdMoE setting the run cannot honour; the message names the flag."""
+from ordmoe_megatron.runtime.checkpointing import checkpoint_dir, has_checkpoint, inspect_checkpoint, latest_iteration
 
 
 def add_ordmoe_megatron_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -132,10 +123,10 @@ def _after_parse(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
     want_dry_run = getattr(args, "ordmoe_dry_run", False)
     if not args.ordmoe and not want_dry_run:
         return args  # --no-ordmoe: untouched
-    try:
+    try:  # the one place the Megatron-LM hook turns a refusal into its exit message
         check_load(args)
         ordmoe, config, validated = validate(args, need_model_config=want_dry_run)
-    except OrdMoEArgumentError as err:
+    except OrdMoEError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if want_dry_run:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -152,19 +143,16 @@ def check_load(args: argparse.Namespace) -> None:
     load = getattr(args, "load", None)
     if not load or not has_checkpoint(load):
         return
-    try:
-        path = checkpoint_dir(load, latest_iteration(load))
-        if os.path.isdir(path) and any(name.startswith("mp_rank_") for name in os.listdir(path)):
-            return
-        inspect_checkpoint(load)
-    except CheckpointError as err:
-        raise OrdMoEArgumentError(f"--load {load}: {err}") from None
+    path = checkpoint_dir(load, latest_iteration(load, "--load"))
+    if os.path.isdir(path) and any(name.startswith("mp_rank_") for name in os.listdir(path)):
+        return
+    inspect_checkpoint(load, "--load")
 
 
 def validate_ordmoe_args(args: argparse.Namespace) -> Optional[OrdMoEConfig]:
     """The validated ``OrdMoEConfig`` for parsed Megatron-LM arguments (None with --no-ordmoe).
 
-    Raises ``OrdMoEArgumentError`` naming the flag for a bad OrdMoE flag, for a Megatron-LM option
+    Raises ``OrdMoEError`` naming the flag for a bad OrdMoE flag, for a Megatron-LM option
     OrdMoE refuses, and for a model the tier router cannot honour (checked on the
     ``TransformerConfig`` from Megatron-LM's ``core_transformer_config_from_args``, made from a
     validated copy of ``args``). When Megatron-LM's own validation rejects the arguments, the
@@ -179,18 +167,15 @@ def validate(args, need_model_config: bool):
     """``(OrdMoEConfig or None, TransformerConfig or None, validated args or None)``."""
     ordmoe = None
     if args.ordmoe:
-        try:
-            ordmoe = ordmoe_config_from_args(args)
-            ordmoe.check_pipeline(
-                getattr(args, "micro_batch_size", 1) or 1,
-                getattr(args, "pipeline_model_parallel_size", 1) or 1,
-                bool(
-                    getattr(args, "num_layers_per_virtual_pipeline_stage", None)
-                    or getattr(args, "virtual_pipeline_model_parallel_size", None)
-                ),
-            )
-        except ValueError as err:
-            raise OrdMoEArgumentError(str(err)) from None
+        ordmoe = ordmoe_config_from_args(args)
+        ordmoe.check_pipeline(
+            getattr(args, "micro_batch_size", 1) or 1,
+            getattr(args, "pipeline_model_parallel_size", 1) or 1,
+            bool(
+                getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+                or getattr(args, "virtual_pipeline_model_parallel_size", None)
+            ),
+        )
         for refused, message in (
             (
                 getattr(args, "use_legacy_models", False),
@@ -208,19 +193,16 @@ def validate(args, need_model_config: bool):
             ),
         ):
             if refused:
-                raise OrdMoEArgumentError(message)
+                raise OrdMoEError(message)
     try:
         validated = megatron_validated_args(args)
         config = transformer_config(validated)
     except Exception as err:  # Megatron-LM's own validation: it reports this itself later
         if need_model_config:
-            raise OrdMoEArgumentError(f"Megatron-LM rejects these arguments: {type(err).__name__}: {err}") from None
+            raise OrdMoEError(f"Megatron-LM rejects these arguments: {type(err).__name__}: {err}") from None
         return ordmoe, None, None
     if ordmoe is not None:
-        try:
-            ordmoe.validate_for_model(config)
-        except ValueError as err:
-            raise OrdMoEArgumentError(str(err)) from None
+        ordmoe.validate_for_model(config)
     return ordmoe, config, validated
 
 

@@ -45,12 +45,13 @@ from typing import Callable, Optional
 import torch
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.flags import ordmoe_config_from_args
 from ordmoe_megatron.mcore.flops import ordmoe_step_flops
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
 from ordmoe_megatron.method import OrdMoEConfig, moe_layer_pattern
-from ordmoe_megatron.runtime import bridges
+from ordmoe_megatron.runtime import bridges, compat
 
 SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py's: a loss 10x the largest seen is "spiky"
 REBOUND = (
@@ -79,7 +80,7 @@ def ordmoe_builder(builder: Callable) -> Callable:
             return builder(args, *rest, **kwargs)
         module = sys.modules.get(getattr(builder, "__module__", None) or "")
         if module is None or not hasattr(module, "GPTModel"):
-            raise TypeError(
+            raise OrdMoEError(
                 f"--ordmoe: cannot find the name GPTModel in the module of {builder!r}; wrap a builder that "
                 "constructs GPTModel (such as Megatron-LM's gpt_builders.gpt_builder), or build "
                 "ordmoe_megatron.mcore.model.OrdMoEGPTModel(config, spec, ..., ordmoe=cfg) yourself"
@@ -87,7 +88,7 @@ def ordmoe_builder(builder: Callable) -> Callable:
         with gpt_model_bound_to_ordmoe(module, ordmoe_config_from_args(args)):
             model = builder(args, *rest, **kwargs)
         if not isinstance(model, OrdMoEGPTModel):
-            raise TypeError(
+            raise OrdMoEError(
                 f"--ordmoe: {builder.__module__}.{builder.__name__} returned {type(model).__name__}, not a GPTModel "
                 "built through its module's GPTModel name (legacy models and ModelOpt builders are not supported)"
             )
@@ -128,9 +129,9 @@ def install(args: argparse.Namespace) -> bool:
     if not _ORIGINALS:
         for name in ("get_forward_backward_func", "num_floating_point_operations"):
             if not hasattr(training, name):
-                raise RuntimeError(
+                raise OrdMoEError(
                     f"ordmoe_megatron.megatron_lm.install: megatron.training.training.{name} not found; "
-                    "this Megatron-LM is not one ordmoe-megatron supports (core_v0.16 to core_v0.19)"
+                    f"this Megatron-LM is not one ordmoe-megatron supports ({compat.supported_megatron_lm_tags()})"
                 )
             _ORIGINALS[name] = getattr(training, name)
     # Megatron-LM trains on megatron-core, which lacks a name without Transformer Engine (0.16).

@@ -17,6 +17,7 @@ from typing import ClassVar, Optional
 import megatron.training.models.gpt as megatron_lm_gpt
 from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.megatron_lm.hooks import gpt_model_bound_to_ordmoe
 from ordmoe_megatron.method import OrdMoEConfig
 
@@ -35,7 +36,7 @@ class OrdMoEGPTModelBuilder(GPTModelBuilder):
 
 def ordmoe_gpt_model_config(model_config: GPTModelConfig, ordmoe: OrdMoEConfig) -> OrdMoEGPTModelConfig:
     if type(model_config) is not GPTModelConfig:
-        raise TypeError(
+        raise OrdMoEError(
             f"--ordmoe builds from Megatron-LM's GPTModelConfig, not {type(model_config).__name__} "
             "(ModelOpt's model configuration is not supported with --ordmoe)"
         )

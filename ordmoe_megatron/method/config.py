@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.layers import moe_layer_numbers
 from ordmoe_megatron.method.objective import ADVANTAGE_MODES, LINEAR_OBJECTIVES, OBJECTIVES, default_rewards
 from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
@@ -53,33 +54,33 @@ class OrdMoEConfig:
 
     def __post_init__(self):
         if not isinstance(self.num_tiers, int) or self.num_tiers < 1:
-            raise ValueError(f"--ordmoe-num-tiers={self.num_tiers} must be an integer >= 1 (1 = plain top-K)")
+            raise OrdMoEError(f"--ordmoe-num-tiers={self.num_tiers} must be an integer >= 1 (1 = plain top-K)")
         if self.grouping not in GROUPINGS:
-            raise ValueError(f"--ordmoe-grouping='{self.grouping}' is not one of {', '.join(GROUPINGS)}")
+            raise OrdMoEError(f"--ordmoe-grouping='{self.grouping}' is not one of {', '.join(GROUPINGS)}")
         if self.tier_ranks is not None and self.grouping != "explicit":
-            raise ValueError("--ordmoe-tier-ranks needs --ordmoe-grouping=explicit")
+            raise OrdMoEError("--ordmoe-tier-ranks needs --ordmoe-grouping=explicit")
         if self.grouping == "explicit" and not self.tier_ranks:
-            raise ValueError("--ordmoe-grouping=explicit needs --ordmoe-tier-ranks, e.g. '1-6,25-27,59-61'")
+            raise OrdMoEError("--ordmoe-grouping=explicit needs --ordmoe-tier-ranks, e.g. '1-6,25-27,59-61'")
         if self.rewards is None:
             self.rewards = default_rewards(self.num_tiers)
         self.rewards = [float(r) for r in self.rewards]
         if len(self.rewards) != self.num_tiers:
-            raise ValueError(
+            raise OrdMoEError(
                 f"--ordmoe-rewards gives {len(self.rewards)} rewards for --ordmoe-num-tiers={self.num_tiers}; "
                 "give one reward per tier"
             )
         if not all(math.isfinite(r) for r in self.rewards):
-            raise ValueError(f"--ordmoe-rewards {self.rewards} must be finite numbers (tier 1 highest)")
+            raise OrdMoEError(f"--ordmoe-rewards {self.rewards} must be finite numbers (tier 1 highest)")
         if any(a <= b for a, b in zip(self.rewards, self.rewards[1:])):
-            raise ValueError(f"--ordmoe-rewards {self.rewards} must be strictly decreasing (tier 1 best)")
+            raise OrdMoEError(f"--ordmoe-rewards {self.rewards} must be strictly decreasing (tier 1 best)")
         if self.advantage not in ADVANTAGE_MODES:
-            raise ValueError(f"--ordmoe-advantage='{self.advantage}' is not one of {', '.join(ADVANTAGE_MODES)}")
+            raise OrdMoEError(f"--ordmoe-advantage='{self.advantage}' is not one of {', '.join(ADVANTAGE_MODES)}")
         if not math.isfinite(self.rank_loss_coeff) or self.rank_loss_coeff < 0:
-            raise ValueError(f"--ordmoe-rank-loss-coeff={self.rank_loss_coeff} must be a finite number >= 0")
+            raise OrdMoEError(f"--ordmoe-rank-loss-coeff={self.rank_loss_coeff} must be a finite number >= 0")
         if self.ranking not in RANKINGS:
-            raise ValueError(f"--ordmoe-ranking='{self.ranking}' is not one of {', '.join(RANKINGS)}")
+            raise OrdMoEError(f"--ordmoe-ranking='{self.ranking}' is not one of {', '.join(RANKINGS)}")
         if self.ranking == "average" and self.grouping == "random":
-            raise ValueError(
+            raise OrdMoEError(
                 "--ordmoe-ranking=average ranks by routing scores; --ordmoe-grouping=random ignores them: pick one"
             )
         if isinstance(self.logprob_floor, str) and self.logprob_floor.lower() == "none":
@@ -88,25 +89,27 @@ class OrdMoEConfig:
             try:
                 self.logprob_floor = float(self.logprob_floor)
             except ValueError:
-                raise ValueError(
+                raise OrdMoEError(
                     f"--ordmoe-logprob-floor='{self.logprob_floor}' must be a number (a log-likelihood, <= 0), "
                     "'vocab' or 'none'"
                 ) from None
         if isinstance(self.logprob_floor, float) and self.logprob_floor > 0:
-            raise ValueError(f"--ordmoe-logprob-floor={self.logprob_floor} is a log-likelihood and must be <= 0")
+            raise OrdMoEError(f"--ordmoe-logprob-floor={self.logprob_floor} is a log-likelihood and must be <= 0")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"--ordmoe-objective='{self.objective}' is not one of {', '.join(OBJECTIVES)}")
+            raise OrdMoEError(f"--ordmoe-objective='{self.objective}' is not one of {', '.join(OBJECTIVES)}")
         if self.logprob_floor is not None and self.objective != "advantage":
-            raise ValueError(
+            raise OrdMoEError(
                 f"--ordmoe-logprob-floor is for the advantage objective; --ordmoe-objective "
                 f"{self.objective} is bounded already: drop the floor"
             )
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"--ordmoe-beta={self.beta} must be a finite number above 0")
+            raise OrdMoEError(f"--ordmoe-beta={self.beta} must be a finite number above 0")
         if self.path_schedule not in PATH_SCHEDULES:
-            raise ValueError(f"--ordmoe-path-schedule='{self.path_schedule}' is not one of {', '.join(PATH_SCHEDULES)}")
+            raise OrdMoEError(
+                f"--ordmoe-path-schedule='{self.path_schedule}' is not one of {', '.join(PATH_SCHEDULES)}"
+            )
         if not (isinstance(self.lower_path_fraction, (int, float)) and 0 < self.lower_path_fraction <= 1):
-            raise ValueError(
+            raise OrdMoEError(
                 f"--ordmoe-lower-path-fraction={self.lower_path_fraction} must be in (0, 1]: the share "
                 "of each micro-batch's sequences the lower paths run on"
             )
@@ -185,7 +188,7 @@ class OrdMoEConfig:
             and self.lower_path_rows(micro_batch_size) < micro_batch_size
         ):
             return
-        raise ValueError(
+        raise OrdMoEError(
             "--ordmoe-path-schedule sequential with --ordmoe-lower-path-fraction below 1 needs Megatron's "
             "variable-shape pipeline exchange, which mis-pairs its messages with 2 pipeline stages and "
             "virtual stages: use the fused schedule, a fraction of 1, more pipeline stages, or no "
@@ -246,16 +249,16 @@ class OrdMoEConfig:
         c = model_config
         n = getattr(c, "num_moe_experts", None)
         if not n:
-            raise ValueError("--ordmoe needs a MoE model: set --num-experts (and --moe-router-topk)")
+            raise OrdMoEError("--ordmoe needs a MoE model: set --num-experts (and --moe-router-topk)")
         self.tiers(n, c.moe_router_topk)
         num_layers = c.num_layers
         if self.scope_layers is not None:
             bad = [layer for layer in self.scope_layers if layer < 1 or layer > num_layers]
             if bad:
-                raise ValueError(f"--ordmoe-layer-scope names layers {bad}; the model has layers 1-{num_layers}")
+                raise OrdMoEError(f"--ordmoe-layer-scope names layers {bad}; the model has layers 1-{num_layers}")
             moe = moe_layer_numbers(num_layers, getattr(c, "moe_layer_freq", 1))
             if not set(moe).intersection(self.scope_layers):
-                raise ValueError(f"--ordmoe-layer-scope {self.layer_scope} contains no MoE layer (MoE layers: {moe})")
+                raise OrdMoEError(f"--ordmoe-layer-scope {self.layer_scope} contains no MoE layer (MoE layers: {moe})")
         if not self.enabled:
             return  # one tier is plain top-K routing: every Megatron MoE option works unchanged
         balancing = getattr(c, "moe_router_load_balancing_type", "aux_loss")
@@ -315,4 +318,4 @@ class OrdMoEConfig:
         ]
         for refused, message in refusals:
             if refused:
-                raise ValueError(message)
+                raise OrdMoEError(message)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 from typing import Sequence, Union
 
+from ordmoe_megatron.errors import OrdMoEError
+
 Freq = Union[int, list[int]]
 
 
@@ -18,7 +20,7 @@ def parse_moe_layer_freq(value: Union[int, str, Sequence[int], None]) -> Freq:
     if value is None:
         return 1
     if isinstance(value, bool):
-        raise ValueError(f"invalid moe_layer_freq {value!r}")
+        raise OrdMoEError(f"--moe-layer-freq {value!r}: give an int N or a 0/1 list expression such as '([0]+[1]*23)'")
     if isinstance(value, int):
         return value
     if isinstance(value, (list, tuple)):
@@ -29,7 +31,7 @@ def parse_moe_layer_freq(value: Union[int, str, Sequence[int], None]) -> Freq:
             return int(text)
         out = _eval_int_list_expr(text)
     if any(v not in (0, 1) for v in out):
-        raise ValueError(f"moe_layer_freq pattern must contain only 0 and 1, got {out}")
+        raise OrdMoEError(f"--moe-layer-freq pattern must contain only 0 and 1 (1 = MoE layer), got {out}")
     return out
 
 
@@ -46,16 +48,14 @@ def _eval_int_list_expr(text: str) -> list[int]:
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             a, b = ev(node.left), ev(node.right)
             return a + b if isinstance(node.op, ast.Add) else a * b
-        raise ValueError(f"unsupported moe_layer_freq expression {text!r}")
+        raise OrdMoEError(f"--moe-layer-freq {text!r} is not a list expression such as '([0]+[1]*23)' (ints, + and *)")
 
     try:
         result = ev(ast.parse(text, mode="eval"))
     except SyntaxError:
-        raise ValueError(
-            f"moe_layer_freq expression {text!r} is not a list expression such as '([0]+[1]*23)'"
-        ) from None
+        raise OrdMoEError(f"--moe-layer-freq {text!r} is not a list expression such as '([0]+[1]*23)'") from None
     if not isinstance(result, list) or not all(isinstance(v, int) for v in result):
-        raise ValueError(f"moe_layer_freq expression {text!r} is not a list of ints")
+        raise OrdMoEError(f"--moe-layer-freq {text!r} is not a list of ints, e.g. '([0]+[1]*23)'")
     return result
 
 
@@ -64,10 +64,12 @@ def moe_layer_pattern(num_layers: int, moe_layer_freq: Union[Freq, str, None]) -
     freq = parse_moe_layer_freq(moe_layer_freq)
     if isinstance(freq, int):
         if freq < 1:
-            raise ValueError(f"moe_layer_freq={freq} must be at least 1")
+            raise OrdMoEError(f"--moe-layer-freq={freq} must be at least 1 (an MoE layer every N layers)")
         return [1 if i % freq == 0 else 0 for i in range(num_layers)]
     if len(freq) != num_layers:
-        raise ValueError(f"moe_layer_freq pattern has {len(freq)} entries for {num_layers} layers")
+        raise OrdMoEError(
+            f"--moe-layer-freq pattern has {len(freq)} entries for {num_layers} layers; give one entry per layer"
+        )
     return list(freq)
 
 

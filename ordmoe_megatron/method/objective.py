@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ordmoe_megatron.errors import OrdMoEError
+
 ADVANTAGE_MODES = ("zscore", "center", "raw")
 # The tier-ranking objectives: the paper's advantage-weighted log-likelihoods (Eq. 9), and two
 # standard preference objectives over the tier order (bounded, unlike the paper's push-down).
@@ -40,7 +42,7 @@ def rank_advantages(rewards: Sequence[float] | torch.Tensor, mode: str = "zscore
         std = r.std(unbiased=False)
         adv = (r - r.mean()) / std if std > 0 else torch.zeros_like(r)
     else:
-        raise ValueError(f"--ordmoe-advantage='{mode}' is not one of {', '.join(ADVANTAGE_MODES)}")
+        raise OrdMoEError(f"--ordmoe-advantage='{mode}' is not one of {', '.join(ADVANTAGE_MODES)}")
     return adv.float()
 
 
@@ -106,7 +108,7 @@ def rank_loss(
         return pairwise_logistic_loss(path_logprobs, beta, reduction)
     if objective == "plackett-luce":
         return plackett_luce_loss(path_logprobs, beta, reduction)
-    raise ValueError(f"--ordmoe-objective='{objective}' is not one of {', '.join(OBJECTIVES)}")
+    raise OrdMoEError(f"--ordmoe-objective='{objective}' is not one of {', '.join(OBJECTIVES)}")
 
 
 def rank_loss_weights(path_logprobs: torch.Tensor, objective: str = "advantage", **kwargs) -> torch.Tensor:

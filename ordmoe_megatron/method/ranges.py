@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ordmoe_megatron.errors import OrdMoEError
+
 
 def parse_range(part: str, flag: str, example: str) -> list[int]:
-    """``'a-b'`` or ``'a'`` -> the numbers, ascending; ``ValueError`` naming ``flag`` otherwise."""
+    """``'a-b'`` or ``'a'`` -> the numbers, ascending; ``OrdMoEError`` naming ``flag`` otherwise."""
     part = part.strip()
     try:
         if "-" in part:
@@ -17,11 +19,11 @@ def parse_range(part: str, flag: str, example: str) -> list[int]:
         else:
             lo = hi = int(part)
     except ValueError:
-        raise ValueError(
+        raise OrdMoEError(
             f"{flag}: cannot read '{part}'; write a range 'a-b' or a number 'a', e.g. '{example}'"
         ) from None
     if lo > hi:
-        raise ValueError(f"{flag}: range '{part}' runs backwards; write '{hi}-{lo}'")
+        raise OrdMoEError(f"{flag}: range '{part}' runs backwards; write '{hi}-{lo}'")
     return list(range(lo, hi + 1))
 
 

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
 
 GROUPINGS = ("uniform", "high-only", "random", "explicit")
@@ -38,25 +39,25 @@ def tier_ranks(
     ``uniform`` (and ``random``, which uses the same positions on a shuffled order) cuts the
     ranked list into ``B = n // K`` blocks and spreads the tiers evenly over them, the last tier
     being the bottom K ranks; ``high-only`` takes consecutive blocks from the top; ``explicit``
-    takes the layout from ``ranks``. Raises ``ValueError`` naming the flag on a bad layout.
+    takes the layout from ``ranks``. Raises ``OrdMoEError`` naming the flag on a bad layout.
     """
     n, k, c = num_experts, topk, num_tiers
     if k < 1 or n < 1 or k > n:
-        raise ValueError(f"--moe-router-topk={k} must be between 1 and --num-experts={n}")
+        raise OrdMoEError(f"--moe-router-topk={k} must be between 1 and --num-experts={n}")
     if c < 1:
-        raise ValueError(f"--ordmoe-num-tiers={c} must be at least 1 (1 is plain top-K training)")
+        raise OrdMoEError(f"--ordmoe-num-tiers={c} must be at least 1 (1 is plain top-K training)")
     if grouping not in GROUPINGS:
-        raise ValueError(f"--ordmoe-grouping='{grouping}' is not one of {', '.join(GROUPINGS)}")
+        raise OrdMoEError(f"--ordmoe-grouping='{grouping}' is not one of {', '.join(GROUPINGS)}")
     if grouping == "explicit":
         if ranks is None:
-            raise ValueError("--ordmoe-grouping=explicit needs --ordmoe-tier-ranks, e.g. '1-6,25-27,59-61'")
+            raise OrdMoEError("--ordmoe-grouping=explicit needs --ordmoe-tier-ranks, e.g. '1-6,25-27,59-61'")
         tiers = parse_rank_spec(ranks) if isinstance(ranks, str) else [list(t) for t in ranks]
         _check_explicit(tiers, n, k, c)
         return tiers
     if ranks is not None:
-        raise ValueError(f"--ordmoe-tier-ranks is only used with --ordmoe-grouping=explicit, not '{grouping}'")
+        raise OrdMoEError(f"--ordmoe-tier-ranks is only used with --ordmoe-grouping=explicit, not '{grouping}'")
     if c * k > n:
-        raise ValueError(
+        raise OrdMoEError(
             f"--ordmoe-num-tiers={c} needs {c}x{k}={c * k} experts but the layer has {n}: "
             f"use at most {n // k} tiers with top-{k}, or --ordmoe-grouping=explicit with smaller tiers"
         )
@@ -71,22 +72,24 @@ def tier_ranks(
 
 def _check_explicit(tiers: list[list[int]], n: int, k: int, c: int) -> None:
     if len(tiers) != c:
-        raise ValueError(f"--ordmoe-tier-ranks lists {len(tiers)} tiers but --ordmoe-num-tiers={c}; make them agree")
+        raise OrdMoEError(f"--ordmoe-tier-ranks lists {len(tiers)} tiers but --ordmoe-num-tiers={c}; make them agree")
     if tiers[0] != list(range(1, k + 1)):
-        raise ValueError(
+        raise OrdMoEError(
             f"--ordmoe-tier-ranks: tier 1 must be ranks 1-{k} (the standard top-{k}), "
             f"got {format_ranges(tiers[0], sep='+')}"
         )
     seen: set[int] = set()
     for j, tier in enumerate(tiers, start=1):
         if not tier:
-            raise ValueError(f"--ordmoe-tier-ranks: tier {j} is empty")
+            raise OrdMoEError(f"--ordmoe-tier-ranks: tier {j} is empty")
         bad = [r for r in tier if r < 1 or r > n]
         if bad:
-            raise ValueError(f"--ordmoe-tier-ranks: tier {j} has ranks {bad} outside 1-{n} (the layer has {n} experts)")
+            raise OrdMoEError(
+                f"--ordmoe-tier-ranks: tier {j} has ranks {bad} outside 1-{n} (the layer has {n} experts)"
+            )
         overlap = seen.intersection(tier)
         if overlap or len(set(tier)) != len(tier):
-            raise ValueError(
+            raise OrdMoEError(
                 f"--ordmoe-tier-ranks: tier {j} repeats ranks {sorted(overlap) or tier}; tiers must not overlap"
             )
         seen.update(tier)
@@ -112,7 +115,7 @@ def _scores(logits: torch.Tensor, score_function: str, fp32_scores: bool) -> tor
     elif score_function == "sqrtsoftplus":
         scores = torch.nn.functional.softplus(logits.float()).sqrt()
     else:
-        raise ValueError(f"--moe-router-score-function='{score_function}' is not one of {SCORE_FUNCTIONS}")
+        raise OrdMoEError(f"--moe-router-score-function='{score_function}' is not one of {SCORE_FUNCTIONS}")
     return scores if fp32_scores else scores.type_as(logits)
 
 

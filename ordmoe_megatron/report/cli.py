@@ -14,10 +14,10 @@ import sys
 from typing import Optional, Sequence
 
 from ordmoe_megatron.data.documents import DOCUMENT_MODES
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.flags import add_ordmoe_args, ordmoe_config_from_args
 from ordmoe_megatron.report import plot, report
-from ordmoe_megatron.report.config import DEFAULT_MAX_SEQ_LENGTH, ReportConfig, ReportError, check_sources
-from ordmoe_megatron.runtime.outputs import OutputError
+from ordmoe_megatron.report.config import DEFAULT_MAX_SEQ_LENGTH, ReportConfig, check_sources
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,13 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report_config_from_args(args: argparse.Namespace) -> ReportConfig:
-    try:
-        ordmoe = ordmoe_config_from_args(args)
-    except ValueError as err:
-        raise ReportError(str(err)) from None
     config = ReportConfig(
         load=args.load,
-        ordmoe=ordmoe,
+        ordmoe=ordmoe_config_from_args(args),
         token_ids=args.token_ids,
         text_file=args.text_file,
         data_path=args.data_path,
@@ -106,17 +102,13 @@ def report_config_from_args(args: argparse.Namespace) -> ReportConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    args = build_parser().parse_args(argv)
+    try:  # the one place the tier report turns a refusal into its exit message
         config = report_config_from_args(args)
         plot.check_outputs([args.out_json, args.out_png], args.force)
-    except (ReportError, OutputError) as err:
-        parser.error(str(err))
-    try:
         result = report.make_report(config)
         plot.write_outputs(result, args.out_json, args.out_png, args.force)
-    except (ReportError, OutputError) as err:
+    except OrdMoEError as err:
         print(f"tier_report: error: {err}", file=sys.stderr)
         return 2
     print(plot.format_table(result))

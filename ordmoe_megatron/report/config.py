@@ -5,13 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method import OrdMoEConfig
 
 DEFAULT_MAX_SEQ_LENGTH = 1024
-
-
-class ReportError(ValueError):
-    """A bad input: missing or corrupt checkpoint or data, impossible flags, existing output."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +33,14 @@ def check_sources(config: ReportConfig) -> None:
     """Flag combinations (cheap, before anything is read)."""
     sources = [name for name in ("token_ids", "text_file", "data_path") if getattr(config, name)]
     if len(sources) != 1:
-        raise ReportError(
+        raise OrdMoEError(
             "give exactly one evaluation data source: --token-ids F, --text-file F --tokenizer-model M, "
             f"or --data-path PREFIX --tokenizer-model M (got {len(sources)})"
         )
     if sources[0] in ("text_file", "data_path") and not config.tokenizer_model:
-        raise ReportError(f"--{sources[0].replace('_', '-')} needs --tokenizer-model (the checkpoint's tokenizer)")
+        raise OrdMoEError(f"--{sources[0].replace('_', '-')} needs --tokenizer-model (the checkpoint's tokenizer)")
     for name in ("max_sequences", "micro_batch_size"):
         if getattr(config, name) < 1:
-            raise ReportError(f"--{name.replace('_', '-')}={getattr(config, name)} must be at least 1")
+            raise OrdMoEError(f"--{name.replace('_', '-')}={getattr(config, name)} must be at least 1")
     if config.seq_length is not None and config.seq_length < 1:
-        raise ReportError(f"--seq-length={config.seq_length} must be at least 1")
+        raise OrdMoEError(f"--seq-length={config.seq_length} must be at least 1")

@@ -24,13 +24,14 @@ from typing import Iterable, Optional
 
 import torch
 
-from ordmoe_megatron.data.documents import DocumentError, load_samples, micro_batches
+from ordmoe_megatron.data.documents import load_samples, micro_batches
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.metrics import pop_tier_load_by_layer, tier_routers
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.method import OrdMoEConfig, format_tiers, sequence_logprobs, tier_order_correct
-from ordmoe_megatron.report.config import DEFAULT_MAX_SEQ_LENGTH, ReportConfig, ReportError, check_sources
+from ordmoe_megatron.report.config import DEFAULT_MAX_SEQ_LENGTH, ReportConfig, check_sources
 from ordmoe_megatron.runtime import bridges, distributed
-from ordmoe_megatron.runtime.checkpointing import CheckpointError, CheckpointInfo, inspect_checkpoint, load_checkpoint
+from ordmoe_megatron.runtime.checkpointing import CheckpointInfo, inspect_checkpoint, load_checkpoint
 from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, padded_vocab_size, transformer_config_from_flags
 
 CONVENTION = (
@@ -49,32 +50,29 @@ CONVENTION = (
 def inspect(root: str) -> CheckpointInfo:
     """The checkpoint check every front end runs, plus what a tier report needs: a MoE GPT model
     whose embedding matches its model flags. The flags get the padded vocabulary size."""
-    try:
-        info = inspect_checkpoint(root)
-    except CheckpointError as err:
-        raise ReportError(f"--load {root}: {err}") from None
+    info = inspect_checkpoint(root, "--load")
     flags = info.flags
     if flags is None:
-        raise ReportError(
+        raise OrdMoEError(
             f"--load {root}: the checkpoint records no model flags (model_args.json next to a "
             "converted checkpoint, or model_flags in the run.json that ordmoe-pretrain writes)"
         )
     if not flags.get("num_experts"):
-        raise ReportError(
+        raise OrdMoEError(
             f"--load {root}: not a MoE model (no num_experts in its model flags); a tier report needs routed experts"
         )
     embedding = info.tensors.get("embedding.word_embeddings.weight")
     if embedding is None:
-        raise ReportError(f"--load {root}: {info.path} holds no embedding.word_embeddings.weight: not a GPT checkpoint")
+        raise OrdMoEError(f"--load {root}: {info.path} holds no embedding.word_embeddings.weight: not a GPT checkpoint")
     try:
         rows = padded_vocab_size(flags)
-    except ValueError:
+    except OrdMoEError:  # no vocabulary size recorded: the embedding's rows below
         rows = None
     if flags["padded_vocab_size"] is None:
         rows = int(embedding.size[0])  # a training run's padding depends on its TP size
         info.flags = dict(flags, padded_vocab_size=rows)
     if int(embedding.size[0]) != rows:
-        raise ReportError(
+        raise OrdMoEError(
             f"--load {root}: the embedding has {embedding.size[0]} rows but the model flags imply "
             f"{rows}: the model flags do not describe this checkpoint"
         )
@@ -85,7 +83,7 @@ def resolve_seq_length(requested: Optional[int], flags: dict) -> int:
     max_pos = flags.get("max_position_embeddings") or flags.get("seq_length")
     seq = requested or min(flags.get("seq_length") or max_pos or DEFAULT_MAX_SEQ_LENGTH, DEFAULT_MAX_SEQ_LENGTH)
     if flags.get("position_embedding_type") == "learned_absolute" and max_pos and seq > max_pos:
-        raise ReportError(
+        raise OrdMoEError(
             f"--seq-length={seq} exceeds the model's {max_pos} learned positions "
             "(max_position_embeddings); use at most that"
         )
@@ -98,20 +96,17 @@ def resolve_seq_length(requested: Optional[int], flags: dict) -> int:
 def report_config(flags: dict, ordmoe: OrdMoEConfig):
     """The model's ``TransformerConfig`` (fp32, no dropout); refuses tier settings the model
     cannot honour (a layer scope without MoE layers, ...). Cheap: builds no weights."""
-    try:
-        config = transformer_config_from_flags(
-            flags,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            use_cpu_initialization=True,
-            perform_initialization=False,
-            params_dtype=torch.float32,
-            moe_token_dispatcher_type="alltoall",
-            **bridges.config_overrides(),
-        )
-        ordmoe.validate_for_model(config)
-    except (ValueError, AssertionError) as err:
-        raise ReportError(str(err)) from None
+    config = transformer_config_from_flags(
+        flags,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        params_dtype=torch.float32,
+        moe_token_dispatcher_type="alltoall",
+        **bridges.config_overrides(),
+    )
+    ordmoe.validate_for_model(config)
     return config
 
 
@@ -124,10 +119,7 @@ def build_report_model(flags: dict, config, ordmoe: OrdMoEConfig) -> OrdMoEGPTMo
 
 
 def load_weights(model, info: CheckpointInfo) -> None:
-    try:
-        load_checkpoint(info.root, [model], optimizer=None, load_rng=False)
-    except CheckpointError as err:
-        raise ReportError(f"--load {info.root}: {err}") from None
+    load_checkpoint(info.root, [model], optimizer=None, load_rng=False, flag="--load")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,30 +221,24 @@ def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, fl
     flags = info.flags
     tconfig = report_config(flags, ordmoe)  # C x K > n, layer scope, ...: before any work
     if ordmoe.ranking == "average" and not any(k.endswith("router.score_sum") for k in info.tensors):
-        raise ReportError(
+        raise OrdMoEError(
             f"--ordmoe-ranking average ranks by the running mean scores a checkpoint trained with "
             f"--ordmoe-ranking average saves; {config.load} has none: use --ordmoe-ranking token"
         )
     seq_length = resolve_seq_length(config.seq_length, flags)
-    try:
-        samples, data = load_samples(
-            seq_length,
-            flags["vocab_size"] or flags["padded_vocab_size"],
-            config.max_sequences,
-            config.seed,
-            token_ids=config.token_ids,
-            text_file=config.text_file,
-            data_path=config.data_path,
-            tokenizer_model=config.tokenizer_model,
-            documents=config.documents,
-            append_eod=config.append_eod,
-        )
-    except DocumentError as err:
-        raise ReportError(str(err)) from None
-    try:
-        distributed.init_single_process(config.seed)
-    except RuntimeError as err:
-        raise ReportError(str(err)) from None
+    samples, data = load_samples(
+        seq_length,
+        flags["vocab_size"] or flags["padded_vocab_size"],
+        config.max_sequences,
+        config.seed,
+        token_ids=config.token_ids,
+        text_file=config.text_file,
+        data_path=config.data_path,
+        tokenizer_model=config.tokenizer_model,
+        documents=config.documents,
+        append_eod=config.append_eod,
+    )
+    distributed.init_single_process(config.seed)
     model = build_report_model(flags, tconfig, ordmoe)
     load_weights(model, info)
     tag = "release" if info.iteration is None else f"iteration {info.iteration}"

@@ -8,6 +8,9 @@
 
 A save writes into a temporary directory that is renamed into place before the tracker file is
 replaced (both atomic), so an interrupted save never leaves a checkpoint that loads as valid.
+
+The functions that read a checkpoint take ``flag``, the flag that named its directory
+(``--load``): their refusals then start with ``--load <root>: ``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.runtime import bridges, compat
 from ordmoe_megatron.runtime.model_flags import normalize_flags
 
@@ -36,30 +40,40 @@ HF_METADATA = "hf_metadata.json"  # a converted checkpoint's Hugging Face model 
 CHECKPOINT_VERSION = 3.0
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(OrdMoEError):
     """A checkpoint that cannot be used: missing, incomplete, corrupt or from another model."""
+
+
+def _given(flag: Optional[str], root: str) -> str:
+    """How a refusal names the checkpoint directory the user gave: ``'--load ckpt: '``."""
+    return f"{flag} {root}: " if flag else ""
 
 
 def checkpoint_dir(root: str, iteration: Optional[int]) -> str:
     return os.path.join(root, "release" if iteration is None else f"iter_{iteration:07d}")
 
 
-def latest_iteration(root: str) -> Optional[int]:
+def latest_iteration(root: str, flag: Optional[str] = None) -> Optional[int]:
     """The iteration the tracker names (None for ``release``); CheckpointError if there is none."""
     tracker = os.path.join(root, TRACKER)
     if not os.path.isfile(tracker):
         raise CheckpointError(
-            f"{root} is not a checkpoint directory: {TRACKER} is missing. Point --load at the directory "
+            _given(flag, root)
+            + f"{root} is not a checkpoint directory: {TRACKER} is missing. Point --load at the directory "
             "that --save wrote (the one containing the tracker file)."
         )
-    tag = open(tracker).read().strip()
+    try:
+        with open(tracker) as f:
+            tag = f.read().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(_given(flag, root) + f"{tracker} cannot be read ({err}); restore it") from None
     if tag == "release":
         return None
     try:
         return int(tag)
     except ValueError:
         raise CheckpointError(
-            f"{tracker} is corrupt (holds {tag!r}); it should name an iteration or 'release'"
+            _given(flag, root) + f"{tracker} is corrupt (holds {tag!r}); it should name an iteration or 'release'"
         ) from None
 
 
@@ -177,19 +191,21 @@ def _param_group_lists(state):
             yield from _param_group_lists(value)
 
 
-def read_run(root: str) -> dict:
+def read_run(root: str, flag: Optional[str] = None) -> dict:
     """``run.json`` of the newest checkpoint under ``root`` ({} for converted checkpoints)."""
-    path = os.path.join(checkpoint_dir(root, latest_iteration(root)), RUN_FILE)
+    path = os.path.join(checkpoint_dir(root, latest_iteration(root, flag)), RUN_FILE)
     if not os.path.isfile(path):
         return {}
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is corrupt ({err}); restore it or load an earlier checkpoint") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            _given(flag, root) + f"{path} is corrupt ({err}); restore it or load an earlier checkpoint"
+        ) from None
 
 
-def checkpoint_model_flags(root: str) -> Optional[dict]:
+def checkpoint_model_flags(root: str, flag: Optional[str] = None) -> Optional[dict]:
     """The model flags a checkpoint was made with: ``model_args.json`` (converted checkpoints) or
     ``run.json`` (checkpoints saved by ordmoe-pretrain); None if it records neither."""
     converted = os.path.join(root, MODEL_ARGS)
@@ -198,13 +214,15 @@ def checkpoint_model_flags(root: str) -> Optional[dict]:
             with open(converted) as f:
                 return json.load(f)
         except (OSError, ValueError) as err:
-            raise CheckpointError(f"{converted} is corrupt ({err}); convert the model again") from None
-    return read_run(root).get("model_flags")
+            raise CheckpointError(
+                _given(flag, root) + f"{converted} is corrupt ({err}); convert the model again"
+            ) from None
+    return read_run(root, flag).get("model_flags")
 
 
-def check_compatible(root: str, model_flags: dict) -> None:
+def check_compatible(root: str, model_flags: dict, flag: str = "--load") -> None:
     """Refuse a checkpoint whose model differs from the one about to be built (before loading)."""
-    saved = checkpoint_model_flags(root)
+    saved = checkpoint_model_flags(root, flag)
     if saved is None:
         return
     # The training length is not part of the model: a model may continue at another length.
@@ -214,8 +232,8 @@ def check_compatible(root: str, model_flags: dict) -> None:
             f"--{k.replace('_', '-')} is {v!r} here but {s!r} in the checkpoint" for k, (s, v) in differing.items()
         )
         raise CheckpointError(
-            f"--load {root} was saved by another model configuration: {detail}. "
-            "Use the checkpoint's model flags (see its run.json) or another --load."
+            f"{flag} {root} was saved by another model configuration: {detail}. "
+            f"Use the checkpoint's model flags (see its run.json) or another {flag}."
         )
 
 
@@ -226,19 +244,21 @@ def load_checkpoint(
     load_rng: bool = True,
     strict: bool = True,
     optional: Optional[Callable[[str], bool]] = None,
+    flag: Optional[str] = None,
 ) -> dict:
     """Load the newest checkpoint under ``root`` into ``chunks`` (and ``optimizer``, and with
     ``load_rng`` this rank's random states, which must be there); returns its ``run.json``.
 
     ``optional(name)``: model state the checkpoint may lack (a state-dict name); what it lacks
     keeps the model's own values."""
-    iteration = latest_iteration(root)
+    given = _given(flag, root)
+    iteration = latest_iteration(root, flag)
     path = checkpoint_dir(root, iteration)
-    check_layout(path)
+    check_layout(path, given)
     state = sharded_model_state(chunks)
     absent: dict = {}
     if optional is not None:
-        stored = read_tensor_metadata(path)
+        stored = read_tensor_metadata(path, given)
         for model_key, model_state in state.items():
             absent[model_key] = [
                 name
@@ -252,7 +272,7 @@ def load_checkpoint(
     try:
         loaded = dist_checkpointing.load(state, path)
     except Exception as err:  # dist_checkpointing raises many types; name the checkpoint and the cause
-        raise CheckpointError(f"cannot load {path}: {type(err).__name__}: {err}") from err
+        raise CheckpointError(given + f"cannot load {path}: {type(err).__name__}: {err}") from err
     for i, chunk in enumerate(chunks):
         model_key = "model" if len(chunks) == 1 else f"model{i}"
         own = chunk.state_dict()
@@ -268,51 +288,54 @@ def load_checkpoint(
             set_random_states(torch.load(rng_file, weights_only=False))
         except (OSError, EOFError, RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(
-                f"{rng_file}: cannot restore the random states ({type(err).__name__}: {err}); "
+                given + f"{rng_file}: cannot restore the random states ({type(err).__name__}: {err}); "
                 "restore the file or load an earlier checkpoint"
             ) from None
-    return read_run(root)
+    return read_run(root, flag)
 
 
-def check_layout(path: str) -> None:
+def check_layout(path: str, given: str = "") -> None:
     """The iteration directory is a whole checkpoint this megatron-core can read:
-    ``metadata.json`` readable, and ``common.pt`` there when the layout has one."""
+    ``metadata.json`` readable, and ``common.pt`` there when the layout has one. ``given``
+    starts every refusal (``_given``)."""
     if not os.path.isdir(path):
         raise CheckpointError(
-            f"{path} is missing: the tracker names a checkpoint that is not there; point the "
+            given + f"{path} is missing: the tracker names a checkpoint that is not there; point the "
             "tracker at an iteration that exists, or load an earlier checkpoint"
         )
     meta_file = os.path.join(path, "metadata.json")
     if not os.path.isfile(meta_file):
         raise CheckpointError(
-            f"{path} is missing or incomplete (no metadata.json); the save may have been "
+            given + f"{path} is missing or incomplete (no metadata.json); the save may have been "
             "interrupted: load an earlier checkpoint"
         )
     try:
         with open(meta_file) as f:
             metadata = json.load(f)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{meta_file} is corrupt ({err}); restore it or load an earlier checkpoint") from None
+        raise CheckpointError(
+            given + f"{meta_file} is corrupt ({err}); restore it or load an earlier checkpoint"
+        ) from None
     problem = compat.checkpoint_layout_problem(metadata)
     if problem:
-        raise CheckpointError(f"{path} {problem}")
+        raise CheckpointError(given + f"{path} {problem}")
     if "common_backend" in metadata and not os.path.isfile(os.path.join(path, "common.pt")):
         raise CheckpointError(
-            f"{os.path.join(path, 'common.pt')} is missing (the checkpoint's common state); "
+            given + f"{os.path.join(path, 'common.pt')} is missing (the checkpoint's common state); "
             "restore it or load an earlier checkpoint"
         )
 
 
-def read_tensor_metadata(path: str) -> dict:
+def read_tensor_metadata(path: str, given: str = "") -> dict:
     """Sharded key -> torch DCP ``TensorStorageMetadata`` of the checkpoint in ``path``, after
     checking that every stored item lies inside its file: a missing or truncated ``.distcp`` is
-    named here, before anything is built."""
+    named here, before anything is built. ``given`` starts every refusal (``_given``)."""
     try:
         md = FileSystemReader(path).read_metadata()
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # noqa: BLE001 - torch raises many types here
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata (.metadata): {err}") from None
+        raise CheckpointError(given + f"{path}: unreadable checkpoint metadata (.metadata): {err}") from None
     sizes: dict = {}
     for index, info in (md.storage_data or {}).items():
         rel = getattr(info, "relative_path", None)
@@ -321,12 +344,12 @@ def read_tensor_metadata(path: str) -> dict:
         if rel not in sizes:
             file = os.path.join(path, rel)
             if not os.path.exists(file):
-                raise CheckpointError(f"{file}: checkpoint file missing (holds {index.fqn})")
+                raise CheckpointError(given + f"{file}: checkpoint file missing (holds {index.fqn})")
             sizes[rel] = os.path.getsize(file)
         end = int(info.offset) + int(info.length)
         if sizes[rel] < end:
             raise CheckpointError(
-                f"{os.path.join(path, rel)}: truncated checkpoint file ({sizes[rel]} bytes, "
+                given + f"{os.path.join(path, rel)}: truncated checkpoint file ({sizes[rel]} bytes, "
                 f"{index.fqn} ends at byte {end})"
             )
     return {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
@@ -349,23 +372,21 @@ class CheckpointInfo:
         return "converted" if self.iteration is None else "trained"
 
 
-def inspect_checkpoint(root: str) -> CheckpointInfo:
+def inspect_checkpoint(root: str, flag: Optional[str] = None) -> CheckpointInfo:
     """The one checkpoint check of every front end, without loading weights: the tracker, the
     iteration directory, ``metadata.json``, every stored file against the checkpoint metadata,
     ``run.json`` and the model flags. A ``CheckpointError`` names the bad file."""
+    given = _given(flag, root)
     if not os.path.isdir(root):
-        raise CheckpointError(f"{root}: no such checkpoint directory")
-    iteration = latest_iteration(root)
+        raise CheckpointError(given + f"{root}: no such checkpoint directory")
+    iteration = latest_iteration(root, flag)
     path = checkpoint_dir(root, iteration)
-    check_layout(path)
-    tensors = read_tensor_metadata(path)
-    run = read_run(root)
-    flags = checkpoint_model_flags(root)
+    check_layout(path, given)
+    tensors = read_tensor_metadata(path, given)
+    run = read_run(root, flag)
+    flags = checkpoint_model_flags(root, flag)
     if flags is not None:
-        try:
-            flags = normalize_flags(flags)
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{root}: unusable model flags: {err}") from None
+        flags = normalize_flags(flags, where=given + f"{root}: unusable model flags: ")
     return CheckpointInfo(
         root=root,
         iteration=iteration,
@@ -373,11 +394,11 @@ def inspect_checkpoint(root: str) -> CheckpointInfo:
         flags=flags,
         tensors=tensors,
         run=run,
-        hf_metadata=read_hf_metadata(root),
+        hf_metadata=read_hf_metadata(root, flag),
     )
 
 
-def read_hf_metadata(root: str) -> Optional[dict]:
+def read_hf_metadata(root: str, flag: Optional[str] = None) -> Optional[dict]:
     """``hf_metadata.json`` next to a converted checkpoint (None when there is none)."""
     path = os.path.join(root, HF_METADATA)
     if not os.path.isfile(path):
@@ -386,4 +407,4 @@ def read_hf_metadata(root: str) -> Optional[dict]:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is corrupt ({err}); convert the model again") from None
+        raise CheckpointError(_given(flag, root) + f"{path} is corrupt ({err}); convert the model again") from None

@@ -1,6 +1,8 @@
 """Everything that differs between the Megatron versions this package supports.
 
-megatron-core 0.16.1 up to the newest 0.19.x, and Megatron-LM at the matching ``core_v*`` tags.
+``SUPPORTED`` is the one statement of the range (megatron-core, and Megatron-LM at the matching
+``core_v*`` tags); ``setup.py``, the messages and the README derive from it or point here
+(``tests/runtime/test_compat.py`` checks that they agree).
 Each difference is one name below, with the version that introduced it; nothing else in the
 package asks which version is installed. Where a feature can be detected it is, so a backport
 is handled too; the version says when to expect it.
@@ -18,6 +20,8 @@ from megatron.core.optimizer import optimizer as _optimizer
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from ordmoe_megatron.errors import OrdMoEError
+
 
 def _parse(version: str) -> tuple[int, int, int]:
     # megatron-core appends "+<git hash>" when its installed files sit inside a git checkout
@@ -30,16 +34,30 @@ def _parse(version: str) -> tuple[int, int, int]:
 
 
 VERSION: tuple[int, int, int] = _parse(megatron.core.__version__)
-SUPPORTED = ((0, 16, 1), (0, 20, 0))  # from the first, up to (not including) the second
+# The supported megatron-core releases: from the first, up to (not including) the second. setup.py
+# reads this line (with ast: it cannot import megatron) for its install_requires.
+SUPPORTED = ((0, 16, 1), (0, 20, 0))
+
+
+def supported_range() -> str:
+    """``SUPPORTED`` in words: ``'0.16.1 up to 0.19.x'``."""
+    low, high = SUPPORTED
+    return f"{'.'.join(map(str, low))} up to {high[0]}.{high[1] - 1}.x"
+
+
+def supported_megatron_lm_tags() -> str:
+    """The Megatron-LM tags that go with ``SUPPORTED``: ``'core_v0.16.1 to core_v0.19.x'``."""
+    first, _, last = supported_range().partition(" up to ")
+    return f"core_v{first} to core_v{last}"
 
 
 def check_supported() -> None:
     """Refuse a megatron-core outside the tested range, with the fix."""
     low, high = SUPPORTED
     if not low <= VERSION < high:
-        raise RuntimeError(
+        raise OrdMoEError(
             f"megatron-core {megatron.core.__version__} is outside the range ordmoe-megatron supports "
-            f"({'.'.join(map(str, low))} up to {high[0]}.{high[1] - 1}.x); install one in that range"
+            f"({supported_range()}); install one in that range"
         )
 
 
@@ -128,7 +146,7 @@ GROUP_IDENTITY_KEYS: tuple[str, ...] = tuple(
 # --------------------------------------------------------------------------------------------
 # MoE auxiliary-loss logging (0.18: megatron.core.transformer.moe.moe_logging)
 # --------------------------------------------------------------------------------------------
-def _metrics_tracker():
+def moe_metrics_tracker():
     """0.18 on: the MoE metrics tracker; None before (the moe_utils functions)."""
     try:
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
@@ -171,32 +189,12 @@ def pop_moe_aux_losses(config, num_microbatches: int) -> dict:
         num_layers=config.num_layers,
         moe_layer_freq=config.moe_layer_freq,
     )
-    tracker = _metrics_tracker()
+    tracker = moe_metrics_tracker()
     if tracker is None:
         moe_utils.track_moe_metrics(**common)
     else:
         tracker.report(**common)
     return {name: float(value) for name, value in totals.items()}
-
-
-def moe_aux_loss_values() -> dict:
-    """``{name: per-layer values}`` recorded since the last reset, as they are (not reduced)."""
-    tracker = _metrics_tracker()
-    if tracker is None:
-        return {name: entry["values"] for name, entry in moe_utils.get_moe_layer_wise_logging_tracker().items()}
-    return {name: entry.values for name, entry in tracker.metrics.items()}
-
-
-def reset_moe_aux_losses() -> None:
-    """Forget every tracked auxiliary loss (the trackers size themselves by the first model's
-    layer count, so a process that builds models of other depths starts afresh)."""
-    tracker = _metrics_tracker()
-    if tracker is None:
-        moe_utils.get_moe_layer_wise_logging_tracker().clear()
-    else:
-        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
-
-        destroy_moe_metrics_tracker()
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.runtime import bridges, compat
 
 LOOPBACK = "127.0.0.1"
@@ -112,7 +113,7 @@ def init_distributed(
 def init_single_process(seed: int = 1234, backend: Optional[str] = None) -> None:
     """One process, all parallel sizes 1 (the tier report, conversion); refuses a larger world."""
     if world_size_from_env() != 1 or (torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1):
-        raise RuntimeError("this tool runs in one process (world size 1); do not start it under torchrun")
+        raise OrdMoEError("this tool runs in one process (world size 1); do not start it under torchrun")
     init_distributed(ParallelLayout(), seed, backend)
 
 

@@ -22,6 +22,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.layers import has_dense_layers, parse_moe_layer_freq
 from ordmoe_megatron.runtime import bridges
 
@@ -138,25 +139,25 @@ def flags_from_args(args: Union[argparse.Namespace, Dict[str, Any]]) -> Dict[str
     return normalize_flags({k: src[k] for k in _BY_NAME if k in src})
 
 
-def normalize_flags(flags: Dict[str, Any]) -> Dict[str, Any]:
-    """Return a complete flags dict: defaults filled in, unknown names rejected, values typed."""
+def normalize_flags(flags: Dict[str, Any], where: str = "") -> Dict[str, Any]:
+    """Return a complete flags dict: defaults filled in, unknown names rejected, values typed.
+    ``where`` starts every refusal (the file the flags come from)."""
     unknown = sorted(set(flags) - set(_BY_NAME))
     if unknown:
-        raise ValueError(f"unknown model flag(s): {', '.join(unknown)}")
+        raise OrdMoEError(f"{where}unknown model flag(s): {', '.join(unknown)}")
     out: Dict[str, Any] = {}
     for f in MODEL_FLAGS:
         v = flags.get(f.name, f.default)
         if v is not None:
-            if f.kind == "int":
-                v = int(v)
-            elif f.kind == "float":
-                v = float(v)
-            elif f.kind == "bool":
-                v = bool(v)
-            elif f.kind == "freq":
-                v = parse_moe_layer_freq(v)
+            if f.kind == "freq":
+                v = parse_moe_layer_freq(v)  # its refusals name the flag and the value
+            elif f.kind in ("int", "float", "bool"):
+                try:
+                    v = {"int": int, "float": float, "bool": bool}[f.kind](v)
+                except (TypeError, ValueError):
+                    raise OrdMoEError(f"{where}model flag {f.name}={v!r} is not a valid {f.kind}") from None
             if f.choices and v not in f.choices:
-                raise ValueError(f"model flag {f.name}={v!r} not in {f.choices}")
+                raise OrdMoEError(f"{where}model flag {f.name}={v!r} not in {f.choices}")
         out[f.name] = v
     return out
 
@@ -204,7 +205,7 @@ def padded_vocab_size(flags: Dict[str, Any], tensor_model_parallel_size: int = 1
     if flags["padded_vocab_size"] is not None:
         return flags["padded_vocab_size"]
     if flags["vocab_size"] is None:
-        raise ValueError("model flags need vocab_size (or padded_vocab_size)")
+        raise OrdMoEError("model flags need vocab_size (or padded_vocab_size): pass --vocab-size")
     multiple = flags["make_vocab_size_divisible_by"] * tensor_model_parallel_size
     return -(-flags["vocab_size"] // multiple) * multiple
 
@@ -215,7 +216,7 @@ def transformer_config_from_flags(flags: Dict[str, Any], **overrides):
     f = normalize_flags(flags)
     for required in ("num_layers", "hidden_size", "num_attention_heads"):
         if f[required] is None:
-            raise ValueError(f"model flag {required} is required")
+            raise OrdMoEError(f"model flag {required} is required: pass --{required.replace('_', '-')}")
     moe = f["num_experts"] is not None
     kw: Dict[str, Any] = dict(
         num_layers=f["num_layers"],
@@ -245,7 +246,10 @@ def transformer_config_from_flags(flags: Dict[str, Any], **overrides):
             moe_layer_freq=f["moe_layer_freq"],
         )
     kw.update(overrides)
-    return TransformerConfig(**kw)
+    try:
+        return TransformerConfig(**kw)
+    except (AssertionError, TypeError, ValueError) as err:  # Megatron's own checks of the model
+        raise OrdMoEError(f"megatron-core refuses this model configuration: {err or type(err).__name__}") from None
 
 
 def gpt_model_from_flags(flags: Dict[str, Any], config, layer_spec=None, model_class=None, **model_kwargs):
@@ -286,7 +290,7 @@ def gpt_model_from_flags(flags: Dict[str, Any], config, layer_spec=None, model_c
         model_kwargs.setdefault("post_process", last)
     max_pos = f["max_position_embeddings"] or f["seq_length"]
     if max_pos is None:
-        raise ValueError("model flags need max_position_embeddings or seq_length")
+        raise OrdMoEError("model flags need max_position_embeddings or seq_length: pass --seq-length")
     return (model_class or GPTModel)(
         config=config,
         transformer_layer_spec=layer_spec,

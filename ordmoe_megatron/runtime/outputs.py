@@ -14,8 +14,10 @@ import shutil
 import tempfile
 from typing import Iterator, Optional, Sequence
 
+from ordmoe_megatron.errors import OrdMoEError
 
-class OutputError(ValueError):
+
+class OutputError(OrdMoEError):
     """An output that cannot or must not be written; the message names it and the way out."""
 
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Optional, Sequence
 
 import torch
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.runtime.checkpointing import has_checkpoint
-from ordmoe_megatron.runtime.outputs import OutputError, RunLock, check_writable, staged_file
+from ordmoe_megatron.runtime.outputs import RunLock, check_writable, staged_file
 from ordmoe_megatron.sweep import plan, results
-from ordmoe_megatron.sweep.config import SETTINGS, SweepConfig, SweepError
+from ordmoe_megatron.sweep.config import SETTINGS, SweepConfig
 from ordmoe_megatron.sweep.grids import GRID_NAMES, Grid, Setting, ready_grids
 from ordmoe_megatron.sweep.runner import run_cells
 from ordmoe_megatron.train import build
@@ -88,16 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _grid(args) -> Grid:
     if args.grid != "custom":
         if args.tries:
-            raise SweepError("--try is for --grid custom")
+            raise OrdMoEError("--try is for --grid custom")
         layers = _num_layers(args.run_flags)
         return ready_grids(layers)[args.grid]
     if not args.tries:
-        raise SweepError("--grid custom needs at least one --try 'NAME=FLAGS'")
+        raise OrdMoEError("--grid custom needs at least one --try 'NAME=FLAGS'")
     settings = []
     for text in args.tries:
         name, sep, flags = text.partition("=--")  # the flags start at the first '=--' (a name may hold '=')
         if not sep or not name.strip():
-            raise SweepError(f"--try {text!r}: write it as 'NAME=FLAGS', e.g. 'C=4=--ordmoe-num-tiers 4'")
+            raise OrdMoEError(f"--try {text!r}: write it as 'NAME=FLAGS', e.g. 'C=4=--ordmoe-num-tiers 4'")
         settings.append(Setting(name.strip(), tuple(("--" + flags).split())))
     return Grid("custom", "custom settings", tuple(settings))
 
@@ -137,29 +139,27 @@ def check_cells(config: SweepConfig, cells: list) -> None:
         try:
             run_config = train_cli.run_config_from_args(train_cli.parse_args(argv))
             build.transformer_config(run_config)
-        except SystemExit:
-            raise SweepError(
+        except SystemExit:  # argparse refused a flag, and said so
+            raise OrdMoEError(
                 f"cell {cell.key}: ordmoe-pretrain refuses its flags (message above): "
                 f"{' '.join(cell.flags + config.run_flags)}"
             ) from None
-        except ValueError as err:
-            raise SweepError(f"cell {cell.key}: {err}") from None
+        except OrdMoEError:  # the refusal names the flag; this line names the cell
+            log(f"cell {cell.key} is refused: {' '.join(cell.flags + config.run_flags)}")
+            raise
     if config.base and not has_checkpoint(config.base):
-        raise SweepError(f"--base {config.base} holds no checkpoint (no latest_checkpointed_iteration.txt)")
+        raise OrdMoEError(f"--base {config.base} holds no checkpoint (no latest_checkpointed_iteration.txt)")
 
 
 def check_out(config: SweepConfig) -> None:
     """The directory is writable, and holds no other sweep's cells."""
-    try:
-        check_writable(config.out, "--out", is_dir=True)
-    except OutputError as err:
-        raise SweepError(str(err)) from None
+    check_writable(config.out, "--out", is_dir=True)
     path = os.path.join(config.out, SPEC_FILE)
     if os.path.isfile(path):
         with open(path) as f:
             difference = plan.spec_difference(json.load(f), config)
         if difference:
-            raise SweepError(
+            raise OrdMoEError(
                 f"--out {config.out} holds another sweep ({difference}); give another --out, or the "
                 "same flags to resume it"
             )
@@ -170,24 +170,25 @@ def log(message: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = sweep_config_from_args(args)
-        check_out(config)
-        first = plan.first_cells(config)
-        check_cells(config, plan.base_cells(config) + first)
-    except SweepError as err:
-        parser.error(str(err))
+    args = build_parser().parse_args(argv)
+    try:  # the one place ordmoe-sweep turns a refusal into its exit message
+        return sweep(args)
+    except OrdMoEError as err:
+        print(f"ordmoe-sweep: error: {err}", file=sys.stderr)
+        return 2
+
+
+def sweep(args: argparse.Namespace) -> int:
+    config = sweep_config_from_args(args)
+    check_out(config)
+    first = plan.first_cells(config)
+    check_cells(config, plan.base_cells(config) + first)
     if args.dry_run:
         for cell in plan.base_cells(config) + first:
             print(f"{cell.key}: {' '.join(plan.cell_command(config, cell))}")
         print("then the matched-compute baselines, from the FLOPs the OrdMoE cells report")
         return 0
-    try:
-        lock = RunLock(config.out, "--out")
-    except OutputError as err:
-        parser.error(str(err))
+    lock = RunLock(config.out, "--out")
     try:
         with staged_file(os.path.join(config.out, SPEC_FILE)) as tmp, open(tmp, "w") as f:
             json.dump(plan.spec(config), f, indent=2)
@@ -197,15 +198,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         done = run_cells(config, plan.base_cells(config), log)
         if results.failed(done):
-            raise SweepError(f"a base run failed ({results.failed(done)[0].key}); fix it and run the sweep again")
+            raise OrdMoEError(f"a base run failed ({results.failed(done)[0].key}); fix it and run the sweep again")
         done.update(run_cells(config, first, log))
         matched = plan.matched_cells(config, results.flops_ratios(done))
         done.update(run_cells(config, matched, log))
         summary = results.summarize(config, done)
         written = results.write(summary, config.out)
-    except SweepError as err:
-        print(f"ordmoe-sweep: error: {err}")
-        return 1
     finally:
         lock.release()
     print("\n" + results.markdown(summary))

@@ -5,13 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.sweep.grids import Grid
 
 SETTINGS = ("pretrain", "finetune")
-
-
-class SweepError(ValueError):
-    """A sweep that cannot run as asked; the message names the flag and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,18 +28,18 @@ class SweepConfig:
 
     def __post_init__(self):
         if self.setting not in SETTINGS:
-            raise SweepError(f"--setting {self.setting} is not one of {', '.join(SETTINGS)}")
+            raise OrdMoEError(f"--setting {self.setting} is not one of {', '.join(SETTINGS)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise SweepError(f"--seeds {' '.join(map(str, self.seeds))}: give distinct seeds")
+            raise OrdMoEError(f"--seeds {' '.join(map(str, self.seeds))}: give distinct seeds")
         if self.steps < 1 or self.base_steps < 1:
-            raise SweepError("--steps and --base-steps must be at least 1")
+            raise OrdMoEError("--steps and --base-steps must be at least 1")
         if self.jobs < 1 or self.threads_per_job < 1:
-            raise SweepError("--jobs and --threads-per-job must be at least 1")
+            raise OrdMoEError("--jobs and --threads-per-job must be at least 1")
         if self.base and self.setting != "finetune":
-            raise SweepError("--base is the fine-tuning setting's shared checkpoint: add --setting finetune")
+            raise OrdMoEError("--base is the fine-tuning setting's shared checkpoint: add --setting finetune")
         if any(flag in self.run_flags for flag in RESERVED_FLAGS):
             used = sorted(set(self.run_flags) & set(RESERVED_FLAGS))
-            raise SweepError(
+            raise OrdMoEError(
                 f"{', '.join(used)} after '--' would fight the sweep, which sets them per cell: "
                 "drop them (use --seeds, --steps, --out)"
             )

@@ -22,16 +22,13 @@ from ordmoe_megatron.data import (
     load_tokenizer,
     prepare_tiny_data,
 )
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.runtime import bridges
 from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, transformer_config_from_flags
 from ordmoe_megatron.train.config import RunConfig
 
 MicroBatchStream = Callable[[str, int], Iterator[dict]]  # (split, first micro-batch) -> micro-batches
-
-
-class DataError(ValueError):
-    """Data that cannot be used: a missing or damaged file, a tokenizer that does not fit."""
 
 
 @dataclasses.dataclass
@@ -54,14 +51,12 @@ def prepare_data(config: RunConfig) -> tuple[RunConfig, DataSources]:
         )
         sources.heldout_tasks = paths["heldout_tasks"]
     if not os.path.isfile(config.tokenizer_model):
-        raise DataError(f"--tokenizer-model {config.tokenizer_model} does not exist")
+        raise OrdMoEError(f"--tokenizer-model {config.tokenizer_model} does not exist")
     sources.tokenizer = load_tokenizer(config.tokenizer_model)
-    try:
-        for prefix in filter(None, (config.data_path, config.valid_data_path)):
-            check_data_files(prefix)
+    for flag, prefix in (("--data-path", config.data_path), ("--valid-data-path", config.valid_data_path)):
+        if prefix:
+            check_data_files(prefix, flag)
             check_tokenizer_matches_data(sources.tokenizer, prefix)
-    except (FileNotFoundError, ValueError) as err:
-        raise DataError(str(err)) from None
     return config.with_model_flags(vocab_size=sources.tokenizer.vocab_size), sources
 
 

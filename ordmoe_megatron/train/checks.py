@@ -13,16 +13,13 @@ import re
 from typing import Optional
 
 from ordmoe_megatron.data import check_data_files, check_split_sizes
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.runtime import checkpointing
-from ordmoe_megatron.runtime.checkpointing import CheckpointError, has_checkpoint
-from ordmoe_megatron.runtime.outputs import OutputError, check_output, check_writable
+from ordmoe_megatron.runtime.checkpointing import has_checkpoint
+from ordmoe_megatron.runtime.outputs import check_output, check_writable
 from ordmoe_megatron.train.build import transformer_config
 from ordmoe_megatron.train.config import SCHEDULE_FIELDS, RunConfig, baseline_config, flag_name, run_differences
-
-
-class CheckError(ValueError):
-    """A run that must not start; the message names the flag and the way out."""
 
 
 def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Optional[int]) -> list[str]:
@@ -73,41 +70,35 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
 def check_values(config: RunConfig) -> None:
     """What no single flag's parser can see: values that must fit each other."""
     if config.min_lr > config.lr:
-        raise CheckError(
+        raise OrdMoEError(
             f"--min-lr={config.min_lr} is above --lr={config.lr}; the schedule decays from --lr down to --min-lr"
         )
     if config.micro_batch_size > config.global_batch_size:
-        raise CheckError(
+        raise OrdMoEError(
             f"--micro-batch-size={config.micro_batch_size} is larger than "
             f"--global-batch-size={config.global_batch_size}"
         )
     if config.ordmoe is not None:
-        try:
-            config.ordmoe.check_pipeline(
-                config.micro_batch_size, config.layout.pipeline, bool(config.layout.virtual_pipeline)
-            )
-        except ValueError as err:
-            raise CheckError(str(err)) from None
+        config.ordmoe.check_pipeline(
+            config.micro_batch_size, config.layout.pipeline, bool(config.layout.virtual_pipeline)
+        )
 
 
 def check_model(config: RunConfig) -> None:
     """What the model refuses (a layer scope beyond the model, options OrdMoE cannot honour), from
     its ``TransformerConfig``: built, not the weights."""
-    try:
-        transformer_config(config)
-    except (ValueError, AssertionError, TypeError) as err:
-        raise CheckError(str(err)) from None
+    transformer_config(config)
 
 
 def check_precision(config: RunConfig) -> None:
     if config.fp8_format is None:
         return
     if not config.bf16:
-        raise CheckError("--fp8-format needs --bf16 (FP8 GEMMs inside a BF16 model)")
+        raise OrdMoEError("--fp8-format needs --bf16 (FP8 GEMMs inside a BF16 model)")
     try:
         import transformer_engine  # noqa: F401  (only probed: FP8 needs it)
     except ImportError:
-        raise CheckError(
+        raise OrdMoEError(
             "--fp8-format needs Transformer Engine on a GPU (pip install '.[te]' on the cluster); "
             "drop the flag on this machine"
         ) from None
@@ -145,22 +136,19 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
         return ResumePlan("new")  # --overwrite on its own outputs starts afresh
     if not has_checkpoint(load):
         if os.path.isdir(load) and _iteration_dir(load):
-            raise CheckError(
+            raise OrdMoEError(
                 f"--load {load} is one iteration of a checkpoint; point --load at "
                 f"{os.path.dirname(os.path.normpath(load))}, the directory that holds "
                 f"{checkpointing.TRACKER}"
             )
         if load == save:
             return ResumePlan("new", notes=(f"no checkpoint in {load} yet: a new run",))
-        raise CheckError(
+        raise OrdMoEError(
             f"--load {load} holds no checkpoint (no {checkpointing.TRACKER}); point --load at the "
             "directory --save wrote, or leave --load out to start a new run"
         )
-    try:
-        info = checkpointing.inspect_checkpoint(load)
-        checkpointing.check_compatible(load, config.model_flags)
-    except CheckpointError as err:
-        raise CheckError(f"--load {load}: {err}") from None
+    info = checkpointing.inspect_checkpoint(load, "--load")
+    checkpointing.check_compatible(load, config.model_flags, "--load")
     if info.iteration is None or config.finetune:
         notes = [f"starting from the weights in {info.path}"]
         means = any(TierRouter.is_running_mean(key) for key in info.tensors)
@@ -172,7 +160,7 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
         return ResumePlan("weights", notes=tuple(notes))
     run = info.run.get("run")
     if run is None or "run_id" not in info.run:
-        raise CheckError(
+        raise OrdMoEError(
             f"--load {load}: {info.path} records no run (its run.json has none); pass --finetune to "
             "start a new run from its weights"
         )
@@ -188,7 +176,7 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
     if differences:
         detail = "; ".join(f"{flag} is {saved!r} there but {here!r} here" for flag, saved, here in differences)
         schedule = any(d[0] in map(flag_name, SCHEDULE_FIELDS) for d in differences)
-        raise CheckError(
+        raise OrdMoEError(
             f"--load {load} holds another run ({detail}). To continue it, use its settings"
             + (" (a new learning-rate schedule on purpose: --override-opt-param-scheduler)" if schedule else "")
             + "; to start a new run, use a fresh --save, or --overwrite to replace it"
@@ -198,7 +186,7 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
     if load_rng:
         for rank in range(world):
             if not os.path.isfile(checkpointing.rng_path(info.path, rank)):
-                raise CheckError(
+                raise OrdMoEError(
                     f"--load {load}: {checkpointing.rng_path(info.path, rank)} is missing (the random "
                     "states of that rank); restore it or load an earlier checkpoint"
                 )
@@ -221,7 +209,7 @@ def check_run(config: RunConfig, world: int, layers_per_virtual_stage: Optional[
     with ``--load``."""
     problems = layout_problems(config, world, layers_per_virtual_stage)
     if problems:
-        raise CheckError("impossible parallel layout: " + "; ".join(problems))
+        raise OrdMoEError("impossible parallel layout: " + "; ".join(problems))
     check_values(config)
     check_precision(config)
     check_model(config)
@@ -235,37 +223,34 @@ def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:
     """Outputs can be written, and are replaced only with --overwrite; a resume appends to its own
     run's metrics. With --compare-baseline the baseline's outputs too."""
     resuming = plan.kind in ("resume", "done")
-    try:
-        for flag, path, is_dir in (
-            ("--save", config.save, True),
-            ("--metrics-out", config.metrics_out, False),
-            ("--plot-out", config.plot_out, False),
-            ("--eval-out", config.eval_out, False),
-            ("--save-grads", config.save_grads, True),
-            ("--work-dir", config.work_dir, True),
-            ("--preset-data-dir", config.preset_data_dir, True),
-        ):
-            if path:
-                check_writable(path, flag, is_dir)
-        if (
-            config.save
-            and has_checkpoint(config.save)
-            and not config.overwrite
-            and not (resuming and config.load == config.save)
-        ):
-            raise CheckError(
-                f"--save {config.save} already holds a checkpoint; pass --overwrite to replace it, "
-                "or --load the same directory to resume it"
-            )
-        for path in (config.metrics_out, config.plot_out, config.eval_out):
-            if path and not resuming:
-                check_output(path, config.overwrite, "--overwrite")
-    except OutputError as err:
-        raise CheckError(str(err)) from None
+    for flag, path, is_dir in (
+        ("--save", config.save, True),
+        ("--metrics-out", config.metrics_out, False),
+        ("--plot-out", config.plot_out, False),
+        ("--eval-out", config.eval_out, False),
+        ("--save-grads", config.save_grads, True),
+        ("--work-dir", config.work_dir, True),
+        ("--preset-data-dir", config.preset_data_dir, True),
+    ):
+        if path:
+            check_writable(path, flag, is_dir)
+    if (
+        config.save
+        and has_checkpoint(config.save)
+        and not config.overwrite
+        and not (resuming and config.load == config.save)
+    ):
+        raise OrdMoEError(
+            f"--save {config.save} already holds a checkpoint; pass --overwrite to replace it, "
+            "or --load the same directory to resume it"
+        )
+    for path in (config.metrics_out, config.plot_out, config.eval_out):
+        if path and not resuming:
+            check_output(path, config.overwrite, "--overwrite")
     if resuming and config.metrics_out and os.path.isfile(config.metrics_out) and not config.overwrite:
         others = metrics_of_other_runs(config.metrics_out, plan.run_id)
         if others:
-            raise CheckError(
+            raise OrdMoEError(
                 f"--metrics-out {config.metrics_out} holds metrics of another run ({others}); pass "
                 "--overwrite to replace it, or give this run another --metrics-out"
             )
@@ -288,10 +273,8 @@ def check_data(config: RunConfig) -> None:
     """The data files (when named) are there, whole, and every split of --split has data."""
     if config.mock_data or not config.data_path:
         return
-    try:
-        for prefix in filter(None, (config.data_path, config.valid_data_path)):
-            check_data_files(prefix)
-        if not config.valid_data_path:
-            check_split_sizes(config.data_path, config.split, config.seq_length)
-    except (FileNotFoundError, ValueError) as err:
-        raise CheckError(str(err)) from None
+    for flag, prefix in (("--data-path", config.data_path), ("--valid-data-path", config.valid_data_path)):
+        if prefix:
+            check_data_files(prefix, flag)
+    if not config.valid_data_path:
+        check_split_sizes(config.data_path, config.split, config.seq_length)

@@ -14,9 +14,10 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.flags import add_ordmoe_args, ordmoe_config_from_args
 from ordmoe_megatron.runtime import compat
-from ordmoe_megatron.runtime.checkpointing import CheckpointError, checkpoint_model_flags, has_checkpoint
+from ordmoe_megatron.runtime.checkpointing import checkpoint_model_flags, has_checkpoint
 from ordmoe_megatron.runtime.distributed import ParallelLayout, world_size_from_env
 from ordmoe_megatron.runtime.model_flags import add_model_args, flags_from_args
 from ordmoe_megatron.train import checks, run
@@ -81,10 +82,6 @@ PRESET_OUTPUTS = (
     ("eval_out", "eval.json"),
     ("preset_data_dir", "data"),
 )
-
-
-class UsageError(ValueError):
-    """A flag or combination of flags the run cannot take; the message names the flag and the fix."""
 
 
 def _number(kind, low=None, low_open=False, what=""):
@@ -224,39 +221,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if has_checkpoint(load):
         # The checkpoint's model flags become the defaults; flags given here still win (and are
         # checked against the checkpoint before it is loaded).
-        try:
-            parser.set_defaults(**(checkpoint_model_flags(load) or {}))
-        except (CheckpointError, OSError, ValueError) as err:
-            raise UsageError(f"--load {load}: {err}") from None
+        parser.set_defaults(**(checkpoint_model_flags(load, "--load") or {}))
     args = parser.parse_args(argv)
     args.preset = preset
     return args
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The typed configuration; raises ``UsageError`` naming the flag for what cannot run."""
+    """The typed configuration; raises ``OrdMoEError`` naming the flag for what cannot run."""
     if args.preset:
         work = args.work_dir
         for name, default in PRESET_OUTPUTS:
             if getattr(args, name) is None:
                 setattr(args, name, os.path.join(work, default))
     elif args.data_path and not args.tokenizer_model:
-        raise UsageError("--data-path needs --tokenizer-model (the SentencePiece model that made it)")
+        raise OrdMoEError("--data-path needs --tokenizer-model (the SentencePiece model that made it)")
     vstage = args.num_layers_per_virtual_pipeline_stage
     pp = args.pipeline_model_parallel_size
-    try:
-        ordmoe = ordmoe_config_from_args(args)
-        layout = ParallelLayout(
-            tensor=args.tensor_model_parallel_size,
-            pipeline=pp,
-            expert=args.expert_model_parallel_size,
-            expert_tensor=args.expert_tensor_parallel_size,
-            sequence_parallel=args.sequence_parallel,
-            virtual_pipeline=None if vstage is None or pp <= 1 or vstage <= 0 else args.num_layers // pp // vstage,
-        )
-        model_flags = flags_from_args(args)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    ordmoe = ordmoe_config_from_args(args)
+    layout = ParallelLayout(
+        tensor=args.tensor_model_parallel_size,
+        pipeline=pp,
+        expert=args.expert_model_parallel_size,
+        expert_tensor=args.expert_tensor_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        virtual_pipeline=None if vstage is None or pp <= 1 or vstage <= 0 else args.num_layers // pp // vstage,
+    )
+    model_flags = flags_from_args(args)
     fields = {f for f in RunConfig.__dataclass_fields__} - {"model_flags", "ordmoe", "layout"}
     return RunConfig(
         model_flags=model_flags, ordmoe=ordmoe, layout=layout, **{name: getattr(args, name) for name in fields}
@@ -303,13 +294,14 @@ def describe(config: RunConfig, plan: checks.ResumePlan) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The one place ``ordmoe-pretrain`` turns a refusal into its one-line exit message."""
     try:
         args = parse_args(argv)
         config = run_config_from_args(args)
         plan = checks.check_run(config, world_size_from_env(), args.num_layers_per_virtual_pipeline_stage)
-    except (UsageError, checks.CheckError) as err:
+        if args.dry_run:
+            print(describe(config, plan))
+            return 0
+        return run.main(config, plan)
+    except OrdMoEError as err:
         raise SystemExit(f"ordmoe-pretrain: {err}") from None
-    if args.dry_run:
-        print(describe(config, plan))
-        return 0
-    return run.main(config, plan)

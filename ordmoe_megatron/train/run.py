@@ -12,7 +12,7 @@ import torch
 
 from ordmoe_megatron.data import read_jsonl
 from ordmoe_megatron.runtime import checkpointing, distributed
-from ordmoe_megatron.runtime.outputs import OutputError, RunLock
+from ordmoe_megatron.runtime.outputs import RunLock
 from ordmoe_megatron.train import build, checks
 from ordmoe_megatron.train.checks import ResumePlan
 from ordmoe_megatron.train.config import RunConfig, baseline_config, run_record
@@ -130,15 +130,13 @@ def _lock(config: RunConfig):
 
 
 def main(config: RunConfig, plan: ResumePlan) -> int:
-    try:
-        lock = _lock(config)
-        config, sources = build.prepare_data(config)
-        if config.preset:  # the preset's data are known now: check them, and a resume against them
-            checks.check_data(config)
-            plan = checks.plan_resume(config, distributed.world_size_from_env())
-        build.transformer_config(config)  # refuses what the model cannot honour before any process starts
-    except (build.DataError, checks.CheckError, OutputError, ValueError) as err:
-        raise SystemExit(f"ordmoe-pretrain: {err}") from None
+    """The run; its refusals (``OrdMoEError``) reach ``cli.main``, which ends with the message."""
+    lock = _lock(config)
+    config, sources = build.prepare_data(config)
+    if config.preset:  # the preset's data are known now: check them, and a resume against them
+        checks.check_data(config)
+        plan = checks.plan_resume(config, distributed.world_size_from_env())
+    build.transformer_config(config)  # refuses what the model cannot honour before any process starts
     distributed.init_distributed(config.layout, config.seed)
     try:
         run(config, sources, plan)

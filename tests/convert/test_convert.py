@@ -25,9 +25,10 @@ from ordmoe_megatron.convert import (  # noqa: E402
     mcore_io,  # noqa: E402
     mcore_to_hf,
 )
+from ordmoe_megatron.errors import OrdMoEError  # noqa: E402
 from ordmoe_megatron.runtime import checkpointing  # noqa: E402
 from ordmoe_megatron.runtime.distributed import device  # noqa: E402
-from tests.helpers import on_device  # noqa: E402
+from tests.support import on_device  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB, SEQ, BATCH = 96, 12, 2
@@ -287,11 +288,11 @@ def _hf_variant(work, family, name, config_edit=None, tensor_edit=None):
 
 def test_existing_output_needs_force(work):
     out = _occupied(work, "occupied-import")
-    with pytest.raises(ConversionError, match="already exists; pass --force"):
+    with pytest.raises(OrdMoEError, match="already exists; pass --force"):
         hf_to_mcore(_hf_dir(work, "mixtral"), out)
     _assert_untouched(out)
     out2 = _occupied(work, "occupied-export")
-    with pytest.raises(ConversionError, match="already exists; pass --force"):
+    with pytest.raises(OrdMoEError, match="already exists; pass --force"):
         mcore_to_hf(_mcore_dir(work, "mixtral"), out2)
     _assert_untouched(out2)
     # with --force the output is replaced, and no temp dir is left behind
@@ -454,7 +455,7 @@ def test_bad_mcore_input_fails_clearly(work, case):
     if post:
         post(src)
     out = _occupied(work, f"outm-{case}")
-    with pytest.raises(ConversionError, match=pattern):
+    with pytest.raises(OrdMoEError, match=pattern):
         mcore_to_hf(src, out, force=True)
     _assert_untouched(out)
 
@@ -551,7 +552,7 @@ def _reshard_worker(rank, world_size, src, ep2_dir, tokens):
 
 
 def test_reshard_ep2_to_pp2_and_export(work):
-    from ordmoe_megatron.testing import run_on_ranks
+    from tests.support import run_on_ranks
 
     tokens = _tokens(3)
     src = _mcore_dir(work, "mixtral")

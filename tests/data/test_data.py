@@ -28,6 +28,7 @@ from ordmoe_megatron.data import (
     train_sentencepiece,
 )
 from ordmoe_megatron.data.corpus import sha256_file
+from ordmoe_megatron.errors import OrdMoEError
 
 SEQ_LENGTH = 64
 
@@ -353,7 +354,7 @@ def test_prepare_rebuilds_only_damaged_data(tiny, tmp_path):
 def test_missing_bin_is_reported(tiny, tmp_path):
     prefix = _copy_prefix(tiny["valid_prefix"], tmp_path)
     os.remove(prefix + ".bin")
-    with pytest.raises(FileNotFoundError, match=r"missing: .*valid\.bin.*write_indexed_dataset"):
+    with pytest.raises(OrdMoEError, match=r"missing: .*valid\.bin.*write_indexed_dataset"):
         check_data_files(prefix)
 
 
@@ -405,7 +406,7 @@ def test_too_small_vocab_is_reported_without_a_record(tiny, other_tokenizer, tmp
 
 
 def test_missing_tokenizer_model_is_reported(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"SentencePiece model not found"):
+    with pytest.raises(OrdMoEError, match=r"SentencePiece model not found"):
         load_tokenizer(str(tmp_path / "nope.model"))
 
 

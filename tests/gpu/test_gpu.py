@@ -40,10 +40,10 @@ def test_single_tier_equals_plain_gpt_model_with_deterministic_algorithms():
         import torch
         torch.use_deterministic_algorithms(True)
         from ordmoe_megatron.runtime.distributed import init_process_group
-        from tests.mcore.test_model import _single_tier_and_plain_training
+        from tests.support import single_tier_and_plain_training
         init_process_group()
         for extra in ({}, {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True}):
-            (pl, pg), (sl, sg) = _single_tier_and_plain_training(0, 1, extra)
+            (pl, pg), (sl, sg) = single_tier_and_plain_training(0, 1, extra)
             assert pg[0][0].is_cuda
             assert all(torch.equal(a, b) for a, b in zip(pl, sl)), (pl, sl)
             assert all(torch.equal(a, b) for step_a, step_b in zip(pg, sg) for a, b in zip(step_a, step_b))
@@ -56,11 +56,11 @@ def test_single_tier_equals_plain_gpt_model_with_deterministic_algorithms():
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_fused_paths_equal_separate_tier_passes(megatron_single_process, dtype, rtol):
-    from tests.mcore.test_model import BATCH, _batch, _build
+    from tests.support import BATCH, tiny_batch, tiny_model
 
-    model = _build(OrdMoEConfig(num_tiers=3)).to(dtype)
+    model = tiny_model(OrdMoEConfig(num_tiers=3)).to(dtype)
     assert next(model.parameters()).is_cuda
-    b = _batch()
+    b = tiny_batch()
     with torch.no_grad():
         fused = model(b["tokens"], b["position_ids"], None, labels=b["labels"]).float()
         for j in range(3):
@@ -131,17 +131,16 @@ def test_tiny_preset_in_bf16_trains_resumes_and_reports(tmp_path):
 def test_sequential_schedule_matches_fused_and_holds_one_path_of_activations(megatron_single_process):
     """On the GPU: the sequential schedule's gradients equal the fused ones (fp32), and its peak
     memory during the step stays well under the fused step's (one path's activations at a time)."""
-    from tests.mcore.test_model import _build
-    from tests.mcore.test_schedules import _batches, _step
+    from tests.support import ordmoe_schedule_step, tiny_batches, tiny_model
 
-    model = _build(OrdMoEConfig(num_tiers=3))
-    batches = _batches(2)
+    model = tiny_model(OrdMoEConfig(num_tiers=3))
+    batches = tiny_batches(2)
     peaks, grads = {}, {}
     for schedule in ("fused", "sequential"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        _, grads[schedule] = _step(model, OrdMoEConfig(num_tiers=3, path_schedule=schedule), batches)
+        _, grads[schedule] = ordmoe_schedule_step(model, OrdMoEConfig(num_tiers=3, path_schedule=schedule), batches)
         torch.cuda.synchronize()
         peaks[schedule] = torch.cuda.max_memory_allocated() - before
     for name, grad in grads["fused"].items():

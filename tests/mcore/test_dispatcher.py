@@ -3,7 +3,7 @@
 import torch
 
 from ordmoe_megatron import OrdMoEConfig
-from ordmoe_megatron.testing import run_on_ranks
+from tests.support import run_on_ranks, tiny_batch, tiny_model
 
 
 def _moe_layers(model):
@@ -17,10 +17,8 @@ def _moe_layers(model):
 
 
 def test_uneven_tiers_size_the_permutation_by_their_widths(megatron_single_process):
-    from tests.mcore.test_model import _batch, _build
-
-    model = _build(OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"))
-    b = _batch()
+    model = tiny_model(OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"))
+    b = tiny_batch()
     out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
     assert out.shape[0] == 3 * b["tokens"].shape[0]
     for layer in _moe_layers(model):
@@ -32,10 +30,8 @@ def test_uneven_tiers_size_the_permutation_by_their_widths(megatron_single_proce
 def test_sub_sampled_and_single_lower_paths_size_the_permutation_by_their_rows(megatron_single_process):
     """Lower paths on one of the rows (fused, ``[s, b + 2 x 1, h]``), and one lower path alone on
     it (the sequential schedule): the buffer holds each path's tokens times its tier width."""
-    from tests.mcore.test_model import _batch, _build
-
-    model = _build(OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"))
-    b = _batch()
+    model = tiny_model(OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"))
+    b = tiny_batch()
     batch, seq = b["tokens"].shape
     assert batch > 1
     for tiers, rows, slots in (([0, 1, 2], [1], seq * (batch * 2 + 1 * 1 + 1 * 3)), ([2], [1], seq * 1 * 3)):
@@ -51,15 +47,13 @@ def test_sub_sampled_and_single_lower_paths_size_the_permutation_by_their_rows(m
 def test_fp8_padding_pads_each_expert_over_all_paths(megatron_single_process, monkeypatch):
     from megatron.core.transformer.moe import token_dispatcher
 
-    from tests.mcore.test_model import _batch, _build
-
-    model = _build(OrdMoEConfig(num_tiers=3))
+    model = tiny_model(OrdMoEConfig(num_tiers=3))
     # On GPU --fp8-format turns this on; TransformerConfig refuses it without FP8, which needs
     # Transformer Engine, so set it on the built config: the padding itself is plain PyTorch.
     # FP8's alignment is 16 tokens (megatron-core 0.18 on return 0 for a model without FP8).
     model.config.moe_router_padding_for_quantization = True
     monkeypatch.setattr(token_dispatcher, "get_align_size_for_quantization", lambda config: 16)
-    b = _batch()
+    b = tiny_batch()
     model(b["tokens"], b["position_ids"], None, labels=b["labels"])
     for layer in _moe_layers(model):
         dispatcher = layer.token_dispatcher
@@ -139,12 +133,10 @@ def test_all_paths_cross_expert_parallel_ranks_in_the_same_number_of_all_to_alls
 
 
 def test_allgather_dispatcher_gives_the_same_paths(megatron_single_process):
-    from tests.mcore.test_model import _batch, _build
-
-    b = _batch(4)
+    b = tiny_batch(4)
     outputs = []
     for dispatcher in ("alltoall", "allgather"):
-        model = _build(
+        model = tiny_model(
             OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"), moe_token_dispatcher_type=dispatcher
         )
         outputs.append(model(b["tokens"], b["position_ids"], None, labels=b["labels"]))

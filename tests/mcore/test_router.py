@@ -6,7 +6,7 @@ import torch
 from ordmoe_megatron import OrdMoEConfig
 from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.distributed import device
-from tests.helpers import on_device
+from tests.support import moe_aux_loss_values, on_device, reset_moe_aux_losses
 
 SEQ, BATCH, HIDDEN, EXPERTS, TOPK = 5, 3, 16, 12, 2
 
@@ -57,11 +57,11 @@ def _routers(extra, ordmoe=None, topk=TOPK):
 
 
 def _aux_values():
-    return {k: v.clone() for k, v in compat.moe_aux_loss_values().items()}
+    return {k: v.clone() for k, v in moe_aux_loss_values().items()}
 
 
 def _clear_tracker():
-    compat.reset_moe_aux_losses()
+    reset_moe_aux_losses()
 
 
 @pytest.mark.parametrize("name", sorted(SCORE_CONFIGS))

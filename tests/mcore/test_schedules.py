@@ -2,67 +2,23 @@
 lower paths (unbiased, drawn per data-parallel rank), one process unless a test says otherwise.
 The parallel layouts' versions are in tests/train/test_parallel_layouts.py."""
 
-import functools
 import itertools
 
 import pytest
 import torch
 
 from ordmoe_megatron import OrdMoEConfig
-from ordmoe_megatron.mcore.loss import lm_loss, ordmoe_loss
-from ordmoe_megatron.testing import run_on_ranks
-from tests.mcore.test_model import SEQ, VOCAB, _build
-
-BATCH = 4
-
-
-def _batches(count, seed=0):
-    from ordmoe_megatron.runtime.distributed import device
-
-    out = []
-    for i in range(count):
-        g = torch.Generator().manual_seed(seed + i)
-        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-        batch = dict(
-            tokens=tokens[:, :-1],
-            labels=tokens[:, 1:],
-            loss_mask=(torch.rand(BATCH, SEQ, generator=g) > 0.2).float(),
-            position_ids=torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1),
-        )
-        out.append({k: v.to(device()) for k, v in batch.items()})
-    return out
-
-
-def _forward_step(data_iterator, model):
-    b = next(data_iterator)
-    out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
-    return out, functools.partial(lm_loss, b["loss_mask"])
-
-
-def _step(model, cfg, batches, per_token=False, forward_only=False):
-    """One ``forward_backward`` of the OrdMoE schedule for ``cfg``: reports and gradients."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
-
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    model.zero_grad(set_to_none=True)
-    model.config.calculate_per_token_loss = per_token
-    model.config.grad_scale_func = lambda loss: loss * 1.0
-    scale_func = model.config.grad_scale_func
-    reports = get_ordmoe_forward_backward_func(cfg, VOCAB, per_token, seed=5, step_fn=lambda: 0)(
-        forward_step_func=_forward_step,
-        data_iterator=iter(batches),
-        model=[model],
-        num_microbatches=len(batches),
-        seq_length=SEQ,
-        micro_batch_size=BATCH,
-        forward_only=forward_only,
-    )
-    assert model.config.grad_scale_func is scale_func  # the sequential schedule's scaling is undone
-    assert model.path_tiers == [0, 1, 2] and model.path_rows is None
-    grads = None if forward_only else {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return reports, grads
+from ordmoe_megatron.mcore.loss import ordmoe_loss
+from tests.support import (
+    SCHEDULE_BATCH as BATCH,
+)
+from tests.support import (
+    VOCAB,
+    ordmoe_schedule_step,
+    run_on_ranks,
+    tiny_batches,
+    tiny_model,
+)
 
 
 def _summed(reports):
@@ -82,11 +38,15 @@ def _summed(reports):
 def test_sequential_schedule_gives_the_fused_gradients_and_reports(
     megatron_single_process, objective, fraction, per_token
 ):
-    model = _build(OrdMoEConfig(num_tiers=3), moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
-    batches = _batches(2)
+    model = tiny_model(
+        OrdMoEConfig(num_tiers=3), moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True
+    )
+    batches = tiny_batches(2)
     kwargs = dict(num_tiers=3, objective=objective, lower_path_fraction=fraction)
-    fused_reports, fused = _step(model, OrdMoEConfig(**kwargs), batches, per_token)
-    seq_reports, sequential = _step(model, OrdMoEConfig(path_schedule="sequential", **kwargs), batches, per_token)
+    fused_reports, fused = ordmoe_schedule_step(model, OrdMoEConfig(**kwargs), batches, per_token)
+    seq_reports, sequential = ordmoe_schedule_step(
+        model, OrdMoEConfig(path_schedule="sequential", **kwargs), batches, per_token
+    )
     assert len(seq_reports) == 3 * len(fused_reports)
     for key, value in _summed(fused_reports).items():
         torch.testing.assert_close(_summed(seq_reports)[key], value, rtol=1e-6, atol=1e-6)
@@ -99,18 +59,20 @@ def test_sequential_schedule_gives_the_fused_gradients_and_reports(
 
 
 def test_evaluation_runs_every_path_on_every_sequence(megatron_single_process):
-    model = _build(OrdMoEConfig(num_tiers=3))
-    batches = _batches(2, seed=10)
+    model = tiny_model(OrdMoEConfig(num_tiers=3))
+    batches = tiny_batches(2, seed=10)
     for objective in ("advantage", "plackett-luce"):  # (no pre-pass without a backward)
         with torch.no_grad():
-            full, _ = _step(model, OrdMoEConfig(num_tiers=3, objective=objective), batches, forward_only=True)
-            sub, _ = _step(
+            full, _ = ordmoe_schedule_step(
+                model, OrdMoEConfig(num_tiers=3, objective=objective), batches, forward_only=True
+            )
+            sub, _ = ordmoe_schedule_step(
                 model,
                 OrdMoEConfig(num_tiers=3, objective=objective, lower_path_fraction=0.25),
                 batches,
                 forward_only=True,
             )
-            seq, _ = _step(
+            seq, _ = ordmoe_schedule_step(
                 model,
                 OrdMoEConfig(num_tiers=3, objective=objective, path_schedule="sequential", lower_path_fraction=0.25),
                 batches,
@@ -125,8 +87,8 @@ def test_sub_sampled_model_gradient_is_unbiased(megatron_single_process):
     """The model's gradient, averaged over every choice of 2 of 4 sequences for the lower paths,
     is the full gradient: rows never mix, and the loss scales the subset by b / m."""
     cfg = OrdMoEConfig(num_tiers=3, objective="pairwise-logistic", lower_path_fraction=0.5)
-    model = _build(cfg, moe_aux_loss_coeff=0.0)
-    (b,) = _batches(1, seed=20)
+    model = tiny_model(cfg, moe_aux_loss_coeff=0.0)
+    (b,) = tiny_batches(1, seed=20)
 
     def grads(rows):
         model.zero_grad(set_to_none=True)

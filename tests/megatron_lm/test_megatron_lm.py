@@ -18,7 +18,7 @@ Two groups:
 
 CPU runs of Megatron-LM's training loop: this file, run as a program
 (``python tests/megatron_lm/test_megatron_lm.py SCRIPT ARGS...``), is the launcher: it calls
-``runtime.bridges.megatron_lm_on_cpu()`` (the CPU emulation plus three CUDA-only spots of
+``megatron_lm.cpu_launch.megatron_lm_on_cpu()`` (the CPU emulation plus three CUDA-only spots of
 Megatron-LM's ``megatron.training``, bridged at run time; no file of Megatron-LM is changed
 beyond the patch) and runs the script, and the CPU flags: ``--distributed-backend gloo
 --transformer-impl local --use-cpu-initialization --no-gradient-accumulation-fusion
@@ -36,6 +36,8 @@ import types
 
 import pytest
 
+from ordmoe_megatron.runtime import compat
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")
 PATCHES = os.path.join(ROOT, "patches")
@@ -45,7 +47,7 @@ LAUNCHERS = [s for s in SCRIPTS if s != "ordmoe_common.sh"]
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 needs_megatron_lm = pytest.mark.skipif(
     not MEGATRON_LM_PATH,
-    reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (tags core_v0.16.1 to core_v0.19.x; triton, pybind11 "
+    reason=f"set MEGATRON_LM_PATH to a Megatron-LM checkout ({compat.supported_megatron_lm_tags()}; triton, pybind11 "
     "and six importable) to run the Megatron-LM integration tests (docs/megatron_lm.md)",
 )
 
@@ -176,6 +178,7 @@ def test_ordmoe_pretrain_script_real_dry_run():
 # always run: megatron_lm pieces (no Megatron-LM needed)
 # ============================================================================================
 from ordmoe_megatron import megatron_lm  # noqa: E402
+from ordmoe_megatron.errors import OrdMoEError  # noqa: E402
 from ordmoe_megatron.flags import ordmoe_config_from_args  # noqa: E402
 from ordmoe_megatron.megatron_lm import arguments, hooks  # noqa: E402
 
@@ -260,7 +263,7 @@ def _ordmoe_args(*argv, **extra):
     ],
 )
 def test_validation_errors_name_the_flag(argv, extra, message):
-    with pytest.raises(megatron_lm.OrdMoEArgumentError, match="^" + message.replace("[", r"\[").replace("+", r"\+")):
+    with pytest.raises(OrdMoEError, match="^" + message.replace("[", r"\[").replace("+", r"\+")):
         megatron_lm.validate_ordmoe_args(_ordmoe_args(*argv, **extra))
 
 
@@ -298,7 +301,7 @@ def test_model_level_validation_uses_megatron_lm_config(monkeypatch, argv, confi
     """The model checks run on the TransformerConfig Megatron-LM makes (here a stand-in)."""
     monkeypatch.setattr(arguments, "megatron_validated_args", lambda args: args)
     monkeypatch.setattr(arguments, "transformer_config", lambda args: _model_config(**config))
-    with pytest.raises(megatron_lm.OrdMoEArgumentError) as err:
+    with pytest.raises(OrdMoEError) as err:
         megatron_lm.validate_ordmoe_args(_ordmoe_args(*argv))
     assert str(err.value).startswith(message)
     assert megatron_lm.validate_ordmoe_args(_ordmoe_args("--no-ordmoe", "--ordmoe-num-tiers", "11")) is None
@@ -310,7 +313,7 @@ def test_validation_leaves_megatron_lm_errors_to_megatron_lm(monkeypatch):
 
     monkeypatch.setattr(arguments, "megatron_validated_args", reject)
     assert megatron_lm.validate_ordmoe_args(_ordmoe_args("--ordmoe")).num_tiers == 3
-    with pytest.raises(megatron_lm.OrdMoEArgumentError, match="Megatron-LM rejects these arguments"):
+    with pytest.raises(OrdMoEError, match="Megatron-LM rejects these arguments"):
         arguments.validate(_ordmoe_args("--ordmoe"), need_model_config=True)  # a dry run says so
 
 
@@ -488,7 +491,7 @@ def test_builder_builds_ordmoe_model_with_megatron_lms_spec(megatron_single_proc
         return plain
 
     legacy_builder.__module__ = builders.__name__
-    with pytest.raises(TypeError, match="not a GPTModel built through"):
+    with pytest.raises(OrdMoEError, match="not a GPTModel built through"):
         megatron_lm.ordmoe_builder(legacy_builder)(_ordmoe_args("--ordmoe"), True, True)
     assert builders.GPTModel is GPTModel
 
@@ -515,7 +518,7 @@ def _megatron_env(**extra):
 
     # Imported here: this file is also the launcher, run with Megatron-LM's own `tests` package
     # first on the path.
-    from tests.helpers import cpu_env
+    from tests.support import cpu_env
 
     env = cpu_env()  # the CPU launcher: on the CPU by design, on a GPU machine too
     python311 = (
@@ -819,9 +822,9 @@ def test_cpu_training_sequential_paths_equal_fused_under_pipeline_parallelism(ca
 def _cpu_launch(script, argv):
     import runpy
 
-    from ordmoe_megatron.runtime import bridges
+    from ordmoe_megatron.megatron_lm.cpu_launch import megatron_lm_on_cpu
 
-    bridges.megatron_lm_on_cpu()
+    megatron_lm_on_cpu()
     sys.argv = [script, *argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")

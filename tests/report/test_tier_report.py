@@ -24,7 +24,7 @@ from ordmoe_megatron.convert import hf_to_mcore  # noqa: E402
 from ordmoe_megatron.data.documents import load_any_tokenizer  # noqa: E402
 from ordmoe_megatron.report import cli as report_cli  # noqa: E402
 from ordmoe_megatron.report import report as report_module  # noqa: E402
-from tests.helpers import run_pretrain  # noqa: E402
+from tests.support import run_pretrain  # noqa: E402
 
 VOCAB, SEQ, NUM_EXPERTS = 96, 16, 8
 # Windows: 17 -> 1; 5 -> 1; 2 -> 1; 40 -> 3 (17, 17, 8 tokens); 1 -> none (no target); 12 -> 1.
@@ -344,9 +344,8 @@ def test_bad_inputs_fail_clearly_before_work(work, case, message, monkeypatch, c
 def test_existing_output_needs_force(work, capsys):
     out = work["root"] / "exists.json"
     out.write_text("precious\n")
-    with pytest.raises(SystemExit) as exc:
-        report_cli.main(["--load", work["mcore"], "--token-ids", work["ids"], "--out-json", str(out)])
-    assert exc.value.code == 2 and "already exists; pass --force" in capsys.readouterr().err
+    code = report_cli.main(["--load", work["mcore"], "--token-ids", work["ids"], "--out-json", str(out)])
+    assert code == 2 and "already exists; pass --force" in capsys.readouterr().err
     assert out.read_text() == "precious\n"
     code, report = run_report(
         "--load",

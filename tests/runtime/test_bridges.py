@@ -21,8 +21,7 @@ import textwrap
 import pytest
 import torch
 
-from ordmoe_megatron.testing import run_on_ranks
-from tests.helpers import cpu_env
+from tests.support import cpu_env, run_on_ranks
 
 SEED = 1234
 VOCAB, SEQ, MBS = 64, 16, 2
@@ -260,10 +259,10 @@ def test_enable_is_idempotent_and_maps_cuda_to_cpu():
 
         import threading
         seen = []
-        def other_thread():  # the device mode is per thread
+        def other_thread():  # the device mode is per thread: another thread enables it itself
             seen.append(bridges.is_enabled())
-            with bridges.cuda_device_mode():
-                seen.append(torch.empty(1, device="cuda").device.type)
+            bridges.enable()
+            seen.append(torch.empty(1, device="cuda").device.type)
         t = threading.Thread(target=other_thread); t.start(); t.join()
         assert seen == [False, "cpu"], seen
         print("OK")

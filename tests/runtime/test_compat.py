@@ -4,6 +4,7 @@ import functools
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +12,14 @@ from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ordmoe_megatron import OrdMoEConfig
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.mcore.specs import ordmoe_layer_spec
 from ordmoe_megatron.method import ranking_scores, tier_gating
 from ordmoe_megatron.runtime import compat
-from tests.helpers import cpu_env
+from tests.support import cpu_env
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_installed_megatron_core_is_supported():
@@ -34,9 +38,58 @@ def test_versions_are_read_without_a_git_suffix_or_a_pre_release_tag(version, pa
 
 
 def test_a_megatron_core_outside_the_range_is_refused(monkeypatch):
-    monkeypatch.setattr(compat, "VERSION", (0, 20, 1))
-    with pytest.raises(RuntimeError, match="outside the range ordmoe-megatron supports .*0.16.1 up to 0.19.x"):
-        compat.check_supported()
+    low, high = compat.SUPPORTED
+    for outside in (high, (low[0], low[1], low[2] - 1) if low[2] else (low[0], low[1] - 1, 99)):
+        monkeypatch.setattr(compat, "VERSION", outside)
+        with pytest.raises(
+            OrdMoEError, match=f"outside the range ordmoe-megatron supports .{compat.supported_range()}"
+        ):
+            compat.check_supported()
+    assert compat.supported_range() == f"{'.'.join(map(str, low))} up to {high[0]}.{high[1] - 1}.x"
+
+
+def test_the_supported_range_is_stated_once_and_everything_derives_from_it(tmp_path):
+    """compat.SUPPORTED owns the range: setup.py's install_requires is made from it, the README's
+    sentence says it, and no other file (package, tests, docs, examples, tools, CI) spells it out."""
+    low, high = compat.SUPPORTED
+    first, below = ".".join(map(str, low)), f"{high[0]}.{high[1]}"
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    (requires,) = tmp_path.glob("*.egg-info/requires.txt")
+    (megatron_core,) = [r for r in requires.read_text().splitlines() if r.startswith("megatron-core")]
+    assert set(megatron_core.removeprefix("megatron-core").split(",")) == {f">={first}", f"<{below}"}
+    readme = (ROOT / "README.md").read_text()
+    sentence = (
+        f"megatron-core {compat.supported_range()}, and Megatron-LM at the matching tags "
+        f"({compat.supported_megatron_lm_tags()})"
+    )
+    assert sentence in readme.replace("\n", " ")
+    last = f"{high[0]}.{high[1] - 1}"
+    spellings = (f"{first} up to", f"{first} to {last}", f"core_v{first} to", f"<{below}")
+    owners = {ROOT / "README.md", ROOT / "ordmoe_megatron" / "runtime" / "compat.py"}
+    restated = [
+        f"{path.relative_to(ROOT)}: {spelling}"
+        for where in (
+            "ordmoe_megatron",
+            "tests",
+            "docs",
+            "examples",
+            "tools",
+            "patches",
+            ".ci/run",
+            "setup.py",
+            "setup.cfg",
+        )
+        for path in ([ROOT / where] if (ROOT / where).is_file() else sorted((ROOT / where).rglob("*")))
+        if path.is_file() and path not in owners and path.suffix in ("", ".py", ".md", ".sh", ".cfg", ".patch")
+        for spelling in spellings
+        if spelling in path.read_text(errors="ignore").replace("`", "")
+    ]
+    assert not restated, restated
 
 
 def test_the_router_is_swapped_in_module_specs_and_in_partials():

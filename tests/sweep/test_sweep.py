@@ -10,10 +10,11 @@ import time
 
 import pytest
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.sweep import plan, results
-from ordmoe_megatron.sweep.config import SweepConfig, SweepError
+from ordmoe_megatron.sweep.config import SweepConfig
 from ordmoe_megatron.sweep.grids import Grid, Setting, ready_grids
-from tests.helpers import cpu_env
+from tests.support import cpu_env
 
 MOCK = [
     "--mock-data",
@@ -97,7 +98,7 @@ def test_cell_commands_keep_every_output_in_the_cell(tmp_path):
     ],
 )
 def test_sweep_config_refusals(tmp_path, kwargs, match):
-    with pytest.raises(SweepError, match=match):
+    with pytest.raises(OrdMoEError, match=match):
         SweepConfig(grid=Grid("g", "g", ()), out=str(tmp_path), **kwargs)
 
 

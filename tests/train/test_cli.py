@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from tests.helpers import read_metrics, run_pretrain
+from tests.support import read_metrics, run_pretrain
 
 SMALL = [
     "--num-layers",
@@ -149,7 +149,7 @@ def test_dry_run_prints_the_layouts_and_builds_nothing(tmp_path):
 
 
 def test_dry_run_shows_the_path_schedule_and_refuses_what_it_cannot_run():
-    from tests.helpers import cpu_env
+    from tests.support import cpu_env
 
     pp2 = ["--pipeline-model-parallel-size", "2", "--dry-run"]
     two = cpu_env(WORLD_SIZE="2")

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from ordmoe_megatron.runtime.distributed import find_free_port
-from ordmoe_megatron.testing import run_on_ranks
-from tests.helpers import cpu_env
+from tests.support import cpu_env, run_on_ranks
 
 MODEL = [
     "--num-layers",

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from ordmoe_megatron.train import cli
-from tests.helpers import cpu_env, read_metrics, run_pretrain
+from tests.support import cpu_env, read_metrics, run_pretrain
 
 SMALL = [
     "--num-layers",

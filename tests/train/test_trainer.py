@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from tests.helpers import read_metrics as metrics
-from tests.helpers import run_pretrain as cli
+from tests.support import read_metrics as metrics
+from tests.support import run_pretrain as cli
 
 SMALL_MODEL = [
     "--num-layers",

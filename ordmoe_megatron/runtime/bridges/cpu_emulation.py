@@ -1,22 +1,11 @@
-"""The one place that patches Megatron or torch: bridges for what a machine lacks.
+"""The CPU emulation: megatron-core's real code paths on a machine without CUDA.
 
-``enable()`` installs what this machine needs, and nothing more:
-
-- without Transformer Engine (GPU or not): the names megatron-core uses without defining them
-  when TE is absent (item 3 below);
-- without CUDA: the CPU emulation (items 0-2 and 4-7), so that unit tests and small benchmarks
-  run the real Megatron code paths (tensor/sequence/pipeline/expert parallelism, MoE token
-  dispatch, 1F1B schedules) with ``torch.distributed`` on gloo.
-
-More bridges live here: ``megatron_lm_on_cpu()`` for Megatron-LM's training loop (its tests'
-launcher), ``assumed_gpu_capability()`` for checking launch arguments on a machine without a GPU,
-and ``checkpoint_writers_die_with_parent()`` so that a killed training process leaves no
-checkpoint-writer processes behind. With CUDA and Transformer Engine present, ``enable()`` changes nothing.
-
-``enable()`` is idempotent. Every patch first checks that the thing it replaces still exists
-(and, where it matters, looks like what we expect), and raises :class:`CPUEmulationError`
-otherwise, so that a megatron-core upgrade fails loudly instead of silently running unpatched
-code.
+``install()`` (through ``bridges.enable()`` when there is no CUDA) lets unit tests and small
+benchmarks run the real Megatron code paths (tensor/sequence/pipeline/expert parallelism, MoE
+token dispatch, 1F1B schedules) with ``torch.distributed`` on gloo. It is idempotent. Every patch
+first checks that the thing it replaces still exists (and, where it matters, looks like what we
+expect), and raises ``guards.BridgeError`` otherwise, so that a megatron-core upgrade fails
+loudly instead of silently running unpatched code.
 
 Bridged spots (and why):
 
@@ -45,10 +34,8 @@ Bridged spots (and why):
    message, only on Megatron's random-module logger). CUDA-graph-safe RNG (``graph_safe=True``)
    is not supported and raises.
 
-3. ``moe_utils.te_general_gemm`` -- megatron-core 0.16 references it unconditionally in the
-   router gating GEMM but defines it only when Transformer Engine imports; without TE (on a GPU
-   too) the first router call raises a NameError. Defined as ``None`` so the plain ``torch.mm``
-   fallback runs (0.17 on define it as ``None`` themselves).
+3. (``moe_utils.te_general_gemm``, missing without Transformer Engine on a GPU too: the bridge
+   is ``bridges.transformer_engine``.)
 
 4. ``maybe_move_tensor_to_cpu`` (moe_utils, imported by name into token_dispatcher) -- the
    all-to-all dispatcher relies on it to turn split sizes into host values, but it only converts
@@ -68,7 +55,7 @@ Bridged spots (and why):
    whose parameters carry ``sequence_parallel=True``, so ``finalize_model_grads`` all-reduces
    their grads over the TP group when SP is on (and ignores the flag otherwise). Use
    :func:`sequence_parallel_layer_spec` to put it into a layer spec. ``TransformerBlock``'s final
-   norm is not reachable from a layer spec, so ``enable()`` swaps the module-level
+   norm is not reachable from a layer spec, so ``install()`` swaps the module-level
    ``transformer_block.LayerNormImpl`` from ``WrappedTorchNorm`` to this class. State-dict keys
    (``weight``, ``bias``) and numerics are identical to ``torch.nn.LayerNorm``/``RMSNorm``.
 
@@ -84,11 +71,10 @@ Bridged spots (and why):
    (torch suspends a mode while its handler runs, and Megatron's custom autograd backwards,
    e.g. the all-to-all, allocate on ``torch.cuda.current_device()``).
 
-   Torch-function modes live on a per-thread stack. ``enable()`` pushes the mode onto the stack of
-   the calling thread and leaves it there for the life of the thread, so schedules invoked later
-   from user code are covered. Other threads (e.g. ones a benchmark starts) must
-   call ``enable()`` themselves (it pushes the mode once per thread) or use
-   :func:`cuda_device_mode` as a context manager.
+   Torch-function modes live on a per-thread stack. ``install()`` pushes the mode onto the stack
+   of the calling thread and leaves it there for the life of the thread, so schedules invoked
+   later from user code are covered. Other threads (e.g. ones a benchmark starts) call
+   ``bridges.enable()`` themselves (it pushes the mode once per thread).
 
 Not bridged: ``torch.autocast("cuda", ...)`` (used by schedules only when
 ``config.enable_autocast`` is set; on CPU torch warns and runs it as a disabled autocast), CUDA
@@ -100,19 +86,12 @@ ops (keep ``moe_permute_fusion``, ``gradient_accumulation_fusion``, ``bias_*_fus
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
-import inspect
 import logging
-import multiprocessing
-import os
-import signal
 import threading
 import time
 import types
-import typing
-from multiprocessing.managers import SyncManager
 from typing import Any
 
 import megatron.core.tensor_parallel.mappings as mappings
@@ -122,32 +101,25 @@ import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
 import megatron.core.transformer.transformer_block as transformer_block
 import torch
 import torch.nn.functional as F
-import typing_extensions
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from torch.overrides import TorchFunctionMode
 
+from ordmoe_megatron.runtime.bridges.guards import BridgeError, check_params, replace_existing
+
 __all__ = [
-    "assumed_gpu_capability",
-    "megatron_lm_on_cpu",
-    "CPUEmulationError",
     "CPUSequenceParallelNorm",
     "CudaToCPUMode",
-    "cuda_device_mode",
-    "enable",
+    "config_overrides",
+    "install",
     "is_enabled",
     "sequence_parallel_layer_spec",
 ]
 
 
-class CPUEmulationError(RuntimeError):
-    """A spot this module bridges no longer looks like the megatron-core versions it knows."""
-
-
 _lock = threading.Lock()
 _patched = False  # process-wide patches (items 1-6) applied
-_thread_state = threading.local()  # per-thread: the CudaToCPUMode pushed by enable()
+_thread_state = threading.local()  # per-thread: the CudaToCPUMode pushed by install()
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,44 +452,11 @@ class CudaToCPUMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def cuda_device_mode():
-    """Context manager activating :class:`CudaToCPUMode` (plus ``enable()``'s process-wide
-    patches) for the current thread. Only needed in threads other than the one that called
-    ``enable()``; does nothing when CUDA is available."""
-    if torch.cuda.is_available():
-        yield
-        return
-    _apply_patches()
-    with CudaToCPUMode():
-        yield
-
-
 # --------------------------------------------------------------------------------------------
-# enable()
+# install()
 # --------------------------------------------------------------------------------------------
-def _set(obj: Any, name: str, value: Any, where: str) -> None:
-    """Replace an attribute that must already exist (upgrade guard)."""
-    if not hasattr(obj, name):
-        raise CPUEmulationError(
-            f"cpu_emulation: {where}.{name} not found; this megatron-core/"
-            f"torch version is not supported by the CPU emulation"
-        )
-    setattr(obj, name, value)
-
-
-def _check_params(fn: Any, names: tuple[str, ...], where: str) -> None:
-    """Upgrade guard for wrapped/replaced functions: the parameters must be the ones our
-    replacement implements."""
-    found = tuple(inspect.signature(fn).parameters)
-    if found != names:
-        raise CPUEmulationError(
-            f"cpu_emulation: {where} has parameters {found}, expected "
-            f"{names}; this megatron-core version is not supported"
-        )
-
-
 def _apply_patches() -> None:
+    """The process-wide patches (items 0-2, 4-6), once."""
     global _patched
     with _lock:
         if _patched:
@@ -529,7 +468,7 @@ def _apply_patches() -> None:
         torch._dynamo.config.disable = True
 
         if not hasattr(torch.overrides, "redispatch_function"):
-            raise CPUEmulationError(
+            raise BridgeError(
                 "cpu_emulation: torch.overrides.redispatch_function missing "
                 "(needed to keep the device mode active in backward)"
             )
@@ -549,39 +488,43 @@ def _apply_patches() -> None:
             "get_device_capability": _device_capability,
             "get_device_properties": _device_properties,
         }.items():
-            _set(cuda, name, value, "torch.cuda")
+            replace_existing(cuda, name, value, "torch.cuda")
         for name in ("range_push", "range_pop", "mark"):
-            _set(cuda.nvtx, name, _noop(), "torch.cuda.nvtx")
-        _set(cuda.nvtx, "range", lambda *a, **k: contextlib.nullcontext(), "torch.cuda.nvtx")
+            replace_existing(cuda.nvtx, name, _noop(), "torch.cuda.nvtx")
+        replace_existing(cuda.nvtx, "range", lambda *a, **k: contextlib.nullcontext(), "torch.cuda.nvtx")
 
         # 2. RNG
         for module, where in ((cuda, "torch.cuda"), (cuda.random, "torch.cuda.random")):
-            _set(module, "get_rng_state", _cuda_get_rng_state, where)
-            _set(module, "set_rng_state", _cuda_set_rng_state, where)
-            _set(module, "manual_seed", functools.partial(_cuda_manual_seed), where)
-            _set(module, "manual_seed_all", functools.partial(_cuda_manual_seed), where)
-        _check_params(
+            replace_existing(module, "get_rng_state", _cuda_get_rng_state, where)
+            replace_existing(module, "set_rng_state", _cuda_set_rng_state, where)
+            replace_existing(module, "manual_seed", functools.partial(_cuda_manual_seed), where)
+            replace_existing(module, "manual_seed_all", functools.partial(_cuda_manual_seed), where)
+        check_params(
             mrandom._get_cuda_rng_state, ("device", "clone", "graph_safe"), "tensor_parallel.random._get_cuda_rng_state"
         )
-        _check_params(
+        check_params(
             mrandom._set_cuda_rng_state,
             ("new_state", "device", "graph_safe"),
             "tensor_parallel.random._set_cuda_rng_state",
         )
-        _set(mrandom, "_get_cuda_rng_state", _megatron_get_cuda_rng_state, "megatron.core.tensor_parallel.random")
-        _set(mrandom, "_set_cuda_rng_state", _megatron_set_cuda_rng_state, "megatron.core.tensor_parallel.random")
+        replace_existing(
+            mrandom, "_get_cuda_rng_state", _megatron_get_cuda_rng_state, "megatron.core.tensor_parallel.random"
+        )
+        replace_existing(
+            mrandom, "_set_cuda_rng_state", _megatron_set_cuda_rng_state, "megatron.core.tensor_parallel.random"
+        )
         logging.getLogger(mrandom.__name__).addFilter(_DropCpuRngChangedWarning())
 
         # 4. split sizes
-        _check_params(
+        check_params(
             moe_utils.maybe_move_tensor_to_cpu,
             ("tensor", "as_numpy", "record_stream"),
             "moe_utils.maybe_move_tensor_to_cpu",
         )
-        _set(
+        replace_existing(
             moe_utils, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu, "megatron.core.transformer.moe.moe_utils"
         )
-        _set(
+        replace_existing(
             token_dispatcher,
             "maybe_move_tensor_to_cpu",
             _maybe_move_tensor_to_cpu,
@@ -589,23 +532,23 @@ def _apply_patches() -> None:
         )
 
         # 5. uneven gather / reduce-scatter on gloo
-        _check_params(
+        check_params(
             mappings._gather_along_first_dim,
             ("input_", "group", "output_split_sizes", "use_global_buffer"),
             "mappings._gather_along_first_dim",
         )
-        _check_params(
+        check_params(
             mappings._reduce_scatter_along_first_dim,
             ("input_", "group", "input_split_sizes", "use_global_buffer"),
             "mappings._reduce_scatter_along_first_dim",
         )
-        _set(
+        replace_existing(
             mappings,
             "_gather_along_first_dim",
             _wrap_gather_along_first_dim(mappings._gather_along_first_dim),
             "megatron.core.tensor_parallel.mappings",
         )
-        _set(
+        replace_existing(
             mappings,
             "_reduce_scatter_along_first_dim",
             _wrap_reduce_scatter_along_first_dim(mappings._reduce_scatter_along_first_dim),
@@ -614,7 +557,7 @@ def _apply_patches() -> None:
 
         # 6. final norm of TransformerBlock (only when it is the torch fallback)
         if not hasattr(transformer_block, "LayerNormImpl"):
-            raise CPUEmulationError("cpu_emulation: transformer_block.LayerNormImpl not found")
+            raise BridgeError("cpu_emulation: transformer_block.LayerNormImpl not found")
         if transformer_block.LayerNormImpl is WrappedTorchNorm:
             transformer_block.LayerNormImpl = CPUSequenceParallelNorm
 
@@ -639,155 +582,12 @@ def config_overrides() -> dict:
     return {} if torch.cuda.is_available() else {"batch_p2p_comm": False}
 
 
-def bridge_missing_transformer_engine() -> None:
-    """Item 3: whenever Transformer Engine is absent, on a GPU too."""
-    if hasattr(moe_utils, "te_general_gemm"):
-        return
-    if getattr(moe_utils, "HAVE_TE", None) is not False:
-        raise CPUEmulationError(
-            "bridges: moe_utils.te_general_gemm missing but HAVE_TE is not False; unexpected megatron-core"
-        )
-    moe_utils.te_general_gemm = None
-
-
-def enable() -> None:
-    """Install the bridges this machine needs (see module docstring). Idempotent. Without CUDA,
-    process-wide patches are applied once and the CUDA->CPU device mode is pushed onto the
-    calling thread's torch-function-mode stack once and stays there."""
-    bridge_missing_transformer_engine()
-    if torch.cuda.is_available():
-        return
+def install() -> None:
+    """The emulation for this process and the calling thread (see the module docstring):
+    process-wide patches once, and the CUDA->CPU device mode pushed onto the calling thread's
+    torch-function-mode stack once, where it stays."""
     _apply_patches()
     if getattr(_thread_state, "mode", None) is None:
         mode = CudaToCPUMode()
         mode.__enter__()  # deliberately never exited: active for the rest of the thread
         _thread_state.mode = mode
-
-
-# --------------------------------------------------------------------------------------------
-# Megatron-LM's training loop on CPU, and launch checks without a GPU
-# --------------------------------------------------------------------------------------------
-def megatron_lm_on_cpu() -> None:
-    """Run Megatron-LM's ``pretrain()`` here (a machine without CUDA, Python 3.11), after
-    ``enable()``:
-
-    0. Megatron-LM core_v0.18 on imports ``typing.override`` (Python 3.12): on 3.11 it is
-       ``typing_extensions.override``.
-    1. ``pretrain()`` calls ``initialize_megatron()`` without ``allow_no_cuda``, which asserts
-       ``torch.cuda.is_available()``: ``megatron.training.training.initialize_megatron`` gets
-       ``allow_no_cuda=True``.
-    2. ``_initialize_distributed`` creates Megatron's model-parallel groups, and
-       ``_set_random_seed`` the CUDA RNG tracker, only when ``torch.cuda.device_count() > 0``:
-       ``device_count`` returns 1 (the device mode maps ``cuda:0`` to the CPU).
-    3. core_v0.16's ``_compile_dependencies`` calls ``megatron.legacy.fused_kernels.load``, which
-       runs ``nvcc``: a no-op (core_v0.17 on have no fused kernels to build).
-    """
-    typing_override_for_python_311()
-    enable()
-    if torch.cuda.is_available():
-        return
-    # Megatron-LM's modules (not megatron-core's): only there when a Megatron-LM checkout is.
-    import megatron.training.training as training
-
-    _set(
-        training,
-        "initialize_megatron",
-        functools.partial(training.initialize_megatron, allow_no_cuda=True),
-        "megatron.training.training",
-    )
-    torch.cuda.device_count = lambda: 1
-    try:
-        import megatron.legacy.fused_kernels as fused_kernels
-    except ModuleNotFoundError:
-        return
-    _set(fused_kernels, "load", lambda args: None, "megatron.legacy.fused_kernels")
-
-
-def typing_override_for_python_311() -> None:
-    """Megatron-LM core_v0.18 on imports ``typing.override``, new in Python 3.12 (Megatron-LM
-    declares 3.12): on 3.11 it is ``typing_extensions.override``."""
-    if not hasattr(typing, "override"):
-        typing.override = typing_extensions.override
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoint writer processes die with the process that started them
-# --------------------------------------------------------------------------------------------
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent() -> None:
-    """In a child process: the kernel kills it when its parent dies (Linux), however the parent
-    dies; elsewhere a thread watches the parent."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
-            return
-    except (OSError, AttributeError):
-        pass
-    exit_when_parent_exits()
-
-
-def exit_when_parent_exits() -> None:
-    """A daemon thread ends this process once its parent is gone (however the parent died)."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="ordmoe-parent-watch").start()
-
-
-_writers_bound = False
-
-
-def checkpoint_writers_die_with_parent() -> None:
-    """``dist_checkpointing`` writes through a ``multiprocessing`` manager process it spawns on
-    the first save and keeps (275-600 MB), and through forked writer processes. A SIGKILL of the
-    training process left them running as orphans. Here the manager is started ahead of Megatron,
-    with a parent watch, and every forked child dies with its parent. Idempotent."""
-    global _writers_bound
-    if _writers_bound:
-        return
-    _set(
-        filesystem_async,
-        "_results_queue",
-        filesystem_async._results_queue,
-        "megatron.core.dist_checkpointing.strategies.filesystem_async",
-    )
-    if filesystem_async._results_queue is None:
-        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_die_with_parent)
-        _MANAGERS.append(manager)
-        filesystem_async._results_queue = manager.Queue()
-    os.register_at_fork(after_in_child=_die_with_parent)
-    _writers_bound = True
-
-
-_MANAGERS: list = []  # kept alive for the process's life, as Megatron keeps its own
-
-
-@contextlib.contextmanager
-def assumed_gpu_capability():
-    """While checking launch arguments on a machine without a GPU (a login node, CI), Megatron's
-    compute-capability checks (``--moe-grouped-gemm``, MoE communication overlap) see an sm_90
-    GPU; the originals are back afterwards. With CUDA present nothing changes."""
-    if torch.cuda.is_available():
-        yield
-        return
-    hopper = types.SimpleNamespace(
-        name="assumed sm_90 GPU (no GPU here)", major=9, minor=0, total_memory=80 * 2**30, multi_processor_count=132
-    )
-    originals = {
-        "get_device_capability": torch.cuda.get_device_capability,
-        "get_device_properties": torch.cuda.get_device_properties,
-    }
-    torch.cuda.get_device_capability = lambda device=None: (9, 0)
-    torch.cuda.get_device_properties = lambda device=None: hopper
-    try:
-        yield
-    finally:
-        for name, value in originals.items():
-            setattr(torch.cuda, name, value)
