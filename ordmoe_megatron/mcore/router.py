@@ -247,9 +247,11 @@ class TierRouter(TopKRouter):
         with torch.no_grad():
             if padding_mask is not None:
                 routing_map = routing_map & ~padding_mask.bool().unsqueeze(-1)
-            per_row = routing_map.sum(0)  # [stacked, experts]
-            for tier, rows in zip(self.path_tiers, per_row.split(sizes)):
-                load = rows.sum(0).float()
+            if len(set(sizes)) == 1:  # paths of equal rows: one reduction
+                loads = routing_map.view(routing_map.shape[0], len(sizes), sizes[0], -1).sum((0, 2)).float()
+            else:
+                loads = torch.stack([rows.sum((0, 1)) for rows in routing_map.split(sizes, dim=1)]).float()
+            for tier, load in zip(self.path_tiers, loads):
                 self._tier_load[tier] = self._tier_load[tier] + load if tier in self._tier_load else load
 
     # ---------------------------------------------------------------------------------------

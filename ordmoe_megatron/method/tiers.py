@@ -101,7 +101,7 @@ def format_tiers(tiers: Sequence[Sequence[int]]) -> str:
 
 def ranked_keys(ranking_scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """Sort keys of each token's ranked list (method page §1): ``[tokens, n]`` int64, larger is
-    better, unique within a row.
+    better, unique within a row but for the selected experts.
 
     ``selected`` (bool ``[tokens, n]``) marks the experts path 1's own top-K picked for the token
     (group limits, expert bias and all): they come first, whatever their scores. Every other
@@ -109,24 +109,26 @@ def ranked_keys(ranking_scores: torch.Tensor, selected: torch.Tensor) -> torch.T
     to the lower expert index. So tier 1 is exactly path 1's selection and no lower tier can share
     an expert with it, whatever the ties or the group limits.
     """
-    return torch.where(selected, _SELECTED, _score_keys(ranking_scores, selected.shape[-1]))
+    return _score_keys(ranking_scores, selected.shape[-1], selected)
 
 
-# Above every score key: |int32| * n + n < 2^31 * 2^17 for up to 2^16 experts.
-_SELECTED = 2**62
-
-
-def _score_keys(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """int64 keys in the order (score descending, expert index ascending), unique within a row."""
-    index = torch.arange(n, device=scores.device)
+def _score_keys(scores: torch.Tensor, n: int, selected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 keys in the order (``selected`` first, then score descending, then expert index
+    ascending), unique within a row but for the selected experts."""
+    reverse_index = torch.arange(n - 1, -1, -1, device=scores.device)
     if scores.dtype == torch.float64:  # no room for the index next to 64 bits: rank positions
+        if selected is not None:
+            scores = torch.where(selected, torch.inf, scores)
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-        return torch.empty_like(order).scatter_(-1, order, (n - 1 - index).expand_as(order))
-    # fp32 (bf16 and fp16 widen exactly): the bits of an IEEE float, as a signed integer with the
-    # magnitude bits of negative numbers flipped, are in the float's order (+0.0 folds -0.0 in).
-    bits = (scores.float() + 0.0).view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return ordered.long() * n + (n - 1 - index)
+        return torch.empty_like(order).scatter_(-1, order, reverse_index.expand_as(order))
+    # fp32 (bf16 and fp16 widen exactly): an IEEE float's bits as a signed integer, negative
+    # numbers' magnitude negated, are in the float's order (-0.0 and +0.0 both become 0).
+    bits = scores.float().contiguous().view(torch.int32)
+    sign = bits >> 31
+    ordered = ((bits & 0x7FFFFFFF) ^ sign) - sign
+    if selected is not None:  # above every float, NaN aside
+        ordered = ordered.expand(selected.shape).masked_fill(selected, 2**31 - 1)
+    return torch.add(reverse_index, ordered, alpha=n)  # int64: the score, then the index
 
 
 def rank_order(ranking_scores: torch.Tensor, selected: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -253,8 +255,8 @@ def tier_gating(
         else:
             probs = torch.softmax(logits.gather(1, experts), dim=-1, dtype=torch.float32)
             probs = probs if fp32_scores else probs.type_as(logits)
-    else:
-        probs = _scores(logits, score_function, fp32_scores).gather(1, experts)
+    else:  # (scores are elementwise: gathered first)
+        probs = _scores(logits.gather(1, experts), score_function, fp32_scores)
         if topk > 1:
             probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
     if scaling_factor:
