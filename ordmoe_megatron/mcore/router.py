@@ -285,7 +285,7 @@ class TierRouter(TopKRouter):
             total = torch.stack([s for s, _ in self._previews] + [stats]).sum(0) if self._previews else stats
             means = (self.score_sum + total[:-1]) / (self.score_count + total[-1]).clamp(min=1)
             if not torch.is_grad_enabled():
-                if self.config.recompute_granularity is not None or self.ordmoe.path_schedule == "sequential":
+                if self._recomputed() or self.ordmoe.path_schedule == "sequential":
                     self._previews.append((stats, means))
                 self._latest_means = means
                 return means  # (a stray forward without gradients counts nothing)
@@ -294,6 +294,13 @@ class TierRouter(TopKRouter):
             self.score_count += stats[-1]
         self._latest_means = means
         return means
+
+    def _recomputed(self) -> bool:
+        """Whether Megatron checkpoints this router's forward (and recomputes it in the backward)."""
+        c = self.config
+        return c.recompute_granularity == "full" or (
+            c.recompute_granularity == "selective" and "moe" in (c.recompute_modules or [])
+        )
 
     @torch.no_grad()
     def _path_one_stats(self, logits: torch.Tensor) -> torch.Tensor:

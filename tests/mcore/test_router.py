@@ -373,6 +373,32 @@ def test_sequential_average_ranking_updates_and_ranks_like_the_fused_stack(megat
         assert fused.score_count == (step + 1) * SEQ * BATCH  # path 1's tokens, once per forward
 
 
+def test_sequential_forward_only_pass_ranks_as_its_training_pass(megatron_single_process):
+    """The sequential schedule's preference objectives first run every path of every micro-batch
+    without gradients, then train: both passes rank each micro-batch's lower paths with the same
+    means, and the means take each micro-batch once."""
+    torch.manual_seed(8)
+    _, tier = _routers(
+        SCORE_CONFIGS["softmax"], OrdMoEConfig(num_tiers=3, ranking="average", path_schedule="sequential")
+    )
+    micro_batches = [[on_device(torch.randn(SEQ, BATCH, HIDDEN)) for _ in range(3)] for _ in range(2)]
+
+    def one_pass():
+        maps = []
+        for paths in micro_batches:
+            for j, x in enumerate(paths):
+                tier.path_tiers = [j]
+                maps.append(tier(x)[1])
+        return maps
+
+    with torch.no_grad():
+        forward_only = one_pass()
+    assert tier.score_count == 0  # nothing folded in yet
+    training = one_pass()
+    assert all(torch.equal(a, b) for a, b in zip(forward_only, training))
+    assert tier.score_count == 2 * SEQ * BATCH and not tier._previews
+
+
 def test_tier_load_counts_per_tier(megatron_single_process):
     from ordmoe_megatron.mcore.metrics import tier_load_paused
 
