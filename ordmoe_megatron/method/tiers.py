@@ -125,9 +125,13 @@ def _score_keys(scores: torch.Tensor, n: int, selected: Optional[torch.Tensor] =
     # numbers' magnitude negated, are in the float's order (-0.0 and +0.0 both become 0).
     bits = scores.float().contiguous().view(torch.int32)
     sign = bits >> 31
-    ordered = ((bits & 0x7FFFFFFF) ^ sign) - sign
+    ordered = bits & 0x7FFFFFFF  # a new tensor: the steps below work in place
+    ordered ^= sign
+    ordered -= sign
     if selected is not None:  # above every float, NaN aside
-        ordered = ordered.expand(selected.shape).masked_fill(selected, 2**31 - 1)
+        if ordered.shape != selected.shape:
+            ordered = ordered.expand(selected.shape).clone()
+        ordered.masked_fill_(selected, 2**31 - 1)
     return torch.add(reverse_index, ordered, alpha=n)  # int64: the score, then the index
 
 
