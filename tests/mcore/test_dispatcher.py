@@ -74,6 +74,15 @@ SHARED_EXPERTS = {
     "shared": dict(moe_shared_expert_intermediate_size=16),
     "shared-gate": dict(moe_shared_expert_intermediate_size=16, moe_shared_expert_gate=True),
     "shared-overlap": dict(moe_shared_expert_intermediate_size=16, moe_shared_expert_overlap=True),
+    # Ling-mini-2.0 / DeepSeek-V3 style: group-limited sigmoid routing, expert bias, scaling factor.
+    "shared-group-limited-sigmoid": dict(
+        moe_shared_expert_intermediate_size=16,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=4,
+        moe_router_group_topk=1,
+        moe_router_topk_scaling_factor=2.5,
+    ),
 }
 
 
@@ -86,6 +95,9 @@ def test_shared_experts_run_on_every_path(megatron_single_process, name):
     model = _build(OrdMoEConfig(num_tiers=3), **SHARED_EXPERTS[name])
     layers = _moe_layers(model)
     assert all(layer.shared_experts is not None for layer in layers)
+    for layer in layers:  # a trained model's expert bias, not zeros
+        if layer.router.expert_bias is not None:
+            layer.router.expert_bias.copy_(torch.linspace(-0.05, 0.05, layer.router.expert_bias.numel()))
     if "overlap" in name:
         assert all(layer.token_dispatcher.shared_experts is layer.shared_experts for layer in layers)
     rows = []
