@@ -432,6 +432,32 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_routers(report: dict, path: str) -> None:
+    """The routers' time ratios to ``TopKRouter``, median and fastest, one panel per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(report), figsize=(6 * len(report), 3), squeeze=False)
+    for ax, (shape, entry) in zip(axes[0], report.items()):
+        rows = entry["routers"]
+        names = [r["variant"].replace(", stacked input", "") for r in rows]
+        x = range(len(rows))
+        ax.barh([i + 0.2 for i in x], [r["ratio_vs_topk"] for r in rows], height=0.4, label="median")
+        ax.barh([i - 0.2 for i in x], [r["fastest_ratio_vs_topk"] for r in rows], height=0.4, label="fastest")
+        ax.set_yticks(list(x), names)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.axvline(1.3, color="red", lw=0.8, ls="--")
+        ax.set_title(f"{shape}, hidden {entry['dims']['hidden']} ({entry['device']})", fontsize=9)
+        ax.set_xlim(0, 1.35 * max(max(r["ratio_vs_topk"], r["fastest_ratio_vs_topk"]) for r in rows))
+        ax.set_xlabel("time / TopKRouter (forward and backward)")
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def step_rows(steps: dict) -> list[dict]:
     base_t, base_m = steps["plain GPTModel"]
     return [
@@ -502,7 +528,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     if args.png:
-        plot(report, args.png)
+        (plot_routers if args.routers_only else plot)(report, args.png)
 
 
 if __name__ == "__main__":

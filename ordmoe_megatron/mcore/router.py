@@ -106,13 +106,15 @@ class TierRouter(TopKRouter):
         self._record_slots(seq * stacked, seq * sum(rows * width for rows, width in zip(sizes, self.path_widths())))
         if self.path_tiers[0] == 0:
             first = sizes[0]
-            path0_logits = logits[:, :first].contiguous()
+            # One split (its backward is one concatenation, not a zero-filled copy per part).
+            path0_logits, lower_logits = logits.split([first, stacked - first], dim=1)
+            path0_logits = path0_logits.contiguous()
             path0_padding = None if padding_mask is None else padding_mask[:, :first]
             # Exactly TopKRouter: z-loss, aux losses and expert-bias counts.
             probs, routing_map = self.routing(path0_logits, padding_mask=path0_padding)
             means = self._layer_means(path0_logits) if self.ordmoe.ranking == "average" else None
             if len(sizes) > 1:
-                lower_probs, lower_map = self._route_lower(logits[:, first:], self.path_tiers[1:], means)
+                lower_probs, lower_map = self._route_lower(lower_logits, self.path_tiers[1:], means)
                 probs = torch.cat([probs.view(seq, first, n), lower_probs], dim=1)
                 routing_map = torch.cat([routing_map.view(seq, first, n), lower_map], dim=1)
         else:  # one lower path alone (the sequential path schedule)
