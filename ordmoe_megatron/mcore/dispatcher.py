@@ -6,7 +6,10 @@ same number of collectives as plain top-K). One thing it assumes does not hold: 
 dispatch sizes its permutation buffer as ``tokens x top-K``, while a path whose tier is not K
 wide (an explicit, uneven layout) selects another number of experts, and sub-sampled lower paths
 have fewer tokens than path 1. The size is still known without a device sync: each path's
-tokens times its tier width, which the router records (``TierRouter.routed_slots``).
+tokens times its tier width, which the router records (``TierRouter.routed_slots``). The fused
+permutation of Transformer Engine trusts that size, so it is checked where that is free: the
+routing map must have the rows the router recorded it for (a shape, no sync), and on the CPU its
+routed pairs must be that many.
 
 FP8 padding (``--moe-router-padding-for-quantization``, set by ``--fp8-format`` on GPU) works on
 the stacked routing map, so each expert's token count is padded for all paths together.
@@ -33,8 +36,24 @@ class OrdMoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             or self.config.moe_router_padding_for_quantization
         )
         if not dynamic:
-            self.num_out_tokens = self.router.routed_slots
+            self.num_out_tokens = self._checked_slots(routing_map)
         return tokens_per_expert
+
+    def _checked_slots(self, routing_map) -> int:
+        """``TierRouter.routed_slots``, if it is this routing map's (else a loud error, not a
+        permutation buffer of the wrong size)."""
+        router = self.router
+        stale = routing_map.shape[0] != router.routed_rows
+        if not stale and routing_map.device.type == "cpu":
+            stale = int(routing_map.sum()) != router.routed_slots
+        if stale:
+            raise RuntimeError(
+                f"OrdMoE dispatcher: the router recorded {router.routed_slots} routed (token, expert) pairs for "
+                f"{router.routed_rows} tokens, but the routing map has {routing_map.shape[0]} tokens"
+                + (f" and {int(routing_map.sum())} pairs" if routing_map.device.type == "cpu" else "")
+                + ": the recorded size is stale (the MoE layer must call its router before each dispatch)"
+            )
+        return router.routed_slots
 
 
 def use_ordmoe_dispatcher(moe_layer: MoELayer) -> None:

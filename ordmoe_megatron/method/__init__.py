@@ -23,10 +23,12 @@ from ordmoe_megatron.method.tiers import (
     format_tiers,
     parse_rank_spec,
     rank_order,
+    ranked_keys,
     ranking_scores,
     route_to_experts,
     routing_scores,
     select_tier,
+    tier_experts,
     tier_gating,
     tier_ranks,
 )

@@ -270,9 +270,11 @@ class OrdMoEConfig:
                 "OrdMoE needs dropless routing: remove the flag",
             ),
             (
-                bool(getattr(c, "moe_router_num_groups", None)) or bool(getattr(c, "moe_router_group_topk", None)),
-                "--moe-router-num-groups/--moe-router-group-topk (group-limited routing) has no tier analogue: "
-                "remove them",
+                getattr(c, "moe_input_jitter_eps", None) is not None
+                and (self.path_schedule == "sequential" or self.lower_path_fraction < 1),
+                "--moe-input-jitter-eps needs every path of a token to see the same jitter, which only the fused "
+                "schedule on all sequences gives: use --ordmoe-path-schedule fused and --ordmoe-lower-path-fraction "
+                "1, or no input jitter",
             ),
             (
                 bool({"sinkhorn", "quantile_balancing"} & set(balancing)),

@@ -1,8 +1,10 @@
 """Expert tiers: which routing ranks form each tier, and per-token tier selection.
 
-Plain PyTorch, no Megatron import (method page §1 and §2). Ranks are 1-based: rank 1 is the
-expert with the highest routing score. Tier 1 is always ranks 1..K, so path 1 is the standard
-top-K forward.
+Plain PyTorch, no Megatron import (method page §1 and §2). Ranks are 1-based positions in a
+token's ranked list: the experts the model's own top-K selects for it first (so tier 1, ranks
+1..K, is exactly the standard top-K forward, group limits and ties included), then every other
+expert by the score the router ranks with, ties to the lower expert index (``ranked_keys``). No
+lower tier can share an expert with path 1.
 """
 
 from __future__ import annotations
@@ -100,12 +102,96 @@ def format_tiers(tiers: Sequence[Sequence[int]]) -> str:
     return ", ".join(format_ranges(t, sep="+") for t in tiers)
 
 
-def rank_order(ranking_scores: torch.Tensor) -> torch.Tensor:
-    """Expert indices sorted by score, best first; ties go to the lower expert index.
+def ranked_keys(ranking_scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Sort keys of each token's ranked list (method page §1): ``[tokens, n]`` int64, larger is
+    better, unique within a row but for the selected experts.
 
-    ``ranking_scores`` is ``[tokens, n]`` (or ``[n]`` for a layer-wide ranking).
+    ``selected`` (bool ``[tokens, n]``) marks the experts path 1's own top-K picked for the token
+    (group limits, expert bias and all): they come first, whatever their scores. Every other
+    expert follows by ``ranking_scores`` (``[tokens, n]``, or one layer-wide ``[n]``), ties going
+    to the lower expert index. So tier 1 is exactly path 1's selection and no lower tier can share
+    an expert with it, whatever the ties or the group limits.
     """
-    return torch.sort(ranking_scores, dim=-1, descending=True, stable=True).indices
+    return _score_keys(ranking_scores, selected.shape[-1], selected)
+
+
+def _score_keys(scores: torch.Tensor, n: int, selected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 keys in the order (``selected`` first, then score descending, then expert index
+    ascending), unique within a row but for the selected experts."""
+    reverse_index = torch.arange(n - 1, -1, -1, device=scores.device)
+    if scores.dtype == torch.float64:  # no room for the index next to 64 bits: rank positions
+        if selected is not None:
+            scores = torch.where(selected, torch.inf, scores)
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        return torch.empty_like(order).scatter_(-1, order, reverse_index.expand_as(order))
+    # fp32 (bf16 and fp16 widen exactly): an IEEE float's bits as a signed integer, negative
+    # numbers' magnitude negated, are in the float's order (-0.0 and +0.0 both become 0).
+    bits = scores.float().contiguous().view(torch.int32)
+    sign = bits >> 31
+    ordered = bits & 0x7FFFFFFF  # a new tensor: the steps below work in place
+    ordered ^= sign
+    ordered -= sign
+    if selected is not None:  # above every float, NaN aside
+        if ordered.shape != selected.shape:
+            ordered = ordered.expand(selected.shape).clone()
+        ordered.masked_fill_(selected, 2**31 - 1)
+    return torch.add(reverse_index, ordered, alpha=n)  # int64: the score, then the index
+
+
+def rank_order(ranking_scores: torch.Tensor, selected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each token's whole ranked list, best first (``[tokens, n]``; ``[n]`` for a layer-wide
+    ranking without ``selected``): ``selected`` first (see ``ranked_keys``), then by score, ties
+    to the lower expert index. A full sort: the definition ``tier_experts`` selects from.
+    """
+    if selected is None:
+        keys = _score_keys(ranking_scores, ranking_scores.shape[-1])
+    else:
+        keys = ranked_keys(ranking_scores, selected)
+    return torch.sort(keys, dim=-1, descending=True).indices
+
+
+def tier_experts(keys: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """The experts at the 1-based ``ranks`` of each token's ranked list, ``[..., len(ranks)]`` in
+    no particular order; ``keys`` from ``ranked_keys`` (``[..., n]``, any leading shape).
+
+    Selects instead of sorting all ``n`` experts: a block of ranks ``a..b`` is the ``b - a + 1``
+    worst of the best ``b`` keys (or the best of the worst ``n - a + 1``, whichever is fewer), two
+    unsorted top-k selections; ranks in several blocks (an explicit tier ``20-22+40-42``) come
+    from one sorted top-k, sliced block by block (no index tensor, so no host-to-device copy).
+    """
+    n = keys.shape[-1]
+    positions = sorted(r - 1 for r in ranks)
+    low, high, width = positions[0], positions[-1], len(positions)
+    from_top = high + 1 <= n - low
+    if high - low + 1 == width:
+        if from_top:
+            values, experts = keys.topk(high + 1, dim=-1, sorted=False)
+            if high + 1 == width:
+                return experts
+            pick = values.topk(width, dim=-1, largest=False, sorted=False).indices
+        else:
+            values, experts = keys.topk(n - low, dim=-1, largest=False, sorted=False)
+            if n - low == width:
+                return experts
+            pick = values.topk(width, dim=-1, sorted=False).indices
+        return experts.gather(-1, pick)
+    blocks = _blocks(positions)
+    if from_top:
+        best = keys.topk(high + 1, dim=-1, sorted=True).indices
+        return torch.cat([best[..., a : b + 1] for a, b in blocks], dim=-1)
+    worst = keys.topk(n - low, dim=-1, largest=False, sorted=True).indices  # rank p at n-1-p
+    return torch.cat([worst[..., n - 1 - b : n - a] for a, b in blocks], dim=-1)
+
+
+def _blocks(positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted positions -> runs of consecutive positions, ``[(first, last), ...]``."""
+    blocks = [[positions[0], positions[0]]]
+    for p in positions[1:]:
+        if p == blocks[-1][1] + 1:
+            blocks[-1][1] = p
+        else:
+            blocks.append([p, p])
+    return [(a, b) for a, b in blocks]
 
 
 def _scores(logits: torch.Tensor, score_function: str, fp32_scores: bool) -> torch.Tensor:
@@ -176,8 +262,8 @@ def tier_gating(
         else:
             probs = torch.softmax(logits.gather(1, experts), dim=-1, dtype=torch.float32)
             probs = probs if fp32_scores else probs.type_as(logits)
-    else:
-        probs = _scores(logits, score_function, fp32_scores).gather(1, experts)
+    else:  # (scores are elementwise: gathered first)
+        probs = _scores(logits.gather(1, experts), score_function, fp32_scores)
         if topk > 1:
             probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
     if scaling_factor:
@@ -189,27 +275,25 @@ def select_tier(
     logits: torch.Tensor,
     ranks: Sequence[int],
     topk: int,
+    selected: torch.Tensor,
     score_function: str = "softmax",
     use_pre_softmax: bool = False,
     scaling_factor: Optional[float] = None,
     expert_bias: Optional[torch.Tensor] = None,
-    order: Optional[torch.Tensor] = None,
+    order_scores: Optional[torch.Tensor] = None,
     fp32_scores: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route every token to the experts at ``ranks`` of its own ranking.
+    """Route every token to the experts at ``ranks`` of its own ranked list (method page §1).
 
-    ``logits`` is ``[tokens, n]``. ``order`` overrides the ranking: ``[tokens, n]`` or ``[n]``
-    expert indices best first (a random shuffle, or a layer-wide average ranking).
-    Returns dense ``probs`` and boolean ``routing_map``, both ``[tokens, n]``, as Megatron's
-    routers do.
+    ``logits`` is ``[tokens, n]``; ``selected`` (bool ``[tokens, n]``) the experts the model's own
+    top-K picked for each token, which head its list. ``order_scores`` ranks the other experts
+    where it is not the token's own ranking scores: a layer-wide ``[n]`` (average ranking) or
+    ``[tokens, n]`` random keys (random grouping). Returns dense ``probs`` and boolean
+    ``routing_map``, both ``[tokens, n]``, as Megatron's routers do.
     """
-    if order is None:
-        order = rank_order(ranking_scores(logits, score_function, use_pre_softmax, expert_bias, fp32_scores))
-    positions = torch.as_tensor([r - 1 for r in ranks], device=logits.device)
-    if order.dim() == 1:
-        experts = order[positions].unsqueeze(0).expand(logits.shape[0], -1)
-    else:
-        experts = order[:, positions]
+    if order_scores is None:
+        order_scores = ranking_scores(logits, score_function, use_pre_softmax, expert_bias, fp32_scores)
+    experts = tier_experts(ranked_keys(order_scores, selected), ranks)
     return route_to_experts(logits, experts, topk, score_function, use_pre_softmax, scaling_factor, fp32_scores)
 
 

@@ -1,5 +1,7 @@
-"""The OrdMoE all-to-all dispatcher: buffer sizes, FP8 padding, collective count."""
+"""The OrdMoE all-to-all dispatcher: buffer sizes and their guard, FP8 padding, shared experts,
+collective count."""
 
+import pytest
 import torch
 
 from ordmoe_megatron import OrdMoEConfig
@@ -42,6 +44,77 @@ def test_sub_sampled_and_single_lower_paths_size_the_permutation_by_their_rows(m
             dispatcher = layer.token_dispatcher
             assert layer.router.routed_slots == slots
             assert dispatcher.num_out_tokens == int(dispatcher.routing_map.sum()) == slots
+
+
+def test_a_stale_buffer_size_fails_loudly(megatron_single_process, monkeypatch):
+    """The permutation buffer size the router records is checked against the routing map: its
+    rows (a shape, no sync) and, on the CPU, its routed pairs."""
+    from ordmoe_megatron.mcore.router import TierRouter
+    from tests.mcore.test_model import _batch, _build
+
+    model = _build(OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"))
+    b = _batch()
+    model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+    recorded = TierRouter._record_slots
+    monkeypatch.setattr(TierRouter, "_record_slots", lambda self, rows, slots: None)  # a router that forgets
+    model.set_path_rows(torch.tensor([1]))  # fewer rows than the recorded size is for
+    with pytest.raises(RuntimeError, match="stale"):
+        model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+    model.set_path_rows(None)
+    monkeypatch.setattr(TierRouter, "_record_slots", lambda self, rows, slots: recorded(self, rows, slots + 1))
+    with pytest.raises(RuntimeError, match="stale"):  # the right rows, a wrong count
+        model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+
+
+SHARED_EXPERTS = {
+    "shared": dict(moe_shared_expert_intermediate_size=16),
+    "shared-gate": dict(moe_shared_expert_intermediate_size=16, moe_shared_expert_gate=True),
+    "shared-overlap": dict(moe_shared_expert_intermediate_size=16, moe_shared_expert_overlap=True),
+    # Ling-mini-2.0 / DeepSeek-V3 style: group-limited sigmoid routing, expert bias, scaling factor.
+    "shared-group-limited-sigmoid": dict(
+        moe_shared_expert_intermediate_size=16,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=4,
+        moe_router_group_topk=1,
+        moe_router_topk_scaling_factor=2.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_EXPERTS))
+def test_shared_experts_run_on_every_path(megatron_single_process, name):
+    """The shared expert (with its gate, with its overlap on the all-to-all) runs on every path:
+    the fused forward and its gradients equal separate tier passes."""
+    from tests.mcore.test_model import BATCH, _batch, _build
+
+    model = _build(OrdMoEConfig(num_tiers=3), **SHARED_EXPERTS[name])
+    layers = _moe_layers(model)
+    assert all(layer.shared_experts is not None for layer in layers)
+    for layer in layers:  # a trained model's expert bias, not zeros
+        if layer.router.expert_bias is not None:
+            layer.router.expert_bias.copy_(torch.linspace(-0.05, 0.05, layer.router.expert_bias.numel()))
+    if "overlap" in name:
+        assert all(layer.token_dispatcher.shared_experts is layer.shared_experts for layer in layers)
+    rows = []
+    layers[0].shared_experts.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[1]))
+    b = _batch()
+    shared = [p for n, p in model.named_parameters() if "shared_experts" in n]
+    fused = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+    assert rows == [3 * BATCH] or "overlap" in name  # (the overlapped expert is called piecewise)
+    fused.sum().backward()
+    fused_grads = [p.grad.clone() for p in shared]
+    model.zero_grad()
+    for j in range(3):
+        model.set_path_tiers([j])
+        alone = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        torch.testing.assert_close(fused[j * BATCH : (j + 1) * BATCH], alone, atol=1e-6, rtol=1e-5)
+        alone.sum().backward()
+    for fused_grad, p in zip(fused_grads, shared):
+        torch.testing.assert_close(fused_grad, p.grad, atol=1e-6, rtol=1e-4)
+    assert all(g.abs().sum() > 0 for g in fused_grads)
+    plain = _build(OrdMoEConfig(num_tiers=3))
+    assert not torch.allclose(plain(b["tokens"], b["position_ids"], None, labels=b["labels"]), fused.detach())
 
 
 def test_fp8_padding_pads_each_expert_over_all_paths(megatron_single_process, monkeypatch):

@@ -88,7 +88,8 @@ MODEL_ERRORS = [
     (dict(grouping="explicit", tier_ranks="1-2,3-4,17-18"), dict(), "outside 1-16"),
     (dict(layer_scope="5"), dict(), "the model has layers 1-4"),
     (dict(), dict(moe_expert_capacity_factor=1.0), "--moe-expert-capacity-factor"),
-    (dict(), dict(moe_router_num_groups=4, moe_router_group_topk=2), "group-limited"),
+    (dict(path_schedule="sequential"), dict(moe_input_jitter_eps=0.01), "--moe-input-jitter-eps"),
+    (dict(lower_path_fraction=0.5), dict(moe_input_jitter_eps=0.01), "--moe-input-jitter-eps"),
     (dict(), dict(moe_router_load_balancing_type="sinkhorn"), "sinkhorn"),
     (dict(), dict(moe_enable_routing_replay=True), "--moe-enable-routing-replay"),
     (dict(), dict(mtp_num_layers=1), "--mtp-num-layers"),
@@ -112,6 +113,11 @@ def test_model_settings_the_tier_router_refuses(ordmoe_kwargs, model_kwargs, mat
 def test_layer_scope_must_hit_a_moe_layer():
     with pytest.raises(ValueError, match="contains no MoE layer"):
         OrdMoEConfig(layer_scope="2").validate_for_model(model_config(moe_layer_freq=[1, 0, 1, 0]))
+
+
+def test_group_limited_routing_and_fused_input_jitter_are_accepted():
+    OrdMoEConfig().validate_for_model(model_config(moe_router_num_groups=4, moe_router_group_topk=2))
+    OrdMoEConfig().validate_for_model(model_config(moe_input_jitter_eps=0.01))
 
 
 def test_single_tier_accepts_every_megatron_option():
