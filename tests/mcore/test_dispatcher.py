@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ordmoe_megatron import OrdMoEConfig
-from tests.support import run_on_ranks, tiny_batch, tiny_model
+from tests.support import BATCH, run_on_ranks, tiny_batch, tiny_model
 
 
 def _moe_layers(model):
@@ -50,10 +50,9 @@ def test_a_stale_buffer_size_fails_loudly(megatron_single_process, monkeypatch):
     """The permutation buffer size the router records is checked against the routing map: its
     rows (a shape, no sync) and, on the CPU, its routed pairs."""
     from ordmoe_megatron.mcore.router import TierRouter
-    from tests.mcore.test_model import _batch, _build
 
-    model = _build(OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"))
-    b = _batch()
+    model = tiny_model(OrdMoEConfig(num_tiers=3, grouping="explicit", tier_ranks="1-2,4,6-8"))
+    b = tiny_batch()
     model(b["tokens"], b["position_ids"], None, labels=b["labels"])
     recorded = TierRouter._record_slots
     monkeypatch.setattr(TierRouter, "_record_slots", lambda self, rows, slots: None)  # a router that forgets
@@ -86,9 +85,8 @@ SHARED_EXPERTS = {
 def test_shared_experts_run_on_every_path(megatron_single_process, name):
     """The shared expert (with its gate, with its overlap on the all-to-all) runs on every path:
     the fused forward and its gradients equal separate tier passes."""
-    from tests.mcore.test_model import BATCH, _batch, _build
 
-    model = _build(OrdMoEConfig(num_tiers=3), **SHARED_EXPERTS[name])
+    model = tiny_model(OrdMoEConfig(num_tiers=3), **SHARED_EXPERTS[name])
     layers = _moe_layers(model)
     assert all(layer.shared_experts is not None for layer in layers)
     for layer in layers:  # a trained model's expert bias, not zeros
@@ -98,7 +96,7 @@ def test_shared_experts_run_on_every_path(megatron_single_process, name):
         assert all(layer.token_dispatcher.shared_experts is layer.shared_experts for layer in layers)
     rows = []
     layers[0].shared_experts.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[1]))
-    b = _batch()
+    b = tiny_batch()
     shared = [p for n, p in model.named_parameters() if "shared_experts" in n]
     fused = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
     assert rows == [3 * BATCH] or "overlap" in name  # (the overlapped expert is called piecewise)
@@ -113,7 +111,7 @@ def test_shared_experts_run_on_every_path(megatron_single_process, name):
     for fused_grad, p in zip(fused_grads, shared):
         torch.testing.assert_close(fused_grad, p.grad, atol=1e-6, rtol=1e-4)
     assert all(g.abs().sum() > 0 for g in fused_grads)
-    plain = _build(OrdMoEConfig(num_tiers=3))
+    plain = tiny_model(OrdMoEConfig(num_tiers=3))
     assert not torch.allclose(plain(b["tokens"], b["position_ids"], None, labels=b["labels"]), fused.detach())
 
 

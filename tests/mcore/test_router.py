@@ -7,7 +7,15 @@ from ordmoe_megatron import OrdMoEConfig
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.distributed import device
-from tests.support import moe_aux_loss_values, on_device, reset_moe_aux_losses
+from tests.support import (
+    moe_aux_loss_values,
+    on_device,
+    ordmoe_schedule_step,
+    reset_moe_aux_losses,
+    tiny_batch,
+    tiny_batches,
+    tiny_model,
+)
 
 SEQ, BATCH, HIDDEN, EXPERTS, TOPK = 5, 3, 16, 12, 2
 
@@ -482,10 +490,8 @@ def test_running_means_stay_float64_through_float16_module(megatron_single_proce
     from megatron.core import dist_checkpointing
     from megatron.core.transformer.module import Float16Module
 
-    from tests.mcore.test_model import _batch, _build
-
     def wrapped():
-        model = _build(OrdMoEConfig(num_tiers=3, ranking="average"), bf16=True)
+        model = tiny_model(OrdMoEConfig(num_tiers=3, ranking="average"), bf16=True)
         return Float16Module(model.config, model)
 
     model = wrapped()
@@ -494,7 +500,7 @@ def test_running_means_stay_float64_through_float16_module(megatron_single_proce
     assert all(r.score_sum.dtype == r.score_count.dtype == torch.float64 for r in routers)
     for r in routers:
         r.score_count.fill_(2.0**20)
-    b = _batch()
+    b = tiny_batch()
     model(b["tokens"], b["position_ids"], None, labels=b["labels"])
     tokens = b["tokens"].numel()
     assert all(r.score_count.item() == 2.0**20 + tokens for r in routers)  # bf16 would stay at 2^20
@@ -526,17 +532,15 @@ def test_activation_recompute_gives_the_gradients_of_no_recompute(megatron_singl
     """Megatron runs a checkpointed forward without gradients and recomputes it in the backward:
     the recomputation routes as the forward did, the running means take each micro-batch once,
     and the tier load counts it once. Two steps of two micro-batches, with an SGD step between."""
-    from tests.mcore.test_model import _build
-    from tests.mcore.test_schedules import _batches, _step
 
     cfg = RANKINGS[ranking]
-    models = {"plain": _build(cfg), "recompute": _build(cfg, **RECOMPUTE[recompute])}
-    batches = _batches(2, seed=30)
+    models = {"plain": tiny_model(cfg), "recompute": tiny_model(cfg, **RECOMPUTE[recompute])}
+    batches = tiny_batches(2, seed=30)
     for step in range(2):
         results = {}
         for name, model in models.items():
             torch.manual_seed(100 + step)  # the random grouping's draws
-            reports, grads = _step(model, cfg, batches)
+            reports, grads = ordmoe_schedule_step(model, cfg, batches)
             loads = [r.pop_tier_load() for r in model.tier_routers()]
             means = [r.score_sum / r.score_count for r in model.tier_routers()] if ranking == "average" else []
             results[name] = reports, grads, loads, means
