@@ -14,7 +14,7 @@ from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.layers import moe_layer_numbers
 from ordmoe_megatron.method.objective import ADVANTAGE_MODES, LINEAR_OBJECTIVES, OBJECTIVES, default_rewards
 from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
-from ordmoe_megatron.method.tiers import GROUPINGS, format_tiers, tier_ranks
+from ordmoe_megatron.method.tiers import GROUPINGS, SCORE_FUNCTIONS, format_tiers, tier_ranks
 
 RANKINGS = ("token", "average")
 # fused: all paths of a micro-batch in one forward ([s, C*b, h]); sequential: each path its own
@@ -251,6 +251,12 @@ class OrdMoEConfig:
         if not n:
             raise OrdMoEError("--ordmoe needs a MoE model: set --num-experts (and --moe-router-topk)")
         self.tiers(n, c.moe_router_topk)
+        score_function = getattr(c, "moe_router_score_function", "softmax")
+        if score_function not in SCORE_FUNCTIONS:
+            raise OrdMoEError(
+                f"--moe-router-score-function {score_function} is not one the tier router implements: "
+                f"use one of {', '.join(SCORE_FUNCTIONS)}"
+            )
         num_layers = c.num_layers
         if self.scope_layers is not None:
             bad = [layer for layer in self.scope_layers if layer < 1 or layer > num_layers]
