@@ -101,6 +101,7 @@ MODEL_ERRORS = [
     (dict(), dict(moe_router_force_biased=0.5), "--moe-router-force-biased"),
     (dict(), dict(transformer_impl="inference_optimized"), "--transformer-impl inference_optimized"),
     (dict(path_schedule="sequential"), dict(recompute_granularity="selective"), "--recompute-granularity"),
+    (dict(), dict(moe_router_score_function="cosine"), "--moe-router-score-function cosine is not one the tier"),
 ]
 
 
