@@ -69,7 +69,16 @@ def test_the_supported_range_is_stated_once_and_everything_derives_from_it(tmp_p
     )
     assert sentence in readme.replace("\n", " ")
     last = f"{high[0]}.{high[1] - 1}"
-    spellings = (f"{first} up to", f"{first} to {last}", f"core_v{first} to", f"<{below}")
+    spellings = (
+        f"{first} up to",
+        f"{first} to {last}",
+        f"{first}-{last}",
+        f"{first} through",
+        f"core_v{first} to",
+        f"<{below}",
+        f">={first}",
+        f">= {first}",
+    )
     owners = {ROOT / "README.md", ROOT / "ordmoe_megatron" / "runtime" / "compat.py"}
     restated = [
         f"{path.relative_to(ROOT)}: {spelling}"
