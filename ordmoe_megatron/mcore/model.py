@@ -58,10 +58,7 @@ class OrdMoEGPTModel(GPTModel):
 
     def _lazy_fanout_layer(self) -> Optional[int]:
         """The layer to fan out before, or None to fan out at the embedding."""
-        c = self.config
-        shared = self.ordmoe.shared_prefix_layers(
-            c.num_layers, c.moe_layer_freq, c.pipeline_model_parallel_size > 1, c.recompute_granularity == "full"
-        )
+        shared = self.ordmoe.shared_prefix_layers_of(self.config)
         return shared + 1 if shared else None
 
     def _fan_out_before_layer(self, module, args, kwargs):

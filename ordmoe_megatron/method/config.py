@@ -201,6 +201,19 @@ class OrdMoEConfig:
         scoped = [layer for layer in moe_layer_numbers(num_layers, moe_layer_freq) if self.in_scope(layer)]
         return min(scoped) - 1 if scoped else 0
 
+    def shared_prefix_layers_of(self, model_config) -> int:
+        """``shared_prefix_layers`` of a model: the one place its inputs are read. ``model_config``
+        is a Megatron ``TransformerConfig`` or Megatron-LM's ``args`` (the same attribute names:
+        ``num_layers``, ``moe_layer_freq``, ``pipeline_model_parallel_size``,
+        ``recompute_granularity``)."""
+        c = model_config
+        return self.shared_prefix_layers(
+            c.num_layers,
+            getattr(c, "moe_layer_freq", 1),
+            (getattr(c, "pipeline_model_parallel_size", 1) or 1) > 1,
+            getattr(c, "recompute_granularity", None) == "full",
+        )
+
     def lower_path_rows(self, batch: int) -> int:
         """How many of a micro-batch's ``batch`` sequences the lower paths run on."""
         return batch if self.lower_path_fraction >= 1 else max(1, round(self.lower_path_fraction * batch))
