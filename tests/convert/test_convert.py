@@ -603,3 +603,18 @@ def test_families_read_moe_layers_through_method_layers():
         mixtral.to_hf(dict(num_layers=4, moe_layer_freq=2))
     with pytest.raises(OrdMoEError, match="pattern has 3 entries for 4 layers"):
         qwen.to_hf(dict(num_layers=4, moe_layer_freq=[1, 0, 1]))
+
+
+@pytest.mark.one_version
+def test_one_table_of_families_validates_and_dispatches():
+    from ordmoe_megatron.convert import FAMILIES, REFUSED, get_family
+
+    assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe"} and not set(FAMILIES) & set(REFUSED)
+    for model_type, family in FAMILIES.items():
+        assert get_family(model_type) is family and family.model_type == model_type
+    for model_type, reason in REFUSED.items():
+        with pytest.raises(ConversionError, match=f"model_type {model_type!r} is refused: ") as refused:
+            get_family(model_type)
+        assert reason in str(refused.value)
+    with pytest.raises(ConversionError, match="not in the mapping tables .supported: mixtral, qwen2_moe, qwen3_moe"):
+        get_family("llama")
