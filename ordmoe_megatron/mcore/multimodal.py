@@ -97,6 +97,13 @@ def _check_language_config(config) -> None:
             "OrdMoE: a vision-language model with --pipeline-model-parallel-size > 1 is not supported "
             "(the vision encoder's stage runs no tier paths); use tensor, expert or data parallelism"
         )
+    if config.sequence_parallel:
+        # megatron-core's LLaVAModel runs sequence parallelism only with Transformer Engine's
+        # attention, which no machine this project is tested on has: untested, so refused.
+        raise OrdMoEError(
+            "OrdMoE: a vision-language model with --sequence-parallel (and so --tensor-model-parallel-size > 1 "
+            "for MoE) is not supported yet (untested: it needs Transformer Engine); use expert or data parallelism"
+        )
     if config.context_parallel_size > 1:
         raise OrdMoEError(
             "OrdMoE: a vision-language model with --context-parallel-size > 1 is not supported; "

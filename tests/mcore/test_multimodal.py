@@ -7,7 +7,7 @@ import torch
 
 from ordmoe_megatron import OrdMoEConfig
 from ordmoe_megatron.errors import OrdMoEError
-from tests.support import BATCH, IMAGE_SEQ, SEQ, llava_forward, tiny_image_batch, tiny_llava
+from tests.support import BATCH, IMAGE_SEQ, SEQ, llava_forward, run_on_ranks, tiny_image_batch, tiny_llava
 
 COMBINED = SEQ - 1 + IMAGE_SEQ  # the image token becomes IMAGE_SEQ embeddings
 
@@ -161,11 +161,52 @@ def test_mimo_with_an_ordmoe_language_model_spec(megatron_single_process):
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7)
 
 
-def test_pipeline_parallel_vision_language_is_refused(megatron_single_process):
-    from ordmoe_megatron.mcore.multimodal import ordmoe_language_model_spec
+@pytest.mark.parametrize(
+    "field,flag",
+    [
+        ("pipeline_model_parallel_size", "--pipeline-model-parallel-size"),
+        ("context_parallel_size", "--context-parallel-size"),
+        ("sequence_parallel", "--sequence-parallel"),
+    ],
+)
+def test_untested_vision_language_layouts_are_refused(megatron_single_process, field, flag):
+    from ordmoe_megatron.mcore.multimodal import OrdMoELLaVAModel, ordmoe_language_model_spec
     from tests.support import tiny_config
 
     config = tiny_config()
-    config.pipeline_model_parallel_size = 2
-    with pytest.raises(OrdMoEError, match="pipeline-model-parallel-size"):
+    setattr(config, field, True if field == "sequence_parallel" else 2)
+    with pytest.raises(OrdMoEError, match=flag):
         ordmoe_language_model_spec(OrdMoEConfig(num_tiers=3), config=config)
+    with pytest.raises(OrdMoEError, match=flag):  # before LLaVAModel builds anything
+        OrdMoELLaVAModel(config, None, ordmoe=OrdMoEConfig(num_tiers=3))
+
+
+def llava_layout_losses(rank, world_size, layout: dict, checkpoint: str):
+    """An OrdMoE LLaVA step in ``layout`` from the weights in ``checkpoint`` (one process writes
+    them first), every rank seeing the same micro-batches: the reports."""
+    from megatron.core import dist_checkpointing
+
+    from ordmoe_megatron.runtime.distributed import ParallelLayout, init_model_parallel
+
+    init_model_parallel(ParallelLayout(**layout), seed=1234)
+    cfg = OrdMoEConfig(num_tiers=3)
+    model = tiny_llava(cfg, expert_model_parallel_size=layout.get("expert", 1))
+    if world_size == 1:
+        dist_checkpointing.save(model.sharded_state_dict(), checkpoint)
+    else:
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), checkpoint))
+    reports, _ = _llava_step(model, cfg, [tiny_image_batch(20 + i) for i in range(2)])
+    return [{k: v.detach().cpu() for k, v in r.items()} for r in reports]
+
+
+@pytest.mark.parametrize("layout", [dict(expert=2)], ids=["EP2"])
+def test_llava_layouts_reproduce_one_process(layout, tmp_path):
+    checkpoint = tmp_path / "start"
+    checkpoint.mkdir()
+    checkpoint = str(checkpoint)
+    (reference,) = run_on_ranks(llava_layout_losses, 1, {}, checkpoint)
+    for got in run_on_ranks(llava_layout_losses, 2, layout, checkpoint):
+        assert len(got) == len(reference)
+        for ref_report, report in zip(reference, got):
+            for key, value in ref_report.items():
+                torch.testing.assert_close(report[key], value, rtol=1e-5, atol=1e-5)
