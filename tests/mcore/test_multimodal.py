@@ -210,3 +210,27 @@ def test_llava_layouts_reproduce_one_process(layout, tmp_path):
         for ref_report, report in zip(reference, got):
             for key, value in ref_report.items():
                 torch.testing.assert_close(report[key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_llava_checkpoint_saves_and_resumes_the_running_means(megatron_single_process, tmp_path):
+    """The multimodal checkpoint (megatron-core's dist_checkpointing, as Megatron-LM saves it)
+    gives back the weights and, with ranking='average', the language model's running means."""
+    from megatron.core import dist_checkpointing
+
+    cfg = OrdMoEConfig(num_tiers=3, ranking="average")
+    model = tiny_llava(cfg)
+    b = tiny_image_batch(3)
+    llava_forward(model, b)  # the running means take this micro-batch
+    means = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("score_sum", "score_count"))}
+    assert means and all(v.abs().sum() > 0 for v in means.values())
+    (tmp_path / "ckpt").mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path / "ckpt"))
+    resumed = tiny_llava(cfg, seed=99)  # other weights, empty means
+    resumed.load_state_dict(dist_checkpointing.load(resumed.sharded_state_dict(), str(tmp_path / "ckpt")))
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(resumed.state_dict()[key], value), key
+    model.eval()
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(llava_forward(model, b)[0], llava_forward(resumed, b)[0])
