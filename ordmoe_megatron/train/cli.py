@@ -20,7 +20,7 @@ from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.checkpointing import checkpoint_model_flags, has_checkpoint
 from ordmoe_megatron.runtime.distributed import ParallelLayout, world_size_from_env
 from ordmoe_megatron.runtime.model_flags import add_model_args, flags_from_args
-from ordmoe_megatron.train import checks, run
+from ordmoe_megatron.train import build, checks, run
 from ordmoe_megatron.train.config import RunConfig
 
 PRESETS = {
@@ -278,7 +278,7 @@ def describe(config: RunConfig, plan: checks.ResumePlan) -> str:
     if cfg is None:
         lines.append("  OrdMoE off (--no-ordmoe): plain top-K")
         return "\n".join(lines)
-    shared = cfg.shared_prefix_layers(flags["num_layers"], flags["moe_layer_freq"], layout.pipeline > 1)
+    shared = cfg.shared_prefix_layers_of(build.transformer_config(config))
     lines += [
         "  " + line
         for line in cfg.describe_layout(

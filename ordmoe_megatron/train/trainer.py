@@ -153,12 +153,7 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePla
     else:
         forward_backward = get_forward_backward_func()
     _, dp_size = data_parallel_rank_and_size()
-    layout = config.layout
-    shared = (
-        config.ordmoe.shared_prefix_layers(tconfig.num_layers, tconfig.moe_layer_freq, layout.pipeline > 1)
-        if config.ordmoe is not None
-        else 0
-    )
+    shared = config.ordmoe.shared_prefix_layers_of(tconfig) if config.ordmoe is not None else 0
     trainer = Trainer(
         config,
         tconfig,
