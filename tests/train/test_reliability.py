@@ -373,3 +373,77 @@ def test_average_ranking_starts_its_means_from_a_checkpoint_without_them(run_a, 
         *SMALL, "--train-iters", "1", "--load", str(tmp_path / "avg"), "--finetune", "--save", str(tmp_path / "token")
     )
     assert "running means of --ordmoe-ranking average are not used here" in back.stdout
+
+
+# ---- 8. files in a checkpoint or an output directory cannot be turned against the user -------
+class _Payload:
+    """A pickle that creates ``marker`` when it is unpickled: code run from a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_rng_file_runs_no_code_and_the_real_one_round_trips(tmp_path):
+    import random
+
+    import torch
+
+    from ordmoe_megatron.runtime import checkpointing
+
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "rng_rank0.pt"
+    torch.save({"python": _Payload(marker), "numpy": 0, "torch": 0, "tracker": 0}, crafted)
+    with pytest.raises(checkpointing.CheckpointError, match="cannot restore the random states"):
+        checkpointing.read_random_states(str(crafted))
+    assert not marker.exists()
+    saved = tmp_path / "real.pt"
+    torch.save(checkpointing.random_states(), saved)
+    expected = [random.random(), torch.rand(3)]
+    checkpointing.set_random_states(checkpointing.read_random_states(str(saved)))
+    again = [random.random(), torch.rand(3)]
+    assert again[0] == expected[0] and torch.equal(again[1], expected[1])
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path):
+    from ordmoe_megatron.runtime.outputs import OutputError, RunLock
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / ".ordmoe-run.lock").symlink_to(victim)
+    with pytest.raises(OutputError, match="is a symbolic link; remove it"):
+        RunLock(str(save), "--save")
+    assert victim.read_text() == "precious"
+
+
+def test_a_planted_tracker_link_is_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / "latest_checkpointed_iteration.txt.tmp").symlink_to(victim)
+    run_pretrain(*SMALL, "--train-iters", "1", "--save", str(save))
+    assert victim.read_text() == "precious"
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def test_a_stale_incomplete_entry_that_is_not_ours_is_refused_before_any_work(tmp_path):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / "iter_0000002.incomplete").write_text("")
+    message = refused(*SMALL, "--train-iters", "2", "--save", str(save))
+    assert "iter_0000002.incomplete is a file, not an interrupted save" in message and "remove it" in message
+
+
+def test_the_dry_run_does_not_unpickle_the_checkpoint_metadata(run_a, tmp_path):
+    import pickle
+
+    save, _ = _copy(run_a, tmp_path)
+    marker = tmp_path / "ran"
+    (save / "iter_0000002" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    assert cli.main(_resume(save, "--dry-run")) == 0
+    assert not marker.exists()
