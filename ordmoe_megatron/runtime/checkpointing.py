@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.runtime import bridges, compat
+from ordmoe_megatron.runtime.distributed import device
 from ordmoe_megatron.runtime.model_flags import normalize_flags
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -208,12 +209,30 @@ def save_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_state)
     bridges.checkpoint_writers_die_with_parent()
-    dist_checkpointing.save(state, tmp)
-    if include_rng:
-        torch.save(random_states(), rng_path(tmp, rank))
-    if rank == 0:
-        with open(os.path.join(tmp, RUN_FILE), "w") as f:
-            json.dump({"iteration": iteration, **(run or {})}, f, indent=2, default=str)
+    failure = None
+    try:
+        dist_checkpointing.save(state, tmp)
+        if include_rng:
+            torch.save(random_states(), rng_path(tmp, rank))
+        if rank == 0:
+            with open(os.path.join(tmp, RUN_FILE), "w") as f:
+                json.dump({"iteration": iteration, **(run or {})}, f, indent=2, default=str)
+    except Exception as err:  # noqa: BLE001 - a full disk reaches us wrapped in many types
+        failure = _os_error(err)
+        if failure is None:
+            raise
+    failed = torch.tensor([int(failure is not None)], device=device())
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)  # every rank stops alike
+    if failed.item():
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_iteration(root) if has_checkpoint(root) else None
+        why = f"{failure.strerror or failure}" if failure is not None else "another rank could not write"
+        raise CheckpointError(
+            f"--save {root}: cannot write the checkpoint of iteration {iteration} ({why}); "
+            + (f"the checkpoint of iteration {previous} is kept" if has_checkpoint(root) else "nothing was saved")
+            + ": free space (or fix the directory) and run the same command to resume"
+        )
     torch.distributed.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -221,6 +240,27 @@ def save_checkpoint(
         write_text_atomically(os.path.join(root, TRACKER), "release" if iteration is None else str(iteration))
     torch.distributed.barrier()
     return final
+
+
+def non_finite_parameters(chunks: list) -> list[str]:
+    """The names of the parameters of ``chunks`` that hold a NaN or an infinity (on this rank)."""
+    return [
+        name
+        for chunk in chunks
+        for name, param in chunk.named_parameters()
+        if not bool(torch.isfinite(param.detach()).all())
+    ]
+
+
+def _os_error(err: BaseException) -> Optional[OSError]:
+    """The ``OSError`` (a full disk, a read-only directory) behind ``err``, if one is."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _take_current_schedule(state, current_groups: list) -> None:
