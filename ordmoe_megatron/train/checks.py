@@ -91,17 +91,14 @@ def check_model(config: RunConfig) -> None:
 
 
 def check_precision(config: RunConfig) -> None:
-    if config.fp8_format is None:
-        return
-    if not config.bf16:
-        raise OrdMoEError("--fp8-format needs --bf16 (FP8 GEMMs inside a BF16 model)")
-    try:
-        import transformer_engine  # noqa: F401  (only probed: FP8 needs it)
-    except ImportError:
+    """``--fp8-format`` is refused: the built-in trainer builds the local layer spec (no
+    Transformer Engine layers), so it would train in BF16 and say nothing."""
+    if config.fp8_format is not None:
         raise OrdMoEError(
-            "--fp8-format needs Transformer Engine on a GPU (pip install '.[te]' on the cluster); "
-            "drop the flag on this machine"
-        ) from None
+            f"--fp8-format {config.fp8_format}: ordmoe-pretrain builds no Transformer Engine layers, so it "
+            "cannot train in FP8; drop the flag (--bf16 trains in BF16), or train FP8 with Megatron-LM's "
+            "pretrain_gpt.py --ordmoe (docs/megatron_lm.md)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
