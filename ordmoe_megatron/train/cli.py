@@ -298,7 +298,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         config = run_config_from_args(args)
-        plan = checks.check_run(config, world_size_from_env(), args.num_layers_per_virtual_pipeline_stage)
+        plan = checks.check_run(
+            config, world_size_from_env(), args.num_layers_per_virtual_pipeline_stage, dry_run=args.dry_run
+        )
         if args.dry_run:
             print(describe(config, plan))
             return 0
