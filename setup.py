@@ -63,6 +63,7 @@ setup(
             "ordmoe-pretrain=ordmoe_megatron.entrypoints:pretrain",
             "ordmoe-tier-report=ordmoe_megatron.entrypoints:tier_report",
             "ordmoe-sweep=ordmoe_megatron.entrypoints:sweep",
+            "ordmoe-convert=ordmoe_megatron.entrypoints:convert",
         ]
     },
 )

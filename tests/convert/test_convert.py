@@ -10,8 +10,6 @@ saved in another parallel layout.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -463,25 +461,22 @@ def test_bad_mcore_input_fails_clearly(work, case):
 # ----------------------------------------------------------------------------------------------
 # CLIs
 # ----------------------------------------------------------------------------------------------
-def _tool(name, *args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", name), *args], capture_output=True, text=True, timeout=300, env=env
-    )
+def test_ordmoe_convert_both_ways(work, capsys):
+    """``ordmoe-convert`` (convert/cli.py's main, what the console script and tools/ call)."""
+    from ordmoe_megatron.convert.cli import main
 
-
-def test_cli_tools(work):
     hf = _hf_dir(work, "mixtral")
     out = str(work / "cli-mcore")
-    proc = _tool("hf_to_mcore.py", "--hf-dir", hf, "--out", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--num-experts 4 --moe-router-topk 2" in proc.stdout
-    assert "--untie-embeddings-and-output-weights" in proc.stdout
-    again = _tool("hf_to_mcore.py", "--hf-dir", hf, "--out", out)
-    assert again.returncode == 2 and "already exists; pass --force" in again.stderr
+    assert main(["hf-to-mcore", "--hf-dir", hf, "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "--num-experts 4 --moe-router-topk 2" in printed
+    assert "--untie-embeddings-and-output-weights" in printed
+    assert main(["hf-to-mcore", "--hf-dir", hf, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ordmoe-convert: error: output ")
+    assert err[-1].endswith("already exists; pass --force to replace it")
     back = str(work / "cli-hf")
-    proc = _tool("mcore_to_hf.py", "--mcore-dir", out, "--out", back)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["mcore-to-hf", "--mcore-dir", out, "--out", back]) == 0
     a, b = _tensors(hf), _tensors(back)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
