@@ -20,7 +20,8 @@ Multi-token prediction (``mtp_num_layers``): the MTP block and its loss are path
 method's next-token loss is path 1's). On the last stage the stacked hidden states are split:
 path 1's rows go through Megatron's own ``_postprocess`` (MTP block, MTP loss, output layer,
 loss), the lower paths' rows through the output layer and loss only. The MTP block's layer keeps
-Megatron's ``TopKRouter`` (it routes path 1 alone).
+Megatron's ``TopKRouter`` (it routes path 1 alone). Without labels (logits: generation, the tier
+report) MTP is skipped, as Megatron skips it in inference.
 """
 
 from __future__ import annotations
@@ -148,10 +149,13 @@ class OrdMoEGPTModel(GPTModel):
         )
 
     def _postprocess(self, **kwargs):
-        path1_alone = self.num_paths == 1 and self.path_tiers[0] == 0
-        if not self.config.mtp_num_layers or not self.post_process or path1_alone:
+        if not self.config.mtp_num_layers or not self.post_process:
             return super()._postprocess(**kwargs)
         hidden, labels = kwargs["hidden_states"], kwargs["labels"]
+        if labels is None:  # logits only (generation, the tier report): no MTP loss to attach
+            return self._lower_paths_output(hidden, None, kwargs.get("runtime_gather_output"))
+        if self.num_paths == 1 and self.path_tiers[0] == 0:
+            return super()._postprocess(**kwargs)
         if self.path_tiers[0] != 0:  # one lower path alone (sequential schedule): no MTP
             return self._lower_paths_output(hidden, labels, kwargs.get("runtime_gather_output"))
         rows = hidden.shape[1]
@@ -169,7 +173,7 @@ class OrdMoEGPTModel(GPTModel):
         return torch.cat([first, lower], dim=0)
 
     def _lower_paths_output(self, hidden, labels, runtime_gather_output):
-        """The output layer and loss of lower-path rows (``GPTModel._postprocess`` without MTP):
+        """The output layer and loss of rows without MTP (``GPTModel._postprocess`` without MTP):
         the per-token loss ``[rows, s]``, or the logits ``[rows, s, V]`` without labels."""
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
