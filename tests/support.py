@@ -258,18 +258,32 @@ def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, **extra):
     """A plain ``GPTModel`` (``ordmoe=None``) or an ``OrdMoEGPTModel`` of ``tiny_config(**extra)``,
     on this process's device; the same seed gives the same weights either way."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from ordmoe_megatron.mcore.model import OrdMoEGPTModel
+    from ordmoe_megatron.method.layers import moe_layer_pattern
 
     config = tiny_config(**extra)
-    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+    if 0 in moe_layer_pattern(config.num_layers, config.moe_layer_freq):  # dense layers: a block spec
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+        )
+    kwargs = dict(vocab_size=VOCAB, max_sequence_length=SEQ)
+    if config.mtp_num_layers:  # the MTP layer is the decoder's last, as Megatron-LM's gpt_builder makes it
+        last = spec.layer_specs[-1] if hasattr(spec, "layer_specs") else spec
+        kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(config, last, use_transformer_engine=False)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     if ordmoe is None:
-        return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ).to(device())
-    return OrdMoEGPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, ordmoe=ordmoe).to(device())
+        return GPTModel(config, spec, **kwargs).to(device())
+    return OrdMoEGPTModel(config, spec, ordmoe=ordmoe, **kwargs).to(device())
 
 
 def tiny_batch(seed: int = 0, batch: int = BATCH, masked: float = 0.3) -> dict:
@@ -292,7 +306,7 @@ def lm_forward_step(data_iterator, model):
     from ordmoe_megatron.mcore.loss import lm_loss
 
     b = next(data_iterator)
-    out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+    out = model(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
     return out, functools.partial(lm_loss, b["loss_mask"])
 
 
@@ -346,7 +360,7 @@ def train_steps(model, loss_func, steps=3, num_microbatches=2):
 
         def forward_step(data_iterator, model):
             b = next(data_iterator)
-            out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+            out = model(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
             return out, functools.partial(loss_func, b["loss_mask"])
 
         optimizer.zero_grad()

@@ -393,8 +393,10 @@ class OrdMoEConfig:
                 "--moe-enable-routing-replay replays recorded top-K choices and cannot replay tiers: remove it",
             ),
             (
-                bool(getattr(c, "mtp_num_layers", None)),
-                "--mtp-num-layers (multi-token prediction) is not supported with OrdMoE: remove it",
+                bool(getattr(c, "mtp_num_layers", None))
+                and getattr(c, "pipeline_model_parallel_layout", None) is not None,
+                "--mtp-num-layers with --pipeline-model-parallel-layout may put the MTP block on a stage before "
+                "the last, where OrdMoE cannot keep it to path 1: drop the layout (MTP then sits on the last stage)",
             ),
             (
                 getattr(c, "moe_token_dispatcher_type", "alltoall") == "flex",

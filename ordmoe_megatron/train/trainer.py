@@ -94,7 +94,8 @@ def forward_step(data_iterator, model):
     """Megatron ``forward_step``: one micro-batch through the model, the LM loss bound to its mask
     (the OrdMoE schedules put the OrdMoE loss in its place)."""
     batch = {k: v.to(device()) for k, v in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # The loss mask goes in as Megatron-LM's pretrain_gpt passes it: the MTP loss is masked by it.
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"])
     return output, functools.partial(lm_loss, batch["loss_mask"])
 
 

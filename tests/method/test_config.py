@@ -101,7 +101,7 @@ MODEL_ERRORS = [
     (dict(lower_path_fraction=0.5), dict(moe_input_jitter_eps=0.01), "--moe-input-jitter-eps"),
     (dict(), dict(moe_router_load_balancing_type="sinkhorn"), "sinkhorn"),
     (dict(), dict(moe_enable_routing_replay=True), "--moe-enable-routing-replay"),
-    (dict(), dict(mtp_num_layers=1), "--mtp-num-layers"),
+    (dict(), dict(mtp_num_layers=1, pipeline_model_parallel_layout="Et|tL"), "--pipeline-model-parallel-layout"),
     (dict(), dict(moe_token_dispatcher_type="flex"), "flex"),
     (dict(), dict(context_parallel_size=2), "--context-parallel-size"),
     # options of megatron-core 0.17 on that pick experts by a rule the lower tiers cannot follow
@@ -128,6 +128,7 @@ def test_layer_scope_must_hit_a_moe_layer():
 def test_group_limited_routing_and_fused_input_jitter_are_accepted():
     OrdMoEConfig().validate_for_model(model_config(moe_router_num_groups=4, moe_router_group_topk=2))
     OrdMoEConfig().validate_for_model(model_config(moe_input_jitter_eps=0.01))
+    OrdMoEConfig().validate_for_model(model_config(mtp_num_layers=1))
 
 
 def test_single_tier_accepts_every_megatron_option():
