@@ -135,8 +135,10 @@ class OrdMoEConfig:
                     f"--ordmoe-logprob-floor='{self.logprob_floor}' must be a number (a log-likelihood, <= 0), "
                     "'vocab' or 'none'"
                 ) from None
-        if isinstance(self.logprob_floor, float) and self.logprob_floor > 0:
-            raise OrdMoEError(f"--ordmoe-logprob-floor={self.logprob_floor} is a log-likelihood and must be <= 0")
+        if isinstance(self.logprob_floor, (int, float)) and not -math.inf < self.logprob_floor <= 0:
+            raise OrdMoEError(
+                f"--ordmoe-logprob-floor={self.logprob_floor} must be a finite log-likelihood <= 0, 'vocab' or 'none'"
+            )
         if self.logprob_floor is not None and not OBJECTIVES[self.objective].rewards:
             raise OrdMoEError(
                 f"--ordmoe-logprob-floor is for the advantage objective; --ordmoe-objective "
@@ -144,6 +146,18 @@ class OrdMoEConfig:
             )
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
             raise OrdMoEError(f"--ordmoe-beta={self.beta} must be a finite number above 0")
+        if self.beta != 1.0 and OBJECTIVES[self.objective].rewards:
+            raise OrdMoEError(
+                f"--ordmoe-beta={self.beta} scales the preference objectives only; --ordmoe-objective advantage "
+                "ignores it: drop --ordmoe-beta, or choose pairwise-logistic or plackett-luce"
+            )
+        if self.num_tiers == 1 and (self.objective != "advantage" or self.lower_path_fraction != 1):
+            what = "--ordmoe-objective " + self.objective if self.objective != "advantage" else ""
+            what = what or f"--ordmoe-lower-path-fraction={self.lower_path_fraction}"
+            raise OrdMoEError(
+                f"--ordmoe-num-tiers=1 is plain top-K (no lower paths, no rank loss), so {what} would be ignored: "
+                "drop it, or use --ordmoe-num-tiers 2 or more"
+            )
         if not (isinstance(self.lower_path_fraction, (int, float)) and 0 < self.lower_path_fraction <= 1):
             raise OrdMoEError(
                 f"--ordmoe-lower-path-fraction={self.lower_path_fraction} must be in (0, 1]: the share "
@@ -360,12 +374,30 @@ class OrdMoEConfig:
                 "with the local or transformer_engine implementation",
             ),
             (
+                bool(getattr(c, "overlap_moe_expert_parallel_comm", False)),
+                "--overlap-moe-expert-parallel-comm (overlap_moe_expert_parallel_comm) builds a schedule plan that "
+                "bypasses the OrdMoE paths: remove it",
+            ),
+            (
+                bool(getattr(c, "tp_comm_overlap", False)),
+                "--tp-comm-overlap (tp_comm_overlap) sizes Transformer Engine's buffers for seq x micro-batch, not "
+                "the stacked or sub-sampled OrdMoE paths: remove it",
+            ),
+            (
+                bool(getattr(c, "enable_cuda_graph", False) or getattr(c, "external_cuda_graph", False))
+                or getattr(c, "cuda_graph_impl", "none") not in ("none", None),
+                "CUDA graphs (--cuda-graph-impl, --enable-cuda-graph) skip the module hooks the paths need and "
+                "replay one path state for every micro-batch: remove them with OrdMoE",
+            ),
+            (
                 bool(getattr(c, "moe_enable_routing_replay", False)),
                 "--moe-enable-routing-replay replays recorded top-K choices and cannot replay tiers: remove it",
             ),
             (
-                bool(getattr(c, "mtp_num_layers", None)),
-                "--mtp-num-layers (multi-token prediction) is not supported with OrdMoE: remove it",
+                bool(getattr(c, "mtp_num_layers", None))
+                and getattr(c, "pipeline_model_parallel_layout", None) is not None,
+                "--mtp-num-layers with --pipeline-model-parallel-layout may put the MTP block on a stage before "
+                "the last, where OrdMoE cannot keep it to path 1: drop the layout (MTP then sits on the last stage)",
             ),
             (
                 getattr(c, "moe_token_dispatcher_type", "alltoall") == "flex",

@@ -132,6 +132,17 @@ def score_function_problem(name: str) -> Optional[str]:
 # the auxiliary losses fall back to when these are unset).
 AUX_LOSS_SCALE_FUNCS: tuple[str, ...] = ("moe_grad_scale_func", "mtp_grad_scale_func") if VERSION >= (0, 19, 0) else ()
 
+
+# 0.19: the MTP loss tracker keeps the per-layer losses under "loss_values" (with MTP accuracy
+# counts beside them); before, under "values".
+def mtp_tracked_losses() -> Optional[Any]:
+    """The per-MTP-layer losses ``MTPLossLoggingHelper`` summed since its last reset (None if none)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    return tracker.get("loss_values", tracker.get("values"))
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoints (0.19: the common state lives in the torch_dist shards, no common.pt)
 # --------------------------------------------------------------------------------------------
