@@ -252,14 +252,7 @@ def _check_losses(args, ordmoe: OrdMoEConfig, reports) -> None:
 def shared_prefix_layers(args, ordmoe: Optional[OrdMoEConfig]) -> int:
     """How many leading layers the OrdMoE model runs once for all paths, for Megatron-LM's
     arguments (``OrdMoEConfig.shared_prefix_layers``)."""
-    if ordmoe is None:
-        return 0
-    return ordmoe.shared_prefix_layers(
-        args.num_layers,
-        args.moe_layer_freq,
-        args.pipeline_model_parallel_size > 1,
-        getattr(args, "recompute_granularity", None) == "full",
-    )
+    return 0 if ordmoe is None else ordmoe.shared_prefix_layers_of(args)
 
 
 def lower_path_share(args, ordmoe: OrdMoEConfig) -> float:

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from typing import Iterator, Optional, Sequence
 
@@ -69,7 +70,15 @@ class RunLock:
     def __init__(self, directory: str, flag: str):
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, self.FILE)
-        self._file = open(self.path, "a+")
+        try:  # O_NOFOLLOW: a link planted under the lock's name is refused, never written through
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            why = "is a symbolic link" if os.path.islink(self.path) else f"cannot be opened ({err.strerror})"
+            raise OutputError(f"{flag} {directory}: {self.path} {why}; remove it") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputError(f"{flag} {directory}: {self.path} is not a plain file; remove it")
+        self._file = os.fdopen(fd, "r+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -687,3 +687,24 @@ def test_import_streams_tensors_through_disk(tmp_path):
         mapped = spill_to_disk(tensor, str(tmp_path), 0 if dtype == torch.float32 else 1)
         assert torch.equal(mapped, tensor) and mapped.dtype == dtype
         assert mapped.untyped_storage().filename.startswith(str(tmp_path))
+
+
+@pytest.mark.one_version
+def test_families_read_moe_layers_through_method_layers():
+    """The Qwen layer rule writes the dense layers that method.layers.moe_layer_pattern names (and
+    reads them back); Mixtral's (MoE in every layer) refuses dense layers; bad patterns get
+    method.layers' refusal."""
+    from ordmoe_megatron.convert.families import _all_moe_layers, _qwen_layer_pattern
+    from ordmoe_megatron.method.layers import moe_layer_pattern
+
+    qwen, mixtral = _qwen_layer_pattern(), _all_moe_layers()
+    for freq in (2, [1, 1, 0, 1], 1):
+        hf = qwen.to_hf(dict(num_layers=4, moe_layer_freq=freq))
+        pattern = moe_layer_pattern(4, freq)
+        assert hf == {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, p in enumerate(pattern) if not p]}
+        assert qwen.to_flags(dict(hf, num_hidden_layers=4))["moe_layer_freq"] == (1 if all(pattern) else pattern)
+    assert mixtral.to_hf(dict(num_layers=4, moe_layer_freq=1)) == {}
+    with pytest.raises(ConversionError, match="puts dense layers in"):
+        mixtral.to_hf(dict(num_layers=4, moe_layer_freq=2))
+    with pytest.raises(OrdMoEError, match="pattern has 3 entries for 4 layers"):
+        qwen.to_hf(dict(num_layers=4, moe_layer_freq=[1, 0, 1]))

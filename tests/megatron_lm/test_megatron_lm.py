@@ -112,26 +112,26 @@ def _argv(stdout):
 
 @pytest.mark.parametrize("script,world", [("ordmoe_pretrain_torchrun.sh", 8), ("ordmoe_pretrain_slurm.sh", 32)])
 def test_ordmoe_pretrain_script_dry_run_plumbing(tmp_path, script, world):
-    fake = _stand_in(tmp_path / "ordmoe-pretrain", help_text="--bf16 --fp8-format")
-    proc = _run_script(
-        script, "--dry-run", "--train-iters", "7", env={"ORDMOE_PRETRAIN": str(fake), "PRECISION": "fp8"}
-    )
+    fake = _stand_in(tmp_path / "ordmoe-pretrain", help_text="--bf16")
+    proc = _run_script(script, "--dry-run", "--train-iters", "7", env={"ORDMOE_PRETRAIN": str(fake)})
     assert proc.returncode == 0, proc.stderr
     argv = _argv(proc.stdout)
     assert f"WORLD_SIZE={world} RANK=0" in proc.stdout
     assert argv[-1] == "--dry-run" and argv[-3:-1] == ["--train-iters", "7"]  # extra flags come last
-    assert "--fp8-format" in argv and argv[argv.index("--fp8-format") + 1] == "hybrid"
+    assert "--bf16" in argv and "--fp8-format" not in argv
     assert argv[argv.index("--num-experts") + 1] == "64" and argv[argv.index("--moe-router-topk") + 1] == "6"
     assert argv[argv.index("--num-layers") + 1] == "28" and argv[argv.index("--hidden-size") + 1] == "2048"
     launch = next(line for line in proc.stdout.splitlines() if line.startswith("would launch: "))
     assert "--no-python" in launch and ("srun" in launch) == script.endswith("slurm.sh")
 
 
-def test_ordmoe_pretrain_script_without_precision_flags_says_so(tmp_path):
-    fake = _stand_in(tmp_path / "ordmoe-pretrain", help_text="no precision flags here")
-    proc = _run_script("ordmoe_pretrain_torchrun.sh", "--dry-run", env={"ORDMOE_PRETRAIN": str(fake)})
-    assert proc.returncode == 0, proc.stderr
-    assert "--bf16" not in _argv(proc.stdout) and "trains in FP32" in proc.stderr
+def test_ordmoe_pretrain_script_refuses_fp8_with_the_reason(tmp_path):
+    fake = _stand_in(tmp_path / "ordmoe-pretrain")
+    proc = _run_script(
+        "ordmoe_pretrain_torchrun.sh", "--dry-run", env={"ORDMOE_PRETRAIN": str(fake), "PRECISION": "fp8"}
+    )
+    assert proc.returncode == 2 and "builds no Transformer Engine layers" in proc.stderr
+    assert "ARG " not in proc.stdout  # nothing was run
 
 
 @pytest.mark.parametrize("script,world", [("megatron_lm_torchrun.sh", 8), ("megatron_lm_slurm.sh", 32)])
