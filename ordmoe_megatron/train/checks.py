@@ -7,7 +7,6 @@ preset builds first.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Optional
@@ -17,7 +16,7 @@ from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.runtime import checkpointing
 from ordmoe_megatron.runtime.checkpointing import has_checkpoint
-from ordmoe_megatron.runtime.outputs import check_output, check_writable
+from ordmoe_megatron.runtime.outputs import check_output, check_writable, read_json_lines
 from ordmoe_megatron.train.build import transformer_config
 from ordmoe_megatron.train.config import SCHEDULE_FIELDS, RunConfig, baseline_config, flag_name, run_differences
 
@@ -264,11 +263,7 @@ def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:
 
 def metrics_of_other_runs(path: str, run_id: Optional[str]) -> str:
     """How the metrics file's lines that are not this run's are described ('' when there are none)."""
-    other = 0
-    with open(path) as f:
-        for line in f:
-            if line.strip() and json.loads(line).get("run_id") != run_id:
-                other += 1
+    other = sum(1 for record in read_json_lines(path, "--metrics-out") if record.get("run_id") != run_id)
     return f"{other} lines" if other else ""
 
 

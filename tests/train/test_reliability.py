@@ -533,3 +533,18 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_survi
     assert "the checkpoint of iteration 2 is kept" in last
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == ["iter_0000002"]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    from ordmoe_megatron.train import checks, trainer
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"run_id": "r", "iteration": i, "lm_loss": 1.0}) for i in (1, 2, 3)]
+    metrics.write_text("\n".join(lines) + '\n{"run_id": "r", "iter')  # killed while writing line 4
+    assert checks.metrics_of_other_runs(str(metrics), "r") == ""
+    trainer._open_metrics(str(metrics), 2, "r").close()
+    assert [r["iteration"] for r in read_metrics(metrics)] == [1, 2]
+    assert "its last line is cut short" in capsys.readouterr().err
+    metrics.write_text("{broken\n" + lines[0] + "\n")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        checks.metrics_of_other_runs(str(metrics), "r")
