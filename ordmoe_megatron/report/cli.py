@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--load",
         required=True,
         help="Checkpoint directory (the one holding latest_checkpointed_iteration.txt): converted by "
-        "tools/hf_to_mcore.py or saved by ordmoe-pretrain --save.",
+        "ordmoe-convert hf-to-mcore or saved by ordmoe-pretrain --save.",
     )
     parser.add_argument(
         "--model-args",

@@ -1,6 +1,6 @@
 """Tier report: how each OrdMoE tier path of a checkpoint does on evaluation data.
 
-For any Megatron checkpoint (converted from Hugging Face by ``tools/hf_to_mcore.py``, or saved by
+For any Megatron checkpoint (converted from Hugging Face by ``ordmoe-convert hf-to-mcore``, or saved by
 ``ordmoe-pretrain``; trained with any number of tiers, or none), the report builds an
 ``OrdMoEGPTModel`` with ``C`` tier paths on top of the checkpoint's plain weights (OrdMoE adds no
 parameters), runs the evaluation data through all paths at once and reports, per path:

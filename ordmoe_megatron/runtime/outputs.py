@@ -115,7 +115,7 @@ def staged_file(path: str) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output gets a plain file's mode
+    plain_mode(tmp)  # mkstemp makes it private; the output gets a plain file's mode
     try:
         yield tmp
         os.replace(tmp, path)
@@ -130,6 +130,12 @@ def _umask() -> int:
     return mask
 
 
+def plain_mode(path: str) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would under the umask (0644/0755 under
+    022), for files made private by their writer (``mkstemp``, ``mkdtemp``, safetensors)."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def staged_dir(path: str, replace: bool, replace_flag: str) -> Iterator[str]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` (the old one
@@ -140,6 +146,7 @@ def staged_dir(path: str, replace: bool, replace_flag: str) -> Iterator[str]:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    plain_mode(tmp)  # mkdtemp makes it private; the output gets a plain directory's mode
     try:
         yield tmp
     except BaseException:

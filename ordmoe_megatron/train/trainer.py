@@ -95,7 +95,8 @@ def forward_step(data_iterator, model):
     """Megatron ``forward_step``: one micro-batch through the model, the LM loss bound to its mask
     (the OrdMoE schedules put the OrdMoE loss in its place)."""
     batch = {k: v.to(device()) for k, v in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # The loss mask goes in as Megatron-LM's pretrain_gpt passes it: the MTP loss is masked by it.
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"])
     return output, functools.partial(lm_loss, batch["loss_mask"])
 
 
@@ -155,12 +156,7 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePla
     else:
         forward_backward = get_forward_backward_func()
     _, dp_size = data_parallel_rank_and_size()
-    layout = config.layout
-    shared = (
-        config.ordmoe.shared_prefix_layers(tconfig.num_layers, tconfig.moe_layer_freq, layout.pipeline > 1)
-        if config.ordmoe is not None
-        else 0
-    )
+    shared = config.ordmoe.shared_prefix_layers_of(tconfig) if config.ordmoe is not None else 0
     trainer = Trainer(
         config,
         tconfig,

@@ -364,7 +364,13 @@ def test_existing_output_needs_force(work, capsys):
     assert code == 0 and len(report["paths"]) == 1
 
 
-def test_trained_checkpoint(work, tmp_path):
+# The tiny-deepseek preset (group-limited sigmoid routing with expert bias, a shared expert, a
+# first dense layer, one MTP layer) at two layers: its preset validates, trains 2 steps, and reports.
+DEEPSEEK_PRESET = ["--preset", "tiny-deepseek", "--moe-layer-freq", "[0]+[1]"]
+
+
+@pytest.mark.parametrize("preset", [[], DEEPSEEK_PRESET], ids=["plain", "tiny-deepseek"])
+def test_trained_checkpoint(work, tmp_path, preset):
     """A checkpoint saved by ``ordmoe-pretrain`` (flags in run.json): the report reads it, and
     path 1 of C=3 equals the C=1 report (the standard top-K model) on the same tokens."""
     save = tmp_path / "ckpt"
@@ -394,6 +400,9 @@ def test_trained_checkpoint(work, tmp_path):
         "--save",
         str(save),
     ]
+    if preset:  # the preset saves in its work directory
+        save = tmp_path / "work" / "checkpoints"
+        small = small[: small.index("--save")] + [*preset, "--work-dir", str(tmp_path / "work"), "--eval-iters", "1"]
     proc = run_pretrain(*small)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gen = torch.Generator().manual_seed(1)
@@ -414,7 +423,10 @@ def test_trained_checkpoint(work, tmp_path):
     assert c3["checkpoint"]["kind"] == "trained" and c3["checkpoint"]["iteration"] == 2
     assert c3["data"]["seq_length"] == 32 and c3["data"]["sequences"] == 3
     assert len(c3["paths"]) == 3 and 0.0 <= c3["tier_order_acc"] <= 1.0
-    assert [len(entry["tokens_per_expert"]) for entry in c3["expert_load"]["layers"]] == [3, 3]
+    moe_layers = 1 if preset else 2
+    assert [len(entry["tokens_per_expert"]) for entry in c3["expert_load"]["layers"]] == [3] * moe_layers
+    if preset:
+        assert c3["checkpoint"]["num_experts"] == 16
     code, c1 = run_report(
         "--load", str(save), "--token-ids", ids, "--ordmoe-num-tiers", "1", "--out-json", str(tmp_path / "c1.json")
     )

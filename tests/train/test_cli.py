@@ -116,6 +116,22 @@ def test_bad_flags_fail_before_training(args, message):
     assert " iteration" not in proc.stdout
 
 
+def test_sqrtsoftplus_trains_where_megatron_core_has_it_and_is_refused_where_not(tmp_path):
+    from ordmoe_megatron.runtime import compat
+
+    out = tmp_path / "m.jsonl"
+    args = ("--moe-router-score-function", "sqrtsoftplus", "--train-iters", "2", "--metrics-out", str(out))
+    proc = run_cli("--ordmoe", *args, check=False)
+    if "sqrtsoftplus" in compat.SCORE_FUNCTIONS:  # megatron-core 0.18 on
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        metrics = read_metrics(out)
+        assert [m["iteration"] for m in metrics] == [1, 2]
+        assert all(len(m["path_logprob"]) == 3 and m["lm_loss"] > 0 for m in metrics)
+    else:
+        assert proc.returncode != 0 and "sqrtsoftplus needs megatron-core 0.18 or later" in proc.stderr
+        assert " iteration" not in proc.stdout
+
+
 def test_existing_metrics_file_is_not_overwritten(tmp_path):
     out = tmp_path / "keep.jsonl"
     out.write_text("precious\n")
