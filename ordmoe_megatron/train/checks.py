@@ -180,6 +180,14 @@ def plan_resume(config: RunConfig, world: int, dry_run: bool = False) -> ResumeP
             + (" (a new learning-rate schedule on purpose: --override-opt-param-scheduler)" if schedule else "")
             + "; to start a new run, use a fresh --save, or --overwrite to replace it"
         )
+    saved_ep = info.run.get("expert_model_parallel_size")
+    if saved_ep is not None and saved_ep != config.layout.expert:
+        raise OrdMoEError(
+            f"--load {load} was saved with --expert-model-parallel-size {saved_ep}, this run has "
+            f"{config.layout.expert}: the optimizer state does not reshard across expert-parallel sizes. "
+            f"Resume with --expert-model-parallel-size {saved_ep}, or pass --finetune to start from its "
+            "weights (they do reshard)"
+        )
     saved_world = info.run.get("world_size")
     load_rng = saved_world == world
     if load_rng:

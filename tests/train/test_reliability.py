@@ -548,3 +548,20 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
     metrics.write_text("{broken\n" + lines[0] + "\n")
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         checks.metrics_of_other_runs(str(metrics), "r")
+
+
+def test_a_resume_with_another_expert_parallel_size_is_refused_before_the_build(run_a, tmp_path):
+    save, _ = _copy(run_a, tmp_path)
+    run_file = save / "iter_0000002" / "run.json"
+    run = json.loads(run_file.read_text())
+    assert run["expert_model_parallel_size"] == 1
+    run_file.write_text(json.dumps({**run, "expert_model_parallel_size": 2}))
+    message = refused(*_resume(save))
+    assert "was saved with --expert-model-parallel-size 2, this run has 1" in message and "--finetune" in message
+
+
+def test_a_preset_with_its_own_save_in_a_fresh_directory_runs(tmp_path, capsys):
+    save = tmp_path / "mine"
+    assert cli.main(["--preset", "tiny", "--work-dir", str(tmp_path / "w"), "--save", str(save), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"load                                     {save}\n" in out and "  new" in out
