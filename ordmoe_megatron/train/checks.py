@@ -7,9 +7,12 @@ preset builds first.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 from typing import Optional
+
+import torch
 
 from ordmoe_megatron.data import check_data_files, check_split_sizes
 from ordmoe_megatron.errors import OrdMoEError
@@ -36,6 +39,11 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
         problems.append(f"--expert-model-parallel-size={ep} (x expert TP) must divide data-parallel x TP = {dp * tp}")
     if tp > 1 and num_experts and not layout.sequence_parallel:
         problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+    if tp > 1 and gpu_without_fused_norms():
+        problems.append(
+            "--tensor-model-parallel-size > 1 on a GPU needs Transformer Engine or Apex (their "
+            "sequence-parallel norms; the bridge for them runs on the CPU only): install one, or use TP 1"
+        )
     if layout.sequence_parallel and tp == 1:
         problems.append(
             "--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits sequences over "
@@ -64,6 +72,14 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
             f"--pipeline-model-parallel-size={pp}"
         )
     return problems
+
+
+def gpu_without_fused_norms() -> bool:
+    """A GPU run with neither Transformer Engine nor Apex: Megatron's torch norm refuses
+    sequence parallelism there."""
+    if not torch.cuda.is_available():
+        return False
+    return all(importlib.util.find_spec(name) is None for name in ("transformer_engine", "apex"))
 
 
 def check_values(config: RunConfig) -> None:

@@ -565,3 +565,20 @@ def test_a_preset_with_its_own_save_in_a_fresh_directory_runs(tmp_path, capsys):
     assert cli.main(["--preset", "tiny", "--work-dir", str(tmp_path / "w"), "--save", str(save), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"load                                     {save}\n" in out and "  new" in out
+
+
+def test_tensor_parallelism_on_a_gpu_without_fused_norms_is_refused(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from ordmoe_megatron.train import checks
+
+    config = cli.run_config_from_args(
+        cli.parse_args([*SMALL, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--global-batch-size", "4"])
+    )
+    assert checks.layout_problems(config, 2, None) == []  # on the CPU the norm is bridged
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    problems = checks.layout_problems(config, 2, None)
+    assert problems and "needs Transformer Engine or Apex" in problems[0]
