@@ -135,7 +135,7 @@ class OrdMoEGPTModel(GPTModel):
         **kwargs,
     ):
         packed = kwargs.get("packed_seq_params", args[1] if len(args) > 1 else None)  # GPTModel's order
-        if packed is not None:
+        if packed is not None and self.ordmoe.enabled:  # one tier: plain top-K, packing works
             raise OrdMoEError(
                 "packed sequences (packed_seq_params, THD: --sft, --dataloader-inter-document-masking) are "
                 "not supported with OrdMoE yet: the rank loss would treat a row of many documents as one "
