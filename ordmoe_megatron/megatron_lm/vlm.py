@@ -41,6 +41,7 @@ from typing import Callable, Optional
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.flags import ordmoe_config_from_args
 from ordmoe_megatron.mcore.multimodal import OrdMoELLaVAModel, _check_language_config
+from ordmoe_megatron.megatron_lm import hooks
 from ordmoe_megatron.megatron_lm.arguments import extra_args_provider
 
 
@@ -60,12 +61,9 @@ def vlm_model_provider(model_provider: Callable) -> Callable:
 
         margs = get_args()
         ordmoe = ordmoe_config_from_args(margs) if getattr(margs, "ordmoe", False) else None
-        original = module.LLaVAModel
-        module.LLaVAModel = functools.partial(_build_llava, original, ordmoe, margs.transformer_impl)
-        try:
+        build = functools.partial(_build_llava, module.LLaVAModel, ordmoe, margs.transformer_impl)
+        with hooks.llava_model_bound(module, build):
             model = model_provider(*args, **kwargs)
-        finally:
-            module.LLaVAModel = original
         if ordmoe is not None and not isinstance(model, OrdMoELLaVAModel):
             raise OrdMoEError(
                 f"--ordmoe: {model_provider.__module__}.{model_provider.__name__} returned {type(model).__name__}, "
