@@ -139,7 +139,8 @@ def _env(clean, **extra):
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYENV_VERSION"] = platform.python_version()
     env.update(PYTHONWARNINGS="ignore", CUDA_DEVICE_MAX_CONNECTIONS="1", MASTER_PORT=str(find_free_port()))
-    env.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", **extra)
+    env.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    env.update(extra)
     return env
 
 
