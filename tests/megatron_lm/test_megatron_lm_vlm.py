@@ -11,6 +11,7 @@
 """
 
 import argparse
+import functools
 import glob
 import importlib.util
 import math
@@ -76,11 +77,15 @@ def test_vlm_projector_of_an_moe_language_model_gets_the_dense_mlp():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
 
-    moe = decoder_model_with_local_default_spec(8, False).submodules.mlp.submodules
+    def mlp_submodules(spec):  # a ModuleSpec up to megatron-core 0.17, a partial from 0.18
+        mlp = spec.submodules.mlp
+        return mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
+
+    moe = mlp_submodules(decoder_model_with_local_default_spec(8, False))
     dense = vlm.dense_projection_spec(moe, "local")
     assert isinstance(dense, MLPSubmodules)
     assert (dense.linear_fc1, dense.linear_fc2) == (ColumnParallelLinear, RowParallelLinear)
-    given = decoder_model_with_local_default_spec(None, False).submodules.mlp.submodules
+    given = mlp_submodules(decoder_model_with_local_default_spec(None, False))
     assert vlm.dense_projection_spec(given, "local") is given  # a dense model's: untouched
 
 
