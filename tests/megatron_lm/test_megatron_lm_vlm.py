@@ -11,6 +11,7 @@
 """
 
 import argparse
+import functools
 import glob
 import importlib.util
 import math
@@ -76,11 +77,15 @@ def test_vlm_projector_of_an_moe_language_model_gets_the_dense_mlp():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
 
-    moe = decoder_model_with_local_default_spec(8, False).submodules.mlp.submodules
+    def mlp_submodules(spec):  # a ModuleSpec up to megatron-core 0.17, a partial from 0.18
+        mlp = spec.submodules.mlp
+        return mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
+
+    moe = mlp_submodules(decoder_model_with_local_default_spec(8, False))
     dense = vlm.dense_projection_spec(moe, "local")
     assert isinstance(dense, MLPSubmodules)
     assert (dense.linear_fc1, dense.linear_fc2) == (ColumnParallelLinear, RowParallelLinear)
-    given = decoder_model_with_local_default_spec(None, False).submodules.mlp.submodules
+    given = mlp_submodules(decoder_model_with_local_default_spec(None, False))
     assert vlm.dense_projection_spec(given, "local") is given  # a dense model's: untouched
 
 
@@ -139,7 +144,8 @@ def _env(clean, **extra):
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYENV_VERSION"] = platform.python_version()
     env.update(PYTHONWARNINGS="ignore", CUDA_DEVICE_MAX_CONNECTIONS="1", MASTER_PORT=str(find_free_port()))
-    env.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", **extra)
+    env.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    env.update(extra)
     return env
 
 
