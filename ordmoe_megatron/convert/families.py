@@ -482,7 +482,10 @@ QWEN3_MOE = Family(
     ),
 )
 
-FAMILIES: Dict[str, Family] = {f.model_type: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE)}
+# The Hugging Face families: the one table ``get_family`` validates a model type against and
+# dispatches by, and ``infer_family`` tries in order (their flags do not overlap: Qwen2-MoE has
+# the gated shared expert, Qwen3-MoE the per-head q/k norms, Mixtral neither).
+FAMILIES: Dict[str, Family] = {f.model_type: f for f in (QWEN2_MOE, QWEN3_MOE, MIXTRAL)}
 
 # Families we know and refuse, with the reason (Megatron-Core 0.16.1 cannot express them exactly,
 # or the mapping is not clear enough to ship).
@@ -518,7 +521,7 @@ def get_family(model_type: str) -> Family:
 def infer_family(flags: Dict[str, Any]) -> Family:
     """The first family that can express ``flags`` (for checkpoints without HF metadata)."""
     reasons = []
-    for fam in (QWEN2_MOE, QWEN3_MOE, MIXTRAL):
+    for fam in FAMILIES.values():
         try:
             fam.config.to_hf(flags)
             return fam

@@ -33,6 +33,7 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.dispatcher import use_ordmoe_dispatcher
 from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.mcore.specs import ordmoe_layer_spec
@@ -133,6 +134,13 @@ class OrdMoEGPTModel(GPTModel):
         padding_mask: Optional[torch.Tensor] = None,
         **kwargs,
     ):
+        packed = kwargs.get("packed_seq_params", args[1] if len(args) > 1 else None)  # GPTModel's order
+        if packed is not None and self.ordmoe.enabled:  # one tier: plain top-K, packing works
+            raise OrdMoEError(
+                "packed sequences (packed_seq_params, THD: --sft, --dataloader-inter-document-masking) are "
+                "not supported with OrdMoE yet: the rank loss would treat a row of many documents as one "
+                "sequence; pass one document per row"
+            )
         labels = self.stack_paths(labels, dim=0)
         # Whether this forward's rows differ from the micro-batch's (several paths, or one lower
         # path on sub-sampled rows); the fan-out hook stacks them instead when there is one.

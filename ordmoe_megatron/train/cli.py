@@ -233,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preset_load(save: Optional[str], work_dir: str) -> str:
+    """A preset's ``--load`` when none is given: the user's ``--save`` (the run resumes what it
+    writes), else ``<work-dir>/checkpoints``."""
+    return save or os.path.join(work_dir, "checkpoints")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The flags with the preset's and the checkpoint's defaults under them."""
     parser = build_parser()
@@ -240,9 +246,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     preset = known.preset or (None if known.data_path or known.mock_data else "tiny")
     if preset:
         parser.set_defaults(**PRESETS[preset])
-    load = known.load or (
-        os.path.join(known.work_dir or PRESETS[preset]["work_dir"], "checkpoints") if preset else None
-    )
+    load = known.load or (preset_load(known.save, known.work_dir or PRESETS[preset]["work_dir"]) if preset else None)
     if has_checkpoint(load):
         # The checkpoint's model flags become the defaults; flags given here still win (and are
         # checked against the checkpoint before it is loaded).
@@ -256,6 +260,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """The typed configuration; raises ``OrdMoEError`` naming the flag for what cannot run."""
     if args.preset:
         work = args.work_dir
+        if args.load is None:
+            args.load = preset_load(args.save, work)
         for name, default in PRESET_OUTPUTS:
             if getattr(args, name) is None:
                 setattr(args, name, os.path.join(work, default))

@@ -454,8 +454,60 @@ def _truncate(dst):
         fh.truncate(size - 100)
 
 
+def _edit_header(edit):
+    """A ``post`` step: rewrite model.safetensors' JSON header with ``edit(header) -> header``."""
+
+    def post(dst):
+        path = os.path.join(dst, "model.safetensors")
+        raw = open(path, "rb").read()
+        length = int.from_bytes(raw[:8], "little")
+        header = edit(json.loads(raw[8 : 8 + length]))
+        text = json.dumps(header).encode()
+        open(path, "wb").write(len(text).to_bytes(8, "little") + text + raw[8 + length :])
+
+    return post
+
+
+def _drop_offsets(header):
+    del header["model.embed_tokens.weight"]["data_offsets"]
+    return header
+
+
+def _alias(header):
+    first, second = (header[f"model.layers.{layer}.self_attn.q_proj.weight"] for layer in (0, 1))
+    second["data_offsets"] = list(first["data_offsets"])
+    return header
+
+
+def _index_outside(dst):
+    names = list(_tensors(dst))
+    index = {"metadata": {}, "weight_map": {n: "../elsewhere/model.safetensors" for n in names}}
+    json.dump(index, open(os.path.join(dst, "model.safetensors.index.json"), "w"))
+
+
 L1K = "model.layers.1.self_attn.k_proj.weight"
 BAD_HF = {
+    "header-without-offsets": (
+        "mixtral",
+        dict(),
+        _edit_header(_drop_offsets),
+        "lacks a valid dtype, shape or data_offsets",
+    ),
+    "header-list": ("mixtral", dict(), _edit_header(lambda h: list(h)), "its header is a list, not an object"),
+    "aliased-bytes": ("mixtral", dict(), _edit_header(_alias), "share bytes"),
+    "weight-map-outside": ("mixtral", dict(), _index_outside, "outside .*shards must be files in the checkpoint"),
+    "topk-above-experts": (
+        "mixtral",
+        dict(config_edit=lambda c: c.update(num_experts_per_tok=99)),
+        None,
+        "num_experts_per_tok=99 must be between 1 and the number of experts",
+    ),
+    "topk-zero": (
+        "mixtral",
+        dict(config_edit=lambda c: c.update(num_experts_per_tok=0)),
+        None,
+        "num_experts_per_tok=0 must be between 1",
+    ),
     "truncated": ("mixtral", dict(), _truncate, "truncated"),
     "missing-tensor": ("mixtral", dict(tensor_edit=lambda t: t.pop(L1K)), None, L1K),
     "wrong-shape": (
@@ -746,3 +798,18 @@ def test_families_read_moe_layers_through_method_layers():
         mixtral.to_hf(dict(num_layers=4, moe_layer_freq=2))
     with pytest.raises(OrdMoEError, match="pattern has 3 entries for 4 layers"):
         qwen.to_hf(dict(num_layers=4, moe_layer_freq=[1, 0, 1]))
+
+
+@pytest.mark.one_version
+def test_one_table_of_families_validates_and_dispatches():
+    from ordmoe_megatron.convert import FAMILIES, REFUSED, get_family
+
+    assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe"} and not set(FAMILIES) & set(REFUSED)
+    for model_type, family in FAMILIES.items():
+        assert get_family(model_type) is family and family.model_type == model_type
+    for model_type, reason in REFUSED.items():
+        with pytest.raises(ConversionError, match=f"model_type {model_type!r} is refused: ") as refused:
+            get_family(model_type)
+        assert reason in str(refused.value)
+    with pytest.raises(ConversionError, match="not in the mapping tables .supported: mixtral, qwen2_moe, qwen3_moe"):
+        get_family("llama")

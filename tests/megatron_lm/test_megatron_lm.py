@@ -22,6 +22,7 @@ of MEGATRON_LM_PATH that the tests make themselves (a checkout the user patched 
 """
 
 import argparse
+import importlib.util
 import os
 import platform
 import shutil
@@ -257,11 +258,33 @@ def _ordmoe_args(*argv, **extra):
         (["--ordmoe"], {"use_legacy_models": True}, "--use-legacy-models"),
         (["--ordmoe"], {"overlap_moe_expert_parallel_comm": True}, "--overlap-moe-expert-parallel-comm"),
         (["--ordmoe"], {"yaml_cfg": "model.yaml"}, "--yaml-cfg"),
+        (["--ordmoe"], {"sft": True}, "--sft / --dataloader-inter-document-masking pack many documents"),
+        (["--ordmoe"], {"dataloader_inter_document_masking": True}, "--sft / --dataloader-inter-document-masking"),
+        (["--ordmoe"], {"tp_comm_overlap": True}, "--tp-comm-overlap sizes"),
+        (["--ordmoe"], {"cuda_graph_impl": "local"}, "--cuda-graph-impl / --enable-cuda-graph"),
+        (["--ordmoe"], {"enable_cuda_graph": True}, "--cuda-graph-impl / --enable-cuda-graph"),
+        (["--ordmoe", "--ordmoe-beta", "nan"], {}, "--ordmoe-beta=nan must be a finite number"),
+        pytest.param(
+            ["--ordmoe"],
+            {"fp8": "hybrid"},
+            "--fp8-format hybrid needs Transformer Engine, which is not installed here",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("transformer_engine") is not None, reason="Transformer Engine is installed"
+            ),
+        ),
     ],
 )
 def test_validation_errors_name_the_flag(argv, extra, message):
     with pytest.raises(OrdMoEError, match="^" + message.replace("[", r"\[").replace("+", r"\+")):
         megatron_lm.validate_ordmoe_args(_ordmoe_args(*argv, **extra))
+
+
+def test_the_module_checks_the_ordmoe_flags_it_is_given(capsys):
+    with pytest.raises(SystemExit) as stop:
+        arguments.main(["--ordmoe", "--ordmoe-beta", "nan", "--ordmoe-dry-run"])
+    assert stop.value.code == 2 and "--ordmoe-beta=nan must be a finite number" in capsys.readouterr().err
+    assert arguments.main(["--ordmoe", "--ordmoe-num-tiers", "2"]) == 0
+    assert "OrdMoE flags valid: 2 tiers" in capsys.readouterr().out
 
 
 def _model_config(**overrides):
@@ -662,6 +685,14 @@ def test_patched_help_is_the_unpatched_help(patched, tmp_path):
         (
             ["--moe-expert-capacity-factor", "1.0"],
             "pretrain_gpt.py: error: --moe-expert-capacity-factor (token dropping)",
+        ),
+        (["--ordmoe-beta", "nan", "--ordmoe-dry-run"], "pretrain_gpt.py: error: --ordmoe-beta=nan must be a finite"),
+        pytest.param(
+            ["--bf16", "--fp8-format", "hybrid", "--ordmoe-dry-run"],
+            "pretrain_gpt.py: error: --fp8-format hybrid needs Transformer Engine",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("transformer_engine") is not None, reason="Transformer Engine is installed"
+            ),
         ),
     ],
 )
