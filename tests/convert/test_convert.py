@@ -350,6 +350,44 @@ def test_megatron_lm_args_are_read_without_running_code(work, tmp_path):
     assert isinstance(common["args"], argparse.Namespace)
 
 
+def _common_state_checkpoint(path, common):
+    """An iteration laid out as core_v0.19 saves it: the common state is the bytes item
+    ``common_state`` of the torch_dist checkpoint (no common.pt)."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    data = io.BytesIO()
+    torch.save([common], data)
+    data.seek(0)
+    os.makedirs(path / "iter_0000003")
+    writer = FileSystemWriter(str(path / "iter_0000003"))
+    dcp_save({"common_state/shard_0_1": data}, storage_writer=writer, no_dist=True)
+    (path / mcore_io.TRACKER).write_text("3")
+    return str(path)
+
+
+def test_megatron_lm_args_inside_the_shards_are_read_safely(work, tmp_path):
+    """core_v0.19 keeps the common state inside the shards: read as raw bytes (torch's own
+    planner would unpickle them with weights_only=False), then with weights_only=True."""
+    import argparse
+
+    from ordmoe_megatron.convert.megatron_lm_args import megatron_lm_model_flags
+
+    args = argparse.Namespace(num_layers=3, hidden_size=32, add_bias_linear=False, layernorm_epsilon=1e-6)
+    root = _common_state_checkpoint(tmp_path / "v19", {"args": args, "iteration": 3})
+    flags = megatron_lm_model_flags(root, "--mcore-dir")
+    assert flags == dict(num_layers=3, hidden_size=32, disable_bias_linear=True, norm_epsilon=1e-6)
+
+    ran = tmp_path / "ran"
+    args.hook = _Trap(str(ran))
+    root = _common_state_checkpoint(tmp_path / "v19-unsafe", {"args": args, "iteration": 3})
+    with pytest.raises(OrdMoEError, match=r"holds io.open, which is not read without running code"):
+        megatron_lm_model_flags(root, "--mcore-dir")
+    assert not ran.exists()
+
+
 class _Trap:
     """Unpickling it would call open(path, "w")."""
 

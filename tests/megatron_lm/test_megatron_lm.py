@@ -535,7 +535,8 @@ def test_cpu_launcher_environment_and_command(tmp_path, monkeypatch):
         cpu_launch.megatron_lm_checkout(str(tmp_path / "pretrain_gpt.py"), None)
 
     env = cpu_launch.launch_env(str(checkout), {"PYTHONPATH": "/mine", "PATH": "/bin"})
-    assert env["PYTHONPATH"] == os.pathsep.join([str(checkout), "/mine"])
+    first = [cpu_launch.python311.DIRECTORY] if sys.version_info < (3, 12) else []
+    assert env["PYTHONPATH"] == os.pathsep.join([*first, str(checkout), "/mine"])
     assert env["PYENV_VERSION"] == platform.python_version() and env["CUDA_VISIBLE_DEVICES"] == ""
     assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
     assert env[cpu_launch.RANK_MODE] == "1"
@@ -572,9 +573,7 @@ def _megatron_env(**extra):
     from tests.support import cpu_env
 
     env = cpu_env()  # on the CPU by design, on a GPU machine too
-    python311 = (
-        os.path.join(os.path.dirname(os.path.abspath(__file__)), "python311") if sys.version_info < (3, 12) else None
-    )
+    python311 = cpu_launch.python311.DIRECTORY if sys.version_info < (3, 12) else None
     checkout = CHECKOUT.get("path", MEGATRON_LM_PATH)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (python311, checkout, ROOT, env.get("PYTHONPATH")) if p)
     env["MEGATRON_LM_PATH"] = checkout or ""  # the launch scripts read it
