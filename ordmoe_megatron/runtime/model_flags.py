@@ -319,9 +319,12 @@ def gpt_model_from_flags(flags: Dict[str, Any], config, layer_spec=None, model_c
     if f["mtp_num_layers"] and "mtp_block_spec" not in model_kwargs:
         # A block spec (dense layers in) holds this stage's layers; MTP sits on the last stage.
         last = layer_spec.layer_specs[-1] if getattr(layer_spec, "layer_specs", None) else layer_spec
-        model_kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(
+        mtp_spec = get_gpt_mtp_block_spec(
             config, last, use_transformer_engine=False, vp_stage=model_kwargs.get("vp_stage")
         )
+        if mtp_spec is not None and config.sequence_parallel and not torch.cuda.is_available():
+            mtp_spec = bridges.sequence_parallel_layer_spec(mtp_spec)  # its own norms, as the layers'
+        model_kwargs["mtp_block_spec"] = mtp_spec
     max_pos = f["max_position_embeddings"] or f["seq_length"]
     if max_pos is None:
         raise OrdMoEError("model flags need max_position_embeddings or seq_length: pass --seq-length")
