@@ -401,3 +401,86 @@ def single_tier_and_plain_training(rank, world_size, extra):
         return ordmoe_loss(mask, out, ordmoe=ordmoe_cfg, num_paths=1, vocab_size=VOCAB)
 
     return train_steps(plain, plain_loss_func), train_steps(single, ordmoe_loss_func)
+
+
+# ============================================================================================
+# a tiny vision-language model: megatron-core's CLIP ViT, an MLP projector, the tiny GPT-MoE
+# ============================================================================================
+IMAGE, PATCH, TEXT = 8, 4, 8  # 8x8 images of 4x4 patches: 4 image embeddings per image
+IMAGE_TOKEN = -200  # LLaVAModel's default image token index
+
+
+def tiny_llava(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, **extra):
+    """A plain ``LLaVAModel`` (``ordmoe=None``) or an ``OrdMoELLaVAModel`` whose language model
+    is ``tiny_config(**extra)``; the same seed gives the same weights either way."""
+    import dataclasses
+
+    from megatron.core.enums import ModelType
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_mlp_module_spec
+    from megatron.core.models.multimodal.llava_model import LLaVAModel
+    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ordmoe_megatron.mcore.multimodal import OrdMoELLaVAModel
+
+    language = tiny_config(**extra)
+    vision = TransformerConfig(
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=2,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=True,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=language.tensor_model_parallel_size,
+        sequence_parallel=False,
+    )
+    vision.vision_model_type = "clip"  # Megatron-LM sets it from --vision-model-type
+    projection = dataclasses.replace(vision, hidden_size=language.hidden_size, ffn_hidden_size=2 * language.hidden_size)
+    spec = get_gpt_layer_local_spec(
+        num_experts=language.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+    )
+    args = dict(
+        language_transformer_config=language,
+        language_transformer_layer_spec=spec,
+        language_vocab_size=VOCAB,
+        language_max_sequence_length=SEQ + IMAGE_SEQ,
+        vision_transformer_config=vision,
+        vision_transformer_layer_spec=get_vit_layer_with_local_spec(),
+        drop_vision_class_token=True,
+        vision_projection_config=projection,
+        vision_projection_layer_spec=compat.spec_submodules(get_mlp_module_spec(use_te=False)),
+        img_h=IMAGE,
+        img_w=IMAGE,
+        patch_dim=PATCH,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    model = LLaVAModel(**args) if ordmoe is None else OrdMoELLaVAModel(**args, ordmoe=ordmoe)
+    model.model_type = ModelType.encoder_or_decoder  # as Megatron-LM's get_model sets it
+    return model.to(device())
+
+
+IMAGE_SEQ = (IMAGE // PATCH) ** 2  # image embeddings per image (the class token dropped)
+
+
+def tiny_image_batch(seed: int = 0, batch: int = BATCH) -> dict:
+    """A micro-batch of one image and ``SEQ - 1`` text tokens per sample (the image token first),
+    with a random loss mask; LLaVA turns it into ``SEQ - 1 + IMAGE_SEQ`` positions."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, VOCAB, (batch, SEQ), generator=g)
+    tokens = torch.cat([torch.full((batch, 1), IMAGE_TOKEN), text[:, :-1]], dim=1)
+    out = dict(
+        images=torch.randn(batch, 3, IMAGE, IMAGE, generator=g),
+        tokens=tokens,
+        labels=text,
+        loss_mask=(torch.rand(batch, SEQ, generator=g) > 0.2).float(),
+        position_ids=torch.arange(SEQ).unsqueeze(0).expand(batch, -1),
+    )
+    return {k: v.to(device()) for k, v in out.items()}
+
+
+def llava_forward(model, b: dict):
+    """``(per-token loss, loss mask)`` of ``LLaVAModel.forward`` on ``tiny_image_batch``'s batch."""
+    return model(b["images"], b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])

@@ -22,9 +22,9 @@ Semantics matched exactly (and checked by the tests on tiny random models):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict
 
-from ordmoe_megatron.method.layers import parse_moe_layer_freq
+from ordmoe_megatron.method.layers import moe_layer_pattern
 from ordmoe_megatron.runtime.model_flags import padded_vocab_size
 
 from .engine import (
@@ -182,19 +182,9 @@ def _experts(*hf_names: str) -> ConfigRule:
     return ConfigRule(tuple(hf_names), to_flags, to_hf)
 
 
-def _moe_pattern(f: Dict[str, Any]) -> List[int]:
-    freq = parse_moe_layer_freq(f["moe_layer_freq"])
-    n = f["num_layers"]
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(n)]
-    if len(freq) != n:
-        raise ConversionError(f"model flag moe_layer_freq has {len(freq)} entries for {n} layers")
-    return list(freq)
-
-
 def _all_moe_layers() -> ConfigRule:
     def to_hf(f):
-        if 0 in _moe_pattern(f):
+        if 0 in moe_layer_pattern(f["num_layers"], f["moe_layer_freq"]):
             raise ConversionError("model flag moe_layer_freq puts dense layers in; this family has MoE in every layer")
         return {}
 
@@ -211,7 +201,7 @@ def _qwen_layer_pattern() -> ConfigRule:
         return {"moe_layer_freq": 1 if all(pattern) else pattern}
 
     def to_hf(f):
-        pattern = _moe_pattern(f)
+        pattern = moe_layer_pattern(f["num_layers"], f["moe_layer_freq"])
         return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, p in enumerate(pattern) if p == 0]}
 
     return ConfigRule(("decoder_sparse_step", "mlp_only_layers"), to_flags, to_hf)
@@ -568,7 +558,7 @@ def _deepseek_routing(experts_field: str) -> list:
         return {"moe_layer_freq": 1 if k == 0 else [0] * k + [1] * (n - k)}
 
     def dense_to_hf(f):
-        pattern = _moe_pattern(f)
+        pattern = moe_layer_pattern(f["num_layers"], f["moe_layer_freq"])
         k = pattern.index(1) if 1 in pattern else len(pattern)
         if pattern != [0] * k + [1] * (len(pattern) - k):
             raise ConversionError(
@@ -643,7 +633,11 @@ GLM4_MOE = Family(
     ),
 )
 
-FAMILIES: Dict[str, Family] = {f.model_type: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, GLM4_MOE)}
+# The Hugging Face families: the one table ``get_family`` validates a model type against and
+# dispatches by, and ``infer_family`` tries in order (their flags do not overlap: Qwen2-MoE has
+# the gated shared expert, Qwen3-MoE the per-head q/k norms, Mixtral neither, GLM-4.5 MoE the
+# sigmoid router the others refuse).
+FAMILIES: Dict[str, Family] = {f.model_type: f for f in (QWEN2_MOE, QWEN3_MOE, MIXTRAL, GLM4_MOE)}
 
 # Families we know and refuse, with the reason (Megatron-Core 0.16.1 cannot express them exactly,
 # or the mapping is not clear enough to ship).
@@ -685,7 +679,7 @@ def get_family(model_type: str) -> Family:
 def infer_family(flags: Dict[str, Any]) -> Family:
     """The first family that can express ``flags`` (for checkpoints without HF metadata)."""
     reasons = []
-    for fam in (QWEN2_MOE, QWEN3_MOE, MIXTRAL):
+    for fam in FAMILIES.values():
         try:
             fam.config.to_hf(flags)
             return fam

@@ -33,6 +33,7 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.dispatcher import use_ordmoe_dispatcher
 from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.mcore.specs import ordmoe_layer_spec
@@ -65,21 +66,23 @@ class OrdMoEGPTModel(GPTModel):
 
     def _lazy_fanout_layer(self) -> Optional[int]:
         """The layer to fan out before, or None to fan out at the embedding."""
-        c = self.config
-        shared = self.ordmoe.shared_prefix_layers(
-            c.num_layers, c.moe_layer_freq, c.pipeline_model_parallel_size > 1, c.recompute_granularity == "full"
-        )
+        shared = self.ordmoe.shared_prefix_layers_of(self.config)
         return shared + 1 if shared else None
 
     def _fan_out_before_layer(self, module, args, kwargs):
         if self.num_paths == 1:
             return None
-        kwargs["hidden_states"] = self.stack_paths(kwargs["hidden_states"], dim=1)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.shape[0] > 1:
-            kwargs["attention_mask"] = self.stack_paths(mask, dim=0)
-        kwargs["padding_mask"] = self.stack_paths(kwargs.get("padding_mask"), dim=0)
+        stacked = self.fan_out(kwargs["hidden_states"], kwargs.get("attention_mask"), kwargs.get("padding_mask"))
+        kwargs["hidden_states"], kwargs["attention_mask"], kwargs["padding_mask"] = stacked
         return args, kwargs
+
+    def fan_out(self, hidden_states, attention_mask, padding_mask) -> tuple:
+        """The inputs of the first fanned-out layer, stacked for every path (the one place they
+        are built: at the embedding, or before the lazy fan-out's layer). ``hidden_states`` is
+        ``[s, b, h]``; a per-sequence attention mask and the padding mask stack on the batch."""
+        if attention_mask is not None and attention_mask.shape[0] > 1:
+            attention_mask = self.stack_paths(attention_mask, dim=0)
+        return self.stack_paths(hidden_states, dim=1), attention_mask, self.stack_paths(padding_mask, dim=0)
 
     def tier_routers(self) -> list[TierRouter]:
         return [m for m in self.modules() if isinstance(m, TierRouter)]
@@ -131,19 +134,22 @@ class OrdMoEGPTModel(GPTModel):
         padding_mask: Optional[torch.Tensor] = None,
         **kwargs,
     ):
+        packed = kwargs.get("packed_seq_params", args[1] if len(args) > 1 else None)  # GPTModel's order
+        if packed is not None and self.ordmoe.enabled:  # one tier: plain top-K, packing works
+            raise OrdMoEError(
+                "packed sequences (packed_seq_params, THD: --sft, --dataloader-inter-document-masking) are "
+                "not supported with OrdMoE yet: the rank loss would treat a row of many documents as one "
+                "sequence; pass one document per row"
+            )
         labels = self.stack_paths(labels, dim=0)
         # Whether this forward's rows differ from the micro-batch's (several paths, or one lower
         # path on sub-sampled rows); the fan-out hook stacks them instead when there is one.
         restacked = self.num_paths > 1 or self.path_rows is not None
         if restacked and (self.fanout_layer is None or self.num_paths == 1):
-            if self.pre_process:
-                if decoder_input is None:
-                    decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
-                    padding_mask = self._scatter_padding_mask(padding_mask)
-                decoder_input = self.stack_paths(decoder_input, dim=1)
-            padding_mask = self.stack_paths(padding_mask, dim=0)
-            if attention_mask is not None and attention_mask.shape[0] > 1:
-                attention_mask = self.stack_paths(attention_mask, dim=0)
+            if self.pre_process and decoder_input is None:
+                decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+                padding_mask = self._scatter_padding_mask(padding_mask)
+            decoder_input, attention_mask, padding_mask = self.fan_out(decoder_input, attention_mask, padding_mask)
         return super().forward(
             input_ids, position_ids, attention_mask, decoder_input, labels, *args, padding_mask=padding_mask, **kwargs
         )

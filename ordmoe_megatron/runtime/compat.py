@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import typing
 from typing import Any, Optional
 
 import megatron.core
 from megatron.core.optimizer import optimizer as _optimizer
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ordmoe_megatron.errors import OrdMoEError
 
@@ -101,8 +103,26 @@ LOAD_BALANCING_TYPES: tuple[str, ...] = ("aux_loss", "seq_aux_loss", "global_aux
     ("quantile_balancing",) if VERSION >= (0, 19, 0) else ()
 )
 
-# 0.18: the sqrtsoftplus score function (softplus, then square root; normalised like sigmoid).
-SCORE_FUNCTIONS: tuple[str, ...] = ("softmax", "sigmoid") + (("sqrtsoftplus",) if VERSION >= (0, 18, 0) else ())
+# The router score functions this megatron-core offers, read from its own ``TransformerConfig``
+# (``moe_router_score_function: Literal[...]``): softmax, sigmoid; 0.18 added sqrtsoftplus
+# (softplus, then square root; normalised like sigmoid). The tier router implements each of
+# them (``method.tiers.SCORE_FUNCTIONS``; ``tests/runtime/test_compat.py`` checks it).
+SCORE_FUNCTIONS: tuple[str, ...] = typing.get_args(
+    {f.name: f.type for f in dataclasses.fields(TransformerConfig)}["moe_router_score_function"]
+)
+
+
+def score_function_problem(name: str) -> Optional[str]:
+    """Why ``--moe-router-score-function name`` cannot run on this megatron-core (None if it can)."""
+    if name in SCORE_FUNCTIONS:
+        return None
+    offered = f"megatron-core {megatron.core.__version__} offers {', '.join(SCORE_FUNCTIONS)}"
+    if name == "sqrtsoftplus":
+        return (
+            f"--moe-router-score-function sqrtsoftplus needs megatron-core 0.18 or later ({offered}): "
+            "upgrade, or use one of those"
+        )
+    return f"--moe-router-score-function {name!r} is not a router score function ({offered}): use one of those"
 
 
 # --------------------------------------------------------------------------------------------

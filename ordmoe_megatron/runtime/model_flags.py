@@ -12,6 +12,7 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -28,7 +29,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.layers import has_dense_layers, parse_moe_layer_freq
-from ordmoe_megatron.runtime import bridges
+from ordmoe_megatron.runtime import bridges, compat
 
 __all__ = [
     "MODEL_FLAGS",
@@ -61,6 +62,7 @@ class Flag:
     help: str
     choices: Optional[tuple] = None
     cli: bool = True
+    check: Optional[Callable[[Any], Optional[str]]] = None  # a value's problem in words, or None
 
     @property
     def option(self) -> str:
@@ -87,7 +89,14 @@ MODEL_FLAGS: tuple = (
         False,
         "Softmax over all experts before top-k (no renormalisation); default is top-k then softmax.",
     ),
-    Flag("moe_router_score_function", "str", "softmax", "Router score function.", choices=("softmax", "sigmoid")),
+    Flag(
+        "moe_router_score_function",
+        "str",
+        "softmax",
+        "Router score function (those of the installed megatron-core).",
+        choices=compat.SCORE_FUNCTIONS,
+        check=compat.score_function_problem,
+    ),
     Flag("moe_router_topk_scaling_factor", "float", None, "Scale applied to routing weights."),
     Flag("moe_router_num_groups", "int", None, "Expert groups of group-limited routing (DeepSeek-V3's n_group)."),
     Flag("moe_router_group_topk", "int", None, "Groups each token may route to (DeepSeek-V3's topk_group)."),
@@ -142,6 +151,14 @@ _BY_NAME: Dict[str, Flag] = {f.name: f for f in MODEL_FLAGS}
 _MLA_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type")
 
 
+def _checked_arg(typ: Callable, check: Callable, text: str):
+    value = typ(text)
+    problem = check(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every CLI model flag to ``parser`` (an argument group named 'model architecture')."""
     group = parser.add_argument_group("model architecture")
@@ -152,6 +169,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             group.add_argument(f.option, action="store_true", default=f.default, help=f.help)
             continue
         typ: Callable = {"int": int, "float": float, "str": str, "freq": _moe_freq_arg}[f.kind]
+        if f.check is not None:
+            typ = functools.partial(_checked_arg, typ, f.check)
         group.add_argument(f.option, type=typ, default=f.default, choices=f.choices, help=f.help)
     return parser
 
@@ -179,6 +198,9 @@ def normalize_flags(flags: Dict[str, Any], where: str = "") -> Dict[str, Any]:
                     v = {"int": int, "float": float, "bool": bool}[f.kind](v)
                 except (TypeError, ValueError):
                     raise OrdMoEError(f"{where}model flag {f.name}={v!r} is not a valid {f.kind}") from None
+            problem = f.check(v) if f.check is not None else None
+            if problem:
+                raise OrdMoEError(f"{where}{problem}")
             if f.choices and v not in f.choices:
                 raise OrdMoEError(f"{where}model flag {f.name}={v!r} not in {f.choices}")
         out[f.name] = v

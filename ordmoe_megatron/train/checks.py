@@ -7,17 +7,19 @@ preset builds first.
 from __future__ import annotations
 
 import dataclasses
-import json
+import importlib.util
 import os
 import re
 from typing import Optional
+
+import torch
 
 from ordmoe_megatron.data import check_data_files, check_split_sizes
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.runtime import checkpointing
 from ordmoe_megatron.runtime.checkpointing import has_checkpoint
-from ordmoe_megatron.runtime.outputs import check_output, check_writable
+from ordmoe_megatron.runtime.outputs import check_output, check_writable, read_json_lines
 from ordmoe_megatron.train.build import transformer_config
 from ordmoe_megatron.train.config import SCHEDULE_FIELDS, RunConfig, baseline_config, flag_name, run_differences
 
@@ -37,6 +39,11 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
         problems.append(f"--expert-model-parallel-size={ep} (x expert TP) must divide data-parallel x TP = {dp * tp}")
     if tp > 1 and num_experts and not layout.sequence_parallel:
         problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+    if tp > 1 and gpu_without_fused_norms():
+        problems.append(
+            "--tensor-model-parallel-size > 1 on a GPU needs Transformer Engine or Apex (their "
+            "sequence-parallel norms; the bridge for them runs on the CPU only): install one, or use TP 1"
+        )
     if layout.sequence_parallel and tp == 1:
         problems.append(
             "--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits sequences over "
@@ -67,6 +74,14 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
     return problems
 
 
+def gpu_without_fused_norms() -> bool:
+    """A GPU run with neither Transformer Engine nor Apex: Megatron's torch norm refuses
+    sequence parallelism there."""
+    if not torch.cuda.is_available():
+        return False
+    return all(importlib.util.find_spec(name) is None for name in ("transformer_engine", "apex"))
+
+
 def check_values(config: RunConfig) -> None:
     """What no single flag's parser can see: values that must fit each other."""
     if config.min_lr > config.lr:
@@ -91,17 +106,14 @@ def check_model(config: RunConfig) -> None:
 
 
 def check_precision(config: RunConfig) -> None:
-    if config.fp8_format is None:
-        return
-    if not config.bf16:
-        raise OrdMoEError("--fp8-format needs --bf16 (FP8 GEMMs inside a BF16 model)")
-    try:
-        import transformer_engine  # noqa: F401  (only probed: FP8 needs it)
-    except ImportError:
+    """``--fp8-format`` is refused: the built-in trainer builds the local layer spec (no
+    Transformer Engine layers), so it would train in BF16 and say nothing."""
+    if config.fp8_format is not None:
         raise OrdMoEError(
-            "--fp8-format needs Transformer Engine on a GPU (pip install '.[te]' on the cluster); "
-            "drop the flag on this machine"
-        ) from None
+            f"--fp8-format {config.fp8_format}: ordmoe-pretrain builds no Transformer Engine layers, so it "
+            "cannot train in FP8; drop the flag (--bf16 trains in BF16), or train FP8 with Megatron-LM's "
+            "pretrain_gpt.py --ordmoe (docs/megatron_lm.md)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,8 +141,9 @@ def _iteration_dir(path: str) -> bool:
     return bool(re.fullmatch(r"iter_\d{7}|release", name)) or os.path.isfile(os.path.join(path, "metadata.json"))
 
 
-def plan_resume(config: RunConfig, world: int) -> ResumePlan:
-    """Check ``--load`` against this run before any work and say what the run will do with it."""
+def plan_resume(config: RunConfig, world: int, dry_run: bool = False) -> ResumePlan:
+    """Check ``--load`` against this run before any work and say what the run will do with it.
+    ``dry_run``: the checkpoint's pickled metadata (``.metadata``) is not read."""
     load, save = config.load, config.save
     if not load or (config.overwrite and load == save):
         return ResumePlan("new")  # --overwrite on its own outputs starts afresh
@@ -147,13 +160,15 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
             f"--load {load} holds no checkpoint (no {checkpointing.TRACKER}); point --load at the "
             "directory --save wrote, or leave --load out to start a new run"
         )
-    info = checkpointing.inspect_checkpoint(load, "--load")
+    info = checkpointing.inspect_checkpoint(load, "--load", read_tensors=not dry_run)
     checkpointing.check_compatible(load, config.model_flags, "--load")
     if info.iteration is None or config.finetune:
         notes = [f"starting from the weights in {info.path}"]
         means = any(TierRouter.is_running_mean(key) for key in info.tensors)
         average = config.ordmoe is not None and config.ordmoe.ranking == "average"
-        if average and not means:
+        if dry_run:
+            pass  # whether it holds running means is in .metadata, which a dry run does not read
+        elif average and not means:
             notes.append("the checkpoint has no running means of --ordmoe-ranking average: they start afresh")
         if means and not average:
             notes.append("the checkpoint's running means of --ordmoe-ranking average are not used here")
@@ -181,6 +196,14 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
             + (" (a new learning-rate schedule on purpose: --override-opt-param-scheduler)" if schedule else "")
             + "; to start a new run, use a fresh --save, or --overwrite to replace it"
         )
+    saved_ep = info.run.get("expert_model_parallel_size")
+    if saved_ep is not None and saved_ep != config.layout.expert:
+        raise OrdMoEError(
+            f"--load {load} was saved with --expert-model-parallel-size {saved_ep}, this run has "
+            f"{config.layout.expert}: the optimizer state does not reshard across expert-parallel sizes. "
+            f"Resume with --expert-model-parallel-size {saved_ep}, or pass --finetune to start from its "
+            "weights (they do reshard)"
+        )
     saved_world = info.run.get("world_size")
     load_rng = saved_world == world
     if load_rng:
@@ -204,16 +227,18 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
 # --------------------------------------------------------------------------------------------
 # outputs and data
 # --------------------------------------------------------------------------------------------
-def check_run(config: RunConfig, world: int, layers_per_virtual_stage: Optional[int]) -> ResumePlan:
-    """Every check a run makes before any work (``--dry-run`` makes the same); what it will do
-    with ``--load``."""
+def check_run(
+    config: RunConfig, world: int, layers_per_virtual_stage: Optional[int], dry_run: bool = False
+) -> ResumePlan:
+    """Every check a run makes before any work (``--dry-run`` makes the same, but leaves the
+    checkpoint's pickled ``.metadata`` unread); what it will do with ``--load``."""
     problems = layout_problems(config, world, layers_per_virtual_stage)
     if problems:
         raise OrdMoEError("impossible parallel layout: " + "; ".join(problems))
     check_values(config)
     check_precision(config)
     check_model(config)
-    plan = plan_resume(config, world)
+    plan = plan_resume(config, world, dry_run)
     check_outputs(config, plan, world)
     check_data(config)
     return plan
@@ -234,6 +259,7 @@ def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:
     ):
         if path:
             check_writable(path, flag, is_dir)
+    checkpointing.check_stale_saves(config.save, "--save")
     if (
         config.save
         and has_checkpoint(config.save)
@@ -261,11 +287,7 @@ def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:
 
 def metrics_of_other_runs(path: str, run_id: Optional[str]) -> str:
     """How the metrics file's lines that are not this run's are described ('' when there are none)."""
-    other = 0
-    with open(path) as f:
-        for line in f:
-            if line.strip() and json.loads(line).get("run_id") != run_id:
-                other += 1
+    other = sum(1 for record in read_json_lines(path, "--metrics-out") if record.get("run_id") != run_id)
     return f"{other} lines" if other else ""
 
 

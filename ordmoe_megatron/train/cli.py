@@ -20,7 +20,7 @@ from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.checkpointing import checkpoint_model_flags, has_checkpoint
 from ordmoe_megatron.runtime.distributed import ParallelLayout, world_size_from_env
 from ordmoe_megatron.runtime.model_flags import add_model_args, flags_from_args
-from ordmoe_megatron.train import checks, run
+from ordmoe_megatron.train import build, checks, run
 from ordmoe_megatron.train.config import RunConfig
 
 PRESETS = {
@@ -240,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preset_load(save: Optional[str], work_dir: str) -> str:
+    """A preset's ``--load`` when none is given: the user's ``--save`` (the run resumes what it
+    writes), else ``<work-dir>/checkpoints``."""
+    return save or os.path.join(work_dir, "checkpoints")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The flags with the preset's and the checkpoint's defaults under them."""
     parser = build_parser()
@@ -247,9 +253,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     preset = known.preset or (None if known.data_path or known.mock_data else "tiny")
     if preset:
         parser.set_defaults(**PRESETS[preset])
-    load = known.load or (
-        os.path.join(known.work_dir or PRESETS[preset]["work_dir"], "checkpoints") if preset else None
-    )
+    load = known.load or (preset_load(known.save, known.work_dir or PRESETS[preset]["work_dir"]) if preset else None)
     if has_checkpoint(load):
         # The checkpoint's model flags become the defaults; flags given here still win (and are
         # checked against the checkpoint before it is loaded).
@@ -263,6 +267,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """The typed configuration; raises ``OrdMoEError`` naming the flag for what cannot run."""
     if args.preset:
         work = args.work_dir
+        if args.load is None:
+            args.load = preset_load(args.save, work)
         for name, default in PRESET_OUTPUTS:
             if getattr(args, name) is None:
                 setattr(args, name, os.path.join(work, default))
@@ -310,7 +316,7 @@ def describe(config: RunConfig, plan: checks.ResumePlan) -> str:
     if cfg is None:
         lines.append("  OrdMoE off (--no-ordmoe): plain top-K")
         return "\n".join(lines)
-    shared = cfg.shared_prefix_layers(flags["num_layers"], flags["moe_layer_freq"], layout.pipeline > 1)
+    shared = cfg.shared_prefix_layers_of(build.transformer_config(config))
     lines += [
         "  " + line
         for line in cfg.describe_layout(
@@ -330,7 +336,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         config = run_config_from_args(args)
-        plan = checks.check_run(config, world_size_from_env(), args.num_layers_per_virtual_pipeline_stage)
+        plan = checks.check_run(
+            config, world_size_from_env(), args.num_layers_per_virtual_pipeline_stage, dry_run=args.dry_run
+        )
         if args.dry_run:
             print(describe(config, plan))
             return 0

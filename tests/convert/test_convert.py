@@ -10,8 +10,6 @@ saved in another parallel layout.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -276,6 +274,116 @@ def test_sharded_export_and_no_metadata_export(work):
 
 
 # ----------------------------------------------------------------------------------------------
+# Megatron-LM checkpoints: the flags from common.pt's args
+# ----------------------------------------------------------------------------------------------
+def _megatron_lm_variant(work, family, name, **args_edits):
+    """The converted checkpoint laid out as ``pretrain_gpt.py --save`` writes it: an iteration
+    directory named by the tracker, no model_args.json and no HF metadata, and the model's
+    arguments only in ``common.pt``'s ``args`` namespace, under Megatron-LM's names (with the enum
+    and signal values a real one holds, and arguments that are not the model's)."""
+    import argparse
+    import signal
+
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.enums import AttnBackend
+
+    src = _mcore_dir(work, family)
+    flags = mcore_io.read_model_args(src)
+    dst = str(work / f"mlm-{name}")
+    shutil.copytree(src, dst)
+    for meta in (mcore_io.MODEL_ARGS, mcore_io.HF_METADATA):
+        os.remove(os.path.join(dst, meta))
+    os.rename(os.path.join(dst, "release"), os.path.join(dst, "iter_0000004"))
+    with open(os.path.join(dst, mcore_io.TRACKER), "w") as fh:
+        fh.write("4")
+    args = {k: v for k, v in flags.items() if k not in ("disable_bias_linear", "norm_epsilon")}
+    if not args["group_query_attention"]:
+        args["num_query_groups"] = args["num_attention_heads"]  # what Megatron-LM's validation sets
+    args.update(
+        add_bias_linear=not flags["disable_bias_linear"],
+        layernorm_epsilon=flags["norm_epsilon"],
+        transformer_impl="local",
+        attention_backend=AttnBackend.auto,
+        model_type=ModelType.encoder_or_decoder,
+        exit_signal=signal.SIGTERM,
+        params_dtype=torch.float32,
+        lr=1e-3,
+        ordmoe=True,
+        ordmoe_num_tiers=3,
+    )
+    args.update(args_edits)
+    common = {"args": argparse.Namespace(**args), "checkpoint_version": 3.0, "iteration": 4}
+    torch.save(common, os.path.join(dst, "iter_0000004", "common.pt"))
+    return dst
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_megatron_lm_checkpoint_exports_with_its_own_flags(work, family):
+    """No model_args.json: the flags come from common.pt's args (add_bias_linear -> no biases,
+    layernorm_epsilon, query groups, the qkv bias, the shared expert, the dense layer); the export
+    equals the model it came from, and its files have plain modes under umask 022."""
+    src = _megatron_lm_variant(work, family, f"export-{family}")
+    out = str(work / f"mlm-hf-{family}")
+    old = os.umask(0o022)
+    try:
+        mcore_to_hf(src, out)
+    finally:
+        os.umask(old)
+    a, b = _tensors(_hf_dir(work, family)), _tensors(out)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _config(out)["model_type"] == family
+    assert _config(out)["rms_norm_eps"] == _config(_hf_dir(work, family))["rms_norm_eps"]
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    assert {f: os.stat(os.path.join(out, f)).st_mode & 0o777 for f in os.listdir(out)} == {
+        f: 0o644 for f in os.listdir(out)
+    }
+
+
+@pytest.mark.parametrize(
+    "edits,message",
+    [
+        (dict(transformer_impl="transformer_engine"), "trained with --transformer-impl transformer_engine: its layer"),
+        (dict(moe_grouped_gemm=True), "trained with --moe-grouped-gemm: grouped expert weights"),
+        (dict(squared_relu=True), "trained with --squared-relu: only GeLU and SwiGLU"),
+        (dict(add_bias_linear=True), "mixtral: model flag disable_bias_linear=False"),  # read, not dropped
+        (dict(normalization="LayerNorm1P"), r"normalization='LayerNorm1P' not in"),
+    ],
+)
+def test_megatron_lm_checkpoint_that_cannot_be_mapped_is_refused(work, edits, message):
+    src = _megatron_lm_variant(work, "mixtral", "refused-" + "-".join(edits), **edits)
+    out = _occupied(work, "outmlm-" + "-".join(edits))
+    with pytest.raises(OrdMoEError, match=message):
+        mcore_to_hf(src, out, force=True)
+    _assert_untouched(out)
+
+
+def test_megatron_lm_args_are_read_without_running_code(work, tmp_path):
+    """common.pt is read with weights_only=True: a global other than the namespace and plain
+    enums refuses the file, and nothing in it runs."""
+    import argparse
+
+    src = _megatron_lm_variant(work, "mixtral", "unsafe")
+    ran = tmp_path / "ran"
+    common = torch.load(os.path.join(src, "iter_0000004", "common.pt"), weights_only=False)
+    common["args"].hook = _Trap(str(ran))
+    torch.save(common, os.path.join(src, "iter_0000004", "common.pt"))
+    with pytest.raises(OrdMoEError, match=r"common.pt holds io.open, which is not read without running code"):
+        mcore_to_hf(src, str(work / "unsafe-hf"))
+    assert not ran.exists() and not os.path.exists(work / "unsafe-hf")
+    assert isinstance(common["args"], argparse.Namespace)
+
+
+class _Trap:
+    """Unpickling it would call open(path, "w")."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# ----------------------------------------------------------------------------------------------
 # bad inputs: clear error, existing outputs untouched
 # ----------------------------------------------------------------------------------------------
 def _occupied(work, name):
@@ -331,8 +439,60 @@ def _truncate(dst):
         fh.truncate(size - 100)
 
 
+def _edit_header(edit):
+    """A ``post`` step: rewrite model.safetensors' JSON header with ``edit(header) -> header``."""
+
+    def post(dst):
+        path = os.path.join(dst, "model.safetensors")
+        raw = open(path, "rb").read()
+        length = int.from_bytes(raw[:8], "little")
+        header = edit(json.loads(raw[8 : 8 + length]))
+        text = json.dumps(header).encode()
+        open(path, "wb").write(len(text).to_bytes(8, "little") + text + raw[8 + length :])
+
+    return post
+
+
+def _drop_offsets(header):
+    del header["model.embed_tokens.weight"]["data_offsets"]
+    return header
+
+
+def _alias(header):
+    first, second = (header[f"model.layers.{layer}.self_attn.q_proj.weight"] for layer in (0, 1))
+    second["data_offsets"] = list(first["data_offsets"])
+    return header
+
+
+def _index_outside(dst):
+    names = list(_tensors(dst))
+    index = {"metadata": {}, "weight_map": {n: "../elsewhere/model.safetensors" for n in names}}
+    json.dump(index, open(os.path.join(dst, "model.safetensors.index.json"), "w"))
+
+
 L1K = "model.layers.1.self_attn.k_proj.weight"
 BAD_HF = {
+    "header-without-offsets": (
+        "mixtral",
+        dict(),
+        _edit_header(_drop_offsets),
+        "lacks a valid dtype, shape or data_offsets",
+    ),
+    "header-list": ("mixtral", dict(), _edit_header(lambda h: list(h)), "its header is a list, not an object"),
+    "aliased-bytes": ("mixtral", dict(), _edit_header(_alias), "share bytes"),
+    "weight-map-outside": ("mixtral", dict(), _index_outside, "outside .*shards must be files in the checkpoint"),
+    "topk-above-experts": (
+        "mixtral",
+        dict(config_edit=lambda c: c.update(num_experts_per_tok=99)),
+        None,
+        "num_experts_per_tok=99 must be between 1 and the number of experts",
+    ),
+    "topk-zero": (
+        "mixtral",
+        dict(config_edit=lambda c: c.update(num_experts_per_tok=0)),
+        None,
+        "num_experts_per_tok=0 must be between 1",
+    ),
     "truncated": ("mixtral", dict(), _truncate, "truncated"),
     "missing-tensor": ("mixtral", dict(tensor_edit=lambda t: t.pop(L1K)), None, L1K),
     "wrong-shape": (
@@ -486,25 +646,22 @@ def test_bad_mcore_input_fails_clearly(work, case):
 # ----------------------------------------------------------------------------------------------
 # CLIs
 # ----------------------------------------------------------------------------------------------
-def _tool(name, *args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", name), *args], capture_output=True, text=True, timeout=300, env=env
-    )
+def test_ordmoe_convert_both_ways(work, capsys):
+    """``ordmoe-convert`` (convert/cli.py's main, what the console script and tools/ call)."""
+    from ordmoe_megatron.convert.cli import main
 
-
-def test_cli_tools(work):
     hf = _hf_dir(work, "mixtral")
     out = str(work / "cli-mcore")
-    proc = _tool("hf_to_mcore.py", "--hf-dir", hf, "--out", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--num-experts 4 --moe-router-topk 2" in proc.stdout
-    assert "--untie-embeddings-and-output-weights" in proc.stdout
-    again = _tool("hf_to_mcore.py", "--hf-dir", hf, "--out", out)
-    assert again.returncode == 2 and "already exists; pass --force" in again.stderr
+    assert main(["hf-to-mcore", "--hf-dir", hf, "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "--num-experts 4 --moe-router-topk 2" in printed
+    assert "--untie-embeddings-and-output-weights" in printed
+    assert main(["hf-to-mcore", "--hf-dir", hf, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ordmoe-convert: error: output ")
+    assert err[-1].endswith("already exists; pass --force to replace it")
     back = str(work / "cli-hf")
-    proc = _tool("mcore_to_hf.py", "--mcore-dir", out, "--out", back)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["mcore-to-hf", "--mcore-dir", out, "--out", back]) == 0
     a, b = _tensors(hf), _tensors(back)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -605,3 +762,39 @@ def test_import_streams_tensors_through_disk(tmp_path):
         mapped = spill_to_disk(tensor, str(tmp_path), 0 if dtype == torch.float32 else 1)
         assert torch.equal(mapped, tensor) and mapped.dtype == dtype
         assert mapped.untyped_storage().filename.startswith(str(tmp_path))
+
+
+@pytest.mark.one_version
+def test_families_read_moe_layers_through_method_layers():
+    """The Qwen layer rule writes the dense layers that method.layers.moe_layer_pattern names (and
+    reads them back); Mixtral's (MoE in every layer) refuses dense layers; bad patterns get
+    method.layers' refusal."""
+    from ordmoe_megatron.convert.families import _all_moe_layers, _qwen_layer_pattern
+    from ordmoe_megatron.method.layers import moe_layer_pattern
+
+    qwen, mixtral = _qwen_layer_pattern(), _all_moe_layers()
+    for freq in (2, [1, 1, 0, 1], 1):
+        hf = qwen.to_hf(dict(num_layers=4, moe_layer_freq=freq))
+        pattern = moe_layer_pattern(4, freq)
+        assert hf == {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, p in enumerate(pattern) if not p]}
+        assert qwen.to_flags(dict(hf, num_hidden_layers=4))["moe_layer_freq"] == (1 if all(pattern) else pattern)
+    assert mixtral.to_hf(dict(num_layers=4, moe_layer_freq=1)) == {}
+    with pytest.raises(ConversionError, match="puts dense layers in"):
+        mixtral.to_hf(dict(num_layers=4, moe_layer_freq=2))
+    with pytest.raises(OrdMoEError, match="pattern has 3 entries for 4 layers"):
+        qwen.to_hf(dict(num_layers=4, moe_layer_freq=[1, 0, 1]))
+
+
+@pytest.mark.one_version
+def test_one_table_of_families_validates_and_dispatches():
+    from ordmoe_megatron.convert import FAMILIES, REFUSED, get_family
+
+    assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe"} and not set(FAMILIES) & set(REFUSED)
+    for model_type, family in FAMILIES.items():
+        assert get_family(model_type) is family and family.model_type == model_type
+    for model_type, reason in REFUSED.items():
+        with pytest.raises(ConversionError, match=f"model_type {model_type!r} is refused: ") as refused:
+            get_family(model_type)
+        assert reason in str(refused.value)
+    with pytest.raises(ConversionError, match="not in the mapping tables .supported: mixtral, qwen2_moe, qwen3_moe"):
+        get_family("llama")

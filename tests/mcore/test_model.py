@@ -41,6 +41,15 @@ def test_precomputed_decoder_input_gives_the_same_paths(megatron_single_process)
     assert torch.equal(from_ids, from_embeddings)
 
 
+def test_packed_sequences_are_refused(megatron_single_process):
+    from ordmoe_megatron.errors import OrdMoEError
+
+    model = tiny_model(OrdMoEConfig(num_tiers=3))
+    b = tiny_batch(1)
+    with pytest.raises(OrdMoEError, match="packed sequences .* not supported with OrdMoE yet"):
+        model(b["tokens"], b["position_ids"], None, labels=b["labels"], packed_seq_params=object())
+
+
 def test_partial_layer_scope_leaves_paths_identical_before_the_first_scoped_layer(megatron_single_process):
     model = tiny_model(OrdMoEConfig(num_tiers=3, layer_scope="3", lazy_fanout=False))
     captured = {}

@@ -70,6 +70,11 @@ CONFIG_ERRORS = [
     (dict(objective="pairwise-logistic", logprob_floor="vocab"), "drop the floor"),
     (dict(beta=0.0), "--ordmoe-beta"),
     (dict(beta=float("inf")), "--ordmoe-beta"),
+    (dict(logprob_floor="nan"), "--ordmoe-logprob-floor=nan must be a finite log-likelihood"),
+    (dict(logprob_floor=float("-inf")), "--ordmoe-logprob-floor=-inf must be a finite"),
+    (dict(beta=2.0), "--ordmoe-objective advantage ignores it"),
+    (dict(num_tiers=1, objective="plackett-luce"), "--ordmoe-num-tiers=1 is plain top-K"),
+    (dict(num_tiers=1, lower_path_fraction=0.5), "--ordmoe-lower-path-fraction=0.5 would be ignored"),
     (dict(path_schedule="interleaved"), "--ordmoe-path-schedule"),
     (dict(lower_path_fraction=0.0), "--ordmoe-lower-path-fraction"),
     (dict(lower_path_fraction=1.5), "--ordmoe-lower-path-fraction"),
@@ -88,6 +93,10 @@ MODEL_ERRORS = [
     (dict(grouping="explicit", tier_ranks="1-2,3-4,17-18"), dict(), "outside 1-16"),
     (dict(layer_scope="5"), dict(), "the model has layers 1-4"),
     (dict(), dict(moe_expert_capacity_factor=1.0), "--moe-expert-capacity-factor"),
+    (dict(), dict(overlap_moe_expert_parallel_comm=True), "--overlap-moe-expert-parallel-comm"),
+    (dict(), dict(tp_comm_overlap=True), "--tp-comm-overlap"),
+    (dict(), dict(cuda_graph_impl="local"), "CUDA graphs"),
+    (dict(), dict(enable_cuda_graph=True), "CUDA graphs"),
     (dict(path_schedule="sequential"), dict(moe_input_jitter_eps=0.01), "--moe-input-jitter-eps"),
     (dict(lower_path_fraction=0.5), dict(moe_input_jitter_eps=0.01), "--moe-input-jitter-eps"),
     (dict(), dict(moe_router_load_balancing_type="sinkhorn"), "sinkhorn"),
@@ -101,6 +110,7 @@ MODEL_ERRORS = [
     (dict(), dict(moe_router_force_biased=0.5), "--moe-router-force-biased"),
     (dict(), dict(transformer_impl="inference_optimized"), "--transformer-impl inference_optimized"),
     (dict(path_schedule="sequential"), dict(recompute_granularity="selective"), "--recompute-granularity"),
+    (dict(), dict(moe_router_score_function="cosine"), "--moe-router-score-function cosine is not one the tier"),
 ]
 
 
@@ -145,6 +155,17 @@ def test_sequential_schedule_runs_every_layer_on_every_path():
     assert OrdMoEConfig(layer_scope="4", path_schedule="sequential").shared_prefix_layers(4, 1) == 0
 
 
+def test_the_lazy_fanout_reads_a_model_config_or_megatron_lm_args_in_one_place():
+    """Pipeline stages and full recompute move the fan-out to the embedding, wherever it is asked."""
+    cfg = OrdMoEConfig(layer_scope="3-4")
+    model = dict(num_layers=4, moe_layer_freq=1, pipeline_model_parallel_size=1, recompute_granularity=None)
+    assert cfg.shared_prefix_layers_of(SimpleNamespace(**model)) == 2
+    assert cfg.shared_prefix_layers_of(SimpleNamespace(**dict(model, recompute_granularity="selective"))) == 2
+    assert cfg.shared_prefix_layers_of(SimpleNamespace(**dict(model, recompute_granularity="full"))) == 0
+    assert cfg.shared_prefix_layers_of(SimpleNamespace(**dict(model, pipeline_model_parallel_size=2))) == 0
+    assert cfg.shared_prefix_layers_of(SimpleNamespace(**dict(model, moe_layer_freq=[0, 0, 0, 1]))) == 3
+
+
 def test_sequential_sub_sampling_with_two_stages_and_virtual_stages_is_refused():
     cfg = OrdMoEConfig(path_schedule="sequential", lower_path_fraction=0.5)
     with pytest.raises(ValueError, match="mis-pairs"):
@@ -152,3 +173,42 @@ def test_sequential_sub_sampling_with_two_stages_and_virtual_stages_is_refused()
     cfg.check_pipeline(4, pipeline=2, virtual_stages=False)  # 1F1B: fine
     cfg.check_pipeline(4, pipeline=4, virtual_stages=True)  # the previous and next stage differ: fine
     OrdMoEConfig(lower_path_fraction=0.5).check_pipeline(4, pipeline=2, virtual_stages=True)  # fused: one shape
+
+
+def test_each_variant_family_is_one_table_that_validates_and_dispatches():
+    """Groupings, advantage modes and objectives: OrdMoEConfig's Literal choices are the table's
+    names, and every name the config accepts is computed by the table's entry."""
+    import torch
+
+    from ordmoe_megatron.method import ADVANTAGE_MODES, GROUPINGS, OBJECTIVES, rank_advantages, rank_loss, tier_ranks
+    from ordmoe_megatron.method.config import literal_choices
+
+    choices = literal_choices()
+    assert choices["grouping"] == tuple(GROUPINGS)
+    assert choices["advantage"] == tuple(ADVANTAGE_MODES)
+    assert choices["objective"] == tuple(OBJECTIVES)
+    for name, grouping in GROUPINGS.items():
+        ranks = "1-2,5-6,15-16" if grouping.ranks is None else None
+        cfg = OrdMoEConfig(grouping=name, tier_ranks=ranks)
+        expected = [[1, 2], [5, 6], [15, 16]] if grouping.ranks is None else grouping.ranks(16, 2, 3)
+        assert cfg.tiers(16, 2) == tier_ranks(16, 2, 3, name, ranks) == expected
+    assert GROUPINGS["uniform"].ranks(16, 2, 3) == [[1, 2], [7, 8], [15, 16]]  # the paper's spread
+    assert GROUPINGS["high-only"].ranks(16, 2, 3) == [[1, 2], [3, 4], [5, 6]]
+    assert [name for name, g in GROUPINGS.items() if g.shuffled] == ["random"]
+    rewards = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    for mode, advantages in ADVANTAGE_MODES.items():
+        assert torch.equal(rank_advantages(rewards, mode), advantages(rewards).float())
+    torch.testing.assert_close(rank_advantages(rewards, "zscore"), torch.tensor([1.2247449, 0.0, -1.2247449]))
+    logprobs = torch.tensor([[-1.0, -2.0], [-1.5, -2.5], [-3.0, -2.0]], dtype=torch.float64)
+    for name, objective in OBJECTIVES.items():
+        kwargs = OrdMoEConfig(objective=name).objective_kwargs(vocab_size=64)
+        loss = rank_loss(logprobs, name, **kwargs)
+        by_entry = objective.loss(logprobs, kwargs["rewards"], kwargs["mode"], kwargs["floor"], kwargs["beta"], "mean")
+        assert torch.equal(loss, by_entry)
+        assert OrdMoEConfig(objective=name).linear_objective == objective.linear
+    with pytest.raises(ValueError, match="--ordmoe-objective='dpo' is not one of advantage, pairwise-logistic"):
+        rank_loss(logprobs, "dpo")
+    with pytest.raises(ValueError, match="--ordmoe-advantage='softmax' is not one of zscore, center, raw"):
+        rank_advantages(rewards, "softmax")
+    with pytest.raises(ValueError, match="--ordmoe-grouping='spread' is not one of uniform, high-only"):
+        tier_ranks(16, 2, 3, "spread")

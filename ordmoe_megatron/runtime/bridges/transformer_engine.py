@@ -5,6 +5,11 @@ gating GEMM but defines it only when Transformer Engine imports; without TE (on 
 first router call raises a NameError. Defined as ``None`` so the plain ``torch.mm`` fallback runs
 (0.17 on define it as ``None`` themselves).
 
+``CLIPViTModel``'s norms -- without TE its ``ln_pre``/``ln_post`` default to ``torch.nn.LayerNorm``,
+which it then builds with Megatron's norm arguments (``config=``): a TypeError, so no CLIP ViT
+(nor ``LLaVAModel``) can be built. Defaulted to ``WrappedTorchNorm``, Megatron's torch norm that
+takes those arguments (the same ``torch.nn.LayerNorm`` inside).
+
 ``multi_latent_attention.HAVE_TE`` -- megatron-core 0.16's extensions module imports without
 Transformer Engine, with mock stand-ins for its classes, so MLA believes TE is there and its
 ``isinstance(..., TELinear)`` fails on the mock: set to False when ``TELinear`` is not a class.
@@ -20,21 +25,26 @@ state dict is unchanged.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Optional
 
+import megatron.core.models.vision.clip_vit_model as clip_vit_model
 import megatron.core.transformer.moe.moe_utils as moe_utils
 import megatron.core.transformer.multi_latent_attention as multi_latent_attention
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-from ordmoe_megatron.runtime.bridges.guards import BridgeError
+from ordmoe_megatron.runtime.bridges.guards import BridgeError, check_params
 
 
 def bridge_missing_transformer_engine() -> None:
     """Whenever Transformer Engine is absent, on a GPU too (``bridges.enable()`` calls it)."""
+    _bridge_vision_norm()
     if multi_latent_attention.HAVE_TE and not isinstance(multi_latent_attention.TELinear, type):
         multi_latent_attention.HAVE_TE = False  # a mock stand-in, not Transformer Engine's class
     if hasattr(moe_utils, "te_general_gemm"):
@@ -44,6 +54,26 @@ def bridge_missing_transformer_engine() -> None:
             "bridges: moe_utils.te_general_gemm missing but HAVE_TE is not False; unexpected megatron-core"
         )
     moe_utils.te_general_gemm = None
+
+
+def _bridge_vision_norm() -> None:
+    init = clip_vit_model.CLIPViTModel.__init__
+    if clip_vit_model.NORM_IMPL is not torch.nn.LayerNorm or init.__defaults__ is None:
+        return  # Transformer Engine's TENorm, or already bridged
+    check_params(
+        init,
+        (
+            "self",
+            "transformer_config",
+            "transformer_layer_spec",
+            "ln_pre_impl",
+            "ln_post_impl",
+            *tuple(inspect.signature(init).parameters)[5:],
+        ),
+        "CLIPViTModel.__init__",
+    )
+    init.__defaults__ = tuple(WrappedTorchNorm if d is torch.nn.LayerNorm else d for d in init.__defaults__)
+    clip_vit_model.NORM_IMPL = WrappedTorchNorm
 
 
 class LocalMLACoreAttention(MegatronModule):
