@@ -789,7 +789,7 @@ def test_families_read_moe_layers_through_method_layers():
 def test_one_table_of_families_validates_and_dispatches():
     from ordmoe_megatron.convert import FAMILIES, REFUSED, get_family
 
-    assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe"} and not set(FAMILIES) & set(REFUSED)
+    assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"} and not set(FAMILIES) & set(REFUSED)
     for model_type, family in FAMILIES.items():
         assert get_family(model_type) is family and family.model_type == model_type
     for model_type, reason in REFUSED.items():
