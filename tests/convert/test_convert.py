@@ -796,5 +796,7 @@ def test_one_table_of_families_validates_and_dispatches():
         with pytest.raises(ConversionError, match=f"model_type {model_type!r} is refused: ") as refused:
             get_family(model_type)
         assert reason in str(refused.value)
-    with pytest.raises(ConversionError, match="not in the mapping tables .supported: mixtral, qwen2_moe, qwen3_moe"):
+    with pytest.raises(
+        ConversionError, match="not in the mapping tables .supported: glm4_moe, mixtral, qwen2_moe, qwen3_moe"
+    ):
         get_family("llama")
