@@ -57,9 +57,9 @@ PRESETS = {
 }
 # The paper's second model (Ling-mini-2.0) and DeepSeek-V3 in miniature: 16 experts in 4 groups
 # (each token's top-2 from 2 groups), sigmoid scores with the expert bias (aux-loss-free
-# balancing) and a scaling factor, one shared expert, a first
-# dense layer and one multi-token-prediction layer. MLA is left out: megatron-core's MLA needs
-# Transformer Engine's attention (its local DotProductAttention takes no k_channels).
+# balancing) and a scaling factor, one shared expert, a first dense layer, one
+# multi-token-prediction layer and multi-latent attention (its core attention bridged without
+# Transformer Engine: runtime/bridges/transformer_engine.py).
 PRESETS["tiny-deepseek"] = dict(
     PRESETS["tiny"],
     num_experts=16,
@@ -74,6 +74,13 @@ PRESETS["tiny-deepseek"] = dict(
     moe_layer_freq=[0, 1, 1, 1],
     mtp_num_layers=1,
     mtp_loss_scaling_factor=0.3,
+    multi_latent_attention=True,
+    q_lora_rank=64,
+    kv_lora_rank=32,
+    qk_head_dim=32,
+    qk_pos_emb_head_dim=16,
+    v_head_dim=32,
+    rope_type="rope",
     train_iters=100,
     eval_interval=50,
     work_dir="runs/tiny-deepseek",
@@ -141,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="A complete embedded run; 'tiny' is the default when no data is named; 'tiny-deepseek' is "
         "the DeepSeek-V3 / Ling-2.0 style (group-limited sigmoid routing with expert bias, a shared "
-        "expert, a first dense layer, MTP).",
+        "expert, a first dense layer, MTP, MLA).",
     )
     parser.add_argument("--work-dir", default=None, help="Where a preset keeps its data, checkpoints and outputs.")
     parser.add_argument(

@@ -33,7 +33,7 @@ VOCAB, SEQ, BATCH = 96, 12, 2
 
 
 def _configs():
-    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import Glm4MoeConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     common = dict(
         vocab_size=VOCAB,
@@ -70,6 +70,26 @@ def _configs():
             norm_topk_prob=True,
             tie_word_embeddings=True,
         ),
+        # DeepSeek-V3 routing (sigmoid + e_score_correction_bias, 2 groups of 4 experts, top-2 from
+        # one group, scaled), a shared expert, a first dense layer, q/k/v bias, per-head q/k norm,
+        # RoPE on half of each head
+        "glm4_moe": lambda: Glm4MoeConfig(
+            **common,
+            intermediate_size=40,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            use_qk_norm=True,
+            attention_bias=True,
+            head_dim=24,
+            num_nextn_predict_layers=0,
+        ),
     }
 
 
@@ -82,6 +102,9 @@ def _randomize(model, seed):
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.15 * noise)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # the expert bias moves the top-k choice
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
 def _tokens(seed=0):
@@ -812,5 +835,7 @@ def test_one_table_of_families_validates_and_dispatches():
         with pytest.raises(ConversionError, match=f"model_type {model_type!r} is refused: ") as refused:
             get_family(model_type)
         assert reason in str(refused.value)
-    with pytest.raises(ConversionError, match="not in the mapping tables .supported: mixtral, qwen2_moe, qwen3_moe"):
+    with pytest.raises(
+        ConversionError, match="not in the mapping tables .supported: glm4_moe, mixtral, qwen2_moe, qwen3_moe"
+    ):
         get_family("llama")

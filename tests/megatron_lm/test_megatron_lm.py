@@ -897,3 +897,28 @@ def test_cpu_training_sequential_paths_equal_fused_under_pipeline_parallelism(ca
     for it in (1, 2):
         for key in ("lm loss", "path1 nll", "path2 nll", "path3 nll", "load_balancing_loss", "grad norm"):
             assert sequential[it][key] == pytest.approx(fused[it][key], rel=1e-5), (it, key)
+
+
+# DeepSeek-V3 / Ling-2.0 style: group-limited sigmoid routing with the expert bias and a scaling
+# factor, a shared expert, one MTP layer (on the last pipeline stage).
+DEEPSEEK_FLAGS = (
+    "--num-experts 16 --moe-router-num-groups 4 --moe-router-group-topk 2 --moe-router-score-function sigmoid "
+    "--moe-router-enable-expert-bias --moe-router-topk-scaling-factor 2.5 --moe-shared-expert-intermediate-size 64 "
+    "--mtp-num-layers 1 --mtp-loss-scaling-factor 0.3"
+).split()
+
+
+@needs_megatron_lm
+@pytest.mark.one_version
+def test_cpu_training_deepseek_style_with_mtp_on_the_last_pipeline_stage(can_train, tmp_path):
+    """Megatron-LM's own loop accepts group-limited routing, the expert bias, a shared expert and
+    MTP with --ordmoe; on two pipeline stages (MTP on the last) the sequential schedule gives the
+    fused run's losses, MTP's among them (path 1's alone)."""
+    flags = ["--pipeline-model-parallel-size", "2", *DEEPSEEK_FLAGS, "--ordmoe"]
+    fused, _ = _train(EXAMPLE, tmp_path, *flags, nproc=2)
+    sequential, _ = _train(EXAMPLE, tmp_path, *flags, "--ordmoe-path-schedule", "sequential", nproc=2)
+    assert sorted(sequential) == [1, 2]
+    for it in (1, 2):
+        assert "mtp_1 loss" in fused[it]
+        for key in ("lm loss", "path1 nll", "path3 nll", "mtp_1 loss", "grad norm"):
+            assert sequential[it][key] == pytest.approx(fused[it][key], rel=1e-5), (it, key)
