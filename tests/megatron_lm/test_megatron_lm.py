@@ -423,6 +423,11 @@ def fake_training(monkeypatch):
         ("megatron.training.global_vars", global_vars),
     ):
         monkeypatch.setitem(sys.modules, name, module)
+    # ``import megatron.training.training`` reads the parent package's attribute first: where a real
+    # megatron.training was imported earlier (the megatron-core 0.19 wheel ships one), replace it too.
+    import megatron
+
+    monkeypatch.setattr(megatron, "training", package, raising=False)
     yield training, global_vars
     megatron_lm.uninstall()
 
