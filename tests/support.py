@@ -4,7 +4,7 @@
   ``run_pretrain`` (``ordmoe-pretrain`` as a user runs it), ``read_metrics``;
 - devices: ``on_device``;
 - megatron-core's MoE auxiliary-loss tracker: ``moe_aux_loss_values``, ``reset_moe_aux_losses``;
-- a tiny GPT-MoE: ``tiny_config``, ``tiny_model``, ``tiny_batch`` / ``tiny_batches``,
+- a tiny GPT-MoE: ``tiny_config``, ``tiny_model``, ``tiny_batch`` / ``tiny_batches``, ``packed_batch``,
   ``ordmoe_schedule_step`` (one step of the OrdMoE schedule), ``single_tier_and_plain_training``.
 
 Tests that are CPU by design (gloo processes, bit-for-bit reproducibility on the CPU's kernels)
@@ -254,9 +254,10 @@ def tiny_config(**extra):
     return TransformerConfig(**kwargs)
 
 
-def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, **extra):
+def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, packed: bool = False, **extra):
     """A plain ``GPTModel`` (``ordmoe=None``) or an ``OrdMoEGPTModel`` of ``tiny_config(**extra)``,
-    on this process's device; the same seed gives the same weights either way."""
+    on this process's device; the same seed gives the same weights either way. ``packed``: its
+    local attention also runs THD packed sequences (``runtime.packed_attention``)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -265,6 +266,10 @@ def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, **extra):
 
     config = tiny_config(**extra)
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+    if packed:
+        from ordmoe_megatron.runtime.packed_attention import packed_attention_spec
+
+        spec = packed_attention_spec(spec)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     if ordmoe is None:
@@ -282,6 +287,18 @@ def tiny_batch(seed: int = 0, batch: int = BATCH, masked: float = 0.3) -> dict:
     return {k: v.to(device()) for k, v in out.items()}
 
 
+def packed_batch(batch: dict) -> dict:
+    """``batch``'s rows as documents packed into one THD row: ``packed_seq_params`` with their
+    ``cu_seqlens``, position ids restarting per document."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    rows, seq = batch["tokens"].shape
+    cu = torch.arange(0, (rows + 1) * seq, seq, dtype=torch.int32, device=batch["tokens"].device)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq, max_seqlen_kv=seq)
+    one_row = {k: v.reshape(1, -1) for k, v in batch.items()}
+    return dict(one_row, packed_seq_params=params)
+
+
 def tiny_batches(count: int, seed: int = 0) -> list:
     """``count`` micro-batches of ``SCHEDULE_BATCH`` sequences, for the schedule tests."""
     return [tiny_batch(seed + i, SCHEDULE_BATCH, masked=0.2) for i in range(count)]
@@ -292,7 +309,7 @@ def lm_forward_step(data_iterator, model):
     from ordmoe_megatron.mcore.loss import lm_loss
 
     b = next(data_iterator)
-    out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+    out = model(b["tokens"], b["position_ids"], None, labels=b["labels"], packed_seq_params=b.get("packed_seq_params"))
     return out, functools.partial(lm_loss, b["loss_mask"])
 
 
@@ -317,7 +334,7 @@ def ordmoe_schedule_step(model, cfg: OrdMoEConfig, batches: list, per_token=Fals
         forward_only=forward_only,
     )
     assert model.config.grad_scale_func is scale_func  # the sequential schedule's scaling is undone
-    assert model.path_tiers == [0, 1, 2] and model.path_rows is None
+    assert model.path_tiers == list(range(cfg.num_tiers)) and model.path_rows is None
     grads = None if forward_only else {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return reports, grads
 
