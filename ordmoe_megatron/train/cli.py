@@ -55,6 +55,26 @@ PRESETS = {
         ordmoe_logprob_floor="vocab",
     ),
 }
+# Fine-tuning on the checkable tiny-sft tasks (data/sft.py), from scratch: its own tokenizer and
+# data; sized so that plain SFT gets some held-out answers right and not all (docs/sft.md).
+PRESETS["tiny-sft"] = dict(
+    PRESETS["tiny"],
+    num_layers=2,
+    hidden_size=96,
+    ffn_hidden_size=192,
+    moe_ffn_hidden_size=96,
+    seq_length=64,
+    max_position_embeddings=64,
+    micro_batch_size=16,
+    global_batch_size=32,
+    train_iters=300,
+    lr=3e-3,
+    min_lr=3e-4,
+    eval_interval=None,
+    eval_iters=2,
+    work_dir="runs/tiny-sft",
+    sft_pack=True,
+)
 # The model the flags describe when no preset is used (as small as a useful test).
 DEFAULT_MODEL = dict(
     num_layers=4,
@@ -116,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="A complete embedded run; 'tiny' is the default when no data is named.",
+        help="A complete embedded run; 'tiny' is the default when no data is named; 'tiny-sft' "
+        "fine-tunes on checkable instruction / answer tasks (docs/sft.md).",
     )
     parser.add_argument("--work-dir", default=None, help="Where a preset keeps its data, checkpoints and outputs.")
     parser.add_argument(
@@ -145,8 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--valid-data-path", default=None, help="Prefix of validation data (else --split of --data-path)."
     )
     data.add_argument("--split", default="969,30,1")
-    data.add_argument("--tokenizer-model", default=None, help="SentencePiece model that made the data files.")
+    data.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="SentencePiece model that made the data files; with --sft-data also a Hugging Face tokenizer directory.",
+    )
     data.add_argument("--mock-data", action="store_true", help="Synthetic token streams, no files.")
+    data.add_argument(
+        "--sft-data",
+        default=None,
+        help="Fine-tune on chat data: JSONL with 'messages' (system/user/assistant); loss on the answers only.",
+    )
+    data.add_argument("--sft-valid-data", default=None, help="Validation chats (else the last 5%% of --sft-data).")
+    data.add_argument(
+        "--sft-pack",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Pack each micro-batch's conversations into one row (THD, cu_seqlens), as Megatron-LM's --sft does.",
+    )
     train = parser.add_argument_group("training")
     train.add_argument("--train-iters", type=NON_NEGATIVE, default=200)
     train.add_argument("--micro-batch-size", type=POSITIVE, default=4)
@@ -212,7 +249,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The flags with the preset's and the checkpoint's defaults under them."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    preset = known.preset or (None if known.data_path or known.mock_data else "tiny")
+    preset = known.preset or (None if known.data_path or known.mock_data or known.sft_data else "tiny")
     if preset:
         parser.set_defaults(**PRESETS[preset])
     load = known.load or (
@@ -236,6 +273,12 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
                 setattr(args, name, os.path.join(work, default))
     elif args.data_path and not args.tokenizer_model:
         raise OrdMoEError("--data-path needs --tokenizer-model (the SentencePiece model that made it)")
+    elif args.sft_data and not args.tokenizer_model:
+        raise OrdMoEError(
+            "--sft-data needs --tokenizer-model (a SentencePiece model or a Hugging Face tokenizer directory)"
+        )
+    if args.sft_data and (args.data_path or args.mock_data):
+        raise OrdMoEError("--sft-data is the training data: drop --data-path / --mock-data")
     vstage = args.num_layers_per_virtual_pipeline_stage
     pp = args.pipeline_model_parallel_size
     ordmoe = ordmoe_config_from_args(args)

@@ -53,7 +53,7 @@ def exact_match_accuracy(model, tokenizer, tasks: list[dict], max_new_tokens: in
                 chunk = group[start : start + 64]
                 outputs = greedy_complete(model, [ids for _, ids in chunk], max_new_tokens, newline_ids)
                 for (task, _), out in zip(chunk, outputs):
-                    kind = task_kind(task["prompt"])
+                    kind = task.get("kind") or task_kind(task["prompt"])
                     total[kind] += 1
                     correct[kind] += int(exact_match(tokenizer.detokenize(out), task["answer"]))
     finally:
