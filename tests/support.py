@@ -5,6 +5,7 @@
 - devices: ``on_device``;
 - megatron-core's MoE auxiliary-loss tracker: ``moe_aux_loss_values``, ``reset_moe_aux_losses``;
 - a tiny GPT-MoE: ``tiny_config``, ``tiny_model``, ``tiny_batch`` / ``tiny_batches``, ``packed_batch``,
+  ``hf_char_tokenizer``,
   ``ordmoe_schedule_step`` (one step of the OrdMoE schedule), ``single_tier_and_plain_training``.
 
 Tests that are CPU by design (gloo processes, bit-for-bit reproducibility on the CPU's kernels)
@@ -297,6 +298,18 @@ def packed_batch(batch: dict) -> dict:
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq, max_seqlen_kv=seq)
     one_row = {k: v.reshape(1, -1) for k, v in batch.items()}
     return dict(one_row, packed_seq_params=params)
+
+
+def hf_char_tokenizer(directory) -> str:
+    """A character-level Hugging Face tokenizer saved in ``directory`` (no download); its path."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<eos>", "<unk>"] + sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:\n"))
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(directory)
+    return str(directory)
 
 
 def tiny_batches(count: int, seed: int = 0) -> list:
