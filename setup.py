@@ -55,14 +55,17 @@ setup(
         "convert": ["transformers", "safetensors"],
         "test": ["pytest", "transformers", "safetensors", "ruff==0.17.6"],
         "te": ["transformer-engine[pytorch]"],
-        # What Megatron-LM's megatron.training needs beyond megatron-core (for its tests here).
-        "megatron-lm": ["triton", "pybind11", "six"],
+        # What Megatron-LM's pretrain_gpt.py imports beyond megatron-core (core_v0.16 to core_v0.19;
+        # checked by importing it in a fresh venv), and pybind11 for the dataset helpers it compiles.
+        "megatron-lm": ["triton", "pybind11", "six", "regex", "pyyaml", "pydantic"],
     },
     entry_points={
         "console_scripts": [
             "ordmoe-pretrain=ordmoe_megatron.entrypoints:pretrain",
             "ordmoe-tier-report=ordmoe_megatron.entrypoints:tier_report",
             "ordmoe-sweep=ordmoe_megatron.entrypoints:sweep",
+            "ordmoe-convert=ordmoe_megatron.entrypoints:convert",
+            "ordmoe-megatron-lm-cpu=ordmoe_megatron.entrypoints:megatron_lm_cpu",
         ]
     },
 )

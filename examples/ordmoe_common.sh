@@ -168,17 +168,14 @@ ordmoe_pretrain_args() {
     else
         DATA_ARGS=(--mock-data --vocab-size "$VOCAB_SIZE")
     fi
+    # ordmoe-pretrain builds no Transformer Engine layers: BF16 or FP32, never FP8.
     local precision=()
-    if [[ ${#PRECISION_ARGS[@]} -gt 0 ]]; then
-        local help
-        help=$("$ORDMOE_PRETRAIN" --help 2>/dev/null || true)
-        if [[ "$help" == *"--bf16"* ]]; then
-            precision=("${PRECISION_ARGS[@]}")
-        else
-            echo "note: this ordmoe-pretrain has no --bf16/--fp8-format flags; it trains in FP32" \
-                 "(PRECISION=$PRECISION not applied)" >&2
-        fi
-    fi
+    case "$PRECISION" in
+        bf16) precision=(--bf16) ;;
+        fp8) echo "PRECISION=fp8: ordmoe-pretrain builds no Transformer Engine layers and cannot train in" \
+                  "FP8; use PRECISION=bf16, or examples/megatron_lm_*.sh (Megatron-LM) for FP8" >&2
+             exit 2 ;;
+    esac
     ARGS=(
         "${MODEL_ARGS[@]}" "${MOE_TRAINING_ARGS[@]}"
         "${PARALLEL_ARGS[@]}"

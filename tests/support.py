@@ -260,13 +260,27 @@ def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, packed: boo
     on this process's device; the same seed gives the same weights either way. ``packed``: its
     local attention also runs THD packed sequences (``runtime.packed_attention``)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from ordmoe_megatron.mcore.model import OrdMoEGPTModel
+    from ordmoe_megatron.method.layers import moe_layer_pattern
 
     config = tiny_config(**extra)
-    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+    if 0 in moe_layer_pattern(config.num_layers, config.moe_layer_freq):  # dense layers: a block spec
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+        )
+    kwargs = dict(vocab_size=VOCAB, max_sequence_length=SEQ)
+    if config.mtp_num_layers:  # the MTP layer is the decoder's last, as Megatron-LM's gpt_builder makes it
+        last = spec.layer_specs[-1] if hasattr(spec, "layer_specs") else spec
+        kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(config, last, use_transformer_engine=False)
     if packed:
         from ordmoe_megatron.runtime.packed_attention import packed_attention_spec
 
@@ -274,8 +288,8 @@ def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, packed: boo
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     if ordmoe is None:
-        return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ).to(device())
-    return OrdMoEGPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, ordmoe=ordmoe).to(device())
+        return GPTModel(config, spec, **kwargs).to(device())
+    return OrdMoEGPTModel(config, spec, ordmoe=ordmoe, **kwargs).to(device())
 
 
 def tiny_batch(seed: int = 0, batch: int = BATCH, masked: float = 0.3) -> dict:
@@ -322,7 +336,14 @@ def lm_forward_step(data_iterator, model):
     from ordmoe_megatron.mcore.loss import lm_loss
 
     b = next(data_iterator)
-    out = model(b["tokens"], b["position_ids"], None, labels=b["labels"], packed_seq_params=b.get("packed_seq_params"))
+    out = model(
+        b["tokens"],
+        b["position_ids"],
+        None,
+        labels=b["labels"],
+        loss_mask=b["loss_mask"],
+        packed_seq_params=b.get("packed_seq_params"),
+    )
     return out, functools.partial(lm_loss, b["loss_mask"])
 
 
@@ -376,7 +397,7 @@ def train_steps(model, loss_func, steps=3, num_microbatches=2):
 
         def forward_step(data_iterator, model):
             b = next(data_iterator)
-            out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+            out = model(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
             return out, functools.partial(loss_func, b["loss_mask"])
 
         optimizer.zero_grad()
@@ -410,3 +431,86 @@ def single_tier_and_plain_training(rank, world_size, extra):
         return ordmoe_loss(mask, out, ordmoe=ordmoe_cfg, num_paths=1, vocab_size=VOCAB)
 
     return train_steps(plain, plain_loss_func), train_steps(single, ordmoe_loss_func)
+
+
+# ============================================================================================
+# a tiny vision-language model: megatron-core's CLIP ViT, an MLP projector, the tiny GPT-MoE
+# ============================================================================================
+IMAGE, PATCH, TEXT = 8, 4, 8  # 8x8 images of 4x4 patches: 4 image embeddings per image
+IMAGE_TOKEN = -200  # LLaVAModel's default image token index
+
+
+def tiny_llava(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, **extra):
+    """A plain ``LLaVAModel`` (``ordmoe=None``) or an ``OrdMoELLaVAModel`` whose language model
+    is ``tiny_config(**extra)``; the same seed gives the same weights either way."""
+    import dataclasses
+
+    from megatron.core.enums import ModelType
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_mlp_module_spec
+    from megatron.core.models.multimodal.llava_model import LLaVAModel
+    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ordmoe_megatron.mcore.multimodal import OrdMoELLaVAModel
+
+    language = tiny_config(**extra)
+    vision = TransformerConfig(
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=2,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=True,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=language.tensor_model_parallel_size,
+        sequence_parallel=False,
+    )
+    vision.vision_model_type = "clip"  # Megatron-LM sets it from --vision-model-type
+    projection = dataclasses.replace(vision, hidden_size=language.hidden_size, ffn_hidden_size=2 * language.hidden_size)
+    spec = get_gpt_layer_local_spec(
+        num_experts=language.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+    )
+    args = dict(
+        language_transformer_config=language,
+        language_transformer_layer_spec=spec,
+        language_vocab_size=VOCAB,
+        language_max_sequence_length=SEQ + IMAGE_SEQ,
+        vision_transformer_config=vision,
+        vision_transformer_layer_spec=get_vit_layer_with_local_spec(),
+        drop_vision_class_token=True,
+        vision_projection_config=projection,
+        vision_projection_layer_spec=compat.spec_submodules(get_mlp_module_spec(use_te=False)),
+        img_h=IMAGE,
+        img_w=IMAGE,
+        patch_dim=PATCH,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    model = LLaVAModel(**args) if ordmoe is None else OrdMoELLaVAModel(**args, ordmoe=ordmoe)
+    model.model_type = ModelType.encoder_or_decoder  # as Megatron-LM's get_model sets it
+    return model.to(device())
+
+
+IMAGE_SEQ = (IMAGE // PATCH) ** 2  # image embeddings per image (the class token dropped)
+
+
+def tiny_image_batch(seed: int = 0, batch: int = BATCH) -> dict:
+    """A micro-batch of one image and ``SEQ - 1`` text tokens per sample (the image token first),
+    with a random loss mask; LLaVA turns it into ``SEQ - 1 + IMAGE_SEQ`` positions."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, VOCAB, (batch, SEQ), generator=g)
+    tokens = torch.cat([torch.full((batch, 1), IMAGE_TOKEN), text[:, :-1]], dim=1)
+    out = dict(
+        images=torch.randn(batch, 3, IMAGE, IMAGE, generator=g),
+        tokens=tokens,
+        labels=text,
+        loss_mask=(torch.rand(batch, SEQ, generator=g) > 0.2).float(),
+        position_ids=torch.arange(SEQ).unsqueeze(0).expand(batch, -1),
+    )
+    return {k: v.to(device()) for k, v in out.items()}
+
+
+def llava_forward(model, b: dict):
+    """``(per-token loss, loss mask)`` of ``LLaVAModel.forward`` on ``tiny_image_batch``'s batch."""
+    return model(b["images"], b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])

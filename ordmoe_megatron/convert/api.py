@@ -1,5 +1,4 @@
-"""Hugging Face <-> Megatron-Core conversion entry points (used by tools/hf_to_mcore.py and
-tools/mcore_to_hf.py)."""
+"""Hugging Face <-> Megatron-Core conversion entry points (``ordmoe-convert``: convert/cli.py)."""
 
 from __future__ import annotations
 

@@ -18,9 +18,9 @@ Semantics matched exactly (and checked by the tests on tiny random models):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict
 
-from ordmoe_megatron.method.layers import parse_moe_layer_freq
+from ordmoe_megatron.method.layers import moe_layer_pattern
 from ordmoe_megatron.runtime.model_flags import padded_vocab_size
 
 from .engine import (
@@ -178,19 +178,9 @@ def _experts(*hf_names: str) -> ConfigRule:
     return ConfigRule(tuple(hf_names), to_flags, to_hf)
 
 
-def _moe_pattern(f: Dict[str, Any]) -> List[int]:
-    freq = parse_moe_layer_freq(f["moe_layer_freq"])
-    n = f["num_layers"]
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(n)]
-    if len(freq) != n:
-        raise ConversionError(f"model flag moe_layer_freq has {len(freq)} entries for {n} layers")
-    return list(freq)
-
-
 def _all_moe_layers() -> ConfigRule:
     def to_hf(f):
-        if 0 in _moe_pattern(f):
+        if 0 in moe_layer_pattern(f["num_layers"], f["moe_layer_freq"]):
             raise ConversionError("model flag moe_layer_freq puts dense layers in; this family has MoE in every layer")
         return {}
 
@@ -207,7 +197,7 @@ def _qwen_layer_pattern() -> ConfigRule:
         return {"moe_layer_freq": 1 if all(pattern) else pattern}
 
     def to_hf(f):
-        pattern = _moe_pattern(f)
+        pattern = moe_layer_pattern(f["num_layers"], f["moe_layer_freq"])
         return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, p in enumerate(pattern) if p == 0]}
 
     return ConfigRule(("decoder_sparse_step", "mlp_only_layers"), to_flags, to_hf)

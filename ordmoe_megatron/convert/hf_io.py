@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from ordmoe_megatron.runtime import outputs
+
 from .engine import ConversionError
 from .families import get_family
 
@@ -170,6 +172,7 @@ class ShardWriter:
             return
         tmp_name = f"shard-{len(self._shards):05d}.tmp.safetensors"
         save_file(self._pending, os.path.join(self.out_dir, tmp_name), metadata={"format": "pt"})
+        outputs.plain_mode(os.path.join(self.out_dir, tmp_name))  # safetensors writes it 0600
         self._shards.append((tmp_name, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

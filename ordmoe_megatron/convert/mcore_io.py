@@ -34,6 +34,7 @@ from ordmoe_megatron.runtime.checkpointing import HF_METADATA, MODEL_ARGS, TRACK
 from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, normalize_flags, transformer_config_from_flags
 
 from .engine import ConversionError
+from .megatron_lm_args import megatron_lm_model_flags
 
 FLAG = "--mcore-dir"  # how the conversion's refusals name the Megatron checkpoint directory
 
@@ -77,12 +78,16 @@ def read_model_args(mcore_dir: str) -> Dict[str, Any]:
 
 
 def read_checkpoint_flags(mcore_dir: str) -> Dict[str, Any]:
-    """Model flags of a checkpoint (``runtime.checkpointing.checkpoint_model_flags``), normalized."""
+    """Model flags of a checkpoint, normalized: ``runtime.checkpointing.checkpoint_model_flags``
+    (``model_args.json``, ``run.json``), else a Megatron-LM checkpoint's ``common.pt`` args."""
     flags = checkpointing.checkpoint_model_flags(mcore_dir, FLAG)
+    if flags is None:
+        flags = megatron_lm_model_flags(mcore_dir, FLAG)
     if flags is None:
         raise ConversionError(
             f"{FLAG} {mcore_dir}: {os.path.join(mcore_dir, MODEL_ARGS)} not found (nor model_flags in the "
-            "checkpoint's run.json): the model flags of this checkpoint are needed"
+            "checkpoint's run.json, nor Megatron-LM's args in its common.pt): the model flags of this "
+            "checkpoint are needed"
         )
     return normalize_flags(flags, where=f"{FLAG} {mcore_dir}: ")
 

@@ -376,7 +376,9 @@ def build_gpt_datasets(
 def _exclusive_lock(directory: str) -> Iterator[None]:
     """Serialise concurrent prepare_tiny_data calls (e.g. every rank calling it) on one dir."""
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, ".prepare.lock"), "w") as lock:
+    # O_NOFOLLOW: a link planted under the lock's name is refused, never written through.
+    fd = os.open(os.path.join(directory, ".prepare.lock"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

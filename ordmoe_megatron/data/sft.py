@@ -238,12 +238,12 @@ def prepare_tiny_sft_data(out_dir: str, seed: int = 1234, sizes=(2000, 100, 100)
 
 
 def heldout_tasks(conversations: list[dict]) -> list[dict]:
-    """``{"prompt", "answer", "kind"}`` of each conversation's last answer, for exact match."""
+    """``{"prompt", "answer", "task"}`` of each conversation's last answer, for exact match."""
     tasks = []
     for c in conversations:
         messages = c["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         tasks.append(
-            {"prompt": prompt_text(messages), "answer": messages[last]["content"], "kind": c.get("kind", "all")}
+            {"prompt": prompt_text(messages), "answer": messages[last]["content"], "task": c.get("kind", "all")}
         )
     return tasks

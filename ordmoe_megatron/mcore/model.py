@@ -24,6 +24,13 @@ routers split the paths by token ranges. The model records the micro-batch's doc
 boundaries (``packed_cu_seqlens``) for the loss, which takes Eq. 7 per document. Refused with
 packing: sub-sampled lower paths, and for the fused stack pipeline or sequence parallelism
 (the stack is not what their exchanges and splits assume); the sequential schedule runs them.
+
+Multi-token prediction (``mtp_num_layers``): the MTP block and its loss are path 1's alone (the
+method's next-token loss is path 1's). On the last stage the stacked hidden states are split:
+path 1's rows go through Megatron's own ``_postprocess`` (MTP block, MTP loss, output layer,
+loss), the lower paths' rows through the output layer and loss only. The MTP block's layer keeps
+Megatron's ``TopKRouter`` (it routes path 1 alone). Without labels (logits: generation, the tier
+report) MTP is skipped, as Megatron skips it in inference.
 """
 
 from __future__ import annotations
@@ -77,10 +84,7 @@ class OrdMoEGPTModel(GPTModel):
 
     def _lazy_fanout_layer(self) -> Optional[int]:
         """The layer to fan out before, or None to fan out at the embedding."""
-        c = self.config
-        shared = self.ordmoe.shared_prefix_layers(
-            c.num_layers, c.moe_layer_freq, c.pipeline_model_parallel_size > 1, c.recompute_granularity == "full"
-        )
+        shared = self.ordmoe.shared_prefix_layers_of(self.config)
         return shared + 1 if shared else None
 
     def _fan_out_before_layer(self, module, args, kwargs):
@@ -91,12 +95,17 @@ class OrdMoEGPTModel(GPTModel):
             kwargs["padding_mask"] = self.stack_paths(kwargs.get("padding_mask"), dim=1)
             kwargs["packed_seq_params"] = self._stacked_packed
             return args, kwargs
-        kwargs["hidden_states"] = self.stack_paths(kwargs["hidden_states"], dim=1)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.shape[0] > 1:
-            kwargs["attention_mask"] = self.stack_paths(mask, dim=0)
-        kwargs["padding_mask"] = self.stack_paths(kwargs.get("padding_mask"), dim=0)
+        stacked = self.fan_out(kwargs["hidden_states"], kwargs.get("attention_mask"), kwargs.get("padding_mask"))
+        kwargs["hidden_states"], kwargs["attention_mask"], kwargs["padding_mask"] = stacked
         return args, kwargs
+
+    def fan_out(self, hidden_states, attention_mask, padding_mask) -> tuple:
+        """The inputs of the first fanned-out layer, stacked for every path (the one place they
+        are built: at the embedding, or before the lazy fan-out's layer). ``hidden_states`` is
+        ``[s, b, h]``; a per-sequence attention mask and the padding mask stack on the batch."""
+        if attention_mask is not None and attention_mask.shape[0] > 1:
+            attention_mask = self.stack_paths(attention_mask, dim=0)
+        return self.stack_paths(hidden_states, dim=1), attention_mask, self.stack_paths(padding_mask, dim=0)
 
     def _packed_after_fanout(self, module, args, kwargs):
         # Layers after the fan-out layer get the block's packed-sequence parameters of one path.
@@ -177,14 +186,10 @@ class OrdMoEGPTModel(GPTModel):
         # path on sub-sampled rows); the fan-out hook stacks them instead when there is one.
         restacked = self.num_paths > 1 or self.path_rows is not None
         if restacked and (self.fanout_layer is None or self.num_paths == 1):
-            if self.pre_process:
-                if decoder_input is None:
-                    decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
-                    padding_mask = self._scatter_padding_mask(padding_mask)
-                decoder_input = self.stack_paths(decoder_input, dim=1)
-            padding_mask = self.stack_paths(padding_mask, dim=0)
-            if attention_mask is not None and attention_mask.shape[0] > 1:
-                attention_mask = self.stack_paths(attention_mask, dim=0)
+            if self.pre_process and decoder_input is None:
+                decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+                padding_mask = self._scatter_padding_mask(padding_mask)
+            decoder_input, attention_mask, padding_mask = self.fan_out(decoder_input, attention_mask, padding_mask)
         return super().forward(
             input_ids,
             position_ids,
@@ -223,6 +228,11 @@ class OrdMoEGPTModel(GPTModel):
                     "parallelism: the paths' stack along the tokens is not what their exchanges and splits "
                     "assume; use --ordmoe-path-schedule sequential"
                 )
+            if c.mtp_num_layers:
+                raise OrdMoEError(
+                    "--mtp-num-layers with packed sequences and the fused path schedule: path 1's MTP rows "
+                    "are split off the batch, not the tokens; use --ordmoe-path-schedule sequential"
+                )
             if attention_mask is not None:
                 raise OrdMoEError("packed sequences take no attention mask (the documents' boundaries are the mask)")
             length = labels.shape[-1] if labels is not None else input_ids.shape[-1]
@@ -246,6 +256,39 @@ class OrdMoEGPTModel(GPTModel):
             packed_seq_params=packed_seq_params,
             **kwargs,
         )
+
+    def _postprocess(self, **kwargs):
+        if not self.config.mtp_num_layers or not self.post_process:
+            return super()._postprocess(**kwargs)
+        hidden, labels = kwargs["hidden_states"], kwargs["labels"]
+        if labels is None:  # logits only (generation, the tier report): no MTP loss to attach
+            return self._lower_paths_output(hidden, None, kwargs.get("runtime_gather_output"))
+        if self.num_paths == 1 and self.path_tiers[0] == 0:
+            return super()._postprocess(**kwargs)
+        if self.path_tiers[0] != 0:  # one lower path alone (sequential schedule): no MTP
+            return self._lower_paths_output(hidden, labels, kwargs.get("runtime_gather_output"))
+        rows = hidden.shape[1]
+        b = rows // self.num_paths if self.path_rows is None else rows - (self.num_paths - 1) * len(self.path_rows)
+        path1 = dict(kwargs, hidden_states=hidden[:, :b], labels=None if labels is None else labels[:b])
+        for name in ("attention_mask", "padding_mask", "decoder_input"):
+            value = kwargs.get(name)
+            dim = 1 if name == "decoder_input" else 0
+            if value is not None and value.shape[dim] == rows:  # stacked with the paths: path 1's rows
+                path1[name] = value.narrow(dim, 0, b)
+        first = super()._postprocess(**path1)
+        lower = self._lower_paths_output(
+            hidden[:, b:], None if labels is None else labels[b:], kwargs.get("runtime_gather_output")
+        )
+        return torch.cat([first, lower], dim=0)
+
+    def _lower_paths_output(self, hidden, labels, runtime_gather_output):
+        """The output layer and loss of rows without MTP (``GPTModel._postprocess`` without MTP):
+        the per-token loss ``[rows, s]``, or the logits ``[rows, s, V]`` without labels."""
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
 
     def _scatter_padding_mask(self, padding_mask):
         # GPTModel scatters the padding mask for sequence parallelism only when it embeds the

@@ -295,27 +295,33 @@ class PathSchedule:
 
 
 def _ordmoe_model(chunk: torch.nn.Module) -> OrdMoEGPTModel:
-    """The ``OrdMoEGPTModel`` inside Megatron's wrappers (DDP, Float16Module)."""
+    """The ``OrdMoEGPTModel`` inside Megatron's wrappers (DDP, Float16Module), itself or as the
+    ``language_model`` of a multimodal model (``LLaVAModel``, ``MimoModel``)."""
     module = chunk
     while not isinstance(module, OrdMoEGPTModel):
+        if isinstance(getattr(module, "language_model", None), OrdMoEGPTModel):
+            return module.language_model
         if not hasattr(module, "module"):
-            raise TypeError(f"OrdMoE schedules need OrdMoEGPTModel chunks (mcore.model); got {type(chunk).__name__}")
+            raise TypeError(
+                "OrdMoE schedules need OrdMoEGPTModel chunks (mcore.model), or multimodal models whose "
+                f"language_model is one (mcore.multimodal); got {type(chunk).__name__}"
+            )
         module = module.module
     return module
 
 
 def _loss_mask(loss_func) -> Optional[torch.Tensor]:
     # None: Megatron-LM core_v0.18 on gives pipeline stages before the last no loss mask; the
-    # schedules call the loss function on the last stage only.
-    if (
-        isinstance(loss_func, functools.partial)
-        and loss_func.args
-        and (loss_func.args[0] is None or isinstance(loss_func.args[0], torch.Tensor))
-    ):
-        return loss_func.args[0]
+    # schedules call the loss function on the last stage only. MIMO's examples bind loss_mask=.
+    if isinstance(loss_func, functools.partial):
+        if loss_func.args and (loss_func.args[0] is None or isinstance(loss_func.args[0], torch.Tensor)):
+            return loss_func.args[0]
+        mask = loss_func.keywords.get("loss_mask", False)
+        if mask is None or isinstance(mask, torch.Tensor):
+            return mask
     raise TypeError(
         "OrdMoE: forward_step must return (output, functools.partial(loss_func, loss_mask, ...)) as "
-        "Megatron-LM's pretrain_gpt.py does, so the OrdMoE loss can take the loss mask; "
+        "Megatron-LM's pretrain_gpt.py does (or loss_mask=...), so the OrdMoE loss can take the loss mask; "
         f"got {loss_func!r}"
     )
 

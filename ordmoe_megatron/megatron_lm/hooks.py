@@ -19,9 +19,10 @@
      with the same mask). ``pretrain_gpt.loss_func``'s NaN/Inf and spiky-loss checks are kept:
      they run on the OrdMoE loss reports through Megatron's rerun state machine. Megatron-LM's
      training log prints every report key whose average is positive: ``lm loss`` (path 1),
-     ``tier order acc``, ``rank loss`` when positive, and each path's mean log-likelihood as its
-     negative, ``pathJ nll`` (all keys, signs included, go to TensorBoard/W&B and the evaluation
-     lines). With ``--ordmoe-num-tiers 1`` Megatron's function is returned as it is.
+     ``tier order acc``, ``rank loss`` when positive and ``-rank loss`` (its negative) when it
+     is negative, and each path's mean log-likelihood as its negative, ``pathJ nll`` (all keys,
+     signs included, go to TensorBoard/W&B; the evaluation lines print ``rank loss`` with its
+     sign). With ``--ordmoe-num-tiers 1`` Megatron's function is returned as it is.
    - ``num_floating_point_operations`` -> ``ordmoe_num_floating_point_operations``: the count is
      ``mcore.flops.ordmoe_step_flops`` of Megatron's count for the same batch, so throughput
      (TFLOP/s/GPU) in Megatron-LM's log counts the real work.
@@ -182,26 +183,33 @@ def _get_forward_backward_func(**schedule_kwargs):
     def checked_forward_backward(**kwargs):
         reports = forward_backward(**kwargs)
         _check_losses(args, ordmoe, reports)
-        return _loggable(reports)
+        return _loggable(reports, training=not kwargs.get("forward_only", False))
 
     return checked_forward_backward
 
 
-def _loggable(reports):
-    """Megatron-LM's console log prints only positive averages, so each path's mean log-likelihood
-    is reported as its negative, ``pathJ nll`` (the evaluation lines' "PPL" of it is then the
-    path's perplexity). ``rank loss`` keeps its sign: when negative (tier 1 ahead) it shows in
-    TensorBoard/W&B and the evaluation lines but not in the training line."""
+def _loggable(reports, training: bool = True):
+    """Megatron-LM's training line prints only the reports whose average is positive (core_v0.16:
+    ``> 0``; core_v0.19: ``>= 0``), so each path's mean log-likelihood is reported as its negative,
+    ``pathJ nll`` (the evaluation lines' "PPL" of it is then the path's perplexity), and in training
+    ``rank loss`` comes with its negative, ``-rank loss``: whichever sign the rank loss has, one of
+    the two shows on the training line (``-rank loss: 1.2E-02`` is a rank loss of -1.2E-02).
+    The evaluation lines print every value, sign included: there ``rank loss`` comes alone."""
     if not reports or not isinstance(reports, list) or not isinstance(reports[0], dict):
         return reports
+    sign = None
     out = []
     for report in reports:
         renamed = {}
         for key, value in report.items():
+            if sign is None:
+                sign = value.new_tensor([-1.0, 1.0])
             if key.startswith("path") and key.endswith(" logprob"):
-                renamed[key[: -len(" logprob")] + " nll"] = value * value.new_tensor([-1.0, 1.0])
+                renamed[key[: -len(" logprob")] + " nll"] = value * sign
             else:
                 renamed[key] = value
+            if key == "rank loss" and training:
+                renamed["-rank loss"] = value * sign
         out.append(renamed)
     return out
 
@@ -244,14 +252,7 @@ def _check_losses(args, ordmoe: OrdMoEConfig, reports) -> None:
 def shared_prefix_layers(args, ordmoe: Optional[OrdMoEConfig]) -> int:
     """How many leading layers the OrdMoE model runs once for all paths, for Megatron-LM's
     arguments (``OrdMoEConfig.shared_prefix_layers``)."""
-    if ordmoe is None:
-        return 0
-    return ordmoe.shared_prefix_layers(
-        args.num_layers,
-        args.moe_layer_freq,
-        args.pipeline_model_parallel_size > 1,
-        getattr(args, "recompute_granularity", None) == "full",
-    )
+    return 0 if ordmoe is None else ordmoe.shared_prefix_layers_of(args)
 
 
 def lower_path_share(args, ordmoe: OrdMoEConfig) -> float:

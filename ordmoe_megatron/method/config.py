@@ -6,15 +6,17 @@ name, so this file stays testable on its own. Every message names the flag and t
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
-from typing import Optional, Union
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Literal, Optional, Union
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.layers import moe_layer_numbers
 from ordmoe_megatron.method.objective import ADVANTAGE_MODES, LINEAR_OBJECTIVES, OBJECTIVES, default_rewards
 from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
-from ordmoe_megatron.method.tiers import GROUPINGS, format_tiers, tier_ranks
+from ordmoe_megatron.method.tiers import GROUPINGS, SCORE_FUNCTIONS, format_tiers, tier_ranks
 
 RANKINGS = ("token", "average")
 # fused: all paths of a micro-batch in one forward ([s, C*b, h]); sequential: each path its own
@@ -29,34 +31,77 @@ def parse_layer_scope(scope: Optional[str]) -> Optional[list[int]]:
     return sorted(set(parse_ranges(scope, "--ordmoe-layer-scope", "1-4,25-28' or '7,14,21,28")))
 
 
+def option(name: str) -> str:
+    """The command-line flag of an ``OrdMoEConfig`` field: ``num_tiers`` -> ``--ordmoe-num-tiers``."""
+    return "--ordmoe-" + name.replace("_", "-")
+
+
+# Field metadata: the field is one of the flags that choose the tier paths (what the tier report
+# takes); the rest shape the loss.
+TIER_FLAG = {"tier_flag": True}
+
+
+@functools.cache
+def literal_choices() -> dict[str, tuple]:
+    """``{field: choices}`` for the ``OrdMoEConfig`` fields typed ``Literal[...]``."""
+    hints = typing.get_type_hints(OrdMoEConfig)
+    return {
+        f.name: typing.get_args(hints[f.name])
+        for f in OrdMoEConfig.settings()
+        if typing.get_origin(hints[f.name]) is Literal
+    }
+
+
 @dataclass
 class OrdMoEConfig:
     """What OrdMoE does on top of a Megatron MoE model.
 
+    Each field is one ``--ordmoe-*`` flag (``option``): ``flags.add_ordmoe_args`` makes the flag's
+    type, default, choices (a ``Literal`` field) and help (the field's docstring) from the field.
     ``num_tiers=1`` is plain top-K training (no extra paths, no rank loss).
     """
 
-    num_tiers: int = 3
-    grouping: str = "uniform"
-    tier_ranks: Optional[str] = None
+    num_tiers: int = field(default=3, metadata=TIER_FLAG)
+    """Number of expert tiers C (paths per sequence); 1 is plain top-K."""
+    grouping: Literal[GROUPINGS] = field(default="uniform", metadata=TIER_FLAG)
+    """How tiers are cut from the ranked experts (uniform is the paper's)."""
+    tier_ranks: Optional[str] = field(default=None, metadata=TIER_FLAG)
+    """Explicit tier ranks with --ordmoe-grouping explicit, e.g. '1-6,25-27,59-61'."""
+    layer_scope: Optional[str] = field(default=None, metadata=TIER_FLAG)
+    """1-based layers whose MoE routes paths by tier: 'all' (default), '1-4', '7,14,21,28'."""
+    ranking: Literal[RANKINGS] = field(default="token", metadata=TIER_FLAG)
+    """Rank experts per token (default) or by each layer's running mean score (saved with the model)."""
     rewards: Optional[list[float]] = None
-    advantage: str = "zscore"
+    """Fixed, strictly decreasing reward per tier (default evenly spaced 1..0)."""
+    advantage: Literal[ADVANTAGE_MODES] = "zscore"
+    """Advantage of the rewards: zscore (Eq. 8), center or raw."""
     rank_loss_coeff: float = 1.0
-    layer_scope: Optional[str] = None
-    logprob_floor: Union[None, float, str] = None  # a float, or "vocab" for -log(vocab size)
-    ranking: str = "token"
+    """Weight of the expert rank loss (lambda_ERL)."""
+    logprob_floor: Union[None, float, str] = field(default=None, metadata={"argparse_type": str})
+    """Stop pushing a low tier down once its mean log-likelihood is below this (a number, 'vocab' for
+    -log(vocab size), or 'none'). Off by default."""
     lazy_fanout: bool = True
-    objective: str = "advantage"  # OBJECTIVES: the paper's (Eq. 9), pairwise-logistic, plackett-luce
-    beta: float = 1.0  # the preference objectives' scale of log-likelihood differences
-    path_schedule: str = "fused"  # PATH_SCHEDULES
-    lower_path_fraction: float = 1.0  # the share of each micro-batch's sequences paths 2..C run on
+    """Run the layers before the first tier-routed layer once, not C times."""
+    objective: Literal[OBJECTIVES] = "advantage"
+    """Tier-ranking objective: advantage (the paper's Eq. 9), pairwise-logistic or plackett-luce
+    (bounded preference objectives over the tier order)."""
+    beta: float = 1.0
+    """Scale of log-likelihood differences in the preference objectives."""
+    path_schedule: Literal[PATH_SCHEDULES] = "fused"
+    """fused: all paths of a micro-batch in one forward (fastest, C x activations); sequential: one
+    path after another (the plain model's activation memory)."""
+    lower_path_fraction: float = 1.0
+    """Run paths 2..C on this random share of each micro-batch's sequences (an unbiased estimate of
+    the rank loss's gradient; 1.0 is the paper's)."""
     scope_layers: Optional[list[int]] = field(init=False, default=None)
+    """The layers ``layer_scope`` names (None: every MoE layer); derived, not a flag."""
 
     def __post_init__(self):
         if not isinstance(self.num_tiers, int) or self.num_tiers < 1:
             raise OrdMoEError(f"--ordmoe-num-tiers={self.num_tiers} must be an integer >= 1 (1 = plain top-K)")
-        if self.grouping not in GROUPINGS:
-            raise OrdMoEError(f"--ordmoe-grouping='{self.grouping}' is not one of {', '.join(GROUPINGS)}")
+        for name, choices in literal_choices().items():
+            if getattr(self, name) not in choices:
+                raise OrdMoEError(f"{option(name)}='{getattr(self, name)}' is not one of {', '.join(choices)}")
         if self.tier_ranks is not None and self.grouping != "explicit":
             raise OrdMoEError("--ordmoe-tier-ranks needs --ordmoe-grouping=explicit")
         if self.grouping == "explicit" and not self.tier_ranks:
@@ -73,12 +118,8 @@ class OrdMoEConfig:
             raise OrdMoEError(f"--ordmoe-rewards {self.rewards} must be finite numbers (tier 1 highest)")
         if any(a <= b for a, b in zip(self.rewards, self.rewards[1:])):
             raise OrdMoEError(f"--ordmoe-rewards {self.rewards} must be strictly decreasing (tier 1 best)")
-        if self.advantage not in ADVANTAGE_MODES:
-            raise OrdMoEError(f"--ordmoe-advantage='{self.advantage}' is not one of {', '.join(ADVANTAGE_MODES)}")
         if not math.isfinite(self.rank_loss_coeff) or self.rank_loss_coeff < 0:
             raise OrdMoEError(f"--ordmoe-rank-loss-coeff={self.rank_loss_coeff} must be a finite number >= 0")
-        if self.ranking not in RANKINGS:
-            raise OrdMoEError(f"--ordmoe-ranking='{self.ranking}' is not one of {', '.join(RANKINGS)}")
         if self.ranking == "average" and self.grouping == "random":
             raise OrdMoEError(
                 "--ordmoe-ranking=average ranks by routing scores; --ordmoe-grouping=random ignores them: pick one"
@@ -93,10 +134,10 @@ class OrdMoEConfig:
                     f"--ordmoe-logprob-floor='{self.logprob_floor}' must be a number (a log-likelihood, <= 0), "
                     "'vocab' or 'none'"
                 ) from None
-        if isinstance(self.logprob_floor, float) and self.logprob_floor > 0:
-            raise OrdMoEError(f"--ordmoe-logprob-floor={self.logprob_floor} is a log-likelihood and must be <= 0")
-        if self.objective not in OBJECTIVES:
-            raise OrdMoEError(f"--ordmoe-objective='{self.objective}' is not one of {', '.join(OBJECTIVES)}")
+        if isinstance(self.logprob_floor, (int, float)) and not -math.inf < self.logprob_floor <= 0:
+            raise OrdMoEError(
+                f"--ordmoe-logprob-floor={self.logprob_floor} must be a finite log-likelihood <= 0, 'vocab' or 'none'"
+            )
         if self.logprob_floor is not None and self.objective != "advantage":
             raise OrdMoEError(
                 f"--ordmoe-logprob-floor is for the advantage objective; --ordmoe-objective "
@@ -104,9 +145,17 @@ class OrdMoEConfig:
             )
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
             raise OrdMoEError(f"--ordmoe-beta={self.beta} must be a finite number above 0")
-        if self.path_schedule not in PATH_SCHEDULES:
+        if self.beta != 1.0 and self.objective == "advantage":
             raise OrdMoEError(
-                f"--ordmoe-path-schedule='{self.path_schedule}' is not one of {', '.join(PATH_SCHEDULES)}"
+                f"--ordmoe-beta={self.beta} scales the preference objectives only; --ordmoe-objective advantage "
+                "ignores it: drop --ordmoe-beta, or choose pairwise-logistic or plackett-luce"
+            )
+        if self.num_tiers == 1 and (self.objective != "advantage" or self.lower_path_fraction != 1):
+            what = "--ordmoe-objective " + self.objective if self.objective != "advantage" else ""
+            what = what or f"--ordmoe-lower-path-fraction={self.lower_path_fraction}"
+            raise OrdMoEError(
+                f"--ordmoe-num-tiers=1 is plain top-K (no lower paths, no rank loss), so {what} would be ignored: "
+                "drop it, or use --ordmoe-num-tiers 2 or more"
             )
         if not (isinstance(self.lower_path_fraction, (int, float)) and 0 < self.lower_path_fraction <= 1):
             raise OrdMoEError(
@@ -114,6 +163,12 @@ class OrdMoEConfig:
                 "of each micro-batch's sequences the lower paths run on"
             )
         self.scope_layers = parse_layer_scope(self.layer_scope)
+
+    @classmethod
+    def settings(cls, tier_flags_only: bool = False) -> list:
+        """The fields that are settings (one ``--ordmoe-*`` flag each), in order; with
+        ``tier_flags_only`` those marked ``TIER_FLAG`` (the ones that choose the tier paths)."""
+        return [f for f in fields(cls) if f.init and (not tier_flags_only or f.metadata.get("tier_flag"))]
 
     @property
     def enabled(self) -> bool:
@@ -159,6 +214,19 @@ class OrdMoEConfig:
             return 0  # (sequential: each forward is one path, which runs every layer)
         scoped = [layer for layer in moe_layer_numbers(num_layers, moe_layer_freq) if self.in_scope(layer)]
         return min(scoped) - 1 if scoped else 0
+
+    def shared_prefix_layers_of(self, model_config) -> int:
+        """``shared_prefix_layers`` of a model: the one place its inputs are read. ``model_config``
+        is a Megatron ``TransformerConfig`` or Megatron-LM's ``args`` (the same attribute names:
+        ``num_layers``, ``moe_layer_freq``, ``pipeline_model_parallel_size``,
+        ``recompute_granularity``)."""
+        c = model_config
+        return self.shared_prefix_layers(
+            c.num_layers,
+            getattr(c, "moe_layer_freq", 1),
+            (getattr(c, "pipeline_model_parallel_size", 1) or 1) > 1,
+            getattr(c, "recompute_granularity", None) == "full",
+        )
 
     def lower_path_rows(self, batch: int) -> int:
         """How many of a micro-batch's ``batch`` sequences the lower paths run on."""
@@ -251,6 +319,12 @@ class OrdMoEConfig:
         if not n:
             raise OrdMoEError("--ordmoe needs a MoE model: set --num-experts (and --moe-router-topk)")
         self.tiers(n, c.moe_router_topk)
+        score_function = getattr(c, "moe_router_score_function", "softmax")
+        if score_function not in SCORE_FUNCTIONS:
+            raise OrdMoEError(
+                f"--moe-router-score-function {score_function} is not one the tier router implements: "
+                f"use one of {', '.join(SCORE_FUNCTIONS)}"
+            )
         num_layers = c.num_layers
         if self.scope_layers is not None:
             bad = [layer for layer in self.scope_layers if layer < 1 or layer > num_layers]
@@ -299,12 +373,30 @@ class OrdMoEConfig:
                 "with the local or transformer_engine implementation",
             ),
             (
+                bool(getattr(c, "overlap_moe_expert_parallel_comm", False)),
+                "--overlap-moe-expert-parallel-comm (overlap_moe_expert_parallel_comm) builds a schedule plan that "
+                "bypasses the OrdMoE paths: remove it",
+            ),
+            (
+                bool(getattr(c, "tp_comm_overlap", False)),
+                "--tp-comm-overlap (tp_comm_overlap) sizes Transformer Engine's buffers for seq x micro-batch, not "
+                "the stacked or sub-sampled OrdMoE paths: remove it",
+            ),
+            (
+                bool(getattr(c, "enable_cuda_graph", False) or getattr(c, "external_cuda_graph", False))
+                or getattr(c, "cuda_graph_impl", "none") not in ("none", None),
+                "CUDA graphs (--cuda-graph-impl, --enable-cuda-graph) skip the module hooks the paths need and "
+                "replay one path state for every micro-batch: remove them with OrdMoE",
+            ),
+            (
                 bool(getattr(c, "moe_enable_routing_replay", False)),
                 "--moe-enable-routing-replay replays recorded top-K choices and cannot replay tiers: remove it",
             ),
             (
-                bool(getattr(c, "mtp_num_layers", None)),
-                "--mtp-num-layers (multi-token prediction) is not supported with OrdMoE: remove it",
+                bool(getattr(c, "mtp_num_layers", None))
+                and getattr(c, "pipeline_model_parallel_layout", None) is not None,
+                "--mtp-num-layers with --pipeline-model-parallel-layout may put the MTP block on a stage before "
+                "the last, where OrdMoE cannot keep it to path 1: drop the layout (MTP then sits on the last stage)",
             ),
             (
                 getattr(c, "moe_token_dispatcher_type", "alltoall") == "flex",

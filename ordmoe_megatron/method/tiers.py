@@ -17,7 +17,14 @@ from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
 
 GROUPINGS = ("uniform", "high-only", "random", "explicit")
-SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
+# The router score functions the tier router implements, besides softmax (normalised over the
+# experts, handled apart): each maps fp32 logits to independent scores. Which of them a run may
+# use is megatron-core's list (``runtime.compat.SCORE_FUNCTIONS``); this is the math.
+_INDEPENDENT_SCORES = {
+    "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": lambda x: torch.nn.functional.softplus(x).sqrt(),
+}
+SCORE_FUNCTIONS = ("softmax", *_INDEPENDENT_SCORES)
 
 
 def parse_rank_spec(spec: str) -> list[list[int]]:
@@ -196,12 +203,12 @@ def _blocks(positions: list[int]) -> list[tuple[int, int]]:
 
 def _scores(logits: torch.Tensor, score_function: str, fp32_scores: bool) -> torch.Tensor:
     """sigmoid or sqrtsoftplus scores, computed in fp32 (and kept there with ``fp32_scores``)."""
-    if score_function == "sigmoid":
-        scores = torch.sigmoid(logits.float())
-    elif score_function == "sqrtsoftplus":
-        scores = torch.nn.functional.softplus(logits.float()).sqrt()
-    else:
-        raise OrdMoEError(f"--moe-router-score-function='{score_function}' is not one of {SCORE_FUNCTIONS}")
+    if score_function not in _INDEPENDENT_SCORES:
+        raise OrdMoEError(
+            f"--moe-router-score-function='{score_function}' is not one the tier router implements: "
+            f"use one of {', '.join(SCORE_FUNCTIONS)}"
+        )
+    scores = _INDEPENDENT_SCORES[score_function](logits.float())
     return scores if fp32_scores else scores.type_as(logits)
 
 

@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--load",
         required=True,
         help="Checkpoint directory (the one holding latest_checkpointed_iteration.txt): converted by "
-        "tools/hf_to_mcore.py or saved by ordmoe-pretrain --save.",
+        "ordmoe-convert hf-to-mcore or saved by ordmoe-pretrain --save.",
+    )
+    parser.add_argument(
+        "--model-args",
+        default=None,
+        help="A JSON object of the model flags (as model_args.json holds them), for a checkpoint "
+        "that records none (one saved by Megatron-LM); it replaces what the checkpoint records.",
     )
     data = parser.add_argument_group("evaluation data (give exactly one source)")
     data.add_argument(
@@ -96,6 +102,7 @@ def report_config_from_args(args: argparse.Namespace) -> ReportConfig:
         max_sequences=args.max_sequences,
         micro_batch_size=args.micro_batch_size,
         seed=args.seed,
+        model_args=args.model_args,
     )
     check_sources(config)
     return config

@@ -27,6 +27,7 @@ class ReportConfig:
     max_sequences: int = 256
     micro_batch_size: int = 4
     seed: int = 1234
+    model_args: Optional[str] = None  # a JSON file of model flags, for a checkpoint that records none
 
 
 def check_sources(config: ReportConfig) -> None:

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # headless: no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
-from ordmoe_megatron.runtime.outputs import check_distinct, check_output, staged_file  # noqa: E402
+from ordmoe_megatron.runtime.outputs import check_distinct, check_output, check_writable, staged_file  # noqa: E402
 
 
 def format_table(report: dict) -> str:
@@ -123,9 +123,13 @@ def write_outputs(report: dict, out_json: Optional[str], out_png: Optional[str],
 
 
 def check_outputs(paths: list, force: bool) -> None:
+    """``[--out-json, --out-png]``: distinct, writable (before any evaluation), replaced only with
+    ``--force``."""
     check_distinct(paths, "--out-json and --out-png")
-    for path in filter(None, paths):
-        check_output(path, force, "--force")
+    for flag, path in zip(("--out-json", "--out-png"), paths):
+        if path:
+            check_output(path, force, "--force")
+            check_writable(path, flag)
 
 
 def _write_json(report: dict, path: str) -> None:

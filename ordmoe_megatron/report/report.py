@@ -1,6 +1,6 @@
 """Tier report: how each OrdMoE tier path of a checkpoint does on evaluation data.
 
-For any Megatron checkpoint (converted from Hugging Face by ``tools/hf_to_mcore.py``, or saved by
+For any Megatron checkpoint (converted from Hugging Face by ``ordmoe-convert hf-to-mcore``, or saved by
 ``ordmoe-pretrain``; trained with any number of tiers, or none), the report builds an
 ``OrdMoEGPTModel`` with ``C`` tier paths on top of the checkpoint's plain weights (OrdMoE adds no
 parameters), runs the evaluation data through all paths at once and reports, per path:
@@ -16,6 +16,7 @@ before the model is built.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -31,8 +32,18 @@ from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.method import OrdMoEConfig, format_tiers, sequence_logprobs, tier_order_correct
 from ordmoe_megatron.report.config import DEFAULT_MAX_SEQ_LENGTH, ReportConfig, check_sources
 from ordmoe_megatron.runtime import bridges, distributed
-from ordmoe_megatron.runtime.checkpointing import CheckpointInfo, inspect_checkpoint, load_checkpoint
-from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, padded_vocab_size, transformer_config_from_flags
+from ordmoe_megatron.runtime.checkpointing import (
+    CheckpointInfo,
+    inspect_checkpoint,
+    load_checkpoint,
+    non_finite_parameters,
+)
+from ordmoe_megatron.runtime.model_flags import (
+    gpt_model_from_flags,
+    normalize_flags,
+    padded_vocab_size,
+    transformer_config_from_flags,
+)
 
 CONVENTION = (
     "mean_logprob: per sequence (one evaluation window), the mean log-likelihood of its target "
@@ -47,15 +58,19 @@ CONVENTION = (
 # ----------------------------------------------------------------------------------------------
 # checkpoint
 # ----------------------------------------------------------------------------------------------
-def inspect(root: str) -> CheckpointInfo:
+def inspect(root: str, model_args: Optional[str] = None) -> CheckpointInfo:
     """The checkpoint check every front end runs, plus what a tier report needs: a MoE GPT model
-    whose embedding matches its model flags. The flags get the padded vocabulary size."""
+    whose embedding matches its model flags (``model_args``: a JSON file of them, for a checkpoint
+    that records none, e.g. one saved by Megatron-LM). The flags get the padded vocabulary size."""
     info = inspect_checkpoint(root, "--load")
+    if model_args:
+        info.flags = read_model_args(model_args)
     flags = info.flags
     if flags is None:
         raise OrdMoEError(
             f"--load {root}: the checkpoint records no model flags (model_args.json next to a "
-            "converted checkpoint, or model_flags in the run.json that ordmoe-pretrain writes)"
+            "converted checkpoint, or model_flags in the run.json that ordmoe-pretrain writes); "
+            'pass --model-args FILE, a JSON object of them ({"num_layers": 4, "hidden_size": 64, ...})'
         )
     if not flags.get("num_experts"):
         raise OrdMoEError(
@@ -77,6 +92,18 @@ def inspect(root: str) -> CheckpointInfo:
             f"{rows}: the model flags do not describe this checkpoint"
         )
     return info
+
+
+def read_model_args(path: str) -> dict:
+    """``--model-args``: a JSON object of model flags (the names ``model_args.json`` uses)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            flags = json.load(f)
+    except (OSError, ValueError) as err:
+        raise OrdMoEError(f"--model-args {path}: cannot be read as JSON ({err})") from None
+    if not isinstance(flags, dict):
+        raise OrdMoEError(f"--model-args {path}: holds a {type(flags).__name__}, not a JSON object of model flags")
+    return normalize_flags(flags, where=f"--model-args {path}: ")
 
 
 def resolve_seq_length(requested: Optional[int], flags: dict) -> int:
@@ -120,6 +147,18 @@ def build_report_model(flags: dict, config, ordmoe: OrdMoEConfig) -> OrdMoEGPTMo
 
 def load_weights(model, info: CheckpointInfo) -> None:
     load_checkpoint(info.root, [model], optimizer=None, load_rng=False, flag="--load")
+    check_finite(model, info.path)
+
+
+def check_finite(model, path: str) -> None:
+    """Refuse weights that hold a NaN or an infinity (a run that diverged): every path's numbers
+    would be NaN."""
+    bad = non_finite_parameters([model])
+    if bad:
+        raise OrdMoEError(
+            f"--load {path}: the checkpoint's weights are not finite ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}): it was saved by a run that diverged; load an earlier checkpoint"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +256,7 @@ def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, fl
     start = time.perf_counter()
     check_sources(config)
     ordmoe = config.ordmoe
-    info = inspect(config.load)
+    info = inspect(config.load, config.model_args)
     flags = info.flags
     tconfig = report_config(flags, ordmoe)  # C x K > n, layer scope, ...: before any work
     if ordmoe.ranking == "average" and not any(k.endswith("router.score_sum") for k in info.tensors):

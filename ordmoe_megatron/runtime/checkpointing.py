@@ -18,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle  # only for its error type: nothing here unpickles outside weights_only=True
 import random
+import re
 import shutil
+import tempfile
 from typing import Callable, Optional
 
 import numpy as np
@@ -31,6 +34,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.runtime import bridges, compat
+from ordmoe_megatron.runtime.distributed import device
 from ordmoe_megatron.runtime.model_flags import normalize_flags
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -94,12 +98,22 @@ def rng_path(path: str, rank: int) -> str:
 
 
 def random_states() -> dict:
-    """Every random generator's state on this rank (Python, NumPy, torch, CUDA, Megatron's tracker)."""
+    """Every random generator's state on this rank (Python, NumPy, torch, CUDA, Megatron's
+    tracker), as tensors, ints and floats only: ``torch.load(weights_only=True)`` reads it back,
+    so a crafted ``rng_rank<N>.pt`` cannot run code."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "state": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
-        "tracker": get_cuda_rng_tracker().get_states(),
+        "tracker": dict(get_cuda_rng_tracker().get_states()),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -108,12 +122,68 @@ def random_states() -> dict:
 
 def set_random_states(state: dict) -> None:
     """Restore what ``random_states`` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((int(py["version"]), tuple(int(w) for w in py["state"].tolist()), py["gauss"]))
+    np.random.set_state(
+        (
+            npy["kind"],
+            npy["state"].numpy().astype(np.uint32),
+            int(npy["pos"]),
+            int(npy["has_gauss"]),
+            float(npy["cached_gaussian"]),
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def read_random_states(rng_file: str, given: str = "") -> dict:
+    """The random states in ``rng_file``, read with ``weights_only=True`` (tensors and plain
+    values only: nothing in the file runs); a ``CheckpointError`` names the file otherwise."""
+    try:
+        state = torch.load(rng_file, weights_only=True)
+        if not isinstance(state, dict) or not {"python", "numpy", "torch", "tracker"} <= set(state):
+            raise ValueError("not the random states ordmoe-pretrain saves")
+        return state
+    except (OSError, EOFError, RuntimeError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as err:
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(
+            given + f"{rng_file}: cannot restore the random states ({type(err).__name__}: {detail}); "
+            "a file that holds more than tensors and numbers is not read. Restore the file, load an "
+            "earlier checkpoint, or pass --finetune to start from its weights"
+        ) from None
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` through a fresh ``mkstemp`` file next to it: a link planted
+    under a temporary name is never followed, and ``path`` is never half written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def check_stale_saves(root: Optional[str], flag: str = "--save") -> None:
+    """Refuse, before any work, an ``iter_NNNNNNN.incomplete`` (or ``release.incomplete``) entry
+    under ``root`` that is not a directory (a file, or a link: planted, never followed). A
+    directory of that name is what an interrupted save of ours leaves: the next save replaces it."""
+    if not root or not os.path.isdir(root):
+        return
+    for name in sorted(os.listdir(root)):
+        if re.fullmatch(r"(iter_\d{7}|release)\.incomplete", name):
+            entry = os.path.join(root, name)
+            if os.path.islink(entry) or not os.path.isdir(entry):
+                raise CheckpointError(
+                    f"{flag} {root}: {entry} is a {'link' if os.path.islink(entry) else 'file'}, not an "
+                    "interrupted save of ordmoe-pretrain; remove it"
+                )
 
 
 def save_checkpoint(
@@ -130,7 +200,8 @@ def save_checkpoint(
     final = checkpoint_dir(root, iteration)
     tmp = final + ".incomplete"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        check_stale_saves(root)
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save of ours
         os.makedirs(tmp)
     torch.distributed.barrier()
     # checkpoint_version and iteration are what Megatron-LM's loader reads from the common state.
@@ -138,22 +209,58 @@ def save_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_state)
     bridges.checkpoint_writers_die_with_parent()
-    dist_checkpointing.save(state, tmp)
-    if include_rng:
-        torch.save(random_states(), rng_path(tmp, rank))
-    if rank == 0:
-        with open(os.path.join(tmp, RUN_FILE), "w") as f:
-            json.dump({"iteration": iteration, **(run or {})}, f, indent=2, default=str)
+    failure = None
+    try:
+        dist_checkpointing.save(state, tmp)
+        if include_rng:
+            torch.save(random_states(), rng_path(tmp, rank))
+        if rank == 0:
+            with open(os.path.join(tmp, RUN_FILE), "w") as f:
+                json.dump({"iteration": iteration, **(run or {})}, f, indent=2, default=str)
+    except Exception as err:  # noqa: BLE001 - a full disk reaches us wrapped in many types
+        failure = _os_error(err)
+        if failure is None:
+            raise
+    failed = torch.tensor([int(failure is not None)], device=device())
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)  # every rank stops alike
+    if failed.item():
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_iteration(root) if has_checkpoint(root) else None
+        why = f"{failure.strerror or failure}" if failure is not None else "another rank could not write"
+        raise CheckpointError(
+            f"--save {root}: cannot write the checkpoint of iteration {iteration} ({why}); "
+            + (f"the checkpoint of iteration {previous} is kept" if has_checkpoint(root) else "nothing was saved")
+            + ": free space (or fix the directory) and run the same command to resume"
+        )
     torch.distributed.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write("release" if iteration is None else str(iteration))
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        write_text_atomically(os.path.join(root, TRACKER), "release" if iteration is None else str(iteration))
     torch.distributed.barrier()
     return final
+
+
+def non_finite_parameters(chunks: list) -> list[str]:
+    """The names of the parameters of ``chunks`` that hold a NaN or an infinity (on this rank)."""
+    return [
+        name
+        for chunk in chunks
+        for name, param in chunk.named_parameters()
+        if not bool(torch.isfinite(param.detach()).all())
+    ]
+
+
+def _os_error(err: BaseException) -> Optional[OSError]:
+    """The ``OSError`` (a full disk, a read-only directory) behind ``err``, if one is."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _take_current_schedule(state, current_groups: list) -> None:
@@ -283,14 +390,7 @@ def load_checkpoint(
         _take_current_schedule(loaded["optimizer"], optimizer.param_groups)
         optimizer.load_state_dict(loaded["optimizer"])
     if load_rng:
-        rng_file = rng_path(path, torch.distributed.get_rank())
-        try:
-            set_random_states(torch.load(rng_file, weights_only=False))
-        except (OSError, EOFError, RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(
-                given + f"{rng_file}: cannot restore the random states ({type(err).__name__}: {err}); "
-                "restore the file or load an earlier checkpoint"
-            ) from None
+        set_random_states(read_random_states(rng_path(path, torch.distributed.get_rank()), given))
     return read_run(root, flag)
 
 
@@ -372,17 +472,20 @@ class CheckpointInfo:
         return "converted" if self.iteration is None else "trained"
 
 
-def inspect_checkpoint(root: str, flag: Optional[str] = None) -> CheckpointInfo:
+def inspect_checkpoint(root: str, flag: Optional[str] = None, read_tensors: bool = True) -> CheckpointInfo:
     """The one checkpoint check of every front end, without loading weights: the tracker, the
     iteration directory, ``metadata.json``, every stored file against the checkpoint metadata,
-    ``run.json`` and the model flags. A ``CheckpointError`` names the bad file."""
+    ``run.json`` and the model flags. A ``CheckpointError`` names the bad file.
+
+    The checkpoint metadata (``.metadata``) is a pickle, read only where the checkpoint is about
+    to be loaded anyway: ``read_tensors=False`` (a dry run) leaves it unread and ``tensors`` empty."""
     given = _given(flag, root)
     if not os.path.isdir(root):
         raise CheckpointError(given + f"{root}: no such checkpoint directory")
     iteration = latest_iteration(root, flag)
     path = checkpoint_dir(root, iteration)
     check_layout(path, given)
-    tensors = read_tensor_metadata(path, given)
+    tensors = read_tensor_metadata(path, given) if read_tensors else {}
     run = read_run(root, flag)
     flags = checkpoint_model_flags(root, flag)
     if flags is not None:

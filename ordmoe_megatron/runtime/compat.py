@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import typing
 from typing import Any, Optional
 
 import megatron.core
 from megatron.core.optimizer import optimizer as _optimizer
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ordmoe_megatron.errors import OrdMoEError
 
@@ -101,8 +103,26 @@ LOAD_BALANCING_TYPES: tuple[str, ...] = ("aux_loss", "seq_aux_loss", "global_aux
     ("quantile_balancing",) if VERSION >= (0, 19, 0) else ()
 )
 
-# 0.18: the sqrtsoftplus score function (softplus, then square root; normalised like sigmoid).
-SCORE_FUNCTIONS: tuple[str, ...] = ("softmax", "sigmoid") + (("sqrtsoftplus",) if VERSION >= (0, 18, 0) else ())
+# The router score functions this megatron-core offers, read from its own ``TransformerConfig``
+# (``moe_router_score_function: Literal[...]``): softmax, sigmoid; 0.18 added sqrtsoftplus
+# (softplus, then square root; normalised like sigmoid). The tier router implements each of
+# them (``method.tiers.SCORE_FUNCTIONS``; ``tests/runtime/test_compat.py`` checks it).
+SCORE_FUNCTIONS: tuple[str, ...] = typing.get_args(
+    {f.name: f.type for f in dataclasses.fields(TransformerConfig)}["moe_router_score_function"]
+)
+
+
+def score_function_problem(name: str) -> Optional[str]:
+    """Why ``--moe-router-score-function name`` cannot run on this megatron-core (None if it can)."""
+    if name in SCORE_FUNCTIONS:
+        return None
+    offered = f"megatron-core {megatron.core.__version__} offers {', '.join(SCORE_FUNCTIONS)}"
+    if name == "sqrtsoftplus":
+        return (
+            f"--moe-router-score-function sqrtsoftplus needs megatron-core 0.18 or later ({offered}): "
+            "upgrade, or use one of those"
+        )
+    return f"--moe-router-score-function {name!r} is not a router score function ({offered}): use one of those"
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +131,17 @@ SCORE_FUNCTIONS: tuple[str, ...] = ("softmax", "sigmoid") + (("sqrtsoftplus",) i
 # The model config's functions that scale a loss's gradient, besides ``grad_scale_func`` (which
 # the auxiliary losses fall back to when these are unset).
 AUX_LOSS_SCALE_FUNCS: tuple[str, ...] = ("moe_grad_scale_func", "mtp_grad_scale_func") if VERSION >= (0, 19, 0) else ()
+
+
+# 0.19: the MTP loss tracker keeps the per-layer losses under "loss_values" (with MTP accuracy
+# counts beside them); before, under "values".
+def mtp_tracked_losses() -> Optional[Any]:
+    """The per-MTP-layer losses ``MTPLossLoggingHelper`` summed since its last reset (None if none)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    return tracker.get("loss_values", tracker.get("values"))
+
 
 # --------------------------------------------------------------------------------------------
 # checkpoints (0.19: the common state lives in the torch_dist shards, no common.pt)

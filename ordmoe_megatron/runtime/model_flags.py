@@ -12,6 +12,7 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -19,12 +20,16 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+    get_gpt_mtp_block_spec,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.layers import has_dense_layers, parse_moe_layer_freq
-from ordmoe_megatron.runtime import bridges
+from ordmoe_megatron.runtime import bridges, compat
 from ordmoe_megatron.runtime.packed_attention import packed_attention_spec
 
 __all__ = [
@@ -58,6 +63,7 @@ class Flag:
     help: str
     choices: Optional[tuple] = None
     cli: bool = True
+    check: Optional[Callable[[Any], Optional[str]]] = None  # a value's problem in words, or None
 
     @property
     def option(self) -> str:
@@ -84,14 +90,32 @@ MODEL_FLAGS: tuple = (
         False,
         "Softmax over all experts before top-k (no renormalisation); default is top-k then softmax.",
     ),
-    Flag("moe_router_score_function", "str", "softmax", "Router score function.", choices=("softmax", "sigmoid")),
+    Flag(
+        "moe_router_score_function",
+        "str",
+        "softmax",
+        "Router score function (those of the installed megatron-core).",
+        choices=compat.SCORE_FUNCTIONS,
+        check=compat.score_function_problem,
+    ),
     Flag("moe_router_topk_scaling_factor", "float", None, "Scale applied to routing weights."),
+    Flag("moe_router_num_groups", "int", None, "Expert groups of group-limited routing (DeepSeek-V3's n_group)."),
+    Flag("moe_router_group_topk", "int", None, "Groups each token may route to (DeepSeek-V3's topk_group)."),
+    Flag(
+        "moe_router_enable_expert_bias",
+        "bool",
+        False,
+        "Aux-loss-free balancing: a per-expert bias added to the scores the top-K ranks with (sigmoid).",
+    ),
+    Flag("moe_router_bias_update_rate", "float", None, "Step of the expert-bias update (Megatron's 1e-3 if unset)."),
     Flag(
         "moe_layer_freq",
         "freq",
         1,
         "MoE layer frequency: int N, or a list expression like '([0]+[1]*23)' (0 dense, 1 MoE).",
     ),
+    Flag("mtp_num_layers", "int", None, "Multi-token prediction layers (DeepSeek-V3's MTP); none if unset."),
+    Flag("mtp_loss_scaling_factor", "float", None, "Weight of the MTP loss (Megatron's 0.1 if unset)."),
     Flag("normalization", "str", "LayerNorm", "Norm type.", choices=("LayerNorm", "RMSNorm")),
     Flag("norm_epsilon", "float", 1e-5, "Norm epsilon."),
     Flag("swiglu", "bool", False, "SwiGLU MLPs (gated linear unit with SiLU)."),
@@ -120,6 +144,14 @@ MODEL_FLAGS: tuple = (
 _BY_NAME: Dict[str, Flag] = {f.name: f for f in MODEL_FLAGS}
 
 
+def _checked_arg(typ: Callable, check: Callable, text: str):
+    value = typ(text)
+    problem = check(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every CLI model flag to ``parser`` (an argument group named 'model architecture')."""
     group = parser.add_argument_group("model architecture")
@@ -130,6 +162,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             group.add_argument(f.option, action="store_true", default=f.default, help=f.help)
             continue
         typ: Callable = {"int": int, "float": float, "str": str, "freq": _moe_freq_arg}[f.kind]
+        if f.check is not None:
+            typ = functools.partial(_checked_arg, typ, f.check)
         group.add_argument(f.option, type=typ, default=f.default, choices=f.choices, help=f.help)
     return parser
 
@@ -157,6 +191,9 @@ def normalize_flags(flags: Dict[str, Any], where: str = "") -> Dict[str, Any]:
                     v = {"int": int, "float": float, "bool": bool}[f.kind](v)
                 except (TypeError, ValueError):
                     raise OrdMoEError(f"{where}model flag {f.name}={v!r} is not a valid {f.kind}") from None
+            problem = f.check(v) if f.check is not None else None
+            if problem:
+                raise OrdMoEError(f"{where}{problem}")
             if f.choices and v not in f.choices:
                 raise OrdMoEError(f"{where}model flag {f.name}={v!r} not in {f.choices}")
         out[f.name] = v
@@ -175,6 +212,8 @@ def flags_to_argv(flags: Dict[str, Any]) -> List[str]:
         if not f.cli or v is None:
             continue
         if f.name.startswith("moe_") and not flags["num_experts"]:
+            continue
+        if f.name == "mtp_loss_scaling_factor" and not flags["mtp_num_layers"]:
             continue
         if f.name == "num_query_groups" and not flags["group_query_attention"]:
             continue
@@ -245,7 +284,16 @@ def transformer_config_from_flags(flags: Dict[str, Any], **overrides):
             moe_router_score_function=f["moe_router_score_function"],
             moe_router_topk_scaling_factor=f["moe_router_topk_scaling_factor"],
             moe_layer_freq=f["moe_layer_freq"],
+            moe_router_num_groups=f["moe_router_num_groups"],
+            moe_router_group_topk=f["moe_router_group_topk"],
+            moe_router_enable_expert_bias=f["moe_router_enable_expert_bias"],
         )
+        if f["moe_router_bias_update_rate"] is not None:
+            kw["moe_router_bias_update_rate"] = f["moe_router_bias_update_rate"]
+    if f["mtp_num_layers"]:
+        kw["mtp_num_layers"] = f["mtp_num_layers"]
+        if f["mtp_loss_scaling_factor"] is not None:
+            kw["mtp_loss_scaling_factor"] = f["mtp_loss_scaling_factor"]
     kw.update(overrides)
     try:
         return TransformerConfig(**kw)
@@ -261,8 +309,11 @@ def gpt_model_from_flags(
     to swap modules (state-dict keys must stay those of the local spec). ``model_kwargs`` go to
     GPTModel (pre_process, post_process, vp_stage, ...); pre/post_process default to this rank's
     pipeline stage. ``model_class`` builds a GPTModel subclass instead (e.g. ``OrdMoEGPTModel``,
-    whose extra keyword arguments go in ``model_kwargs``). ``packed_sequences``: the default spec's
-    local attention also runs THD packed sequences (``runtime.packed_attention``)."""
+    whose extra keyword arguments go in ``model_kwargs``). With ``mtp_num_layers`` the MTP block's
+    layer is the decoder's last layer spec, as Megatron-LM's ``gpt_builder`` makes it (built from
+    the spec as given: ``OrdMoEGPTModel`` swaps the routers of the decoder's layers only).
+    ``packed_sequences``: the default spec's local attention also runs THD packed sequences
+    (``runtime.packed_attention``)."""
 
     f = normalize_flags(flags)
     if layer_spec is None:
@@ -294,6 +345,12 @@ def gpt_model_from_flags(
             first = last = True
         model_kwargs.setdefault("pre_process", first)
         model_kwargs.setdefault("post_process", last)
+    if f["mtp_num_layers"] and "mtp_block_spec" not in model_kwargs:
+        # A block spec (dense layers in) holds this stage's layers; MTP sits on the last stage.
+        last = layer_spec.layer_specs[-1] if getattr(layer_spec, "layer_specs", None) else layer_spec
+        model_kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(
+            config, last, use_transformer_engine=False, vp_stage=model_kwargs.get("vp_stage")
+        )
     max_pos = f["max_position_embeddings"] or f["seq_length"]
     if max_pos is None:
         raise OrdMoEError("model flags need max_position_embeddings or seq_length: pass --seq-length")

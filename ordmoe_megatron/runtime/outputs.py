@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from typing import Iterator, Optional, Sequence
 
@@ -69,7 +70,15 @@ class RunLock:
     def __init__(self, directory: str, flag: str):
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, self.FILE)
-        self._file = open(self.path, "a+")
+        try:  # O_NOFOLLOW: a link planted under the lock's name is refused, never written through
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            why = "is a symbolic link" if os.path.islink(self.path) else f"cannot be opened ({err.strerror})"
+            raise OutputError(f"{flag} {directory}: {self.path} {why}; remove it") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputError(f"{flag} {directory}: {self.path} is not a plain file; remove it")
+        self._file = os.fdopen(fd, "r+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -104,7 +113,7 @@ def staged_file(path: str) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output gets a plain file's mode
+    plain_mode(tmp)  # mkstemp makes it private; the output gets a plain file's mode
     try:
         yield tmp
         os.replace(tmp, path)
@@ -119,6 +128,12 @@ def _umask() -> int:
     return mask
 
 
+def plain_mode(path: str) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would under the umask (0644/0755 under
+    022), for files made private by their writer (``mkstemp``, ``mkdtemp``, safetensors)."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def staged_dir(path: str, replace: bool, replace_flag: str) -> Iterator[str]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` (the old one
@@ -129,6 +144,7 @@ def staged_dir(path: str, replace: bool, replace_flag: str) -> Iterator[str]:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    plain_mode(tmp)  # mkdtemp makes it private; the output gets a plain directory's mode
     try:
         yield tmp
     except BaseException:

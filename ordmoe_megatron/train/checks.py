@@ -93,17 +93,14 @@ def check_model(config: RunConfig) -> None:
 
 
 def check_precision(config: RunConfig) -> None:
-    if config.fp8_format is None:
-        return
-    if not config.bf16:
-        raise OrdMoEError("--fp8-format needs --bf16 (FP8 GEMMs inside a BF16 model)")
-    try:
-        import transformer_engine  # noqa: F401  (only probed: FP8 needs it)
-    except ImportError:
+    """``--fp8-format`` is refused: the built-in trainer builds the local layer spec (no
+    Transformer Engine layers), so it would train in BF16 and say nothing."""
+    if config.fp8_format is not None:
         raise OrdMoEError(
-            "--fp8-format needs Transformer Engine on a GPU (pip install '.[te]' on the cluster); "
-            "drop the flag on this machine"
-        ) from None
+            f"--fp8-format {config.fp8_format}: ordmoe-pretrain builds no Transformer Engine layers, so it "
+            "cannot train in FP8; drop the flag (--bf16 trains in BF16), or train FP8 with Megatron-LM's "
+            "pretrain_gpt.py --ordmoe (docs/megatron_lm.md)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +128,9 @@ def _iteration_dir(path: str) -> bool:
     return bool(re.fullmatch(r"iter_\d{7}|release", name)) or os.path.isfile(os.path.join(path, "metadata.json"))
 
 
-def plan_resume(config: RunConfig, world: int) -> ResumePlan:
-    """Check ``--load`` against this run before any work and say what the run will do with it."""
+def plan_resume(config: RunConfig, world: int, dry_run: bool = False) -> ResumePlan:
+    """Check ``--load`` against this run before any work and say what the run will do with it.
+    ``dry_run``: the checkpoint's pickled metadata (``.metadata``) is not read."""
     load, save = config.load, config.save
     if not load or (config.overwrite and load == save):
         return ResumePlan("new")  # --overwrite on its own outputs starts afresh
@@ -149,13 +147,15 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
             f"--load {load} holds no checkpoint (no {checkpointing.TRACKER}); point --load at the "
             "directory --save wrote, or leave --load out to start a new run"
         )
-    info = checkpointing.inspect_checkpoint(load, "--load")
+    info = checkpointing.inspect_checkpoint(load, "--load", read_tensors=not dry_run)
     checkpointing.check_compatible(load, config.model_flags, "--load")
     if info.iteration is None or config.finetune:
         notes = [f"starting from the weights in {info.path}"]
         means = any(TierRouter.is_running_mean(key) for key in info.tensors)
         average = config.ordmoe is not None and config.ordmoe.ranking == "average"
-        if average and not means:
+        if dry_run:
+            pass  # whether it holds running means is in .metadata, which a dry run does not read
+        elif average and not means:
             notes.append("the checkpoint has no running means of --ordmoe-ranking average: they start afresh")
         if means and not average:
             notes.append("the checkpoint's running means of --ordmoe-ranking average are not used here")
@@ -206,16 +206,18 @@ def plan_resume(config: RunConfig, world: int) -> ResumePlan:
 # --------------------------------------------------------------------------------------------
 # outputs and data
 # --------------------------------------------------------------------------------------------
-def check_run(config: RunConfig, world: int, layers_per_virtual_stage: Optional[int]) -> ResumePlan:
-    """Every check a run makes before any work (``--dry-run`` makes the same); what it will do
-    with ``--load``."""
+def check_run(
+    config: RunConfig, world: int, layers_per_virtual_stage: Optional[int], dry_run: bool = False
+) -> ResumePlan:
+    """Every check a run makes before any work (``--dry-run`` makes the same, but leaves the
+    checkpoint's pickled ``.metadata`` unread); what it will do with ``--load``."""
     problems = layout_problems(config, world, layers_per_virtual_stage)
     if problems:
         raise OrdMoEError("impossible parallel layout: " + "; ".join(problems))
     check_values(config)
     check_precision(config)
     check_model(config)
-    plan = plan_resume(config, world)
+    plan = plan_resume(config, world, dry_run)
     check_outputs(config, plan, world)
     check_data(config)
     return plan
@@ -253,6 +255,7 @@ def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:
     ):
         if path:
             check_writable(path, flag, is_dir)
+    checkpointing.check_stale_saves(config.save, "--save")
     if (
         config.save
         and has_checkpoint(config.save)

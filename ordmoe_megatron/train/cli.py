@@ -20,7 +20,7 @@ from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.checkpointing import checkpoint_model_flags, has_checkpoint
 from ordmoe_megatron.runtime.distributed import ParallelLayout, world_size_from_env
 from ordmoe_megatron.runtime.model_flags import add_model_args, flags_from_args
-from ordmoe_megatron.train import checks, run
+from ordmoe_megatron.train import build, checks, run
 from ordmoe_megatron.train.config import RunConfig
 
 PRESETS = {
@@ -74,6 +74,29 @@ PRESETS["tiny-sft"] = dict(
     eval_iters=2,
     work_dir="runs/tiny-sft",
     sft_pack=True,
+)
+# The paper's second model (Ling-mini-2.0) and DeepSeek-V3 in miniature: 16 experts in 4 groups
+# (each token's top-2 from 2 groups), sigmoid scores with the expert bias (aux-loss-free
+# balancing) and a scaling factor, one shared expert, a first
+# dense layer and one multi-token-prediction layer. MLA is left out: megatron-core's MLA needs
+# Transformer Engine's attention (its local DotProductAttention takes no k_channels).
+PRESETS["tiny-deepseek"] = dict(
+    PRESETS["tiny"],
+    num_experts=16,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=64,
+    moe_router_num_groups=4,
+    moe_router_group_topk=2,
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    moe_router_topk_scaling_factor=2.5,
+    moe_shared_expert_intermediate_size=128,
+    moe_layer_freq=[0, 1, 1, 1],
+    mtp_num_layers=1,
+    mtp_loss_scaling_factor=0.3,
+    train_iters=100,
+    eval_interval=50,
+    work_dir="runs/tiny-deepseek",
 )
 # The model the flags describe when no preset is used (as small as a useful test).
 DEFAULT_MODEL = dict(
@@ -136,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="A complete embedded run; 'tiny' is the default when no data is named; 'tiny-sft' "
-        "fine-tunes on checkable instruction / answer tasks (docs/sft.md).",
+        help="A complete embedded run; 'tiny' is the default when no data is named; 'tiny-deepseek' is "
+        "the DeepSeek-V3 / Ling-2.0 style (group-limited sigmoid routing with expert bias, a shared "
+        "expert, a first dense layer, MTP); 'tiny-sft' fine-tunes on checkable instruction / answer "
+        "tasks (docs/sft.md).",
     )
     parser.add_argument("--work-dir", default=None, help="Where a preset keeps its data, checkpoints and outputs.")
     parser.add_argument(
@@ -321,7 +346,7 @@ def describe(config: RunConfig, plan: checks.ResumePlan) -> str:
     if cfg is None:
         lines.append("  OrdMoE off (--no-ordmoe): plain top-K")
         return "\n".join(lines)
-    shared = cfg.shared_prefix_layers(flags["num_layers"], flags["moe_layer_freq"], layout.pipeline > 1)
+    shared = cfg.shared_prefix_layers_of(build.transformer_config(config))
     lines += [
         "  " + line
         for line in cfg.describe_layout(
@@ -341,7 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         config = run_config_from_args(args)
-        plan = checks.check_run(config, world_size_from_env(), args.num_layers_per_virtual_pipeline_stage)
+        plan = checks.check_run(
+            config, world_size_from_env(), args.num_layers_per_virtual_pipeline_stage, dry_run=args.dry_run
+        )
         if args.dry_run:
             print(describe(config, plan))
             return 0

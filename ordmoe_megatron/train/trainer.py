@@ -30,6 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ordmoe_megatron.data.batches import shard_micro_batches
+from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.flops import ordmoe_run_step_flops
 from ordmoe_megatron.mcore.loss import lm_loss, reduce_reports
 from ordmoe_megatron.mcore.metrics import pop_moe_metrics, tier_load_paused
@@ -101,7 +102,15 @@ def forward_step(data_iterator, model):
         packed = PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
         )
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
+    # The loss mask goes in as Megatron-LM's pretrain_gpt passes it: the MTP loss is masked by it.
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+        packed_seq_params=packed,
+    )
     return output, functools.partial(lm_loss, batch["loss_mask"])
 
 
@@ -161,12 +170,7 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePla
     else:
         forward_backward = get_forward_backward_func()
     _, dp_size = data_parallel_rank_and_size()
-    layout = config.layout
-    shared = (
-        config.ordmoe.shared_prefix_layers(tconfig.num_layers, tconfig.moe_layer_freq, layout.pipeline > 1)
-        if config.ordmoe is not None
-        else 0
-    )
+    shared = config.ordmoe.shared_prefix_layers_of(tconfig) if config.ordmoe is not None else 0
     trainer = Trainer(
         config,
         tconfig,
@@ -308,19 +312,60 @@ def save_grads_hook(path: str):
     return save
 
 
-class StopSignal:
-    """SIGTERM (the usual end of a SLURM job or a preempted pod) while training: the handler only
-    sets a flag; at the end of each step the ranks agree on it (one all-reduce), save, and stop,
-    as Megatron-LM's exit-signal handler does."""
+class DivergedError(OrdMoEError):
+    """A non-finite loss, gradient norm or weight: the run stops without saving it."""
 
-    def __init__(self, signum: int = signal.SIGTERM):
-        self.signum, self.received = signum, False
-        self._previous = (
-            signal.signal(signum, self._handle) if threading.current_thread() is threading.main_thread() else None
+
+def non_finite(record: dict) -> list[str]:
+    """What is not finite in a step's metrics: the losses and the gradient norm."""
+    values = {"lm loss": record["lm_loss"], "rank loss": record["rank_loss"], "grad norm": record["grad_norm"]}
+    return [f"{name} {value}" for name, value in values.items() if value is not None and not math.isfinite(value)]
+
+
+def check_finite_weights(trainer: Trainer) -> None:
+    """Every rank's weights are finite (all ranks agree); a ``DivergedError`` otherwise: no
+    checkpoint is ever saved with a NaN or an infinity in it."""
+    bad = checkpointing.non_finite_parameters(trainer.chunks)
+    flag = torch.tensor([int(bool(bad))], device=device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item():
+        raise DivergedError(
+            f"iteration {trainer.iteration}: the weights are not finite"
+            + (f" ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else " on another rank")
+            + "; nothing was saved. "
+            + _diverged_advice(trainer.config)
         )
 
+
+def _diverged_advice(config: RunConfig) -> str:
+    where = (
+        f"--save {config.save} keeps its last finite checkpoint; resume from it, or from an earlier one "
+        f"(write its iteration into {checkpointing.TRACKER}), with --load and a lower --lr (with "
+        "--override-opt-param-scheduler)"
+        if config.save
+        else "lower --lr, or keep --clip-grad above 0"
+    )
+    return "The run diverged: " + where
+
+
+class StopSignal:
+    """SIGTERM (the usual end of a SLURM job or a preempted pod) or SIGINT (Ctrl-C) while
+    training: the handler only sets a flag, so a step or a save in progress finishes; at the end
+    of each step the ranks agree on it (one all-reduce), save, and stop, as Megatron-LM's
+    exit-signal handler does. A second signal of the same kind ends the process at once."""
+
+    def __init__(self, signums: tuple = (signal.SIGTERM, signal.SIGINT)):
+        self.signum, self.received = None, False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in signums}
+
     def _handle(self, signum, frame):
-        self.received = True
+        if self.received and signum == self.signum:  # asked twice: the default action now
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.received, self.signum = True, signum
 
     def agreed(self) -> bool:
         flag = torch.tensor([int(self.received)], device=device())
@@ -328,8 +373,9 @@ class StopSignal:
         return bool(flag.item())
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def train(trainer: Trainer, run_meta: dict) -> list[dict]:
@@ -346,6 +392,7 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
     stop = StopSignal()
 
     def save():
+        check_finite_weights(trainer)
         checkpointing.save_checkpoint(
             config.save,
             trainer.iteration,
@@ -367,6 +414,12 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             it = trainer.iteration
+            bad = non_finite(record)  # the same on every rank: reduced and broadcast
+            if bad:
+                raise DivergedError(
+                    f"iteration {it}: {', '.join(bad)}: not finite; stopped without saving this step. "
+                    + _diverged_advice(config)
+                )
             if logging and (it % config.log_interval == 0 or it == config.train_iters):
                 seconds = sum(r["time_s"] for r in window)
                 print(
@@ -395,15 +448,15 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
             if config.save and config.save_interval and it % config.save_interval == 0:
                 save()
                 saved_at = it
+        if config.save and history and saved_at != trainer.iteration:
+            save()  # still under the signal handler: a Ctrl-C now lets the save finish
     finally:
         stop.restore()
         if metrics_file:
             metrics_file.close()
-    if config.save and history and saved_at != trainer.iteration:
-        save()
     if trainer.stopped_by_signal and logging:
         print(
-            f" stopped by signal {stop.signum} at iteration {trainer.iteration}: "
+            f" stopped by signal {int(stop.signum)} at iteration {trainer.iteration}: "
             + (
                 f"saved to {config.save}; run the same command to resume"
                 if config.save

@@ -10,8 +10,6 @@ saved in another parallel layout.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -253,6 +251,116 @@ def test_sharded_export_and_no_metadata_export(work):
 
 
 # ----------------------------------------------------------------------------------------------
+# Megatron-LM checkpoints: the flags from common.pt's args
+# ----------------------------------------------------------------------------------------------
+def _megatron_lm_variant(work, family, name, **args_edits):
+    """The converted checkpoint laid out as ``pretrain_gpt.py --save`` writes it: an iteration
+    directory named by the tracker, no model_args.json and no HF metadata, and the model's
+    arguments only in ``common.pt``'s ``args`` namespace, under Megatron-LM's names (with the enum
+    and signal values a real one holds, and arguments that are not the model's)."""
+    import argparse
+    import signal
+
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.enums import AttnBackend
+
+    src = _mcore_dir(work, family)
+    flags = mcore_io.read_model_args(src)
+    dst = str(work / f"mlm-{name}")
+    shutil.copytree(src, dst)
+    for meta in (mcore_io.MODEL_ARGS, mcore_io.HF_METADATA):
+        os.remove(os.path.join(dst, meta))
+    os.rename(os.path.join(dst, "release"), os.path.join(dst, "iter_0000004"))
+    with open(os.path.join(dst, mcore_io.TRACKER), "w") as fh:
+        fh.write("4")
+    args = {k: v for k, v in flags.items() if k not in ("disable_bias_linear", "norm_epsilon")}
+    if not args["group_query_attention"]:
+        args["num_query_groups"] = args["num_attention_heads"]  # what Megatron-LM's validation sets
+    args.update(
+        add_bias_linear=not flags["disable_bias_linear"],
+        layernorm_epsilon=flags["norm_epsilon"],
+        transformer_impl="local",
+        attention_backend=AttnBackend.auto,
+        model_type=ModelType.encoder_or_decoder,
+        exit_signal=signal.SIGTERM,
+        params_dtype=torch.float32,
+        lr=1e-3,
+        ordmoe=True,
+        ordmoe_num_tiers=3,
+    )
+    args.update(args_edits)
+    common = {"args": argparse.Namespace(**args), "checkpoint_version": 3.0, "iteration": 4}
+    torch.save(common, os.path.join(dst, "iter_0000004", "common.pt"))
+    return dst
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_megatron_lm_checkpoint_exports_with_its_own_flags(work, family):
+    """No model_args.json: the flags come from common.pt's args (add_bias_linear -> no biases,
+    layernorm_epsilon, query groups, the qkv bias, the shared expert, the dense layer); the export
+    equals the model it came from, and its files have plain modes under umask 022."""
+    src = _megatron_lm_variant(work, family, f"export-{family}")
+    out = str(work / f"mlm-hf-{family}")
+    old = os.umask(0o022)
+    try:
+        mcore_to_hf(src, out)
+    finally:
+        os.umask(old)
+    a, b = _tensors(_hf_dir(work, family)), _tensors(out)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _config(out)["model_type"] == family
+    assert _config(out)["rms_norm_eps"] == _config(_hf_dir(work, family))["rms_norm_eps"]
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    assert {f: os.stat(os.path.join(out, f)).st_mode & 0o777 for f in os.listdir(out)} == {
+        f: 0o644 for f in os.listdir(out)
+    }
+
+
+@pytest.mark.parametrize(
+    "edits,message",
+    [
+        (dict(transformer_impl="transformer_engine"), "trained with --transformer-impl transformer_engine: its layer"),
+        (dict(moe_grouped_gemm=True), "trained with --moe-grouped-gemm: grouped expert weights"),
+        (dict(squared_relu=True), "trained with --squared-relu: only GeLU and SwiGLU"),
+        (dict(add_bias_linear=True), "mixtral: model flag disable_bias_linear=False"),  # read, not dropped
+        (dict(normalization="LayerNorm1P"), r"normalization='LayerNorm1P' not in"),
+    ],
+)
+def test_megatron_lm_checkpoint_that_cannot_be_mapped_is_refused(work, edits, message):
+    src = _megatron_lm_variant(work, "mixtral", "refused-" + "-".join(edits), **edits)
+    out = _occupied(work, "outmlm-" + "-".join(edits))
+    with pytest.raises(OrdMoEError, match=message):
+        mcore_to_hf(src, out, force=True)
+    _assert_untouched(out)
+
+
+def test_megatron_lm_args_are_read_without_running_code(work, tmp_path):
+    """common.pt is read with weights_only=True: a global other than the namespace and plain
+    enums refuses the file, and nothing in it runs."""
+    import argparse
+
+    src = _megatron_lm_variant(work, "mixtral", "unsafe")
+    ran = tmp_path / "ran"
+    common = torch.load(os.path.join(src, "iter_0000004", "common.pt"), weights_only=False)
+    common["args"].hook = _Trap(str(ran))
+    torch.save(common, os.path.join(src, "iter_0000004", "common.pt"))
+    with pytest.raises(OrdMoEError, match=r"common.pt holds io.open, which is not read without running code"):
+        mcore_to_hf(src, str(work / "unsafe-hf"))
+    assert not ran.exists() and not os.path.exists(work / "unsafe-hf")
+    assert isinstance(common["args"], argparse.Namespace)
+
+
+class _Trap:
+    """Unpickling it would call open(path, "w")."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# ----------------------------------------------------------------------------------------------
 # bad inputs: clear error, existing outputs untouched
 # ----------------------------------------------------------------------------------------------
 def _occupied(work, name):
@@ -463,25 +571,22 @@ def test_bad_mcore_input_fails_clearly(work, case):
 # ----------------------------------------------------------------------------------------------
 # CLIs
 # ----------------------------------------------------------------------------------------------
-def _tool(name, *args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", name), *args], capture_output=True, text=True, timeout=300, env=env
-    )
+def test_ordmoe_convert_both_ways(work, capsys):
+    """``ordmoe-convert`` (convert/cli.py's main, what the console script and tools/ call)."""
+    from ordmoe_megatron.convert.cli import main
 
-
-def test_cli_tools(work):
     hf = _hf_dir(work, "mixtral")
     out = str(work / "cli-mcore")
-    proc = _tool("hf_to_mcore.py", "--hf-dir", hf, "--out", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--num-experts 4 --moe-router-topk 2" in proc.stdout
-    assert "--untie-embeddings-and-output-weights" in proc.stdout
-    again = _tool("hf_to_mcore.py", "--hf-dir", hf, "--out", out)
-    assert again.returncode == 2 and "already exists; pass --force" in again.stderr
+    assert main(["hf-to-mcore", "--hf-dir", hf, "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "--num-experts 4 --moe-router-topk 2" in printed
+    assert "--untie-embeddings-and-output-weights" in printed
+    assert main(["hf-to-mcore", "--hf-dir", hf, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ordmoe-convert: error: output ")
+    assert err[-1].endswith("already exists; pass --force to replace it")
     back = str(work / "cli-hf")
-    proc = _tool("mcore_to_hf.py", "--mcore-dir", out, "--out", back)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["mcore-to-hf", "--mcore-dir", out, "--out", back]) == 0
     a, b = _tensors(hf), _tensors(back)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -582,3 +687,24 @@ def test_import_streams_tensors_through_disk(tmp_path):
         mapped = spill_to_disk(tensor, str(tmp_path), 0 if dtype == torch.float32 else 1)
         assert torch.equal(mapped, tensor) and mapped.dtype == dtype
         assert mapped.untyped_storage().filename.startswith(str(tmp_path))
+
+
+@pytest.mark.one_version
+def test_families_read_moe_layers_through_method_layers():
+    """The Qwen layer rule writes the dense layers that method.layers.moe_layer_pattern names (and
+    reads them back); Mixtral's (MoE in every layer) refuses dense layers; bad patterns get
+    method.layers' refusal."""
+    from ordmoe_megatron.convert.families import _all_moe_layers, _qwen_layer_pattern
+    from ordmoe_megatron.method.layers import moe_layer_pattern
+
+    qwen, mixtral = _qwen_layer_pattern(), _all_moe_layers()
+    for freq in (2, [1, 1, 0, 1], 1):
+        hf = qwen.to_hf(dict(num_layers=4, moe_layer_freq=freq))
+        pattern = moe_layer_pattern(4, freq)
+        assert hf == {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, p in enumerate(pattern) if not p]}
+        assert qwen.to_flags(dict(hf, num_hidden_layers=4))["moe_layer_freq"] == (1 if all(pattern) else pattern)
+    assert mixtral.to_hf(dict(num_layers=4, moe_layer_freq=1)) == {}
+    with pytest.raises(ConversionError, match="puts dense layers in"):
+        mixtral.to_hf(dict(num_layers=4, moe_layer_freq=2))
+    with pytest.raises(OrdMoEError, match="pattern has 3 entries for 4 layers"):
+        qwen.to_hf(dict(num_layers=4, moe_layer_freq=[1, 0, 1]))

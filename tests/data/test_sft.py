@@ -108,4 +108,4 @@ def test_tiny_sft_tasks_are_right_and_the_splits_disjoint():
         }[kind]
         assert answer == expected, c
     tasks = sft.heldout_tasks(held[:3])
-    assert all(t["prompt"].endswith("Assistant:") and t["kind"] == c["kind"] for t, c in zip(tasks, held))
+    assert all(t["prompt"].endswith("Assistant:") and t["task"] == c["kind"] for t, c in zip(tasks, held))

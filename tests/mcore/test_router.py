@@ -523,11 +523,17 @@ RANKINGS = {
     "average": OrdMoEConfig(num_tiers=3, ranking="average"),
     "token": OrdMoEConfig(num_tiers=3),
     "random": OrdMoEConfig(num_tiers=3, grouping="random"),
+    # layer 1 routes top-K for all paths: the lazy fan-out runs it once, before layer 2, except
+    # under full recompute (fan-out at the embedding): the same gradients either way
+    "scoped": OrdMoEConfig(num_tiers=3, layer_scope="2-3"),
 }
 
 
-@pytest.mark.parametrize("ranking", sorted(RANKINGS))
-@pytest.mark.parametrize("recompute", sorted(RECOMPUTE))
+@pytest.mark.parametrize(
+    "recompute, ranking",
+    [(recompute, ranking) for recompute in sorted(RECOMPUTE) for ranking in sorted(RANKINGS) if ranking != "scoped"]
+    + [pytest.param("full", "scoped", marks=pytest.mark.one_version)],
+)
 def test_activation_recompute_gives_the_gradients_of_no_recompute(megatron_single_process, recompute, ranking):
     """Megatron runs a checkpointed forward without gradients and recomputes it in the backward:
     the recomputation routes as the forward did, the running means take each micro-batch once,
@@ -535,6 +541,9 @@ def test_activation_recompute_gives_the_gradients_of_no_recompute(megatron_singl
 
     cfg = RANKINGS[ranking]
     models = {"plain": tiny_model(cfg), "recompute": tiny_model(cfg, **RECOMPUTE[recompute])}
+    if ranking == "scoped":
+        assert models["plain"].fanout_layer == 2
+        assert models["recompute"].fanout_layer == (None if recompute == "full" else 2)
     batches = tiny_batches(2, seed=30)
     for step in range(2):
         results = {}
@@ -557,7 +566,9 @@ def test_activation_recompute_gives_the_gradients_of_no_recompute(megatron_singl
         for n in grads:
             torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-4, atol=1e-6, msg=n)
         for a, b in zip(plain_loads, loads):
-            assert torch.equal(a, b)
+            # a layer before the lazy fan-out runs (and counts) once; fanned out at the embedding,
+            # once per path, alike
+            assert torch.equal(a.expand_as(b), b)
         for a, b in zip(plain_means, means):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
     if ranking == "average":

@@ -16,13 +16,9 @@ Two groups:
   helpers are compiled at start-up with ``pybind11`` (``pip install triton pybind11``; neither
   pulls torch).
 
-CPU runs of Megatron-LM's training loop: this file, run as a program
-(``python tests/megatron_lm/test_megatron_lm.py SCRIPT ARGS...``), is the launcher: it calls
-``megatron_lm.cpu_launch.megatron_lm_on_cpu()`` (the CPU emulation plus three CUDA-only spots of
-Megatron-LM's ``megatron.training``, bridged at run time; no file of Megatron-LM is changed
-beyond the patch) and runs the script, and the CPU flags: ``--distributed-backend gloo
---transformer-impl local --use-cpu-initialization --no-gradient-accumulation-fusion
---no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion --no-persist-layer-norm``.
+CPU runs of Megatron-LM's training loop go through the installed launcher,
+``python -m ordmoe_megatron.megatron_lm.cpu_launch`` (``ordmoe-megatron-lm-cpu``), on a clean clone
+of MEGATRON_LM_PATH that the tests make themselves (a checkout the user patched works too).
 """
 
 import argparse
@@ -36,6 +32,7 @@ import types
 
 import pytest
 
+from ordmoe_megatron.megatron_lm import cpu_launch
 from ordmoe_megatron.runtime import compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,26 +112,26 @@ def _argv(stdout):
 
 @pytest.mark.parametrize("script,world", [("ordmoe_pretrain_torchrun.sh", 8), ("ordmoe_pretrain_slurm.sh", 32)])
 def test_ordmoe_pretrain_script_dry_run_plumbing(tmp_path, script, world):
-    fake = _stand_in(tmp_path / "ordmoe-pretrain", help_text="--bf16 --fp8-format")
-    proc = _run_script(
-        script, "--dry-run", "--train-iters", "7", env={"ORDMOE_PRETRAIN": str(fake), "PRECISION": "fp8"}
-    )
+    fake = _stand_in(tmp_path / "ordmoe-pretrain", help_text="--bf16")
+    proc = _run_script(script, "--dry-run", "--train-iters", "7", env={"ORDMOE_PRETRAIN": str(fake)})
     assert proc.returncode == 0, proc.stderr
     argv = _argv(proc.stdout)
     assert f"WORLD_SIZE={world} RANK=0" in proc.stdout
     assert argv[-1] == "--dry-run" and argv[-3:-1] == ["--train-iters", "7"]  # extra flags come last
-    assert "--fp8-format" in argv and argv[argv.index("--fp8-format") + 1] == "hybrid"
+    assert "--bf16" in argv and "--fp8-format" not in argv
     assert argv[argv.index("--num-experts") + 1] == "64" and argv[argv.index("--moe-router-topk") + 1] == "6"
     assert argv[argv.index("--num-layers") + 1] == "28" and argv[argv.index("--hidden-size") + 1] == "2048"
     launch = next(line for line in proc.stdout.splitlines() if line.startswith("would launch: "))
     assert "--no-python" in launch and ("srun" in launch) == script.endswith("slurm.sh")
 
 
-def test_ordmoe_pretrain_script_without_precision_flags_says_so(tmp_path):
-    fake = _stand_in(tmp_path / "ordmoe-pretrain", help_text="no precision flags here")
-    proc = _run_script("ordmoe_pretrain_torchrun.sh", "--dry-run", env={"ORDMOE_PRETRAIN": str(fake)})
-    assert proc.returncode == 0, proc.stderr
-    assert "--bf16" not in _argv(proc.stdout) and "trains in FP32" in proc.stderr
+def test_ordmoe_pretrain_script_refuses_fp8_with_the_reason(tmp_path):
+    fake = _stand_in(tmp_path / "ordmoe-pretrain")
+    proc = _run_script(
+        "ordmoe_pretrain_torchrun.sh", "--dry-run", env={"ORDMOE_PRETRAIN": str(fake), "PRECISION": "fp8"}
+    )
+    assert proc.returncode == 2 and "builds no Transformer Engine layers" in proc.stderr
+    assert "ARG " not in proc.stdout  # nothing was run
 
 
 @pytest.mark.parametrize("script,world", [("megatron_lm_torchrun.sh", 8), ("megatron_lm_slurm.sh", 32)])
@@ -434,8 +431,11 @@ def test_reports_show_path_nll_for_megatron_lm_log():
         }
     ]
     out = hooks._loggable(reports)[0]
-    assert list(out) == ["lm loss", "rank loss", "path1 nll", "path2 nll"]
+    assert list(out) == ["lm loss", "rank loss", "-rank loss", "path1 nll", "path2 nll"]
     assert out["path2 nll"].tolist() == [7.0, 2.0] and out["rank loss"].tolist() == [-0.5, 2.0]
+    assert out["-rank loss"].tolist() == [0.5, 2.0]  # what Megatron-LM's training line shows
+    evaluation = hooks._loggable(reports, training=False)[0]
+    assert list(evaluation) == ["lm loss", "rank loss", "path1 nll", "path2 nll"]  # signs printed there
 
 
 # ---- the model builder --------------------------------------------------------------------
@@ -496,35 +496,65 @@ def test_builder_builds_ordmoe_model_with_megatron_lms_spec(megatron_single_proc
     assert builders.GPTModel is GPTModel
 
 
+def test_cpu_launcher_environment_and_command(tmp_path, monkeypatch):
+    """The installed CPU launcher: torchrun --standalone on this module, the checkout first on
+    PYTHONPATH, the pyenv version pinned to this interpreter, no CUDA device, and the CPU flags
+    added only where the command line does not set them."""
+    import platform
+
+    checkout = tmp_path / "Megatron-LM"
+    (checkout / "megatron" / "training").mkdir(parents=True)
+    (checkout / "megatron" / "training" / "__init__.py").write_text("")
+    (checkout / "pretrain_gpt.py").write_text("")
+    monkeypatch.delenv("MEGATRON_LM_PATH", raising=False)
+    assert cpu_launch.megatron_lm_checkout(str(checkout / "pretrain_gpt.py"), None) == str(checkout)
+    with pytest.raises(SystemExit, match="is not a Megatron-LM checkout .*pass --megatron-lm DIR"):
+        cpu_launch.megatron_lm_checkout(str(tmp_path / "pretrain_gpt.py"), None)
+
+    env = cpu_launch.launch_env(str(checkout), {"PYTHONPATH": "/mine", "PATH": "/bin"})
+    assert env["PYTHONPATH"] == os.pathsep.join([str(checkout), "/mine"])
+    assert env["PYENV_VERSION"] == platform.python_version() and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+    assert env[cpu_launch.RANK_MODE] == "1"
+
+    cmd = cpu_launch.launch_command("pretrain_gpt.py", ["--transformer-impl=local", "--lr", "1e-3"], 2)
+    assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    assert cmd[7:9] == ["ordmoe_megatron.megatron_lm.cpu_launch", os.path.abspath("pretrain_gpt.py")]
+    argv = cmd[9:]
+    assert argv[:3] == ["--transformer-impl=local", "--lr", "1e-3"]  # the user's first, kept
+    assert "--transformer-impl" not in argv and argv[argv.index("--distributed-backend") + 1] == "gloo"
+    assert {"--no-rope-fusion", "--no-gradient-accumulation-fusion", "--use-cpu-initialization"} <= set(argv)
+
+
 # ============================================================================================
 # MEGATRON_LM_PATH: the patch, the patched script and the example, on CPU
 # ============================================================================================
+# A model a Hugging Face family (Mixtral) expresses, so the trained checkpoint converts.
 SMALL = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128 --num-experts 8 "
     "--moe-router-topk 2 --moe-ffn-hidden-size 64 --seq-length 64 --max-position-embeddings 64 "
+    "--position-embedding-type rope --normalization RMSNorm --swiglu --untie-embeddings-and-output-weights "
     "--micro-batch-size 2 --global-batch-size 4 --train-iters 2 --lr 1e-3 --log-interval 1 "
     "--mock-data --tokenizer-type NullTokenizer --vocab-size 256 --disable-bias-linear "
     "--moe-token-dispatcher-type alltoall --moe-aux-loss-coeff 1e-2 --eval-iters 1 --eval-interval 1000 "
     "--hidden-dropout 0 --attention-dropout 0"
 ).split()
-CPU = (
-    "--distributed-backend gloo --transformer-impl local --use-cpu-initialization --no-gradient-accumulation-fusion "
-    "--no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion --no-persist-layer-norm"
-).split()
+CPU = cpu_launch.with_cpu_flags([])  # what the launcher adds; given here to scripts run without it
+# The clean checkout the tests make of MEGATRON_LM_PATH (fixture megatron_lm_ready).
+CHECKOUT = {}
 
 
 def _megatron_env(**extra):
     from ordmoe_megatron.runtime.distributed import find_free_port
-
-    # Imported here: this file is also the launcher, run with Megatron-LM's own `tests` package
-    # first on the path.
     from tests.support import cpu_env
 
-    env = cpu_env()  # the CPU launcher: on the CPU by design, on a GPU machine too
+    env = cpu_env()  # on the CPU by design, on a GPU machine too
     python311 = (
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "python311") if sys.version_info < (3, 12) else None
     )
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (python311, MEGATRON_LM_PATH, ROOT, env.get("PYTHONPATH")) if p)
+    checkout = CHECKOUT.get("path", MEGATRON_LM_PATH)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (python311, checkout, ROOT, env.get("PYTHONPATH")) if p)
+    env["MEGATRON_LM_PATH"] = checkout or ""  # the launch scripts read it
     # The dataset helpers are built with `make`, which calls python3 and python3-config: this
     # interpreter, not the 3.12 that the checkout's .python-version makes pyenv pick.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -547,25 +577,37 @@ def _run(argv, cwd, timeout=300, **env):
 
 
 @pytest.fixture(scope="module")
-def megatron_lm_ready():
+def megatron_lm_ready(tmp_path_factory):
+    """A clean clone of the checkout MEGATRON_LM_PATH names, at its commit: the tests patch and
+    run their own copy, so a checkout the user patched (docs/megatron_lm.md, step 1) works too.
+    Dataset helpers already built there are copied in (Megatron-LM builds them at start-up)."""
     if not MEGATRON_LM_PATH:
         pytest.skip("MEGATRON_LM_PATH not set")
+    import glob
     import importlib.util
 
     if not os.path.isfile(os.path.join(MEGATRON_LM_PATH, "pretrain_gpt.py")):
         pytest.fail(f"MEGATRON_LM_PATH={MEGATRON_LM_PATH} has no pretrain_gpt.py")
+    clean = str(tmp_path_factory.mktemp("megatron-lm") / "Megatron-LM")
+    proc = subprocess.run(["git", "clone", "-q", "--shared", MEGATRON_LM_PATH, clean], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"MEGATRON_LM_PATH={MEGATRON_LM_PATH} must be a git checkout of Megatron-LM: {proc.stderr}")
+    for built in glob.glob(os.path.join(MEGATRON_LM_PATH, "megatron", "core", "datasets", "helpers_cpp*.so")):
+        shutil.copy(built, os.path.join(clean, "megatron", "core", "datasets"))
+    CHECKOUT["path"] = clean
     for package, why in (
         ("triton", "megatron.training imports it"),
         ("six", "core_v0.16's megatron.training imports it"),
     ):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{why}: pip install -e '.[megatron-lm]' (triton, pybind11, six; none pulls torch)")
-    return MEGATRON_LM_PATH
+    yield clean
+    CHECKOUT.clear()
 
 
 @pytest.fixture(scope="module")
 def patched(megatron_lm_ready, tmp_path_factory):
-    """A patched copy of pretrain_gpt.py; it imports the rest from MEGATRON_LM_PATH."""
+    """A patched copy of pretrain_gpt.py; it imports the rest from the clean checkout."""
     where = tmp_path_factory.mktemp("patched")
     shutil.copy(os.path.join(megatron_lm_ready, "pretrain_gpt.py"), where / "pretrain_gpt.py")
     proc = subprocess.run(["git", "apply", patch_for(megatron_lm_ready)], cwd=where, capture_output=True, text=True)
@@ -601,7 +643,7 @@ def test_patch_applies_to_a_clean_checkout(megatron_lm_ready):
 def test_patched_help_is_the_unpatched_help(patched, tmp_path):
     """Without --ordmoe the patch changes nothing, --help included. (core_v0.19.0's own --help
     fails: one of its help strings has a bare '%', which argparse rejects; patched or not.)"""
-    unpatched = _run([sys.executable, os.path.join(MEGATRON_LM_PATH, "pretrain_gpt.py"), "--help"], cwd=tmp_path)
+    unpatched = _run([sys.executable, os.path.join(CHECKOUT["path"], "pretrain_gpt.py"), "--help"], cwd=tmp_path)
     proc = _run([sys.executable, patched, "--help"], cwd=tmp_path)
     assert (proc.returncode, proc.stdout) == (unpatched.returncode, unpatched.stdout), proc.stderr[-3000:]
     if proc.returncode == 0:
@@ -758,39 +800,50 @@ def _is_float(text):
 
 
 def _train(script, cwd, *extra, nproc=1):
-    launcher = [sys.executable, os.path.abspath(__file__)]
-    if nproc > 1:
-        from ordmoe_megatron.runtime.distributed import find_free_port
-
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--master-port",
-            str(find_free_port()),
-            os.path.abspath(__file__),
-        ]
-    proc = _run([*launcher, script, *SMALL, *CPU, *extra], cwd=cwd, timeout=400)
+    """The installed CPU launcher (``megatron_lm.cpu_launch``: torchrun --standalone, the CPU flags)."""
+    launcher = [sys.executable, "-m", "ordmoe_megatron.megatron_lm.cpu_launch", "--nproc-per-node", str(nproc)]
+    proc = _run([*launcher, "--megatron-lm", CHECKOUT["path"], script, *SMALL, *extra], cwd=cwd, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return _losses(proc.stdout), proc.stdout
 
 
 @needs_megatron_lm
 def test_cpu_training_plain_patched_equals_unpatched_and_ordmoe_adds_paths(patched, can_train, tmp_path):
-    original, _ = _train(os.path.join(MEGATRON_LM_PATH, "pretrain_gpt.py"), tmp_path)
+    """Also docs/megatron_lm.md's CPU block: the metrics on every training line, rank loss with
+    either sign, and the saved checkpoint converts to Hugging Face with one command."""
+    original, _ = _train(os.path.join(CHECKOUT["path"], "pretrain_gpt.py"), tmp_path)
     plain, _ = _train(patched, tmp_path)
     assert sorted(plain) == [1, 2]
     assert _without_timing(plain) == _without_timing(original)  # --no-ordmoe: nothing changes
-    ordmoe, stdout = _train(patched, tmp_path, "--ordmoe", "--ordmoe-num-tiers", "3")
+    save = ["--save", str(tmp_path / "ckpt"), "--save-interval", "2"]
+    ordmoe, stdout = _train(patched, tmp_path, "--ordmoe", "--ordmoe-num-tiers", "3", *save)
     # Path 1 is the plain model: before any update (iteration 1) the LM and balancing losses agree.
     assert ordmoe[1]["lm loss"] == pytest.approx(plain[1]["lm loss"], rel=1e-6)
     assert ordmoe[1]["load_balancing_loss"] == pytest.approx(plain[1]["load_balancing_loss"], rel=1e-6)
     for it in (1, 2):
         assert {"path1 nll", "path2 nll", "path3 nll"} <= ordmoe[it].keys()
         assert ordmoe[it]["path1 nll"] == pytest.approx(ordmoe[it]["lm loss"], rel=1e-5)
+        assert {"load_balancing_loss", "path1 nll"} <= ordmoe[it].keys()
+        assert len({"rank loss", "-rank loss"} & ordmoe[it].keys()) == 1  # the one that is positive
+    assert any("tier order acc" in ordmoe[it] for it in (1, 2))  # a zero average is not printed
     assert "rank loss value" in stdout and "tier order acc value" in stdout  # evaluation lines
+
+    hf = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ordmoe_megatron.convert", "mcore-to-hf", "--mcore-dir", str(tmp_path / "ckpt")]
+        + ["--out", str(hf)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_megatron_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    config = json.load(open(hf / "config.json"))
+    expect = dict(hidden_size=64, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2)
+    expect.update(intermediate_size=64, vocab_size=384, tie_word_embeddings=False, model_type="mixtral")
+    assert {k: config[k] for k in expect} == expect  # the flags of common.pt's args
 
 
 @needs_megatron_lm
@@ -814,21 +867,3 @@ def test_cpu_training_sequential_paths_equal_fused_under_pipeline_parallelism(ca
     for it in (1, 2):
         for key in ("lm loss", "path1 nll", "path2 nll", "path3 nll", "load_balancing_loss", "grad norm"):
             assert sequential[it][key] == pytest.approx(fused[it][key], rel=1e-5), (it, key)
-
-
-# ============================================================================================
-# the CPU launcher (see module docstring)
-# ============================================================================================
-def _cpu_launch(script, argv):
-    import runpy
-
-    from ordmoe_megatron.megatron_lm.cpu_launch import megatron_lm_on_cpu
-
-    megatron_lm_on_cpu()
-    sys.argv = [script, *argv]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
-
-
-if __name__ == "__main__":
-    _cpu_launch(sys.argv[1], sys.argv[2:])

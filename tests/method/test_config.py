@@ -70,6 +70,11 @@ CONFIG_ERRORS = [
     (dict(objective="pairwise-logistic", logprob_floor="vocab"), "drop the floor"),
     (dict(beta=0.0), "--ordmoe-beta"),
     (dict(beta=float("inf")), "--ordmoe-beta"),
+    (dict(logprob_floor="nan"), "--ordmoe-logprob-floor=nan must be a finite log-likelihood"),
+    (dict(logprob_floor=float("-inf")), "--ordmoe-logprob-floor=-inf must be a finite"),
+    (dict(beta=2.0), "--ordmoe-objective advantage ignores it"),
+    (dict(num_tiers=1, objective="plackett-luce"), "--ordmoe-num-tiers=1 is plain top-K"),
+    (dict(num_tiers=1, lower_path_fraction=0.5), "--ordmoe-lower-path-fraction=0.5 would be ignored"),
     (dict(path_schedule="interleaved"), "--ordmoe-path-schedule"),
     (dict(lower_path_fraction=0.0), "--ordmoe-lower-path-fraction"),
     (dict(lower_path_fraction=1.5), "--ordmoe-lower-path-fraction"),
@@ -88,11 +93,15 @@ MODEL_ERRORS = [
     (dict(grouping="explicit", tier_ranks="1-2,3-4,17-18"), dict(), "outside 1-16"),
     (dict(layer_scope="5"), dict(), "the model has layers 1-4"),
     (dict(), dict(moe_expert_capacity_factor=1.0), "--moe-expert-capacity-factor"),
+    (dict(), dict(overlap_moe_expert_parallel_comm=True), "--overlap-moe-expert-parallel-comm"),
+    (dict(), dict(tp_comm_overlap=True), "--tp-comm-overlap"),
+    (dict(), dict(cuda_graph_impl="local"), "CUDA graphs"),
+    (dict(), dict(enable_cuda_graph=True), "CUDA graphs"),
     (dict(path_schedule="sequential"), dict(moe_input_jitter_eps=0.01), "--moe-input-jitter-eps"),
     (dict(lower_path_fraction=0.5), dict(moe_input_jitter_eps=0.01), "--moe-input-jitter-eps"),
     (dict(), dict(moe_router_load_balancing_type="sinkhorn"), "sinkhorn"),
     (dict(), dict(moe_enable_routing_replay=True), "--moe-enable-routing-replay"),
-    (dict(), dict(mtp_num_layers=1), "--mtp-num-layers"),
+    (dict(), dict(mtp_num_layers=1, pipeline_model_parallel_layout="Et|tL"), "--pipeline-model-parallel-layout"),
     (dict(), dict(moe_token_dispatcher_type="flex"), "flex"),
     (dict(), dict(context_parallel_size=2), "--context-parallel-size"),
     # options of megatron-core 0.17 on that pick experts by a rule the lower tiers cannot follow
@@ -101,6 +110,7 @@ MODEL_ERRORS = [
     (dict(), dict(moe_router_force_biased=0.5), "--moe-router-force-biased"),
     (dict(), dict(transformer_impl="inference_optimized"), "--transformer-impl inference_optimized"),
     (dict(path_schedule="sequential"), dict(recompute_granularity="selective"), "--recompute-granularity"),
+    (dict(), dict(moe_router_score_function="cosine"), "--moe-router-score-function cosine is not one the tier"),
 ]
 
 
@@ -118,6 +128,7 @@ def test_layer_scope_must_hit_a_moe_layer():
 def test_group_limited_routing_and_fused_input_jitter_are_accepted():
     OrdMoEConfig().validate_for_model(model_config(moe_router_num_groups=4, moe_router_group_topk=2))
     OrdMoEConfig().validate_for_model(model_config(moe_input_jitter_eps=0.01))
+    OrdMoEConfig().validate_for_model(model_config(mtp_num_layers=1))
 
 
 def test_single_tier_accepts_every_megatron_option():
@@ -142,6 +153,17 @@ def test_sequential_schedule_runs_every_layer_on_every_path():
     # One path per forward: nothing to share, so no lazy fan-out.
     assert OrdMoEConfig(layer_scope="4").shared_prefix_layers(4, 1) == 3
     assert OrdMoEConfig(layer_scope="4", path_schedule="sequential").shared_prefix_layers(4, 1) == 0
+
+
+def test_the_lazy_fanout_reads_a_model_config_or_megatron_lm_args_in_one_place():
+    """Pipeline stages and full recompute move the fan-out to the embedding, wherever it is asked."""
+    cfg = OrdMoEConfig(layer_scope="3-4")
+    model = dict(num_layers=4, moe_layer_freq=1, pipeline_model_parallel_size=1, recompute_granularity=None)
+    assert cfg.shared_prefix_layers_of(SimpleNamespace(**model)) == 2
+    assert cfg.shared_prefix_layers_of(SimpleNamespace(**dict(model, recompute_granularity="selective"))) == 2
+    assert cfg.shared_prefix_layers_of(SimpleNamespace(**dict(model, recompute_granularity="full"))) == 0
+    assert cfg.shared_prefix_layers_of(SimpleNamespace(**dict(model, pipeline_model_parallel_size=2))) == 0
+    assert cfg.shared_prefix_layers_of(SimpleNamespace(**dict(model, moe_layer_freq=[0, 0, 0, 1]))) == 3
 
 
 def test_sequential_sub_sampling_with_two_stages_and_virtual_stages_is_refused():

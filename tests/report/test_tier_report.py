@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -363,7 +364,13 @@ def test_existing_output_needs_force(work, capsys):
     assert code == 0 and len(report["paths"]) == 1
 
 
-def test_trained_checkpoint(work, tmp_path):
+# The tiny-deepseek preset (group-limited sigmoid routing with expert bias, a shared expert, a
+# first dense layer, one MTP layer) at two layers: its preset validates, trains 2 steps, and reports.
+DEEPSEEK_PRESET = ["--preset", "tiny-deepseek", "--moe-layer-freq", "[0]+[1]"]
+
+
+@pytest.mark.parametrize("preset", [[], DEEPSEEK_PRESET], ids=["plain", "tiny-deepseek"])
+def test_trained_checkpoint(work, tmp_path, preset):
     """A checkpoint saved by ``ordmoe-pretrain`` (flags in run.json): the report reads it, and
     path 1 of C=3 equals the C=1 report (the standard top-K model) on the same tokens."""
     save = tmp_path / "ckpt"
@@ -393,6 +400,9 @@ def test_trained_checkpoint(work, tmp_path):
         "--save",
         str(save),
     ]
+    if preset:  # the preset saves in its work directory
+        save = tmp_path / "work" / "checkpoints"
+        small = small[: small.index("--save")] + [*preset, "--work-dir", str(tmp_path / "work"), "--eval-iters", "1"]
     proc = run_pretrain(*small)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gen = torch.Generator().manual_seed(1)
@@ -413,7 +423,10 @@ def test_trained_checkpoint(work, tmp_path):
     assert c3["checkpoint"]["kind"] == "trained" and c3["checkpoint"]["iteration"] == 2
     assert c3["data"]["seq_length"] == 32 and c3["data"]["sequences"] == 3
     assert len(c3["paths"]) == 3 and 0.0 <= c3["tier_order_acc"] <= 1.0
-    assert [len(entry["tokens_per_expert"]) for entry in c3["expert_load"]["layers"]] == [3, 3]
+    moe_layers = 1 if preset else 2
+    assert [len(entry["tokens_per_expert"]) for entry in c3["expert_load"]["layers"]] == [3] * moe_layers
+    if preset:
+        assert c3["checkpoint"]["num_experts"] == 16
     code, c1 = run_report(
         "--load", str(save), "--token-ids", ids, "--ordmoe-num-tiers", "1", "--out-json", str(tmp_path / "c1.json")
     )
@@ -446,3 +459,41 @@ def test_cli_tool(work, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tier-ordering accuracy" in proc.stdout and len(json.load(open(out))["paths"]) == 2
+
+
+def test_model_flags_can_be_supplied_and_an_unwritable_output_is_refused_early(work, tmp_path, capsys, monkeypatch):
+    """A checkpoint that records no model flags (one saved by Megatron-LM) takes --model-args;
+    an --out-json that cannot be written is refused before the model is built."""
+    load = tmp_path / "mcore"
+    shutil.copytree(work["mcore"], load)
+    flags = tmp_path / "flags.json"
+    shutil.move(load / "model_args.json", flags)
+    base = ["--load", str(load), "--token-ids", work["ids"], "--seq-length", str(SEQ)]
+    assert report_cli.main(base) == 2 and "pass --model-args FILE" in capsys.readouterr().err
+    with monkeypatch.context() as patch:  # a directory this user cannot write (root writes anywhere)
+
+        def denied(*_a, **_k):
+            raise PermissionError(13, "Permission denied")
+
+        def no_model(*_a, **_k):
+            raise AssertionError("the model was built before the outputs were checked")
+
+        patch.setattr(tempfile, "mkstemp", denied)
+        patch.setattr(report_module, "build_report_model", no_model)
+        out = tmp_path / "locked" / "r.json"
+        code = report_cli.main([*base, "--model-args", str(flags), "--out-json", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out-json {out} cannot be written" in err and "Permission denied" in err, err
+    code, result = run_report(*base, "--model-args", str(flags), "--out-json", str(tmp_path / "r.json"))
+    assert code == 0 and len(result["paths"]) == 3
+
+
+def test_non_finite_weights_are_refused(megatron_single_process):
+    from tests.support import tiny_model
+
+    model = tiny_model()
+    report_module.check_finite(model, "ckpt/iter_0000004")
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(report_module.OrdMoEError, match="weights are not finite .*diverged"):
+        report_module.check_finite(model, "ckpt/iter_0000004")

@@ -69,7 +69,16 @@ def test_the_supported_range_is_stated_once_and_everything_derives_from_it(tmp_p
     )
     assert sentence in readme.replace("\n", " ")
     last = f"{high[0]}.{high[1] - 1}"
-    spellings = (f"{first} up to", f"{first} to {last}", f"core_v{first} to", f"<{below}")
+    spellings = (
+        f"{first} up to",
+        f"{first} to {last}",
+        f"{first}-{last}",
+        f"{first} through",
+        f"core_v{first} to",
+        f"<{below}",
+        f">={first}",
+        f">= {first}",
+    )
     owners = {ROOT / "README.md", ROOT / "ordmoe_megatron" / "runtime" / "compat.py"}
     restated = [
         f"{path.relative_to(ROOT)}: {spelling}"
@@ -125,6 +134,27 @@ def test_sqrtsoftplus_gates_are_normalised_over_the_tier():
     gates = tier_gating(logits, torch.tensor([[2, 0]]), 2, "sqrtsoftplus")
     s = torch.nn.functional.softplus(torch.tensor([2.0, 0.5])).sqrt()
     assert torch.allclose(gates, (s / s.sum()).unsqueeze(0))
+
+
+def test_score_functions_are_megatron_cores_own_and_the_tier_router_implements_each():
+    """compat reads the list from megatron-core's TransformerConfig; the tier router (method)
+    implements every one, and ordmoe-pretrain's flag takes exactly those, refusing the rest."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ordmoe_megatron.method.tiers import SCORE_FUNCTIONS
+    from ordmoe_megatron.runtime.model_flags import normalize_flags
+
+    megatron_core = TransformerConfig.__dataclass_fields__["moe_router_score_function"].type.__args__
+    assert compat.SCORE_FUNCTIONS == megatron_core and {"softmax", "sigmoid"} <= set(megatron_core)
+    assert set(compat.SCORE_FUNCTIONS) <= set(SCORE_FUNCTIONS)
+    assert ("sqrtsoftplus" in compat.SCORE_FUNCTIONS) == (compat.VERSION >= (0, 18, 0))
+    for name in compat.SCORE_FUNCTIONS:
+        assert compat.score_function_problem(name) is None
+        assert normalize_flags({"moe_router_score_function": name})["moe_router_score_function"] == name
+    with pytest.raises(OrdMoEError, match="--moe-router-score-function 'cosine' is not a router score function"):
+        normalize_flags({"moe_router_score_function": "cosine"})
+    if "sqrtsoftplus" not in compat.SCORE_FUNCTIONS:
+        assert "needs megatron-core 0.18 or later" in compat.score_function_problem("sqrtsoftplus")
 
 
 def test_checkpoints_of_the_newer_layout_are_refused_by_older_megatron_core(monkeypatch):

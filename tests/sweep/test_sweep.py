@@ -86,6 +86,9 @@ def test_cell_commands_keep_every_output_in_the_cell(tmp_path):
     preset = plan.cell_command(_config(tmp_path), cell)
     assert preset[3:5] == ["--preset", "tiny"]
     assert preset[preset.index("--preset-data-dir") + 1] == os.path.join(config.out, "data", "seed1")
+    deepseek = plan.cell_command(_config(tmp_path, run_flags=("--preset", "tiny-deepseek")), cell)
+    assert [i for i, flag in enumerate(deepseek) if flag == "--preset"] == [3] and deepseek[4] == "tiny-deepseek"
+    assert "--preset-data-dir" in deepseek
 
 
 @pytest.mark.parametrize(

@@ -373,3 +373,163 @@ def test_average_ranking_starts_its_means_from_a_checkpoint_without_them(run_a, 
         *SMALL, "--train-iters", "1", "--load", str(tmp_path / "avg"), "--finetune", "--save", str(tmp_path / "token")
     )
     assert "running means of --ordmoe-ranking average are not used here" in back.stdout
+
+
+# ---- 8. files in a checkpoint or an output directory cannot be turned against the user -------
+class _Payload:
+    """A pickle that creates ``marker`` when it is unpickled: code run from a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_rng_file_runs_no_code_and_the_real_one_round_trips(tmp_path):
+    import random
+
+    import torch
+
+    from ordmoe_megatron.runtime import checkpointing
+
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "rng_rank0.pt"
+    torch.save({"python": _Payload(marker), "numpy": 0, "torch": 0, "tracker": 0}, crafted)
+    with pytest.raises(checkpointing.CheckpointError, match="cannot restore the random states"):
+        checkpointing.read_random_states(str(crafted))
+    assert not marker.exists()
+    saved = tmp_path / "real.pt"
+    torch.save(checkpointing.random_states(), saved)
+    expected = [random.random(), torch.rand(3)]
+    checkpointing.set_random_states(checkpointing.read_random_states(str(saved)))
+    again = [random.random(), torch.rand(3)]
+    assert again[0] == expected[0] and torch.equal(again[1], expected[1])
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path):
+    from ordmoe_megatron.runtime.outputs import OutputError, RunLock
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / ".ordmoe-run.lock").symlink_to(victim)
+    with pytest.raises(OutputError, match="is a symbolic link; remove it"):
+        RunLock(str(save), "--save")
+    assert victim.read_text() == "precious"
+
+
+def test_a_stale_incomplete_entry_that_is_not_ours_is_refused_before_any_work(tmp_path):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / "iter_0000002.incomplete").write_text("")
+    message = refused(*SMALL, "--train-iters", "2", "--save", str(save))
+    assert "iter_0000002.incomplete is a file, not an interrupted save" in message and "remove it" in message
+
+
+def test_the_dry_run_does_not_unpickle_the_checkpoint_metadata(run_a, tmp_path):
+    import pickle
+
+    save, _ = _copy(run_a, tmp_path)
+    marker = tmp_path / "ran"
+    (save / "iter_0000002" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    assert cli.main(_resume(save, "--dry-run")) == 0
+    assert not marker.exists()
+
+
+# ---- 9. a diverging run stops and saves only finite weights ------------------------------
+@pytest.mark.one_version
+def test_a_diverging_run_stops_non_zero_and_keeps_its_last_finite_checkpoint(tmp_path):
+    save, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    # The default model diverges at step 5 with this learning rate and no clipping.
+    diverging = ["--mock-data", "--micro-batch-size", "2", "--global-batch-size", "2", "--clip-grad", "0"]
+    args = [*diverging, "--lr", "1e4", "--train-iters", "8", "--save-interval", "2", "--save", str(save)]
+    proc = run_pretrain(*args, "--metrics-out", str(metrics), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "not finite; stopped without saving this step" in last and "--override-opt-param-scheduler" in last
+    kept = int((save / "latest_checkpointed_iteration.txt").read_text())
+    stopped_at = read_metrics(metrics)[-1]["iteration"]
+    assert kept < stopped_at and not any((save / f"iter_{i:07d}").exists() for i in range(stopped_at, 9))
+    # The step after the last checkpoint diverged whatever the learning rate: go back one further.
+    kept = 2
+    (save / "latest_checkpointed_iteration.txt").write_text(str(kept))
+    resumed = run_pretrain(
+        *diverging,
+        "--lr",
+        "1e-3",
+        "--min-lr",
+        "1e-4",
+        "--override-opt-param-scheduler",
+        "--train-iters",
+        str(kept + 1),
+        "--save",
+        str(save),
+        "--load",
+        str(save),
+    )
+    assert f"resuming at iteration {kept}" in resumed.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == str(kept + 1)
+
+
+def test_a_non_finite_loss_or_grad_norm_is_named():
+    from ordmoe_megatron.train.trainer import non_finite
+
+    record = {"lm_loss": 5.0, "rank_loss": None, "grad_norm": float("nan")}
+    assert non_finite(record) == ["grad norm nan"]
+    assert non_finite({**record, "grad_norm": 1.0, "rank_loss": float("inf")}) == ["rank loss inf"]
+    assert non_finite({**record, "grad_norm": 1.0}) == []
+
+
+# ---- 10. Ctrl-C and a full disk ---------------------------------------------------------
+def test_ctrl_c_saves_and_exits_like_sigterm_and_a_planted_tracker_link_is_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / "latest_checkpointed_iteration.txt.tmp").symlink_to(victim)
+    args = [*SMALL, "--train-iters", "200", "--save", str(save)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ordmoe_megatron.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cpu_env(),
+    )
+    for line in proc.stdout:
+        if line.startswith(" iteration        2/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "KeyboardInterrupt" not in err, err[-2000:]
+    stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert f"stopped by signal {int(signal.SIGINT)} at iteration {stopped}" in out
+    assert victim.read_text() == "precious"
+
+
+_DISK_FULL = """
+import errno, sys, torch
+real = torch.save
+def save(obj, f, *args, **kwargs):
+    if "iter_0000004" in str(f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return real(obj, f, *args, **kwargs)
+torch.save = save
+from ordmoe_megatron.entrypoints import pretrain
+sys.exit(pretrain(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_survives(tmp_path):
+    save = tmp_path / "ckpt"
+    args = [*SMALL, "--train-iters", "4", "--save-interval", "2", "--save", str(save)]
+    proc = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL, *args], capture_output=True, text=True, timeout=300, env=cpu_env()
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "cannot write the checkpoint of iteration 4 (No space left on device)" in last
+    assert "the checkpoint of iteration 2 is kept" in last
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == ["iter_0000002"]

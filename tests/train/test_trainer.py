@@ -5,7 +5,10 @@ import os
 import shutil
 
 import pytest
+import torch
 
+from ordmoe_megatron.data.corpus import DEFAULT_TASKS
+from ordmoe_megatron.train.evaluation import exact_match_accuracy
 from tests.support import read_metrics as metrics
 from tests.support import run_pretrain as cli
 
@@ -68,7 +71,7 @@ def test_tiny_preset_end_to_end(tiny):
     assert set(evaluation) == {"OrdMoE (C=3)", "top-K baseline"}
     for row in evaluation.values():
         assert len(row["path_perplexity"]) == 3 and all(p > 1 for p in row["path_perplexity"])
-        assert {"addition", "reverse", "sort"} <= set(row["exact_match"])
+        assert set(row["exact_match"]) == set(DEFAULT_TASKS)  # the corpus's own task names
     out = proc.stdout
     assert " iteration        6/       6" in out and "validation at iteration" in out
     assert "held-out evaluation" in out and "path 1 ppl" in out and "top-K baseline" in out
@@ -215,3 +218,33 @@ def test_interrupted_save_never_loads(tiny, tmp_path):
         check=False,
     )
     assert proc.returncode != 0 and "incomplete" in proc.stderr
+
+
+def test_exact_match_is_keyed_by_the_corpus_task_name_not_the_prompt_text():
+    """The task kind is each record's own ``task`` (the corpus's name), whatever the prompt looks like."""
+
+    class Chars:  # one token per character; id 0 ends a document
+        vocab_size, eod = 128, 0
+
+        def tokenize(self, text):
+            return [ord(c) for c in text]
+
+        def detokenize(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    class Newline(torch.nn.Module):  # always completes with an empty line
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, tokens, positions, mask):
+            logits = torch.zeros(*tokens.shape, Chars.vocab_size)
+            logits[..., ord("\n")] = 1.0
+            return logits
+
+    tasks = [
+        {"task": "add", "prompt": "12+34=", "answer": " 46"},
+        {"task": "sort", "prompt": "12+34=", "answer": " "},  # an empty answer: the newline is right
+        {"task": "sort", "prompt": "sort: 2 1 ->", "answer": " 1 2"},
+    ]
+    assert exact_match_accuracy(Newline(), Chars(), tasks) == {"add": 0.0, "sort": 0.5}
