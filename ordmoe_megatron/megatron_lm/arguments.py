@@ -194,6 +194,8 @@ def validate(args, need_model_config: bool):
         ):
             if refused:
                 raise OrdMoEError(message)
+        if getattr(args, "sft", False):
+            check_sft(args, ordmoe)
     try:
         validated = megatron_validated_args(args)
         config = transformer_config(validated)
@@ -204,6 +206,44 @@ def validate(args, need_model_config: bool):
     if ordmoe is not None:
         ordmoe.validate_for_model(config)
     return ordmoe, config, validated
+
+
+# Megatron-LM's SFT prompt formats (SFTTokenizer) that mask the system and user turns: the rank
+# loss is per response over the answer tokens. "default" and "identity" mask nothing.
+SFT_ANSWER_ONLY_FORMATS = ("nemotron-h-aligned", "nemotron-nano-v2")
+
+
+def check_sft(args, ordmoe: OrdMoEConfig) -> None:
+    """``--sft`` (Megatron-LM's SFTDataset: each micro-batch packed into one THD row) with
+    ``--ordmoe``: an answer-only prompt format, and what the packed paths cannot run."""
+    prompt_format = getattr(args, "sft_tokenizer_prompt_format", "nemotron-h-aligned")
+    if prompt_format not in SFT_ANSWER_ONLY_FORMATS:
+        raise OrdMoEError(
+            f"--sft-tokenizer-prompt-format {prompt_format} masks no prompt token, so Eq. 7 would average over "
+            f"whole conversations; use one that masks system and user turns: {', '.join(SFT_ANSWER_ONLY_FORMATS)}"
+        )
+    if ordmoe.lower_path_fraction < 1:
+        raise OrdMoEError(
+            "--sft with --ordmoe-lower-path-fraction below 1: an SFT micro-batch is one packed row, with no rows "
+            "to sub-sample; use a fraction of 1"
+        )
+    if (getattr(args, "context_parallel_size", 1) or 1) > 1:
+        raise OrdMoEError(
+            "--sft with --ordmoe and --context-parallel-size > 1: packed tier paths are not split "
+            "over context-parallel ranks; use --context-parallel-size 1"
+        )
+    if ordmoe.path_schedule == "fused":
+        for refused, what in (
+            ((getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1, "--pipeline-model-parallel-size > 1"),
+            (getattr(args, "sequence_parallel", False), "--sequence-parallel"),
+            (bool(getattr(args, "mtp_num_layers", None)), "--mtp-num-layers"),
+        ):
+            if refused:
+                raise OrdMoEError(
+                    f"--sft with the fused path schedule and {what}: the paths of a packed row are stacked along "
+                    "the tokens, which pipeline exchanges, sequence-parallel splits and MTP do not expect; use "
+                    "--ordmoe-path-schedule sequential"
+                )
 
 
 def megatron_validated_args(args: argparse.Namespace, defaults: Optional[dict] = None) -> argparse.Namespace:
