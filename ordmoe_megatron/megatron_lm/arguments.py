@@ -49,6 +49,7 @@ from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.flags import add_ordmoe_args, ordmoe_config_from_args
 from ordmoe_megatron.megatron_lm import dry_run, hooks
 from ordmoe_megatron.method import OrdMoEConfig
+from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.bridges import assumed_gpu_capability
 from ordmoe_megatron.runtime.checkpointing import checkpoint_dir, has_checkpoint, inspect_checkpoint, latest_iteration
 
@@ -221,6 +222,11 @@ def check_sft(args, ordmoe: OrdMoEConfig) -> None:
         raise OrdMoEError(
             f"--sft-tokenizer-prompt-format {prompt_format} masks no prompt token, so Eq. 7 would average over "
             f"whole conversations; use one that masks system and user turns: {', '.join(SFT_ANSWER_ONLY_FORMATS)}"
+        )
+    if (getattr(args, "micro_batch_size", 1) or 1) > 1 and not compat.sft_flattens_micro_batches():
+        raise OrdMoEError(
+            "--sft with --micro-batch-size > 1 on this Megatron-LM (before core_v0.19.0): it does not pack a "
+            "micro-batch into one THD row; use --micro-batch-size 1 (and --global-batch-size for the batch)"
         )
     if ordmoe.lower_path_fraction < 1:
         raise OrdMoEError(

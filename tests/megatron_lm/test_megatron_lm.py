@@ -275,6 +275,16 @@ def test_sft_with_a_masking_prompt_format_and_the_sequential_schedule_is_accepte
     assert megatron_lm.validate_ordmoe_args(args).path_schedule == "sequential"
 
 
+def test_sft_micro_batches_of_several_need_core_v0_19(monkeypatch):
+    args = _ordmoe_args("--ordmoe")
+    args.sft, args.micro_batch_size = True, 4
+    monkeypatch.setattr(compat, "sft_flattens_micro_batches", lambda: False)
+    with pytest.raises(OrdMoEError, match="--sft with --micro-batch-size > 1 on this Megatron-LM"):
+        megatron_lm.validate_ordmoe_args(args)
+    monkeypatch.setattr(compat, "sft_flattens_micro_batches", lambda: True)
+    assert megatron_lm.validate_ordmoe_args(args) is not None
+
+
 def test_sft_builds_attention_that_runs_packed_rows(megatron_single_process):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
