@@ -10,7 +10,7 @@ from tests.support import cpu_env, hf_char_tokenizer, read_metrics, run_pretrain
 
 SMALL = [
     "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
-    "--seq-length", "48", "--max-position-embeddings", "48", "--lr-warmup-iters", "1", "--log-interval", "1",
+    "--seq-length", "80", "--max-position-embeddings", "80", "--lr-warmup-iters", "1", "--log-interval", "1",
     "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "1",
 ]  # fmt: skip
 
