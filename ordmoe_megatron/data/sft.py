@@ -179,8 +179,11 @@ TINY_SFT_TASKS = ("add", "copy", "reverse", "sort")
 TINY_SFT_SYSTEM = "Answer with digits only."
 
 
-def tiny_sft_conversations(count: int, seed: int, max_digits: int, exclude: Optional[set] = None) -> list[dict]:
-    """``count`` conversations per task with distinct instructions (none of ``exclude``)."""
+def tiny_sft_conversations(
+    count: int, seed: int, max_digits: int, exclude: Optional[set] = None, system: Optional[str] = TINY_SFT_SYSTEM
+) -> list[dict]:
+    """``count`` conversations per task with distinct instructions (none of ``exclude``), each
+    with the system prompt ``system`` (None: none)."""
     rng = random.Random(seed)
     seen = set(exclude or ())
     out = []
@@ -191,11 +194,8 @@ def tiny_sft_conversations(count: int, seed: int, max_digits: int, exclude: Opti
             if instruction in seen:
                 continue
             seen.add(instruction)
-            messages = [
-                {"role": "system", "content": TINY_SFT_SYSTEM},
-                {"role": "user", "content": instruction},
-                {"role": "assistant", "content": answer},
-            ]
+            messages = [{"role": "system", "content": system}] if system else []
+            messages += [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]
             out.append({"messages": messages, "kind": kind})
             made += 1
             if made == count:
@@ -204,13 +204,14 @@ def tiny_sft_conversations(count: int, seed: int, max_digits: int, exclude: Opti
     return out
 
 
-def prepare_tiny_sft_data(out_dir: str, seed: int = 1234, sizes=(2000, 100, 100), max_digits: int = 5) -> dict:
+def prepare_tiny_sft_data(out_dir: str, seed: int = 1234, sizes=(2000, 100, 100), max_digits: int = 4) -> dict:
     """Train / valid / held-out conversations of the tiny-sft tasks (disjoint instructions) and a
     SentencePiece tokenizer on them, in ``out_dir`` (reused when its manifest matches)."""
     from ordmoe_megatron.data.tokenizer import train_sentencepiece
 
     os.makedirs(out_dir, exist_ok=True)
-    params = {"seed": seed, "sizes": list(sizes), "max_digits": max_digits, "tasks": list(TINY_SFT_TASKS), "v": 1}
+    # No system prompt: it would double the rows' length (the template's system turn is tested).
+    params = {"seed": seed, "sizes": list(sizes), "max_digits": max_digits, "tasks": list(TINY_SFT_TASKS), "v": 2}
     paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "valid", "heldout")}
     paths["tokenizer_model"] = os.path.join(out_dir, "tokenizer.model")
     manifest = os.path.join(out_dir, "manifest.json")
@@ -220,8 +221,8 @@ def prepare_tiny_sft_data(out_dir: str, seed: int = 1234, sizes=(2000, 100, 100)
                 return paths
     seen: set = set()
     for offset, (name, size) in enumerate(zip(("train", "valid", "heldout"), sizes)):
-        conversations = tiny_sft_conversations(size, seed + 17 * offset, max_digits, exclude=seen)
-        seen |= {c["messages"][1]["content"] for c in conversations}
+        conversations = tiny_sft_conversations(size, seed + 17 * offset, max_digits, exclude=seen, system=None)
+        seen |= {c["messages"][0]["content"] for c in conversations}
         tmp = paths[name] + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for c in conversations:

@@ -63,8 +63,8 @@ PRESETS["tiny-sft"] = dict(
     hidden_size=96,
     ffn_hidden_size=192,
     moe_ffn_hidden_size=96,
-    seq_length=64,
-    max_position_embeddings=64,
+    seq_length=32,
+    max_position_embeddings=32,
     micro_batch_size=16,
     global_batch_size=32,
     train_iters=300,
@@ -73,7 +73,7 @@ PRESETS["tiny-sft"] = dict(
     eval_interval=None,
     eval_iters=2,
     work_dir="runs/tiny-sft",
-    sft_pack=True,
+    sft_pack=False,  # rows of 32 hold one conversation with little padding; packing costs more on the CPU
 )
 # The paper's second model (Ling-mini-2.0) and DeepSeek-V3 in miniature: 16 experts in 4 groups
 # (each token's top-2 from 2 groups), sigmoid scores with the expert bias (aux-loss-free
