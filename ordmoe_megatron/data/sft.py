@@ -32,6 +32,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ordmoe_megatron.data.tokenizer import train_sentencepiece
 from ordmoe_megatron.errors import OrdMoEError
 
 ROLES = ("system", "user", "assistant")
@@ -207,8 +208,6 @@ def tiny_sft_conversations(
 def prepare_tiny_sft_data(out_dir: str, seed: int = 1234, sizes=(2000, 100, 100), max_digits: int = 4) -> dict:
     """Train / valid / held-out conversations of the tiny-sft tasks (disjoint instructions) and a
     SentencePiece tokenizer on them, in ``out_dir`` (reused when its manifest matches)."""
-    from ordmoe_megatron.data.tokenizer import train_sentencepiece
-
     os.makedirs(out_dir, exist_ok=True)
     # No system prompt: it would double the rows' length (the template's system turn is tested).
     params = {"seed": seed, "sizes": list(sizes), "max_digits": max_digits, "tasks": list(TINY_SFT_TASKS), "v": 2}
