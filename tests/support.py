@@ -4,8 +4,8 @@
   ``run_pretrain`` (``ordmoe-pretrain`` as a user runs it), ``read_metrics``;
 - devices: ``on_device``;
 - megatron-core's MoE auxiliary-loss tracker: ``moe_aux_loss_values``, ``reset_moe_aux_losses``;
-- a tiny GPT-MoE: ``tiny_config``, ``tiny_model``, ``tiny_batch`` / ``tiny_batches``, ``packed_batch``,
-  ``hf_char_tokenizer``,
+- a tiny GPT-MoE: ``tiny_config``, ``tiny_model`` (MLA: ``multi_latent_attention=True``),
+  ``tiny_batch`` / ``tiny_batches``, ``packed_batch``, ``hf_char_tokenizer``,
   ``ordmoe_schedule_step`` (one step of the OrdMoE schedule), ``single_tier_and_plain_training``.
 
 Tests that are CPU by design (gloo processes, bit-for-bit reproducibility on the CPU's kernels)
@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 from megatron.core.transformer.moe import moe_utils
 
 from ordmoe_megatron import OrdMoEConfig
-from ordmoe_megatron.runtime import compat
+from ordmoe_megatron.runtime import bridges, compat
 from ordmoe_megatron.runtime.bridges import exit_when_parent_exits
 from ordmoe_megatron.runtime.distributed import LOOPBACK, device, find_free_port, init_process_group
 
@@ -234,7 +234,7 @@ SCHEDULE_BATCH = 4  # the micro-batch of tiny_batches (a sub-sampled lower path 
 
 def tiny_config(**extra):
     """A 3-layer, 8-expert top-2 ``TransformerConfig``; ``extra`` overrides its fields."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     kwargs = dict(
         num_layers=3,
@@ -252,7 +252,7 @@ def tiny_config(**extra):
         normalization="RMSNorm",
     )
     kwargs.update(extra)
-    return TransformerConfig(**kwargs)
+    return (MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig)(**kwargs)
 
 
 def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, packed: bool = False, **extra):
@@ -275,9 +275,15 @@ def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, packed: boo
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     else:
         spec = get_gpt_layer_local_spec(
-            num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+            num_experts=config.num_moe_experts,
+            moe_grouped_gemm=False,
+            normalization="RMSNorm",
+            multi_latent_attention=config.multi_latent_attention,
         )
     kwargs = dict(vocab_size=VOCAB, max_sequence_length=SEQ)
+    if config.multi_latent_attention:  # its core attention without Transformer Engine; its own RoPE
+        spec = bridges.local_mla_attention_spec(spec)
+        kwargs["position_embedding_type"] = "rope"
     if config.mtp_num_layers:  # the MTP layer is the decoder's last, as Megatron-LM's gpt_builder makes it
         last = spec.layer_specs[-1] if hasattr(spec, "layer_specs") else spec
         kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(config, last, use_transformer_engine=False)

@@ -153,3 +153,55 @@ def test_tests_share_helpers_only_through_tests_support():
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1].startswith("test_"):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)} -> {node.module}")
     assert not offenders, offenders
+
+
+def test_every_owner_in_the_layout_table_is_in_the_code():
+    """docs/layout.md's 'one owner for each rule' names modules, functions, classes and their
+    members that exist: a bare name in a cell is looked up in (or beside) the cell's first owner."""
+    import importlib
+    import inspect
+    import re
+    import types
+
+    from ordmoe_megatron import OrdMoEConfig
+    from ordmoe_megatron.mcore.model import OrdMoEGPTModel
+    from ordmoe_megatron.mcore.router import TierRouter
+
+    classes = {c.__name__: c for c in (OrdMoEConfig, OrdMoEGPTModel, TierRouter)}
+
+    def resolve(name, context):
+        head, *rest = name.split(".")
+        if head in classes:
+            obj = classes[head]
+        else:
+            obj = None
+            for cut in range(len(name.split(".")), 0, -1):
+                try:
+                    obj = importlib.import_module("ordmoe_megatron." + ".".join(name.split(".")[:cut]))
+                except ImportError:
+                    continue
+                rest = name.split(".")[cut:]
+                break
+            if obj is None:
+                assert context is not None, f"{name}: no such module, class or name"
+                obj, rest = context, [name]
+        parent = None
+        for part in rest:
+            if not hasattr(obj, part) and hasattr(obj, "__path__"):
+                importlib.import_module(f"{obj.__name__}.{part}")
+            if isinstance(obj, type) and not hasattr(obj, part):  # an attribute of its instances
+                assert f"self.{part}" in inspect.getsource(obj), f"{name}: {obj!r} has no {part}"
+                return obj
+            assert hasattr(obj, part), f"{name}: {obj!r} has no {part}"
+            parent, obj = obj, getattr(obj, part)
+        # a bare name after this one is looked up here: in a module or class, or beside a member
+        return obj if isinstance(obj, (type, types.ModuleType)) or parent is None else parent
+
+    text = (PACKAGE.parent / "docs" / "layout.md").read_text().split("## One owner for each rule")[1]
+    rows = [line.split("|")[2] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) > 25
+    for owner in rows[1:]:  # the header row is "owner"
+        context = None
+        for name in re.findall(r"`([A-Za-z_][\w.]*)`", owner):
+            found = resolve(name, context)
+            context = context if context is not None else found

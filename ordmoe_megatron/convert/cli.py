@@ -23,6 +23,7 @@ from ordmoe_megatron.runtime.model_flags import flags_to_argv
 
 from . import hf_io
 from .api import hf_to_mcore, mcore_to_hf
+from .families import FAMILIES
 
 PROG = "ordmoe-convert"
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument(
         "--model-type",
         default=None,
-        help="HF model_type (mixtral, qwen2_moe, qwen3_moe); default: recorded or inferred from the flags",
+        help=f"HF model_type ({', '.join(sorted(FAMILIES))}); default: recorded or inferred from the flags",
     )
     to_hf.add_argument(
         "--max-shard-size",

@@ -354,6 +354,11 @@ class ConfigTable:
         flags: Dict[str, Any] = {}
         for r in self.rules:
             flags.update(r.to_flags(full))
+        experts, topk = flags.get("num_experts"), flags.get("moe_router_topk")
+        if experts and topk is not None and not 1 <= topk <= experts:
+            raise ConversionError(
+                f"config.json: num_experts_per_tok={topk} must be between 1 and the number of experts ({experts})"
+            )
         return flags
 
     def to_hf(self, flags: Dict[str, Any]) -> Dict[str, Any]:

@@ -12,6 +12,10 @@ Semantics matched exactly (and checked by the tests on tiny random models):
   are per head == Megatron ``qk_layernorm``.
 * Qwen2-MoE's shared expert and its sigmoid gate == ``moe_shared_expert_intermediate_size`` +
   ``moe_shared_expert_gate``.
+* GLM-4.5 MoE's router (sigmoid scores, ``e_score_correction_bias`` == the router's
+  ``expert_bias``, ``n_group``/``topk_group`` == group-limited top-k when
+  ``num_experts_per_tok = 2 x topk_group``, renormalised, ``routed_scaling_factor``), its
+  ``n_shared_experts`` (ungated) and ``first_k_dense_replace``; partial RoPE == ``rotary_percent``.
 * fused ``linear_qkv`` is ordered by query group, fused ``linear_fc1`` is ``[gate; up]``.
 """
 
@@ -482,7 +486,158 @@ QWEN3_MOE = Family(
     ),
 )
 
-FAMILIES: Dict[str, Family] = {f.model_type: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE)}
+
+# ----------------------------------------------------------------------------------------------
+# GLM-4.5 MoE (glm4_moe): the DeepSeek-V3 routing (sigmoid scores, e_score_correction_bias,
+# group-limited top-k, routed_scaling_factor), shared experts, first dense layers, partial RoPE
+# ----------------------------------------------------------------------------------------------
+def _partial_rope() -> ConfigRule:
+    """Unscaled RoPE on the first ``partial_rotary_factor`` of each head (rotate_half) ==
+    Megatron's ``rotary_percent``."""
+    plain = _rope()
+
+    def to_flags(v):
+        params = dict(v.get("rope_parameters") or {})
+        factor = params.pop("partial_rotary_factor", v.get("partial_rotary_factor") or 1.0)
+        flags = plain.to_flags({**v, "rope_parameters": params, "partial_rotary_factor": None})
+        return {**flags, "rotary_percent": float(factor)}
+
+    def to_hf(f):
+        if f["position_embedding_type"] != "rope":
+            raise ConversionError("model flag position_embedding_type must be 'rope' for this family")
+        params = {"rope_theta": float(f["rotary_base"]), "rope_type": "default"}
+        params["partial_rotary_factor"] = f["rotary_percent"]
+        return {"rope_parameters": params}
+
+    return ConfigRule(plain.hf, to_flags, to_hf)
+
+
+def _deepseek_routing(experts_field: str) -> list:
+    """Sigmoid scores + bias (aux-loss-free balancing), group-limited top-k, renormalised, scaled.
+
+    HF picks groups by the sum of each group's top-2 scores; Megatron by the sum of its top
+    ``topk / group_topk``: the same when that is 2 (DeepSeek-V3: 8 / 4) or without groups."""
+
+    def groups_to_flags(v):
+        groups, topk_group, k = v.get("n_group") or 1, v.get("topk_group") or 1, v["num_experts_per_tok"]
+        if groups == 1:
+            return {"moe_router_num_groups": None, "moe_router_group_topk": None}
+        if k % topk_group or k // topk_group != 2:
+            raise ConversionError(
+                f"config.json n_group={groups}, topk_group={topk_group}, num_experts_per_tok={k}: HF ranks groups "
+                f"by their top-2 scores, Megatron-Core by their top num_experts_per_tok/topk_group; only "
+                "num_experts_per_tok = 2 x topk_group maps exactly"
+            )
+        return {"moe_router_num_groups": groups, "moe_router_group_topk": topk_group}
+
+    def groups_to_hf(f):
+        return {"n_group": f["moe_router_num_groups"] or 1, "topk_group": f["moe_router_group_topk"] or 1}
+
+    def scale_to_flags(v):
+        factor = v.get("routed_scaling_factor")
+        return {"moe_router_topk_scaling_factor": None if factor in (None, 1, 1.0) else float(factor)}
+
+    def scale_to_hf(f):
+        return {"routed_scaling_factor": f["moe_router_topk_scaling_factor"] or 1.0}
+
+    def shared_to_flags(v):
+        n = v.get("n_shared_experts") or 0
+        return {"moe_shared_expert_intermediate_size": n * v["moe_intermediate_size"] or None}
+
+    def shared_to_hf(f):
+        size, expert = f["moe_shared_expert_intermediate_size"] or 0, f["moe_ffn_hidden_size"]
+        if size % expert:
+            raise ConversionError(
+                f"model flag moe_shared_expert_intermediate_size={size} is not a multiple of "
+                f"moe_ffn_hidden_size={expert} (this family counts whole shared experts)"
+            )
+        return {"n_shared_experts": size // expert}
+
+    def dense_to_flags(v):
+        k, n = v.get("first_k_dense_replace") or 0, v["num_hidden_layers"]
+        return {"moe_layer_freq": 1 if k == 0 else [0] * k + [1] * (n - k)}
+
+    def dense_to_hf(f):
+        pattern = moe_layer_pattern(f["num_layers"], f["moe_layer_freq"])
+        k = pattern.index(1) if 1 in pattern else len(pattern)
+        if pattern != [0] * k + [1] * (len(pattern) - k):
+            raise ConversionError(
+                "model flag moe_layer_freq puts dense layers after MoE layers; this family has first dense "
+                "layers only (first_k_dense_replace)"
+            )
+        return {"first_k_dense_replace": k}
+
+    return [
+        _experts(experts_field),
+        same("moe_intermediate_size", "moe_ffn_hidden_size"),
+        ConfigRule(("n_group", "topk_group"), groups_to_flags, groups_to_hf),
+        ConfigRule(("routed_scaling_factor",), scale_to_flags, scale_to_hf),
+        ConfigRule(("n_shared_experts",), shared_to_flags, shared_to_hf),
+        ConfigRule(("first_k_dense_replace",), dense_to_flags, dense_to_hf),
+        check(
+            "norm_topk_prob",
+            lambda v: v,
+            "Megatron-Core renormalises sigmoid top-k weights always; only norm_topk_prob=True maps",
+            default=True,
+        ),
+        fixed_flags(
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_pre_softmax=False,
+            moe_shared_expert_gate=False,
+        ),
+    ]
+
+
+def _deepseek_mlp_tensors() -> list:
+    m = "model.layers.{L}.mlp"
+    x = "decoder.layers.{L}.mlp"
+    return [
+        TensorRule(f"{x}.router.weight", f"{m}.gate.weight"),
+        TensorRule(f"{x}.router.expert_bias", f"{m}.gate.e_score_correction_bias"),
+        TensorRule(
+            f"{x}.experts.local_experts.{{E}}.linear_fc1.weight",
+            (f"{m}.experts.{{E}}.gate_proj.weight", f"{m}.experts.{{E}}.up_proj.weight"),
+            GLU,
+        ),
+        TensorRule(f"{x}.experts.local_experts.{{E}}.linear_fc2.weight", f"{m}.experts.{{E}}.down_proj.weight"),
+        TensorRule(
+            f"{x}.shared_experts.linear_fc1.weight",
+            (f"{m}.shared_experts.gate_proj.weight", f"{m}.shared_experts.up_proj.weight"),
+            GLU,
+        ),
+        TensorRule(f"{x}.shared_experts.linear_fc2.weight", f"{m}.shared_experts.down_proj.weight"),
+        TensorRule(f"{x}.linear_fc1.weight", (f"{m}.gate_proj.weight", f"{m}.up_proj.weight"), GLU),
+        TensorRule(f"{x}.linear_fc2.weight", f"{m}.down_proj.weight"),
+    ]
+
+
+GLM4_MOE = Family(
+    model_type="glm4_moe",
+    architecture="Glm4MoeForCausalLM",
+    tensors=TensorTable(_common_tensors("self_attn", mlp_rules=_deepseek_mlp_tensors()), tied_output=TIED),
+    config=ConfigTable(
+        rules=[
+            *[r for r in _common_rules() if "rope_parameters" not in r.hf and r.hf],
+            _partial_rope(),
+            _head_dim(has_field=True),
+            _dense_ffn(),
+            *_deepseek_routing("n_routed_experts"),
+            same("attention_bias", "add_qkv_bias"),  # q/k/v only: o_proj has none
+            same("use_qk_norm", "qk_layernorm"),  # per head
+            fixed_flags(normalization="RMSNorm", swiglu=True, disable_bias_linear=True),
+        ],
+        # num_nextn_predict_layers: the MTP layers, which transformers' model neither builds nor
+        # loads; a checkpoint holding their weights is refused (tensors not in the table).
+        carry=COMMON_CARRY + ("num_nextn_predict_layers",),
+    ),
+)
+
+# The Hugging Face families: the one table ``get_family`` validates a model type against and
+# dispatches by, and ``infer_family`` tries in order (their flags do not overlap: Qwen2-MoE has
+# the gated shared expert, Qwen3-MoE the per-head q/k norms, Mixtral neither, GLM-4.5 MoE the
+# sigmoid router the others refuse).
+FAMILIES: Dict[str, Family] = {f.model_type: f for f in (QWEN2_MOE, QWEN3_MOE, MIXTRAL, GLM4_MOE)}
 
 # Families we know and refuse, with the reason (Megatron-Core 0.16.1 cannot express them exactly,
 # or the mapping is not clear enough to ship).
@@ -498,10 +653,16 @@ REFUSED: Dict[str, str] = {
         "routing; no mapping table is shipped for it"
     ),
     "deepseek_v3": (
-        "DeepSeek-V3 uses multi-latent attention, sigmoid routing with e_score_correction_bias, "
-        "group-limited top-k and multi-token prediction; no mapping table is shipped for it"
+        "DeepSeek-V3's multi-latent attention runs in Megatron-Core only with Transformer Engine's "
+        "attention (its local DotProductAttention takes no separate key and value head sizes), so the "
+        "mapping cannot be checked against transformers on the CPU and none is shipped; its routing "
+        "(sigmoid, e_score_correction_bias, group-limited top-k, routed_scaling_factor), shared experts "
+        "and first dense layers map as glm4_moe's do"
     ),
-    "bailing_moe": "Ling/Bailing-MoE is not part of transformers (remote code); no table is shipped",
+    "bailing_moe": (
+        "Ling/Bailing-MoE is not part of transformers (remote code), so no tiny model can check a "
+        "table; Ling 2.0 (BailingMoeV2) follows the glm4_moe mapping (docs/convert.md)"
+    ),
 }
 
 
@@ -518,7 +679,7 @@ def get_family(model_type: str) -> Family:
 def infer_family(flags: Dict[str, Any]) -> Family:
     """The first family that can express ``flags`` (for checkpoints without HF metadata)."""
     reasons = []
-    for fam in (QWEN2_MOE, QWEN3_MOE, MIXTRAL):
+    for fam in FAMILIES.values():
         try:
             fam.config.to_hf(flags)
             return fam

@@ -55,8 +55,30 @@ def read_safetensors_header(path: str) -> Dict[str, Dict[str, Any]]:
         header = json.loads(text)
     except ValueError as e:
         raise ConversionError(f"{path}: unreadable safetensors file: {e}") from None
+    if not isinstance(header, dict):
+        raise ConversionError(
+            f"{path}: corrupt safetensors file: its header is a {type(header).__name__}, not an object"
+        )
     header.pop("__metadata__", None)
-    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    ranges = []
+    for name, t in header.items():
+        try:
+            begin, stop = (int(x) for x in t["data_offsets"])
+            t["dtype"], t["shape"] = str(t["dtype"]), [int(d) for d in t["shape"]]
+        except (TypeError, KeyError, ValueError):
+            raise ConversionError(
+                f"{path}: corrupt safetensors file: tensor {name} lacks a valid dtype, shape or data_offsets"
+            ) from None
+        if not 0 <= begin <= stop:
+            raise ConversionError(f"{path}: corrupt safetensors file: tensor {name} has data_offsets {begin}-{stop}")
+        ranges.append((begin, stop, name))
+    ranges.sort()
+    for (_, stop, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < stop:
+            raise ConversionError(
+                f"{path}: corrupt safetensors file: tensors {first} and {second} share bytes (overlapping data_offsets)"
+            )
+    end = max((stop for _, stop, _ in ranges), default=0)
     if size != 8 + hlen + end:
         raise ConversionError(
             f"{path}: truncated or corrupt safetensors file: the header describes "
@@ -92,7 +114,16 @@ class HFCheckpoint:
                     weight_map: Dict[str, str] = json.load(fh)["weight_map"]
             except (OSError, ValueError, KeyError) as e:
                 raise ConversionError(f"{index}: unreadable index: {e}") from None
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index}: unreadable index: weight_map is not an object")
             files = sorted(set(weight_map.values()))
+            for fname in files:
+                parts = str(fname).replace("\\", "/").split("/")
+                if not isinstance(fname, str) or os.path.isabs(fname) or ".." in parts:
+                    raise ConversionError(
+                        f"{index}: weight_map names {fname!r}, outside {hf_dir}; shards must be files in the "
+                        "checkpoint directory"
+                    )
         elif os.path.exists(single):
             weight_map, files = None, [SINGLE_NAME]
         else:

@@ -1,7 +1,9 @@
 """The model flags of a Megatron-LM checkpoint, read from the checkpoint itself.
 
 ``pretrain_gpt.py --save`` writes no ``model_args.json``: its arguments are the ``args`` namespace
-in each iteration's ``common.pt``. ``megatron_lm_model_flags`` reads it with
+of each iteration's common state, in ``common.pt`` (core_v0.16) or, from core_v0.19, in the
+``torch_dist`` checkpoint itself as the bytes item ``common_state``. ``megatron_lm_model_flags``
+reads it with
 ``torch.load(weights_only=True)``, allowing only ``argparse.Namespace`` and the plain ``Enum``
 classes the namespace holds (``AttnBackend``, ``ModelType``, ``signal.Signals``: rebuilt from their
 values, nothing runs), and maps Megatron-LM's stored names onto the model flags
@@ -17,10 +19,15 @@ from __future__ import annotations
 import argparse
 import enum
 import importlib
+import io
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from ordmoe_megatron.runtime.checkpointing import checkpoint_dir, latest_iteration
 from ordmoe_megatron.runtime.model_flags import MODEL_FLAGS
@@ -28,6 +35,7 @@ from ordmoe_megatron.runtime.model_flags import MODEL_FLAGS
 from .engine import ConversionError
 
 COMMON = "common.pt"
+COMMON_STATE = "common_state/"  # the bytes item that holds it inside a core_v0.19 checkpoint
 # Megatron-LM argument -> model flag, where the names differ (value -> value).
 RENAMED: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "add_bias_linear": ("disable_bias_linear", lambda v: not v),
@@ -75,21 +83,38 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _allowed_globals(path: str) -> list:
+class _Unavailable:
+    """Stands for an enum value of a Megatron-LM newer than the megatron-core here (e.g.
+    core_v0.19's ``InferenceCudaGraphScope``): it keeps the value and nothing else; no model flag
+    is such a value."""
+
+    def __init__(self, *value):
+        self.value = value
+
+
+def _allowed_globals(path: str, source: Union[str, io.BytesIO]) -> list:
     """``argparse.Namespace`` and the ``Enum`` classes (of the standard library's ``signal`` or of
-    ``megatron``) that ``path`` refers to; any other global refuses the file."""
+    ``megatron``) that ``source`` refers to, ``_Unavailable`` for a ``megatron`` one this
+    megatron-core lacks; any other global refuses the file ``path``."""
     allowed = []
-    for name in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    for name in names:
         module, _, qualname = name.rpartition(".")
         if name == "argparse.Namespace":
             allowed.append(argparse.Namespace)
             continue
-        cls = None
-        if module == "signal" or module.split(".")[0] == "megatron":
+        if module != "signal" and module.split(".")[0] != "megatron":
+            cls = None
+        else:
             try:
-                cls = getattr(importlib.import_module(module), qualname, None)
+                cls = getattr(importlib.import_module(module), qualname, _Unavailable)
             except ImportError:
-                cls = None
+                cls = _Unavailable
+        if cls is _Unavailable and module.split(".")[0] == "megatron":
+            allowed.append((_Unavailable, name))
+            continue
         if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
             raise ConversionError(
                 f"{path} holds {name}, which is not read without running code from the file; "
@@ -99,16 +124,56 @@ def _allowed_globals(path: str) -> list:
     return allowed
 
 
-def read_megatron_lm_args(path: str) -> Optional[argparse.Namespace]:
-    """The ``args`` namespace of one ``common.pt``; None when it holds none (a converted or
-    ``ordmoe-pretrain`` checkpoint)."""
+class _RawBytesPlanner(DefaultLoadPlanner):
+    """Keeps a bytes item as it is stored: torch's planner would unpickle it with
+    ``weights_only=False``, which runs whatever the file says."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        self.state_dict[read_item.dest_index.fqn].write(value.read())  # the caller's BytesIO
+
+
+def _common_state_bytes(ckpt_dir: str) -> Optional[io.BytesIO]:
+    """The ``common_state`` bytes item of a core_v0.19 ``torch_dist`` checkpoint; None if none."""
     try:
-        with torch.serialization.safe_globals(_allowed_globals(path)):
-            common = torch.load(path, map_location="cpu", weights_only=True)
+        items = FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 - not a torch_dist checkpoint: the conversion names it later
+        return None
+    keys = [k for k, v in items.items() if k.startswith(COMMON_STATE) and isinstance(v, BytesStorageMetadata)]
+    if len(keys) != 1:
+        return None
+    state = {keys[0]: io.BytesIO()}
+    try:
+        dcp_load(
+            state,
+            storage_reader=FileSystemReader(ckpt_dir),
+            planner=_RawBytesPlanner(flatten_state_dict=False),
+            no_dist=True,
+        )
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged file
+        raise ConversionError(f"{ckpt_dir}: its {keys[0]} cannot be read ({type(err).__name__})") from None
+    state[keys[0]].seek(0)
+    return state[keys[0]]
+
+
+def read_megatron_lm_args(path: str, source: Union[str, io.BytesIO, None] = None) -> Optional[argparse.Namespace]:
+    """The ``args`` namespace of one common state (``path``, or ``source`` read from ``path``);
+    None when it holds none (a converted or ``ordmoe-pretrain`` checkpoint)."""
+    source = path if source is None else source
+    try:
+        allowed = _allowed_globals(path, source)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        with torch.serialization.safe_globals(allowed):
+            common = torch.load(source, map_location="cpu", weights_only=True)
     except ConversionError:
         raise
     except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged file
         raise ConversionError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
+    if isinstance(common, io.BytesIO) and isinstance(source, io.BytesIO):  # saved as a BytesIO: unwrap once
+        common.seek(0)
+        return read_megatron_lm_args(path, common)
+    if isinstance(common, list) and len(common) == 1:  # a ShardedObject's data: [state]
+        common = common[0]
     args = common.get("args") if isinstance(common, dict) else None
     return args if isinstance(args, argparse.Namespace) else None
 
@@ -134,7 +199,12 @@ def flags_from_megatron_lm_args(args: argparse.Namespace, where: str = "") -> Di
 
 def megatron_lm_model_flags(root: str, flag: str) -> Optional[Dict[str, Any]]:
     """The model flags of the checkpoint under ``root`` that the tracker names, from its
-    ``common.pt``; None when that iteration has no ``common.pt`` or it holds no args."""
-    path = os.path.join(checkpoint_dir(root, latest_iteration(root, flag)), COMMON)
-    args = read_megatron_lm_args(path) if os.path.isfile(path) else None
+    common state; None when that iteration has none or it holds no args."""
+    ckpt_dir = checkpoint_dir(root, latest_iteration(root, flag))
+    path = os.path.join(ckpt_dir, COMMON)
+    if os.path.isfile(path):
+        args = read_megatron_lm_args(path)
+    else:
+        state = _common_state_bytes(ckpt_dir)
+        args = None if state is None else read_megatron_lm_args(f"{ckpt_dir} ({COMMON_STATE[:-1]})", state)
     return None if args is None else flags_from_megatron_lm_args(args, where=f"{flag} {root}: ")

@@ -32,6 +32,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method import (
+    GROUPINGS,
     OrdMoEConfig,
     ranked_keys,
     ranking_scores,
@@ -221,7 +222,7 @@ class TierRouter(TopKRouter):
         """What ranks the experts after a token's own top-K: a uniform shuffle (random grouping;
         Megatron's default generator, identical on the tensor-parallel ranks of the same data),
         the layer's mean scores (average ranking), or the scores the router ranks with."""
-        if self.ordmoe.grouping == "random":
+        if GROUPINGS[self.ordmoe.grouping].shuffled:
             return torch.rand(flat_logits.shape, device=flat_logits.device)
         if means is not None:
             return means

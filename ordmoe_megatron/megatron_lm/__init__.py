@@ -16,6 +16,7 @@ called, so no name in Megatron-LM is replaced.
 - ``dry_run``: what ``--ordmoe-dry-run`` prints;
 - ``hooks``: every name OrdMoE rebinds in Megatron-LM (the model builder, the schedules, FLOPs);
 - ``model_config``: core_v0.19's model configuration and builder for OrdMoE.
+- ``vlm``: the same for ``pretrain_vlm.py`` (a LLaVA model with an OrdMoE language model).
 """
 
 from ordmoe_megatron.flags import ordmoe_config_from_args

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import io
 import os
 import sys
@@ -188,6 +189,23 @@ def validate(args, need_model_config: bool):
                 "OrdMoE paths; remove it with --ordmoe",
             ),
             (
+                bool(getattr(args, "tp_comm_overlap", False)),
+                "--tp-comm-overlap sizes Transformer Engine's buffers for seq x micro-batch, not the stacked or "
+                "sub-sampled OrdMoE paths: remove it with --ordmoe",
+            ),
+            (
+                getattr(args, "cuda_graph_impl", "none") not in ("none", None)
+                or bool(getattr(args, "enable_cuda_graph", False) or getattr(args, "external_cuda_graph", False)),
+                "--cuda-graph-impl / --enable-cuda-graph / --external-cuda-graph: CUDA graphs skip the module "
+                "hooks the OrdMoE paths need and replay one path state for every micro-batch; remove them with "
+                "--ordmoe",
+            ),
+            (
+                bool(getattr(args, "fp8", None)) and importlib.util.find_spec("transformer_engine") is None,
+                f"--fp8-format {getattr(args, 'fp8', None)} needs Transformer Engine, which is not installed "
+                "here: install it (pip install transformer-engine) or drop --fp8-format",
+            ),
+            (
                 getattr(args, "yaml_cfg", None) is not None,
                 "--yaml-cfg replaces the command-line arguments after OrdMoE has read them; pass the model "
                 "flags on the command line with --ordmoe",
@@ -310,6 +328,18 @@ def main(argv=None) -> int:
     )
     add_ordmoe_args(parser)
     add_dry_run_flag(parser)
-    parser.parse_args(argv)
-    parser.print_help()
+    args = parser.parse_args(argv)
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help()
+        return 0
+    try:  # flags given: check the OrdMoE ones (the model and layout need pretrain_gpt.py's)
+        ordmoe = ordmoe_config_from_args(args)
+    except OrdMoEError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print(
+        "OrdMoE flags valid: "
+        + ("--no-ordmoe" if ordmoe is None else f"{ordmoe.num_tiers} tiers, objective {ordmoe.objective}")
+        + ". The model, the parallel layout and the tier layout are checked by pretrain_gpt.py <Megatron-LM "
+        "flags> --ordmoe --ordmoe-dry-run."
+    )
     return 0

@@ -19,7 +19,9 @@ runs ``torchrun --standalone --nproc-per-node N`` (the rendezvous address is set
   (``runtime.bridges.enable()``: the CPU emulation) and the CUDA-only spots of Megatron-LM's
   ``megatron.training`` rebound at run time (no file of Megatron-LM is changed).
 
-``typing_override_for_python_311`` is the one stand-in Megatron-LM's imports need on Python 3.11.
+``typing_override_for_python_311`` (``python311/sitecustomize.py``) is the one stand-in Megatron-LM's
+imports need on Python 3.11: on 3.11 the launcher puts ``python311/`` first on ``PYTHONPATH``, so it
+runs in every process, the ones Megatron-LM spawns included.
 ``megatron.training`` is Megatron-LM's, not megatron-core's: it is imported where it is used.
 """
 
@@ -32,12 +34,12 @@ import platform
 import runpy
 import subprocess
 import sys
-import typing
 from typing import List, Optional, Sequence
 
 import torch
-import typing_extensions
 
+from ordmoe_megatron.megatron_lm import python311
+from ordmoe_megatron.megatron_lm.python311.sitecustomize import typing_override_for_python_311
 from ordmoe_megatron.runtime import bridges
 from ordmoe_megatron.runtime.bridges.guards import replace_existing
 
@@ -76,13 +78,6 @@ def megatron_lm_on_cpu() -> None:
     except ModuleNotFoundError:
         return
     replace_existing(fused_kernels, "load", lambda args: None, "megatron.legacy.fused_kernels")
-
-
-def typing_override_for_python_311() -> None:
-    """Megatron-LM core_v0.18 on imports ``typing.override``, new in Python 3.12 (Megatron-LM
-    declares 3.12): on 3.11 it is ``typing_extensions.override``."""
-    if not hasattr(typing, "override"):
-        typing.override = typing_extensions.override
 
 
 # What Megatron-LM needs on a CPU: gloo, the local (non Transformer Engine) layers, and no fused
@@ -130,7 +125,8 @@ def megatron_lm_checkout(script: str, given: Optional[str]) -> str:
 def launch_env(megatron_lm: str, base: Optional[dict] = None) -> dict:
     """The environment every rank runs in (see the module docstring)."""
     env = dict(os.environ if base is None else base)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (megatron_lm, env.get("PYTHONPATH")) if p)
+    first = python311.DIRECTORY if sys.version_info < (3, 12) else None
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (first, megatron_lm, env.get("PYTHONPATH")) if p)
     env["PYENV_VERSION"] = platform.python_version()
     env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH")) if p)
     env["CUDA_VISIBLE_DEVICES"] = ""

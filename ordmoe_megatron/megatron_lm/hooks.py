@@ -59,6 +59,7 @@ SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py's: a loss 10x the largest seen is "spi
 REBOUND = (
     "<gpt_builder's module>.GPTModel (during the builder call; core_v0.16 to core_v0.18)",
     "megatron.training.models.gpt.GPTModel (during GPTModelBuilder.build_model; core_v0.19)",
+    "<pretrain_vlm.model_provider's module>.LLaVAModel (during the provider call; megatron_lm.vlm)",
     "megatron.training.training.get_forward_backward_func",
     "megatron.training.training.num_floating_point_operations",
 )
@@ -118,6 +119,18 @@ def gpt_model_bound_to_ordmoe(module, ordmoe: OrdMoEConfig, packed: bool = False
         yield
     finally:
         module.GPTModel = original
+
+
+@contextlib.contextmanager
+def llava_model_bound(module, build: Callable):
+    """``module.LLaVAModel`` is ``build`` for the duration (``megatron_lm.vlm.vlm_model_provider``:
+    ``pretrain_vlm.py``'s model provider builds its model through that name)."""
+    original = module.LLaVAModel
+    module.LLaVAModel = build
+    try:
+        yield original
+    finally:
+        module.LLaVAModel = original
 
 
 # --------------------------------------------------------------------------------------------

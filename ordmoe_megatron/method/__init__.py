@@ -4,8 +4,8 @@ from ordmoe_megatron.method.config import PATH_SCHEDULES, RANKINGS, OrdMoEConfig
 from ordmoe_megatron.method.layers import moe_layer_numbers, moe_layer_pattern, parse_moe_layer_freq
 from ordmoe_megatron.method.objective import (
     ADVANTAGE_MODES,
-    LINEAR_OBJECTIVES,
     OBJECTIVES,
+    Objective,
     default_rewards,
     expert_rank_loss,
     pairwise_logistic_loss,
@@ -21,6 +21,7 @@ from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
 from ordmoe_megatron.method.tiers import (
     GROUPINGS,
     SCORE_FUNCTIONS,
+    Grouping,
     format_tiers,
     parse_rank_spec,
     rank_order,

@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.layers import moe_layer_numbers
-from ordmoe_megatron.method.objective import ADVANTAGE_MODES, LINEAR_OBJECTIVES, OBJECTIVES, default_rewards
+from ordmoe_megatron.method.objective import ADVANTAGE_MODES, OBJECTIVES, default_rewards
 from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
 from ordmoe_megatron.method.tiers import GROUPINGS, SCORE_FUNCTIONS, format_tiers, tier_ranks
 
@@ -63,7 +63,7 @@ class OrdMoEConfig:
 
     num_tiers: int = field(default=3, metadata=TIER_FLAG)
     """Number of expert tiers C (paths per sequence); 1 is plain top-K."""
-    grouping: Literal[GROUPINGS] = field(default="uniform", metadata=TIER_FLAG)
+    grouping: Literal[tuple(GROUPINGS)] = field(default="uniform", metadata=TIER_FLAG)
     """How tiers are cut from the ranked experts (uniform is the paper's)."""
     tier_ranks: Optional[str] = field(default=None, metadata=TIER_FLAG)
     """Explicit tier ranks with --ordmoe-grouping explicit, e.g. '1-6,25-27,59-61'."""
@@ -73,7 +73,7 @@ class OrdMoEConfig:
     """Rank experts per token (default) or by each layer's running mean score (saved with the model)."""
     rewards: Optional[list[float]] = None
     """Fixed, strictly decreasing reward per tier (default evenly spaced 1..0)."""
-    advantage: Literal[ADVANTAGE_MODES] = "zscore"
+    advantage: Literal[tuple(ADVANTAGE_MODES)] = "zscore"
     """Advantage of the rewards: zscore (Eq. 8), center or raw."""
     rank_loss_coeff: float = 1.0
     """Weight of the expert rank loss (lambda_ERL)."""
@@ -82,7 +82,7 @@ class OrdMoEConfig:
     -log(vocab size), or 'none'). Off by default."""
     lazy_fanout: bool = True
     """Run the layers before the first tier-routed layer once, not C times."""
-    objective: Literal[OBJECTIVES] = "advantage"
+    objective: Literal[tuple(OBJECTIVES)] = "advantage"
     """Tier-ranking objective: advantage (the paper's Eq. 9), pairwise-logistic or plackett-luce
     (bounded preference objectives over the tier order)."""
     beta: float = 1.0
@@ -102,9 +102,10 @@ class OrdMoEConfig:
         for name, choices in literal_choices().items():
             if getattr(self, name) not in choices:
                 raise OrdMoEError(f"{option(name)}='{getattr(self, name)}' is not one of {', '.join(choices)}")
-        if self.tier_ranks is not None and self.grouping != "explicit":
+        explicit = GROUPINGS[self.grouping].ranks is None
+        if self.tier_ranks is not None and not explicit:
             raise OrdMoEError("--ordmoe-tier-ranks needs --ordmoe-grouping=explicit")
-        if self.grouping == "explicit" and not self.tier_ranks:
+        if explicit and not self.tier_ranks:
             raise OrdMoEError("--ordmoe-grouping=explicit needs --ordmoe-tier-ranks, e.g. '1-6,25-27,59-61'")
         if self.rewards is None:
             self.rewards = default_rewards(self.num_tiers)
@@ -120,7 +121,7 @@ class OrdMoEConfig:
             raise OrdMoEError(f"--ordmoe-rewards {self.rewards} must be strictly decreasing (tier 1 best)")
         if not math.isfinite(self.rank_loss_coeff) or self.rank_loss_coeff < 0:
             raise OrdMoEError(f"--ordmoe-rank-loss-coeff={self.rank_loss_coeff} must be a finite number >= 0")
-        if self.ranking == "average" and self.grouping == "random":
+        if self.ranking == "average" and GROUPINGS[self.grouping].shuffled:
             raise OrdMoEError(
                 "--ordmoe-ranking=average ranks by routing scores; --ordmoe-grouping=random ignores them: pick one"
             )
@@ -138,14 +139,14 @@ class OrdMoEConfig:
             raise OrdMoEError(
                 f"--ordmoe-logprob-floor={self.logprob_floor} must be a finite log-likelihood <= 0, 'vocab' or 'none'"
             )
-        if self.logprob_floor is not None and self.objective != "advantage":
+        if self.logprob_floor is not None and not OBJECTIVES[self.objective].rewards:
             raise OrdMoEError(
                 f"--ordmoe-logprob-floor is for the advantage objective; --ordmoe-objective "
                 f"{self.objective} is bounded already: drop the floor"
             )
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
             raise OrdMoEError(f"--ordmoe-beta={self.beta} must be a finite number above 0")
-        if self.beta != 1.0 and self.objective == "advantage":
+        if self.beta != 1.0 and OBJECTIVES[self.objective].rewards:
             raise OrdMoEError(
                 f"--ordmoe-beta={self.beta} scales the preference objectives only; --ordmoe-objective advantage "
                 "ignores it: drop --ordmoe-beta, or choose pairwise-logistic or plackett-luce"
@@ -184,8 +185,8 @@ class OrdMoEConfig:
 
     @property
     def linear_objective(self) -> bool:
-        """Whether a path's gradient weight needs only its own log-likelihood (``LINEAR_OBJECTIVES``)."""
-        return self.objective in LINEAR_OBJECTIVES
+        """Whether a path's gradient weight needs only its own log-likelihood (``Objective.linear``)."""
+        return OBJECTIVES[self.objective].linear
 
     def tiers(self, num_experts: int, topk: int) -> list[list[int]]:
         return tier_ranks(num_experts, topk, self.num_tiers, self.grouping, self.tier_ranks)
@@ -271,7 +272,7 @@ class OrdMoEConfig:
         """One line: the tiers, the objective's settings and the path schedule."""
         objective = (
             f"rewards {self.rewards}, advantage {self.advantage}"
-            if self.objective == "advantage"
+            if OBJECTIVES[self.objective].rewards
             else f"objective {self.objective} (beta {self.beta:g})"
         )
         return (
@@ -302,7 +303,7 @@ class OrdMoEConfig:
             f"tier-routed MoE layers: {format_ranges(scoped)}",
             f"paths per sequence: {self.num_tiers}; fan-out {fanout}",
             f"loss: lm loss (path 1) + {self.rank_loss_coeff:g} x rank loss ("
-            + (f"{self.advantage} advantages" if self.objective == "advantage" else self.objective)
+            + (f"{self.advantage} advantages" if OBJECTIVES[self.objective].rewards else self.objective)
             + ")"
             + ("" if self.logprob_floor is None else f", log-likelihood floor {self.logprob_floor}"),
         ]

@@ -6,18 +6,27 @@ target log-likelihood of sequence ``i`` on path ``j`` (Eq. 7).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ordmoe_megatron.errors import OrdMoEError
 
-ADVANTAGE_MODES = ("zscore", "center", "raw")
-# The tier-ranking objectives: the paper's advantage-weighted log-likelihoods (Eq. 9), and two
-# standard preference objectives over the tier order (bounded, unlike the paper's push-down).
-OBJECTIVES = ("advantage", "pairwise-logistic", "plackett-luce")
-# Objectives whose gradient in a path's log-likelihood does not depend on the other paths'.
-LINEAR_OBJECTIVES = ("advantage",)
+
+def _zscore(r: torch.Tensor) -> torch.Tensor:
+    std = r.std(unbiased=False)
+    return (r - r.mean()) / std if std > 0 else torch.zeros_like(r)
+
+
+# The advantage modes (``--ordmoe-advantage``): name -> the advantages of float64 rewards. The
+# one table that ``OrdMoEConfig`` validates against (its ``Literal``) and ``rank_advantages``
+# dispatches by.
+ADVANTAGE_MODES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "zscore": _zscore,  # Eq. 8: (r - mean) / std, population std (zero for a single tier)
+    "center": lambda r: r - r.mean(),
+    "raw": lambda r: r,
+}
 
 
 def default_rewards(num_tiers: int) -> list[float]:
@@ -33,17 +42,9 @@ def rank_advantages(rewards: Sequence[float] | torch.Tensor, mode: str = "zscore
     ``zscore``: ``(r - mean) / std`` with the population std (zero for a single tier);
     ``center``: ``r - mean``; ``raw``: ``r``.
     """
-    r = torch.as_tensor(rewards, dtype=torch.float64)
-    if mode == "raw":
-        adv = r
-    elif mode == "center":
-        adv = r - r.mean()
-    elif mode == "zscore":
-        std = r.std(unbiased=False)
-        adv = (r - r.mean()) / std if std > 0 else torch.zeros_like(r)
-    else:
+    if mode not in ADVANTAGE_MODES:
         raise OrdMoEError(f"--ordmoe-advantage='{mode}' is not one of {', '.join(ADVANTAGE_MODES)}")
-    return adv.float()
+    return ADVANTAGE_MODES[mode](torch.as_tensor(rewards, dtype=torch.float64)).float()
 
 
 def expert_rank_loss(
@@ -91,6 +92,38 @@ def plackett_luce_loss(path_logprobs: torch.Tensor, beta: float = 1.0, reduction
     return _reduce(-(scores[:-1] - tail_logsumexp).sum(dim=0) / max(c - 1, 1), reduction)
 
 
+@dataclass(frozen=True)
+class Objective:
+    """A tier-ranking objective: its loss of ``path_logprobs`` ``[C, N]`` and what it takes."""
+
+    loss: Callable[..., torch.Tensor]  # (path_logprobs, rewards, mode, floor, beta, reduction)
+    rewards: bool  # it weighs the paths by the tier rewards' advantages (and takes the floor)
+    linear: bool  # its gradient in a path's log-likelihood does not depend on the other paths'
+
+
+# The tier-ranking objectives (``--ordmoe-objective``): the paper's advantage-weighted
+# log-likelihoods (Eq. 9), and two standard preference objectives over the tier order (bounded,
+# unlike the paper's push-down). The one table ``OrdMoEConfig`` validates against (its
+# ``Literal``) and ``rank_loss`` dispatches by.
+OBJECTIVES: dict[str, Objective] = {
+    "advantage": Objective(
+        lambda lp, rewards, mode, floor, beta, reduction: expert_rank_loss(lp, rewards, mode, floor, reduction),
+        rewards=True,
+        linear=True,
+    ),
+    "pairwise-logistic": Objective(
+        lambda lp, rewards, mode, floor, beta, reduction: pairwise_logistic_loss(lp, beta, reduction),
+        rewards=False,
+        linear=False,
+    ),
+    "plackett-luce": Objective(
+        lambda lp, rewards, mode, floor, beta, reduction: plackett_luce_loss(lp, beta, reduction),
+        rewards=False,
+        linear=False,
+    ),
+}
+
+
 def rank_loss(
     path_logprobs: torch.Tensor,
     objective: str = "advantage",
@@ -102,13 +135,9 @@ def rank_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """The tier-ranking objective ``objective`` (``OBJECTIVES``) of ``path_logprobs`` ``[C, N]``."""
-    if objective == "advantage":
-        return expert_rank_loss(path_logprobs, rewards, mode, floor, reduction)
-    if objective == "pairwise-logistic":
-        return pairwise_logistic_loss(path_logprobs, beta, reduction)
-    if objective == "plackett-luce":
-        return plackett_luce_loss(path_logprobs, beta, reduction)
-    raise OrdMoEError(f"--ordmoe-objective='{objective}' is not one of {', '.join(OBJECTIVES)}")
+    if objective not in OBJECTIVES:
+        raise OrdMoEError(f"--ordmoe-objective='{objective}' is not one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[objective].loss(path_logprobs, rewards, mode, floor, beta, reduction)
 
 
 def rank_loss_weights(path_logprobs: torch.Tensor, objective: str = "advantage", **kwargs) -> torch.Tensor:

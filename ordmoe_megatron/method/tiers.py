@@ -9,14 +9,47 @@ lower tier can share an expert with path 1.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.ranges import format_ranges, parse_ranges
 
-GROUPINGS = ("uniform", "high-only", "random", "explicit")
+
+def _spread(n: int, k: int, c: int) -> list[list[int]]:
+    """The ranked list cut into ``B = n // K`` blocks, the tiers spread evenly over them, the
+    last tier the bottom K ranks (the paper's)."""
+    if c == 1:
+        return [list(range(1, k + 1))]
+    blocks = n // k
+    starts = [(j * (blocks - 1) // (c - 1)) * k + 1 for j in range(c - 1)] + [n - k + 1]
+    return [list(range(s, s + k)) for s in starts]
+
+
+def _consecutive(n: int, k: int, c: int) -> list[list[int]]:
+    """Consecutive blocks of K ranks from the top."""
+    return [list(range(j * k + 1, (j + 1) * k + 1)) for j in range(c)]
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """A way to cut the tiers from each token's ranked experts (``--ordmoe-grouping``)."""
+
+    # (n, K, C) -> the tier ranks; None: they come from --ordmoe-tier-ranks
+    ranks: Optional[Callable[[int, int, int], list[list[int]]]]
+    shuffled: bool = False  # the experts after the token's own top-K are ranked in a random order
+
+
+# The groupings: the one table ``OrdMoEConfig`` validates against (its ``Literal``), ``tier_ranks``
+# cuts the tiers by and the tier router asks whether to shuffle.
+GROUPINGS: dict[str, Grouping] = {
+    "uniform": Grouping(_spread),
+    "high-only": Grouping(_consecutive),
+    "random": Grouping(_spread, shuffled=True),  # uniform's positions on a shuffled order
+    "explicit": Grouping(None),
+}
 # The router score functions the tier router implements, besides softmax (normalised over the
 # experts, handled apart): each maps fp32 logits to independent scores. Which of them a run may
 # use is megatron-core's list (``runtime.compat.SCORE_FUNCTIONS``); this is the math.
@@ -57,7 +90,7 @@ def tier_ranks(
         raise OrdMoEError(f"--ordmoe-num-tiers={c} must be at least 1 (1 is plain top-K training)")
     if grouping not in GROUPINGS:
         raise OrdMoEError(f"--ordmoe-grouping='{grouping}' is not one of {', '.join(GROUPINGS)}")
-    if grouping == "explicit":
+    if GROUPINGS[grouping].ranks is None:
         if ranks is None:
             raise OrdMoEError("--ordmoe-grouping=explicit needs --ordmoe-tier-ranks, e.g. '1-6,25-27,59-61'")
         tiers = parse_rank_spec(ranks) if isinstance(ranks, str) else [list(t) for t in ranks]
@@ -70,13 +103,7 @@ def tier_ranks(
             f"--ordmoe-num-tiers={c} needs {c}x{k}={c * k} experts but the layer has {n}: "
             f"use at most {n // k} tiers with top-{k}, or --ordmoe-grouping=explicit with smaller tiers"
         )
-    if grouping == "high-only":
-        return [list(range(j * k + 1, (j + 1) * k + 1)) for j in range(c)]
-    if c == 1:
-        return [list(range(1, k + 1))]
-    blocks = n // k
-    starts = [(j * (blocks - 1) // (c - 1)) * k + 1 for j in range(c - 1)] + [n - k + 1]
-    return [list(range(s, s + k)) for s in starts]
+    return GROUPINGS[grouping].ranks(n, k, c)
 
 
 def _check_explicit(tiers: list[list[int]], n: int, k: int, c: int) -> None:

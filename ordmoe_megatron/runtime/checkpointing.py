@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -88,8 +89,16 @@ def has_checkpoint(root: Optional[str]) -> bool:
 def sharded_model_state(chunks: list) -> dict:
     """Megatron-LM's naming: ``model``, or ``model0``, ``model1``, .. with virtual stages."""
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+        return {"model": _sharded_state_dict(chunks[0])}
+    return {f"model{i}": _sharded_state_dict(chunk) for i, chunk in enumerate(chunks)}
+
+
+def _sharded_state_dict(chunk) -> dict:
+    # A stage with the MTP block but not the embedding (the last pipeline stage) ties its copy of
+    # the embedding through the data-parallel group that Megatron-LM passes in the metadata.
+    if getattr(chunk, "mtp_process", False) and not chunk.pre_process:
+        return chunk.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
+    return chunk.sharded_state_dict()
 
 
 def rng_path(path: str, rank: int) -> str:

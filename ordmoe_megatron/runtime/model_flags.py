@@ -25,7 +25,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_mtp_block_spec,
 )
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.layers import has_dense_layers, parse_moe_layer_freq
@@ -116,6 +116,13 @@ MODEL_FLAGS: tuple = (
     ),
     Flag("mtp_num_layers", "int", None, "Multi-token prediction layers (DeepSeek-V3's MTP); none if unset."),
     Flag("mtp_loss_scaling_factor", "float", None, "Weight of the MTP loss (Megatron's 0.1 if unset)."),
+    Flag("multi_latent_attention", "bool", False, "Multi-latent attention (DeepSeek-V2/V3's MLA)."),
+    Flag("q_lora_rank", "int", None, "MLA: rank of the query down-projection (none: a full query projection)."),
+    Flag("kv_lora_rank", "int", None, "MLA: rank of the key-value down-projection (Megatron's 512 if unset)."),
+    Flag("qk_head_dim", "int", None, "MLA: query/key head size without RoPE (Megatron's 128 if unset)."),
+    Flag("qk_pos_emb_head_dim", "int", None, "MLA: query/key RoPE head size (Megatron's 64 if unset)."),
+    Flag("v_head_dim", "int", None, "MLA: value head size (Megatron's 128 if unset)."),
+    Flag("rope_type", "str", None, "MLA's RoPE: rope or yarn (Megatron's yarn if unset).", choices=("rope", "yarn")),
     Flag("normalization", "str", "LayerNorm", "Norm type.", choices=("LayerNorm", "RMSNorm")),
     Flag("norm_epsilon", "float", 1e-5, "Norm epsilon."),
     Flag("swiglu", "bool", False, "SwiGLU MLPs (gated linear unit with SiLU)."),
@@ -142,6 +149,7 @@ MODEL_FLAGS: tuple = (
 )
 
 _BY_NAME: Dict[str, Flag] = {f.name: f for f in MODEL_FLAGS}
+_MLA_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type")
 
 
 def _checked_arg(typ: Callable, check: Callable, text: str):
@@ -214,6 +222,8 @@ def flags_to_argv(flags: Dict[str, Any]) -> List[str]:
         if f.name.startswith("moe_") and not flags["num_experts"]:
             continue
         if f.name == "mtp_loss_scaling_factor" and not flags["mtp_num_layers"]:
+            continue
+        if f.name in _MLA_SIZES and not flags["multi_latent_attention"]:
             continue
         if f.name == "num_query_groups" and not flags["group_query_attention"]:
             continue
@@ -294,9 +304,14 @@ def transformer_config_from_flags(flags: Dict[str, Any], **overrides):
         kw["mtp_num_layers"] = f["mtp_num_layers"]
         if f["mtp_loss_scaling_factor"] is not None:
             kw["mtp_loss_scaling_factor"] = f["mtp_loss_scaling_factor"]
+    config_class = TransformerConfig
+    if f["multi_latent_attention"]:
+        config_class = MLATransformerConfig
+        kw["multi_latent_attention"] = True
+        kw.update({name: f[name] for name in _MLA_SIZES if f[name] is not None or name == "q_lora_rank"})
     kw.update(overrides)
     try:
-        return TransformerConfig(**kw)
+        return config_class(**kw)
     except (AssertionError, TypeError, ValueError) as err:  # Megatron's own checks of the model
         raise OrdMoEError(f"megatron-core refuses this model configuration: {err or type(err).__name__}") from None
 
@@ -330,7 +345,10 @@ def gpt_model_from_flags(
                 moe_grouped_gemm=False,
                 qk_layernorm=f["qk_layernorm"],
                 normalization=f["normalization"],
+                multi_latent_attention=f["multi_latent_attention"],
             )
+        if f["multi_latent_attention"]:  # the local spec's attention cannot run MLA (bridges)
+            layer_spec = bridges.local_mla_attention_spec(layer_spec)
         if config.sequence_parallel and not torch.cuda.is_available():
             # torch's LayerNorm refuses sequence parallelism; the CPU stand-in does not.
             layer_spec = bridges.sequence_parallel_layer_spec(layer_spec)
@@ -348,9 +366,12 @@ def gpt_model_from_flags(
     if f["mtp_num_layers"] and "mtp_block_spec" not in model_kwargs:
         # A block spec (dense layers in) holds this stage's layers; MTP sits on the last stage.
         last = layer_spec.layer_specs[-1] if getattr(layer_spec, "layer_specs", None) else layer_spec
-        model_kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(
+        mtp_spec = get_gpt_mtp_block_spec(
             config, last, use_transformer_engine=False, vp_stage=model_kwargs.get("vp_stage")
         )
+        if mtp_spec is not None and config.sequence_parallel and not torch.cuda.is_available():
+            mtp_spec = bridges.sequence_parallel_layer_spec(mtp_spec)  # its own norms, as the layers'
+        model_kwargs["mtp_block_spec"] = mtp_spec
     max_pos = f["max_position_embeddings"] or f["seq_length"]
     if max_pos is None:
         raise OrdMoEError("model flags need max_position_embeddings or seq_length: pass --seq-length")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from typing import Iterator, Optional, Sequence
 
@@ -159,3 +161,32 @@ def staged_dir(path: str, replace: bool, replace_flag: str) -> Iterator[str]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_lines(path: str, flag: str) -> list:
+    """The records of a JSON-lines file this project wrote (``--metrics-out``). A last line cut
+    short (a killed run) is dropped with a warning on stderr; a damaged line before it is refused."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            if number < len(lines):
+                raise OutputError(
+                    f"{flag} {path}: line {number} is not JSON ({err}); repair or remove the file"
+                ) from None
+            print(f"warning: {flag} {path}: its last line is cut short (a killed run?); dropped", file=sys.stderr)
+    return records
+
+
+def read_json_file(path: str, what: str) -> Optional[dict]:
+    """A JSON file this project wrote; None, with a warning on stderr, when it is cut short or
+    damaged (``what`` says what happens then)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as err:
+        print(f"warning: {path} is damaged ({err}); {what}", file=sys.stderr)
+        return None

@@ -23,7 +23,7 @@ import torch
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.runtime.checkpointing import has_checkpoint
-from ordmoe_megatron.runtime.outputs import RunLock, check_writable, staged_file
+from ordmoe_megatron.runtime.outputs import RunLock, check_writable, read_json_file, staged_file
 from ordmoe_megatron.sweep import plan, results
 from ordmoe_megatron.sweep.config import SETTINGS, SweepConfig
 from ordmoe_megatron.sweep.grids import GRID_NAMES, Grid, Setting, ready_grids
@@ -106,9 +106,12 @@ def _grid(args) -> Grid:
 
 
 def _num_layers(run_flags: Sequence[str]) -> int:
-    if "--num-layers" in run_flags:
-        return int(run_flags[list(run_flags).index("--num-layers") + 1])
-    return train_cli.PRESETS["tiny"]["num_layers"]
+    """``--num-layers`` as ordmoe-pretrain reads it (``--num-layers 8`` and ``--num-layers=8``
+    alike), else the tiny preset's."""
+    parser = train_cli.build_parser()
+    parser.set_defaults(num_layers=None)
+    given = parser.parse_known_args(list(run_flags))[0].num_layers
+    return given if given is not None else train_cli.PRESETS["tiny"]["num_layers"]
 
 
 def sweep_config_from_args(args) -> SweepConfig:
@@ -156,9 +159,9 @@ def check_out(config: SweepConfig) -> None:
     """The directory is writable, and holds no other sweep's cells."""
     check_writable(config.out, "--out", is_dir=True)
     path = os.path.join(config.out, SPEC_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            difference = plan.spec_difference(json.load(f), config)
+    spec = read_json_file(path, "it is written again for this sweep") if os.path.isfile(path) else None
+    if spec is not None:
+        difference = plan.spec_difference(spec, config)
         if difference:
             raise OrdMoEError(
                 f"--out {config.out} holds another sweep ({difference}); give another --out, or the "
@@ -204,7 +207,14 @@ def sweep(args: argparse.Namespace) -> int:
         matched = plan.matched_cells(config, results.flops_ratios(done))
         done.update(run_cells(config, matched, log))
         summary = results.summarize(config, done)
-        written = results.write(summary, config.out)
+        try:
+            written = results.write(summary, config.out)
+        except OSError as err:
+            raise OrdMoEError(
+                f"--out {config.out}: cannot write the sweep's results ({err.strerror or err}); every finished "
+                "cell's result.json is kept: free space and run the same command again (finished cells do not "
+                "run again)"
+            ) from None
     finally:
         lock.release()
     print("\n" + results.markdown(summary))

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from ordmoe_megatron.runtime.outputs import staged_file
+from ordmoe_megatron.runtime.outputs import read_json_file, read_json_lines, staged_file
 from ordmoe_megatron.sweep.config import SweepConfig
 from ordmoe_megatron.sweep.plan import Cell, cell_command
 
@@ -35,8 +35,7 @@ def read_result(config: SweepConfig, cell: Cell) -> Optional[dict]:
     path = os.path.join(cell.directory(config.out), RESULT)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json_file(path, "the cell runs again")
 
 
 def run_cells(config: SweepConfig, cells: list[Cell], log: Callable[[str], None]) -> dict[Cell, dict]:
@@ -111,8 +110,7 @@ def cell_result(where: str, seconds: float) -> dict:
     """The cell's held-out evaluation (its ``eval.json`` row), last training losses, and time."""
     with open(os.path.join(where, "eval.json")) as f:
         evaluation = next(iter(json.load(f).values()))
-    with open(os.path.join(where, "metrics.jsonl")) as f:
-        last = [json.loads(line) for line in f if line.strip()][-1]
+    last = read_json_lines(os.path.join(where, "metrics.jsonl"), "--metrics-out")[-1]
     return {
         **evaluation,
         "train_lm_loss": last["lm_loss"],

@@ -7,17 +7,19 @@ preset builds first.
 from __future__ import annotations
 
 import dataclasses
-import json
+import importlib.util
 import os
 import re
 from typing import Optional
+
+import torch
 
 from ordmoe_megatron.data import check_data_files, check_split_sizes
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.runtime import checkpointing
 from ordmoe_megatron.runtime.checkpointing import has_checkpoint
-from ordmoe_megatron.runtime.outputs import check_output, check_writable
+from ordmoe_megatron.runtime.outputs import check_output, check_writable, read_json_lines
 from ordmoe_megatron.train.build import transformer_config
 from ordmoe_megatron.train.config import SCHEDULE_FIELDS, RunConfig, baseline_config, flag_name, run_differences
 
@@ -37,6 +39,11 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
         problems.append(f"--expert-model-parallel-size={ep} (x expert TP) must divide data-parallel x TP = {dp * tp}")
     if tp > 1 and num_experts and not layout.sequence_parallel:
         problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+    if tp > 1 and gpu_without_fused_norms():
+        problems.append(
+            "--tensor-model-parallel-size > 1 on a GPU needs Transformer Engine or Apex (their "
+            "sequence-parallel norms; the bridge for them runs on the CPU only): install one, or use TP 1"
+        )
     if layout.sequence_parallel and tp == 1:
         problems.append(
             "--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits sequences over "
@@ -65,6 +72,14 @@ def layout_problems(config: RunConfig, world: int, layers_per_virtual_stage: Opt
             f"--pipeline-model-parallel-size={pp}"
         )
     return problems
+
+
+def gpu_without_fused_norms() -> bool:
+    """A GPU run with neither Transformer Engine nor Apex: Megatron's torch norm refuses
+    sequence parallelism there."""
+    if not torch.cuda.is_available():
+        return False
+    return all(importlib.util.find_spec(name) is None for name in ("transformer_engine", "apex"))
 
 
 def check_values(config: RunConfig) -> None:
@@ -183,6 +198,14 @@ def plan_resume(config: RunConfig, world: int, dry_run: bool = False) -> ResumeP
             + (" (a new learning-rate schedule on purpose: --override-opt-param-scheduler)" if schedule else "")
             + "; to start a new run, use a fresh --save, or --overwrite to replace it"
         )
+    saved_ep = info.run.get("expert_model_parallel_size")
+    if saved_ep is not None and saved_ep != config.layout.expert:
+        raise OrdMoEError(
+            f"--load {load} was saved with --expert-model-parallel-size {saved_ep}, this run has "
+            f"{config.layout.expert}: the optimizer state does not reshard across expert-parallel sizes. "
+            f"Resume with --expert-model-parallel-size {saved_ep}, or pass --finetune to start from its "
+            "weights (they do reshard)"
+        )
     saved_world = info.run.get("world_size")
     load_rng = saved_world == world
     if load_rng:
@@ -283,11 +306,7 @@ def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:
 
 def metrics_of_other_runs(path: str, run_id: Optional[str]) -> str:
     """How the metrics file's lines that are not this run's are described ('' when there are none)."""
-    other = 0
-    with open(path) as f:
-        for line in f:
-            if line.strip() and json.loads(line).get("run_id") != run_id:
-                other += 1
+    other = sum(1 for record in read_json_lines(path, "--metrics-out") if record.get("run_id") != run_id)
     return f"{other} lines" if other else ""
 
 

@@ -77,9 +77,9 @@ PRESETS["tiny-sft"] = dict(
 )
 # The paper's second model (Ling-mini-2.0) and DeepSeek-V3 in miniature: 16 experts in 4 groups
 # (each token's top-2 from 2 groups), sigmoid scores with the expert bias (aux-loss-free
-# balancing) and a scaling factor, one shared expert, a first
-# dense layer and one multi-token-prediction layer. MLA is left out: megatron-core's MLA needs
-# Transformer Engine's attention (its local DotProductAttention takes no k_channels).
+# balancing) and a scaling factor, one shared expert, a first dense layer, one
+# multi-token-prediction layer and multi-latent attention (its core attention bridged without
+# Transformer Engine: runtime/bridges/transformer_engine.py).
 PRESETS["tiny-deepseek"] = dict(
     PRESETS["tiny"],
     num_experts=16,
@@ -94,6 +94,13 @@ PRESETS["tiny-deepseek"] = dict(
     moe_layer_freq=[0, 1, 1, 1],
     mtp_num_layers=1,
     mtp_loss_scaling_factor=0.3,
+    multi_latent_attention=True,
+    q_lora_rank=64,
+    kv_lora_rank=32,
+    qk_head_dim=32,
+    qk_pos_emb_head_dim=16,
+    v_head_dim=32,
+    rope_type="rope",
     train_iters=100,
     eval_interval=50,
     work_dir="runs/tiny-deepseek",
@@ -161,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="A complete embedded run; 'tiny' is the default when no data is named; 'tiny-deepseek' is "
         "the DeepSeek-V3 / Ling-2.0 style (group-limited sigmoid routing with expert bias, a shared "
-        "expert, a first dense layer, MTP); 'tiny-sft' fine-tunes on checkable instruction / answer "
+        "expert, a first dense layer, MTP, MLA); 'tiny-sft' fine-tunes on checkable instruction / answer "
         "tasks (docs/sft.md).",
     )
     parser.add_argument("--work-dir", default=None, help="Where a preset keeps its data, checkpoints and outputs.")
@@ -270,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preset_load(save: Optional[str], work_dir: str) -> str:
+    """A preset's ``--load`` when none is given: the user's ``--save`` (the run resumes what it
+    writes), else ``<work-dir>/checkpoints``."""
+    return save or os.path.join(work_dir, "checkpoints")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The flags with the preset's and the checkpoint's defaults under them."""
     parser = build_parser()
@@ -277,9 +290,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     preset = known.preset or (None if known.data_path or known.mock_data or known.sft_data else "tiny")
     if preset:
         parser.set_defaults(**PRESETS[preset])
-    load = known.load or (
-        os.path.join(known.work_dir or PRESETS[preset]["work_dir"], "checkpoints") if preset else None
-    )
+    load = known.load or (preset_load(known.save, known.work_dir or PRESETS[preset]["work_dir"]) if preset else None)
     if has_checkpoint(load):
         # The checkpoint's model flags become the defaults; flags given here still win (and are
         # checked against the checkpoint before it is loaded).
@@ -293,6 +304,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """The typed configuration; raises ``OrdMoEError`` naming the flag for what cannot run."""
     if args.preset:
         work = args.work_dir
+        if args.load is None:
+            args.load = preset_load(args.save, work)
         for name, default in PRESET_OUTPUTS:
             if getattr(args, name) is None:
                 setattr(args, name, os.path.join(work, default))

@@ -28,6 +28,8 @@ def run_meta(config: RunConfig) -> dict:
         "model_flags": config.model_flags,
         "run": run_record(config),
         "world_size": distributed.world_size_from_env(),
+        # The optimizer state does not reshard across expert-parallel sizes (the weights do).
+        "expert_model_parallel_size": config.layout.expert,
         "megatron_core": megatron.core.__version__,
     }
 

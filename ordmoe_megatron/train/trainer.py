@@ -43,6 +43,7 @@ from ordmoe_megatron.runtime.distributed import (
     device,
     is_last_rank,
 )
+from ordmoe_megatron.runtime.outputs import read_json_lines
 from ordmoe_megatron.train.checks import ResumePlan
 from ordmoe_megatron.train.config import RunConfig
 
@@ -473,7 +474,7 @@ def _open_metrics(path: str, resumed_at: int, run_id: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     kept = []
     if resumed_at and os.path.exists(path):
-        records = (json.loads(line) for line in open(path) if line.strip())
+        records = read_json_lines(path, "--metrics-out")  # a torn last line (a killed run) is dropped
         kept = [json.dumps(r) + "\n" for r in records if r.get("run_id") == run_id and r["iteration"] <= resumed_at]
     f = open(path, "w")
     f.writelines(kept)

@@ -33,7 +33,7 @@ VOCAB, SEQ, BATCH = 96, 12, 2
 
 
 def _configs():
-    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import Glm4MoeConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     common = dict(
         vocab_size=VOCAB,
@@ -70,10 +70,30 @@ def _configs():
             norm_topk_prob=True,
             tie_word_embeddings=True,
         ),
+        # DeepSeek-V3 routing (sigmoid + e_score_correction_bias, 2 groups of 4 experts, top-2 from
+        # one group, scaled), a shared expert, a first dense layer, q/k/v bias, per-head q/k norm,
+        # RoPE on half of each head
+        "glm4_moe": lambda: Glm4MoeConfig(
+            **common,
+            intermediate_size=40,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            use_qk_norm=True,
+            attention_bias=True,
+            head_dim=24,
+            num_nextn_predict_layers=0,
+        ),
     }
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
+FAMILIES = list(_configs())  # one tiny random model per family of convert.FAMILIES
 
 
 def _randomize(model, seed):
@@ -82,6 +102,9 @@ def _randomize(model, seed):
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.15 * noise)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # the expert bias moves the top-k choice
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
 def _tokens(seed=0):
@@ -350,6 +373,44 @@ def test_megatron_lm_args_are_read_without_running_code(work, tmp_path):
     assert isinstance(common["args"], argparse.Namespace)
 
 
+def _common_state_checkpoint(path, common):
+    """An iteration laid out as core_v0.19 saves it: the common state is the bytes item
+    ``common_state`` of the torch_dist checkpoint (no common.pt)."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    data = io.BytesIO()
+    torch.save([common], data)
+    data.seek(0)
+    os.makedirs(path / "iter_0000003")
+    writer = FileSystemWriter(str(path / "iter_0000003"))
+    dcp_save({"common_state/shard_0_1": data}, storage_writer=writer, no_dist=True)
+    (path / mcore_io.TRACKER).write_text("3")
+    return str(path)
+
+
+def test_megatron_lm_args_inside_the_shards_are_read_safely(work, tmp_path):
+    """core_v0.19 keeps the common state inside the shards: read as raw bytes (torch's own
+    planner would unpickle them with weights_only=False), then with weights_only=True."""
+    import argparse
+
+    from ordmoe_megatron.convert.megatron_lm_args import megatron_lm_model_flags
+
+    args = argparse.Namespace(num_layers=3, hidden_size=32, add_bias_linear=False, layernorm_epsilon=1e-6)
+    root = _common_state_checkpoint(tmp_path / "v19", {"args": args, "iteration": 3})
+    flags = megatron_lm_model_flags(root, "--mcore-dir")
+    assert flags == dict(num_layers=3, hidden_size=32, disable_bias_linear=True, norm_epsilon=1e-6)
+
+    ran = tmp_path / "ran"
+    args.hook = _Trap(str(ran))
+    root = _common_state_checkpoint(tmp_path / "v19-unsafe", {"args": args, "iteration": 3})
+    with pytest.raises(OrdMoEError, match=r"holds io.open, which is not read without running code"):
+        megatron_lm_model_flags(root, "--mcore-dir")
+    assert not ran.exists()
+
+
 class _Trap:
     """Unpickling it would call open(path, "w")."""
 
@@ -416,8 +477,60 @@ def _truncate(dst):
         fh.truncate(size - 100)
 
 
+def _edit_header(edit):
+    """A ``post`` step: rewrite model.safetensors' JSON header with ``edit(header) -> header``."""
+
+    def post(dst):
+        path = os.path.join(dst, "model.safetensors")
+        raw = open(path, "rb").read()
+        length = int.from_bytes(raw[:8], "little")
+        header = edit(json.loads(raw[8 : 8 + length]))
+        text = json.dumps(header).encode()
+        open(path, "wb").write(len(text).to_bytes(8, "little") + text + raw[8 + length :])
+
+    return post
+
+
+def _drop_offsets(header):
+    del header["model.embed_tokens.weight"]["data_offsets"]
+    return header
+
+
+def _alias(header):
+    first, second = (header[f"model.layers.{layer}.self_attn.q_proj.weight"] for layer in (0, 1))
+    second["data_offsets"] = list(first["data_offsets"])
+    return header
+
+
+def _index_outside(dst):
+    names = list(_tensors(dst))
+    index = {"metadata": {}, "weight_map": {n: "../elsewhere/model.safetensors" for n in names}}
+    json.dump(index, open(os.path.join(dst, "model.safetensors.index.json"), "w"))
+
+
 L1K = "model.layers.1.self_attn.k_proj.weight"
 BAD_HF = {
+    "header-without-offsets": (
+        "mixtral",
+        dict(),
+        _edit_header(_drop_offsets),
+        "lacks a valid dtype, shape or data_offsets",
+    ),
+    "header-list": ("mixtral", dict(), _edit_header(lambda h: list(h)), "its header is a list, not an object"),
+    "aliased-bytes": ("mixtral", dict(), _edit_header(_alias), "share bytes"),
+    "weight-map-outside": ("mixtral", dict(), _index_outside, "outside .*shards must be files in the checkpoint"),
+    "topk-above-experts": (
+        "mixtral",
+        dict(config_edit=lambda c: c.update(num_experts_per_tok=99)),
+        None,
+        "num_experts_per_tok=99 must be between 1 and the number of experts",
+    ),
+    "topk-zero": (
+        "mixtral",
+        dict(config_edit=lambda c: c.update(num_experts_per_tok=0)),
+        None,
+        "num_experts_per_tok=0 must be between 1",
+    ),
     "truncated": ("mixtral", dict(), _truncate, "truncated"),
     "missing-tensor": ("mixtral", dict(tensor_edit=lambda t: t.pop(L1K)), None, L1K),
     "wrong-shape": (
@@ -708,3 +821,21 @@ def test_families_read_moe_layers_through_method_layers():
         mixtral.to_hf(dict(num_layers=4, moe_layer_freq=2))
     with pytest.raises(OrdMoEError, match="pattern has 3 entries for 4 layers"):
         qwen.to_hf(dict(num_layers=4, moe_layer_freq=[1, 0, 1]))
+
+
+@pytest.mark.one_version
+def test_one_table_of_families_validates_and_dispatches():
+    from ordmoe_megatron.convert import FAMILIES as TABLE
+    from ordmoe_megatron.convert import REFUSED, get_family
+
+    assert set(TABLE) == set(FAMILIES) and not set(TABLE) & set(REFUSED)  # each family is tested here
+    for model_type, family in TABLE.items():
+        assert get_family(model_type) is family and family.model_type == model_type
+    for model_type, reason in REFUSED.items():
+        with pytest.raises(ConversionError, match=f"model_type {model_type!r} is refused: ") as refused:
+            get_family(model_type)
+        assert reason in str(refused.value)
+    with pytest.raises(
+        ConversionError, match="not in the mapping tables .supported: glm4_moe, mixtral, qwen2_moe, qwen3_moe"
+    ):
+        get_family("llama")

@@ -111,3 +111,37 @@ def test_single_tier_with_mtp_trains_bit_identically_to_plain_megatron():
         assert torch.equal(plain_losses[step], single_losses[step])
         assert all(torch.equal(a, b) for a, b in zip(plain_grads[step], single_grads[step]))
     assert not torch.equal(plain_losses[0], plain_losses[2])
+
+
+MLA = dict(
+    multi_latent_attention=True,
+    q_lora_rank=16,
+    kv_lora_rank=8,
+    qk_head_dim=8,
+    qk_pos_emb_head_dim=4,
+    v_head_dim=8,
+    rope_type="rope",
+)
+
+
+def test_mla_with_dense_first_layer_trains_on_tier_paths(megatron_single_process):
+    """DeepSeek-V3's attention (MLA, its core attention bridged without Transformer Engine) with the
+    routing above: C = 3 stacked paths equal each path alone, forward and backward."""
+    model = tiny_model(OrdMoEConfig(num_tiers=3), **DEEPSEEK, **MLA)
+    assert type(model.decoder.layers[0].self_attention).__name__ == "MLASelfAttention"
+    assert model.decoder.layers[0].mlp.__class__.__name__ == "MLP"  # the first dense layer
+    assert [r.layer_number for r in model.tier_routers()] == [2, 3]
+    b = tiny_batch(6)
+    fused = model(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
+    fused.sum().backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any("linear_kv_down_proj" in n for n in fused_grads)
+    model.zero_grad(set_to_none=True)
+    for j in range(3):
+        model.set_path_tiers([j])
+        alone = model(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
+        torch.testing.assert_close(fused[j * BATCH : (j + 1) * BATCH], alone, atol=1e-6, rtol=1e-5)
+        alone.sum().backward()
+    model.set_path_tiers([0, 1, 2])
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item())

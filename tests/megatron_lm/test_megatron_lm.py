@@ -22,6 +22,7 @@ of MEGATRON_LM_PATH that the tests make themselves (a checkout the user patched 
 """
 
 import argparse
+import importlib.util
 import os
 import platform
 import shutil
@@ -262,6 +263,18 @@ def _ordmoe_args(*argv, **extra):
         (["--ordmoe"], {"sft": True, "pipeline_model_parallel_size": 2}, "--sft with the fused path schedule"),
         (["--ordmoe"], {"sft": True, "mtp_num_layers": 1}, "--sft with the fused path schedule and --mtp"),
         (["--ordmoe"], {"sft": True, "context_parallel_size": 2}, "--sft with --ordmoe and --context-parallel"),
+        (["--ordmoe"], {"tp_comm_overlap": True}, "--tp-comm-overlap sizes"),
+        (["--ordmoe"], {"cuda_graph_impl": "local"}, "--cuda-graph-impl / --enable-cuda-graph"),
+        (["--ordmoe"], {"enable_cuda_graph": True}, "--cuda-graph-impl / --enable-cuda-graph"),
+        (["--ordmoe", "--ordmoe-beta", "nan"], {}, "--ordmoe-beta=nan must be a finite number"),
+        pytest.param(
+            ["--ordmoe"],
+            {"fp8": "hybrid"},
+            "--fp8-format hybrid needs Transformer Engine, which is not installed here",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("transformer_engine") is not None, reason="Transformer Engine is installed"
+            ),
+        ),
     ],
 )
 def test_validation_errors_name_the_flag(argv, extra, message):
@@ -300,6 +313,14 @@ def test_sft_builds_attention_that_runs_packed_rows(megatron_single_process):
     assert all(
         isinstance(layer.self_attention.core_attention, PackedDotProductAttention) for layer in model.decoder.layers
     )
+
+
+def test_the_module_checks_the_ordmoe_flags_it_is_given(capsys):
+    with pytest.raises(SystemExit) as stop:
+        arguments.main(["--ordmoe", "--ordmoe-beta", "nan", "--ordmoe-dry-run"])
+    assert stop.value.code == 2 and "--ordmoe-beta=nan must be a finite number" in capsys.readouterr().err
+    assert arguments.main(["--ordmoe", "--ordmoe-num-tiers", "2"]) == 0
+    assert "OrdMoE flags valid: 2 tiers" in capsys.readouterr().out
 
 
 def _model_config(**overrides):
@@ -550,7 +571,8 @@ def test_cpu_launcher_environment_and_command(tmp_path, monkeypatch):
         cpu_launch.megatron_lm_checkout(str(tmp_path / "pretrain_gpt.py"), None)
 
     env = cpu_launch.launch_env(str(checkout), {"PYTHONPATH": "/mine", "PATH": "/bin"})
-    assert env["PYTHONPATH"] == os.pathsep.join([str(checkout), "/mine"])
+    first = [cpu_launch.python311.DIRECTORY] if sys.version_info < (3, 12) else []
+    assert env["PYTHONPATH"] == os.pathsep.join([*first, str(checkout), "/mine"])
     assert env["PYENV_VERSION"] == platform.python_version() and env["CUDA_VISIBLE_DEVICES"] == ""
     assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
     assert env[cpu_launch.RANK_MODE] == "1"
@@ -587,9 +609,7 @@ def _megatron_env(**extra):
     from tests.support import cpu_env
 
     env = cpu_env()  # on the CPU by design, on a GPU machine too
-    python311 = (
-        os.path.join(os.path.dirname(os.path.abspath(__file__)), "python311") if sys.version_info < (3, 12) else None
-    )
+    python311 = cpu_launch.python311.DIRECTORY if sys.version_info < (3, 12) else None
     checkout = CHECKOUT.get("path", MEGATRON_LM_PATH)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (python311, checkout, ROOT, env.get("PYTHONPATH")) if p)
     env["MEGATRON_LM_PATH"] = checkout or ""  # the launch scripts read it
@@ -701,6 +721,14 @@ def test_patched_help_is_the_unpatched_help(patched, tmp_path):
         (
             ["--moe-expert-capacity-factor", "1.0"],
             "pretrain_gpt.py: error: --moe-expert-capacity-factor (token dropping)",
+        ),
+        (["--ordmoe-beta", "nan", "--ordmoe-dry-run"], "pretrain_gpt.py: error: --ordmoe-beta=nan must be a finite"),
+        pytest.param(
+            ["--bf16", "--fp8-format", "hybrid", "--ordmoe-dry-run"],
+            "pretrain_gpt.py: error: --fp8-format hybrid needs Transformer Engine",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("transformer_engine") is not None, reason="Transformer Engine is installed"
+            ),
         ),
     ],
 )
@@ -904,4 +932,29 @@ def test_cpu_training_sequential_paths_equal_fused_under_pipeline_parallelism(ca
     assert sorted(sequential) == [1, 2]
     for it in (1, 2):
         for key in ("lm loss", "path1 nll", "path2 nll", "path3 nll", "load_balancing_loss", "grad norm"):
+            assert sequential[it][key] == pytest.approx(fused[it][key], rel=1e-5), (it, key)
+
+
+# DeepSeek-V3 / Ling-2.0 style: group-limited sigmoid routing with the expert bias and a scaling
+# factor, a shared expert, one MTP layer (on the last pipeline stage).
+DEEPSEEK_FLAGS = (
+    "--num-experts 16 --moe-router-num-groups 4 --moe-router-group-topk 2 --moe-router-score-function sigmoid "
+    "--moe-router-enable-expert-bias --moe-router-topk-scaling-factor 2.5 --moe-shared-expert-intermediate-size 64 "
+    "--mtp-num-layers 1 --mtp-loss-scaling-factor 0.3"
+).split()
+
+
+@needs_megatron_lm
+@pytest.mark.one_version
+def test_cpu_training_deepseek_style_with_mtp_on_the_last_pipeline_stage(can_train, tmp_path):
+    """Megatron-LM's own loop accepts group-limited routing, the expert bias, a shared expert and
+    MTP with --ordmoe; on two pipeline stages (MTP on the last) the sequential schedule gives the
+    fused run's losses, MTP's among them (path 1's alone)."""
+    flags = ["--pipeline-model-parallel-size", "2", *DEEPSEEK_FLAGS, "--ordmoe"]
+    fused, _ = _train(EXAMPLE, tmp_path, *flags, nproc=2)
+    sequential, _ = _train(EXAMPLE, tmp_path, *flags, "--ordmoe-path-schedule", "sequential", nproc=2)
+    assert sorted(sequential) == [1, 2]
+    for it in (1, 2):
+        assert "mtp_1 loss" in fused[it]
+        for key in ("lm loss", "path1 nll", "path3 nll", "mtp_1 loss", "grad norm"):
             assert sequential[it][key] == pytest.approx(fused[it][key], rel=1e-5), (it, key)

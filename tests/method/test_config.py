@@ -173,3 +173,42 @@ def test_sequential_sub_sampling_with_two_stages_and_virtual_stages_is_refused()
     cfg.check_pipeline(4, pipeline=2, virtual_stages=False)  # 1F1B: fine
     cfg.check_pipeline(4, pipeline=4, virtual_stages=True)  # the previous and next stage differ: fine
     OrdMoEConfig(lower_path_fraction=0.5).check_pipeline(4, pipeline=2, virtual_stages=True)  # fused: one shape
+
+
+def test_each_variant_family_is_one_table_that_validates_and_dispatches():
+    """Groupings, advantage modes and objectives: OrdMoEConfig's Literal choices are the table's
+    names, and every name the config accepts is computed by the table's entry."""
+    import torch
+
+    from ordmoe_megatron.method import ADVANTAGE_MODES, GROUPINGS, OBJECTIVES, rank_advantages, rank_loss, tier_ranks
+    from ordmoe_megatron.method.config import literal_choices
+
+    choices = literal_choices()
+    assert choices["grouping"] == tuple(GROUPINGS)
+    assert choices["advantage"] == tuple(ADVANTAGE_MODES)
+    assert choices["objective"] == tuple(OBJECTIVES)
+    for name, grouping in GROUPINGS.items():
+        ranks = "1-2,5-6,15-16" if grouping.ranks is None else None
+        cfg = OrdMoEConfig(grouping=name, tier_ranks=ranks)
+        expected = [[1, 2], [5, 6], [15, 16]] if grouping.ranks is None else grouping.ranks(16, 2, 3)
+        assert cfg.tiers(16, 2) == tier_ranks(16, 2, 3, name, ranks) == expected
+    assert GROUPINGS["uniform"].ranks(16, 2, 3) == [[1, 2], [7, 8], [15, 16]]  # the paper's spread
+    assert GROUPINGS["high-only"].ranks(16, 2, 3) == [[1, 2], [3, 4], [5, 6]]
+    assert [name for name, g in GROUPINGS.items() if g.shuffled] == ["random"]
+    rewards = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    for mode, advantages in ADVANTAGE_MODES.items():
+        assert torch.equal(rank_advantages(rewards, mode), advantages(rewards).float())
+    torch.testing.assert_close(rank_advantages(rewards, "zscore"), torch.tensor([1.2247449, 0.0, -1.2247449]))
+    logprobs = torch.tensor([[-1.0, -2.0], [-1.5, -2.5], [-3.0, -2.0]], dtype=torch.float64)
+    for name, objective in OBJECTIVES.items():
+        kwargs = OrdMoEConfig(objective=name).objective_kwargs(vocab_size=64)
+        loss = rank_loss(logprobs, name, **kwargs)
+        by_entry = objective.loss(logprobs, kwargs["rewards"], kwargs["mode"], kwargs["floor"], kwargs["beta"], "mean")
+        assert torch.equal(loss, by_entry)
+        assert OrdMoEConfig(objective=name).linear_objective == objective.linear
+    with pytest.raises(ValueError, match="--ordmoe-objective='dpo' is not one of advantage, pairwise-logistic"):
+        rank_loss(logprobs, "dpo")
+    with pytest.raises(ValueError, match="--ordmoe-advantage='softmax' is not one of zscore, center, raw"):
+        rank_advantages(rewards, "softmax")
+    with pytest.raises(ValueError, match="--ordmoe-grouping='spread' is not one of uniform, high-only"):
+        tier_ranks(16, 2, 3, "spread")

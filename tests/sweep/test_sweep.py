@@ -232,3 +232,52 @@ def test_another_sweeps_directory_is_refused(tmp_path):
     (out / "sweep.json").write_text(json.dumps({"grid": "tiers"}))
     proc = _sweep(out, "--grid", "floor", "--", *MOCK)
     assert proc.returncode != 0 and "holds another sweep (grid was 'tiers', here 'floor')" in proc.stderr
+
+
+def test_the_scope_grid_reads_num_layers_in_either_spelling():
+    from ordmoe_megatron.sweep import cli
+
+    for run_flags in (["--num-layers=8"], ["--num-layers", "8"]):
+        grid = cli._grid(cli.build_parser().parse_args(["--grid", "scope", "--", "--mock-data", *run_flags]))
+        assert [s.flags[1] for s in grid.settings if s.flags] == ["1-4", "5-8", "2,4,6,8"]
+
+
+def test_torn_files_of_a_killed_sweep_are_tolerated_on_resume(tmp_path, capsys):
+    from ordmoe_megatron.sweep import cli, runner
+
+    config = _config(tmp_path)
+    cell = plan.first_cells(config)[1]
+    os.makedirs(cell.directory(config.out))
+    with open(os.path.join(cell.directory(config.out), runner.RESULT), "w") as f:
+        f.write('{"path_perplexity": [1')
+    assert runner.read_result(config, cell) is None and "the cell runs again" in capsys.readouterr().err
+    with open(os.path.join(config.out, "sweep.json"), "w") as f:
+        f.write('{"grid": "cus')
+    cli.check_out(config)  # a torn spec is written again, not a refusal
+    assert "is damaged" in capsys.readouterr().err
+    metrics = os.path.join(cell.directory(config.out), "metrics.jsonl")
+    with open(metrics, "w") as f:
+        f.write(json.dumps({"lm_loss": 2.0}) + "\n" + '{"lm_lo')
+    with open(os.path.join(cell.directory(config.out), "eval.json"), "w") as f:
+        json.dump({"OrdMoE": {"path_perplexity": [3.0]}}, f)
+    assert runner.cell_result(cell.directory(config.out), 1.0)["train_lm_loss"] == 2.0
+
+
+def test_a_full_disk_writing_the_results_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from ordmoe_megatron.sweep import cli
+
+    def finished(config, cells, log):
+        result = {"path_perplexity": [3.0], "step_flops": 1.0, "train_lm_loss": 1.0, "seconds": 1}
+        return {cell: result for cell in cells}
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "run_cells", finished)
+    monkeypatch.setattr(cli.results, "write", full)
+    argv = ["--out", str(tmp_path / "out"), "--grid", "custom", "--try", "C=2=--ordmoe-num-tiers 2", "--seeds", "1"]
+    assert cli.main([*argv, "--steps", "2", "--", *MOCK]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the sweep's results (No space left on device)" in err and "Traceback" not in err

@@ -271,3 +271,73 @@ def test_sequential_schedule_reproduces_the_fused_run(start, layout, per_token, 
         scale = ref_grad.norm().item()
         assert scale > 0, f"{name} has no gradient"
         assert (grads[name] - ref_grad).norm().item() <= 1e-5 * scale, name
+
+
+# DeepSeek-V3 / Ling-2.0 style (group-limited sigmoid routing with the expert bias and a scaling
+# factor, a shared expert, a first dense layer, one MTP layer: on the last pipeline stage) in the
+# layouts of issue 17, from one set of weights; each compared with one process.
+DEEPSEEK = [
+    "--num-experts",
+    "16",
+    "--moe-router-num-groups",
+    "4",
+    "--moe-router-group-topk",
+    "2",
+    "--moe-router-score-function",
+    "sigmoid",
+    "--moe-router-enable-expert-bias",
+    "--moe-router-topk-scaling-factor",
+    "2.5",
+    "--moe-shared-expert-intermediate-size",
+    "32",
+    "--moe-layer-freq",
+    "[0]+[1]*3",
+    "--mtp-num-layers",
+    "1",
+]
+DEEPSEEK_LAYOUTS = ["ep2", "tp2-sp", "pp2-1f1b", "dp2"]
+
+
+@pytest.fixture(scope="module")
+def deepseek_start(start):
+    root = start / "deepseek"
+    if not (root / "reference" / "metrics.jsonl").exists():
+        root.mkdir(exist_ok=True)
+        run(1, *DEEPSEEK, "--train-iters", "2", "--save", str(root / "init"), "--overwrite")
+        run(
+            1,
+            *DEEPSEEK,
+            *["--train-iters", "2", "--load", str(root / "init"), "--finetune"],
+            *[
+                "--metrics-out",
+                str(root / "reference" / "metrics.jsonl"),
+                "--save-grads",
+                str(root / "reference" / "grads"),
+            ],
+        )
+    return root
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [pytest.param(name, marks=[] if name == "ep2" else [pytest.mark.one_version]) for name in DEEPSEEK_LAYOUTS],
+)
+def test_deepseek_style_layout_reproduces_single_process(deepseek_start, layout):
+    out = deepseek_start / layout
+    if not (out / "metrics.jsonl").exists():
+        nproc, flags = LAYOUTS[layout]
+        run(
+            nproc,
+            *DEEPSEEK,
+            *["--train-iters", "2", "--load", str(deepseek_start / "init"), "--finetune"],
+            *["--metrics-out", str(out / "metrics.jsonl"), "--save-grads", str(out / "grads")],
+            *flags,
+        )
+    ref = deepseek_start / "reference"
+    assert_metrics_match(read_metrics(ref / "metrics.jsonl"), read_metrics(out / "metrics.jsonl"))
+    ref_grads, grads = run_on_ranks(load_grads, 1, [str(ref / "grads"), str(out / "grads")], DEEPSEEK)[0]
+    assert ref_grads.keys() == grads.keys() and any(name.startswith("mtp.") for name in grads)
+    for name, ref_grad in ref_grads.items():
+        scale = ref_grad.abs().max().item()
+        assert scale > 0, f"{name} has no gradient"
+        assert torch.allclose(grads[name], ref_grad, rtol=1e-4, atol=1e-4 * scale), name

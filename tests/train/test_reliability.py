@@ -533,3 +533,52 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_survi
     assert "the checkpoint of iteration 2 is kept" in last
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == ["iter_0000002"]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    from ordmoe_megatron.train import checks, trainer
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"run_id": "r", "iteration": i, "lm_loss": 1.0}) for i in (1, 2, 3)]
+    metrics.write_text("\n".join(lines) + '\n{"run_id": "r", "iter')  # killed while writing line 4
+    assert checks.metrics_of_other_runs(str(metrics), "r") == ""
+    trainer._open_metrics(str(metrics), 2, "r").close()
+    assert [r["iteration"] for r in read_metrics(metrics)] == [1, 2]
+    assert "its last line is cut short" in capsys.readouterr().err
+    metrics.write_text("{broken\n" + lines[0] + "\n")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        checks.metrics_of_other_runs(str(metrics), "r")
+
+
+def test_a_resume_with_another_expert_parallel_size_is_refused_before_the_build(run_a, tmp_path):
+    save, _ = _copy(run_a, tmp_path)
+    run_file = save / "iter_0000002" / "run.json"
+    run = json.loads(run_file.read_text())
+    assert run["expert_model_parallel_size"] == 1
+    run_file.write_text(json.dumps({**run, "expert_model_parallel_size": 2}))
+    message = refused(*_resume(save))
+    assert "was saved with --expert-model-parallel-size 2, this run has 1" in message and "--finetune" in message
+
+
+def test_a_preset_with_its_own_save_in_a_fresh_directory_runs(tmp_path, capsys):
+    save = tmp_path / "mine"
+    assert cli.main(["--preset", "tiny", "--work-dir", str(tmp_path / "w"), "--save", str(save), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"load                                     {save}\n" in out and "  new" in out
+
+
+def test_tensor_parallelism_on_a_gpu_without_fused_norms_is_refused(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from ordmoe_megatron.train import checks
+
+    config = cli.run_config_from_args(
+        cli.parse_args([*SMALL, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--global-batch-size", "4"])
+    )
+    assert checks.layout_problems(config, 2, None) == []  # on the CPU the norm is bridged
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    problems = checks.layout_problems(config, 2, None)
+    assert problems and "needs Transformer Engine or Apex" in problems[0]

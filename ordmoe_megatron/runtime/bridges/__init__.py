@@ -33,12 +33,17 @@ from ordmoe_megatron.runtime.bridges.cpu_emulation import install as install_cpu
 from ordmoe_megatron.runtime.bridges.guards import BridgeError
 from ordmoe_megatron.runtime.bridges.launch_check import assumed_gpu_capability
 from ordmoe_megatron.runtime.bridges.process_lifetime import checkpoint_writers_die_with_parent, exit_when_parent_exits
-from ordmoe_megatron.runtime.bridges.transformer_engine import bridge_missing_transformer_engine
+from ordmoe_megatron.runtime.bridges.transformer_engine import (
+    LocalMLACoreAttention,
+    bridge_missing_transformer_engine,
+    local_mla_attention_spec,
+)
 
 __all__ = [
     "BridgeError",
     "CPUSequenceParallelNorm",
     "CudaToCPUMode",
+    "LocalMLACoreAttention",
     "assumed_gpu_capability",
     "bridge_missing_transformer_engine",
     "checkpoint_writers_die_with_parent",
@@ -46,6 +51,7 @@ __all__ = [
     "enable",
     "exit_when_parent_exits",
     "is_enabled",
+    "local_mla_attention_spec",
     "sequence_parallel_layer_spec",
 ]
 
