@@ -5,7 +5,7 @@
 - devices: ``on_device``;
 - megatron-core's MoE auxiliary-loss tracker: ``moe_aux_loss_values``, ``reset_moe_aux_losses``;
 - a tiny GPT-MoE: ``tiny_config``, ``tiny_model`` (MLA: ``multi_latent_attention=True``),
-  ``tiny_batch`` / ``tiny_batches``,
+  ``tiny_batch`` / ``tiny_batches``, ``packed_batch``, ``hf_char_tokenizer``,
   ``ordmoe_schedule_step`` (one step of the OrdMoE schedule), ``single_tier_and_plain_training``.
 
 Tests that are CPU by design (gloo processes, bit-for-bit reproducibility on the CPU's kernels)
@@ -255,9 +255,10 @@ def tiny_config(**extra):
     return (MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig)(**kwargs)
 
 
-def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, **extra):
+def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, packed: bool = False, **extra):
     """A plain ``GPTModel`` (``ordmoe=None``) or an ``OrdMoEGPTModel`` of ``tiny_config(**extra)``,
-    on this process's device; the same seed gives the same weights either way."""
+    on this process's device; the same seed gives the same weights either way. ``packed``: its
+    local attention also runs THD packed sequences (``runtime.packed_attention``)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
@@ -286,6 +287,10 @@ def tiny_model(ordmoe: Optional[OrdMoEConfig] = None, seed: int = 7, **extra):
     if config.mtp_num_layers:  # the MTP layer is the decoder's last, as Megatron-LM's gpt_builder makes it
         last = spec.layer_specs[-1] if hasattr(spec, "layer_specs") else spec
         kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(config, last, use_transformer_engine=False)
+    if packed:
+        from ordmoe_megatron.runtime.packed_attention import packed_attention_spec
+
+        spec = packed_attention_spec(spec)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     if ordmoe is None:
@@ -303,6 +308,30 @@ def tiny_batch(seed: int = 0, batch: int = BATCH, masked: float = 0.3) -> dict:
     return {k: v.to(device()) for k, v in out.items()}
 
 
+def packed_batch(batch: dict) -> dict:
+    """``batch``'s rows as documents packed into one THD row: ``packed_seq_params`` with their
+    ``cu_seqlens``, position ids restarting per document."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    rows, seq = batch["tokens"].shape
+    cu = torch.arange(0, (rows + 1) * seq, seq, dtype=torch.int32, device=batch["tokens"].device)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq, max_seqlen_kv=seq)
+    one_row = {k: v.reshape(1, -1) for k, v in batch.items()}
+    return dict(one_row, packed_seq_params=params)
+
+
+def hf_char_tokenizer(directory) -> str:
+    """A character-level Hugging Face tokenizer saved in ``directory`` (no download); its path."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<eos>", "<unk>"] + sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:\n"))
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(directory)
+    return str(directory)
+
+
 def tiny_batches(count: int, seed: int = 0) -> list:
     """``count`` micro-batches of ``SCHEDULE_BATCH`` sequences, for the schedule tests."""
     return [tiny_batch(seed + i, SCHEDULE_BATCH, masked=0.2) for i in range(count)]
@@ -313,7 +342,14 @@ def lm_forward_step(data_iterator, model):
     from ordmoe_megatron.mcore.loss import lm_loss
 
     b = next(data_iterator)
-    out = model(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
+    out = model(
+        b["tokens"],
+        b["position_ids"],
+        None,
+        labels=b["labels"],
+        loss_mask=b["loss_mask"],
+        packed_seq_params=b.get("packed_seq_params"),
+    )
     return out, functools.partial(lm_loss, b["loss_mask"])
 
 
@@ -338,7 +374,7 @@ def ordmoe_schedule_step(model, cfg: OrdMoEConfig, batches: list, per_token=Fals
         forward_only=forward_only,
     )
     assert model.config.grad_scale_func is scale_func  # the sequential schedule's scaling is undone
-    assert model.path_tiers == [0, 1, 2] and model.path_rows is None
+    assert model.path_tiers == list(range(cfg.num_tiers)) and model.path_rows is None
     grads = None if forward_only else {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return reports, grads
 

@@ -44,6 +44,9 @@ class HFTokenizer:
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
 
+    def detokenize(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
 
 def load_any_tokenizer(path: str):
     """SentencePiece model file (``load_tokenizer``) or Hugging Face tokenizer directory."""

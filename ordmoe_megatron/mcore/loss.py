@@ -18,6 +18,11 @@ those sequences only, scaled by ``b / m``, an unbiased estimate of the full term
 keeps every sequence. Every report entry is a ``[numerator, denominator]`` pair, which Megatron
 sums over micro-batches and all-reduces over data-parallel ranks before dividing, so logged values
 do not depend on the parallel layout; the rank entries count the sub-sampled sequences.
+
+Packed sequences (``cu_seqlens``: documents packed into the one row of a THD micro-batch): a
+"sequence" above is one response, a document with answer tokens (``method.response_logprobs``);
+a document without any is no sequence. A packed micro-batch then gives the loss of the same
+documents unpacked, one per row.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from typing import Optional
 
 import torch
 
-from ordmoe_megatron.method import OrdMoEConfig, rank_loss, rank_loss_weights, sequence_logprobs, tier_order_correct
+from ordmoe_megatron.method import (
+    OrdMoEConfig,
+    rank_loss,
+    rank_loss_weights,
+    response_logprobs,
+    sequence_logprobs,
+    tier_order_correct,
+)
 
 
 def _pair(numerator: torch.Tensor, denominator) -> torch.Tensor:
@@ -63,10 +75,12 @@ def ordmoe_loss(
     vocab_size: int,
     per_token_loss: bool = False,
     lower_rows: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """Loss function of the fused schedule: ``output_tensor`` is the per-token loss
-    ``[b + (C-1)*m, s]``, path-major; ``lower_rows`` the ``m`` sequences of the lower paths
-    (None: all). Bind everything but ``output_tensor`` with partial."""
+    ``[b + (C-1)*m, s]``, path-major (packed: ``[1, C*s]``); ``lower_rows`` the ``m`` sequences
+    of the lower paths (None: all); ``cu_seqlens`` the documents of a packed row (None: not
+    packed). Bind everything but ``output_tensor`` with partial."""
     batch, seq = loss_mask.shape[0], loss_mask.shape[-1]
     mask = loss_mask.reshape(batch, seq).float()
     nll = output_tensor.float().reshape(-1, seq)
@@ -76,11 +90,23 @@ def ordmoe_loss(
 
     top, sub_mask = (nll[:batch], mask) if lower_rows is None else (nll[:batch][lower_rows], mask[lower_rows])
     rows = sub_mask.shape[0]
-    path_logprobs = sequence_logprobs(torch.cat([top, nll[batch:]]).view(num_paths, rows, seq), sub_mask)
+    paths_nll = torch.cat([top, nll[batch:]]).view(num_paths, rows, seq)
+    path_logprobs, seq_tokens, n_valid = _sequences(paths_nll, mask, sub_mask, cu_seqlens)
     per_seq_rank = rank_loss(path_logprobs, ordmoe.objective, reduction="none", **ordmoe.objective_kwargs(vocab_size))
-    coeffs = _rank_coefficients(mask, sub_mask, num_tokens, ordmoe.rank_loss_coeff, per_token_loss)
-    report.update(_rank_report(path_logprobs, per_seq_rank, sub_mask, per_token_loss))
+    coeffs = _rank_coefficients(seq_tokens, n_valid, batch / rows, num_tokens, ordmoe.rank_loss_coeff, per_token_loss)
+    report.update(_rank_report(path_logprobs, per_seq_rank, seq_tokens, per_token_loss))
     return lm + (coeffs * per_seq_rank).sum(), num_tokens, report
+
+
+def _sequences(paths_nll, mask, sub_mask, cu_seqlens):
+    """The rank loss's sequences: ``(logprobs [C, N], loss tokens [N], sequences with loss
+    tokens in the whole micro-batch)``; rows, or a packed row's responses (``cu_seqlens``)."""
+    if cu_seqlens is None:
+        return sequence_logprobs(paths_nll, sub_mask), sub_mask.sum(-1), (mask.sum(-1) > 0).sum().clamp(min=1)
+    if mask.shape[0] != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) come in one row per micro-batch, got {mask.shape[0]}")
+    logprobs, tokens = response_logprobs(-paths_nll, sub_mask, cu_seqlens)
+    return logprobs, tokens, torch.tensor(max(tokens.numel(), 1), device=tokens.device)
 
 
 @dataclass
@@ -107,6 +133,7 @@ def ordmoe_path_loss(
     per_token_loss: bool = False,
     lower_rows: Optional[torch.Tensor] = None,
     weights_needed: bool = True,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """Loss function of the sequential schedule for path ``path`` of a micro-batch:
     ``output_tensor`` is that path's per-token loss (``[b, s]`` for path 1, ``[m, s]`` on the
@@ -116,7 +143,7 @@ def ordmoe_path_loss(
     The schedule runs a micro-batch's paths in order and scales Megatron's per-micro-batch
     division (see ``mcore.schedules``); the last path returns the micro-batch's whole report, the
     others zero pairs. ``weights_needed`` False (forward-only) lets an objective that is not
-    linear in each path run without its pre-pass."""
+    linear in each path run without its pre-pass. ``cu_seqlens``: as for ``ordmoe_loss``."""
     batch, seq = loss_mask.shape[0], loss_mask.shape[-1]
     mask = loss_mask.reshape(batch, seq).float()
     nll = output_tensor.float().reshape(-1, seq)
@@ -129,7 +156,8 @@ def ordmoe_path_loss(
         rows_nll = nll if lower_rows is None else nll[lower_rows]
     else:
         lm, rows_nll = 0.0, nll
-    logprobs = sequence_logprobs(rows_nll.unsqueeze(0), sub_mask)[0]  # [m]
+    logprobs, seq_tokens, n_valid = _sequences(rows_nll.unsqueeze(0), mask, sub_mask, cu_seqlens)
+    logprobs = logprobs[0]  # [m]
     state.logprobs[path] = logprobs.detach()
 
     kwargs = ordmoe.objective_kwargs(vocab_size)
@@ -146,7 +174,9 @@ def ordmoe_path_loss(
         )
     else:
         weights = torch.zeros_like(logprobs)
-    coeffs = _rank_coefficients(mask, sub_mask, num_tokens, ordmoe.rank_loss_coeff, per_token_loss)
+    coeffs = _rank_coefficients(
+        seq_tokens, n_valid, batch / sub_mask.shape[0], num_tokens, ordmoe.rank_loss_coeff, per_token_loss
+    )
     loss = lm + (coeffs * weights * logprobs).sum()
     # Per-token loss: the schedule sums num_tokens over micro-batches, so count them once.
     path_tokens = num_tokens if (path == 0 or not per_token_loss) else torch.zeros_like(num_tokens)
@@ -156,25 +186,25 @@ def ordmoe_path_loss(
     path_logprobs = torch.stack([state.logprobs[j] for j in range(num_paths)])
     per_seq_rank = rank_loss(path_logprobs, ordmoe.objective, reduction="none", **kwargs)
     report = {"lm loss": state.lm_report}
-    report.update(_rank_report(path_logprobs, per_seq_rank, sub_mask, per_token_loss))
+    report.update(_rank_report(path_logprobs, per_seq_rank, seq_tokens, per_token_loss))
     return loss, path_tokens, report
 
 
-def _rank_coefficients(mask, sub_mask, num_tokens, coeff: float, per_token_loss: bool) -> torch.Tensor:
+def _rank_coefficients(
+    tokens_per_seq, n_valid, rows_scale: float, num_tokens, coeff: float, per_token_loss: bool
+) -> torch.Tensor:
     """Per sub-sampled sequence, what its rank loss is multiplied by in the returned loss (see the
-    module docstring); ``b / m`` makes the sub-sampled sum an unbiased estimate of the full one."""
-    scale = coeff * mask.shape[0] / sub_mask.shape[0]
-    tokens_per_seq = sub_mask.sum(-1)
+    module docstring); ``rows_scale = b / m`` makes the sub-sampled sum an unbiased estimate of the
+    full one; ``n_valid`` the sequences with loss tokens among all ``b``."""
+    scale = coeff * rows_scale
     if per_token_loss:
         return scale * tokens_per_seq
-    n_valid = (mask.sum(-1) > 0).sum().clamp(min=1)
     return scale * (tokens_per_seq > 0).float() * num_tokens / n_valid
 
 
 def _rank_report(
-    path_logprobs: torch.Tensor, per_seq_rank: torch.Tensor, sub_mask: torch.Tensor, per_token_loss: bool
+    path_logprobs: torch.Tensor, per_seq_rank: torch.Tensor, tokens_per_seq: torch.Tensor, per_token_loss: bool
 ) -> dict:
-    tokens_per_seq = sub_mask.sum(-1)
     valid = (tokens_per_seq > 0).float()
     n_valid = valid.sum()
     report = {}

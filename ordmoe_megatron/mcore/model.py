@@ -16,6 +16,15 @@ layers ``1..L-1`` once and repeats the hidden states just before layer ``L``. Wi
 parallelism the fan-out stays at the embedding: every stage must exchange the same activation
 shape, and the schedules size their buffers once.
 
+Packed sequences (THD: ``packed_seq_params.qkv_format == "thd"``, one row ``[t, 1, h]`` of
+documents at ``cu_seqlens``): the paths are stacked along the token dimension instead,
+``[C*t, 1, h]``, with ``cu_seqlens`` shifted by ``t`` per path (each path's documents are
+documents of their own; labels and the padding mask are repeated along the tokens), and the
+routers split the paths by token ranges. The model records the micro-batch's document
+boundaries (``packed_cu_seqlens``) for the loss, which takes Eq. 7 per document. Refused with
+packing: sub-sampled lower paths, and for the fused stack pipeline or sequence parallelism
+(the stack is not what their exchanges and splits assume); the sequential schedule runs them.
+
 Multi-token prediction (``mtp_num_layers``): the MTP block and its loss are path 1's alone (the
 method's next-token loss is path 1's). On the last stage the stacked hidden states are split:
 path 1's rows go through Megatron's own ``_postprocess`` (MTP block, MTP loss, output layer,
@@ -26,6 +35,7 @@ report) MTP is skipped, as Megatron skips it in inference.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -39,6 +49,7 @@ from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.mcore.specs import ordmoe_layer_spec
 from ordmoe_megatron.method import OrdMoEConfig
 from ordmoe_megatron.runtime import compat
+from ordmoe_megatron.runtime.packed_attention import packed_boundaries
 
 
 class OrdMoEGPTModel(GPTModel):
@@ -62,6 +73,13 @@ class OrdMoEGPTModel(GPTModel):
             layer = next(candidate for candidate in self.decoder.layers if candidate.layer_number == self.fanout_layer)
             layer.register_forward_pre_hook(self._fan_out_before_layer, with_kwargs=True)
         self.path_rows: Optional[torch.Tensor] = None
+        # Packed sequences: the last forward's document boundaries (None: not packed), and the
+        # packed-sequence parameters of the paths stacked along the tokens (the fan-out hook).
+        self.packed_cu_seqlens: Optional[torch.Tensor] = None
+        self._stacked_packed = None
+        for layer in self.decoder.layers:
+            if self.fanout_layer is not None and layer.layer_number > self.fanout_layer:
+                layer.register_forward_pre_hook(self._packed_after_fanout, with_kwargs=True)
         self.set_path_tiers(list(range(ordmoe.num_tiers)))
 
     def _lazy_fanout_layer(self) -> Optional[int]:
@@ -72,6 +90,11 @@ class OrdMoEGPTModel(GPTModel):
     def _fan_out_before_layer(self, module, args, kwargs):
         if self.num_paths == 1:
             return None
+        if self._stacked_packed is not None:
+            kwargs["hidden_states"] = self.stack_paths(kwargs["hidden_states"], dim=0)
+            kwargs["padding_mask"] = self.stack_paths(kwargs.get("padding_mask"), dim=1)
+            kwargs["packed_seq_params"] = self._stacked_packed
+            return args, kwargs
         stacked = self.fan_out(kwargs["hidden_states"], kwargs.get("attention_mask"), kwargs.get("padding_mask"))
         kwargs["hidden_states"], kwargs["attention_mask"], kwargs["padding_mask"] = stacked
         return args, kwargs
@@ -83,6 +106,12 @@ class OrdMoEGPTModel(GPTModel):
         if attention_mask is not None and attention_mask.shape[0] > 1:
             attention_mask = self.stack_paths(attention_mask, dim=0)
         return self.stack_paths(hidden_states, dim=1), attention_mask, self.stack_paths(padding_mask, dim=0)
+
+    def _packed_after_fanout(self, module, args, kwargs):
+        # Layers after the fan-out layer get the block's packed-sequence parameters of one path.
+        if self._stacked_packed is not None:
+            kwargs["packed_seq_params"] = self._stacked_packed
+        return args, kwargs
 
     def tier_routers(self) -> list[TierRouter]:
         return [m for m in self.modules() if isinstance(m, TierRouter)]
@@ -132,14 +161,25 @@ class OrdMoEGPTModel(GPTModel):
         labels: Optional[torch.Tensor] = None,
         *args,
         padding_mask: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
         **kwargs,
     ):
-        packed = kwargs.get("packed_seq_params", args[1] if len(args) > 1 else None)  # GPTModel's order
-        if packed is not None and self.ordmoe.enabled:  # one tier: plain top-K, packing works
-            raise OrdMoEError(
-                "packed sequences (packed_seq_params, THD: --sft, --dataloader-inter-document-masking) are "
-                "not supported with OrdMoE yet: the rank loss would treat a row of many documents as one "
-                "sequence; pass one document per row"
+        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        self.packed_cu_seqlens = packed_boundaries(packed_seq_params) if packed else None
+        self._stacked_packed = None
+        for router in self.tier_routers():
+            router.token_stacked = packed
+        if packed:
+            return self._packed_forward(
+                input_ids,
+                position_ids,
+                attention_mask,
+                decoder_input,
+                labels,
+                *args,
+                padding_mask=padding_mask,
+                packed_seq_params=packed_seq_params,
+                **kwargs,
             )
         labels = self.stack_paths(labels, dim=0)
         # Whether this forward's rows differ from the micro-batch's (several paths, or one lower
@@ -151,7 +191,70 @@ class OrdMoEGPTModel(GPTModel):
                 padding_mask = self._scatter_padding_mask(padding_mask)
             decoder_input, attention_mask, padding_mask = self.fan_out(decoder_input, attention_mask, padding_mask)
         return super().forward(
-            input_ids, position_ids, attention_mask, decoder_input, labels, *args, padding_mask=padding_mask, **kwargs
+            input_ids,
+            position_ids,
+            attention_mask,
+            decoder_input,
+            labels,
+            *args,
+            padding_mask=padding_mask,
+            packed_seq_params=packed_seq_params,
+            **kwargs,
+        )
+
+    def _packed_forward(
+        self,
+        input_ids,
+        position_ids,
+        attention_mask,
+        decoder_input,
+        labels,
+        *args,
+        padding_mask,
+        packed_seq_params,
+        **kwargs,
+    ):
+        """The THD forward: one path as Megatron runs it, or the paths stacked along the tokens."""
+        if self.path_rows is not None:
+            raise OrdMoEError(
+                "--ordmoe-lower-path-fraction below 1 with packed sequences: the lower paths sub-sample rows, "
+                "and a packed micro-batch is one row; use a fraction of 1"
+            )
+        if self.num_paths > 1:
+            c = self.config
+            if c.pipeline_model_parallel_size > 1 or c.sequence_parallel or c.context_parallel_size > 1:
+                raise OrdMoEError(
+                    "packed sequences with the fused path schedule and pipeline, sequence or context "
+                    "parallelism: the paths' stack along the tokens is not what their exchanges and splits "
+                    "assume; use --ordmoe-path-schedule sequential"
+                )
+            if c.mtp_num_layers:
+                raise OrdMoEError(
+                    "--mtp-num-layers with packed sequences and the fused path schedule: path 1's MTP rows "
+                    "are split off the batch, not the tokens; use --ordmoe-path-schedule sequential"
+                )
+            if attention_mask is not None:
+                raise OrdMoEError("packed sequences take no attention mask (the documents' boundaries are the mask)")
+            length = labels.shape[-1] if labels is not None else input_ids.shape[-1]
+            self._stacked_packed = _stack_packed(packed_seq_params, self.num_paths, length)
+            labels = self.stack_paths(labels, dim=1)
+            if self.fanout_layer is None:
+                if self.pre_process:
+                    if decoder_input is None:
+                        decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+                    decoder_input = self.stack_paths(decoder_input, dim=0)
+                padding_mask = self.stack_paths(padding_mask, dim=1)
+                packed_seq_params = self._stacked_packed
+        return super().forward(
+            input_ids,
+            position_ids,
+            attention_mask,
+            decoder_input,
+            labels,
+            *args,
+            padding_mask=padding_mask,
+            packed_seq_params=packed_seq_params,
+            **kwargs,
         )
 
     def _postprocess(self, **kwargs):
@@ -194,3 +297,21 @@ class OrdMoEGPTModel(GPTModel):
             return padding_mask
         scattered = tensor_parallel.scatter_to_sequence_parallel_region(padding_mask.transpose(0, 1).contiguous())
         return scattered.transpose(0, 1).contiguous()
+
+
+def _stack_packed(params, paths: int, length: int):
+    """``params`` for ``paths`` copies of a packed row of ``length`` tokens, stacked along the
+    tokens: every ``cu_seqlens`` repeated, shifted by ``length`` per path; maximum lengths kept."""
+
+    def stacked(cu):
+        if cu is None:
+            return None
+        # A row padded past its last document: the padding becomes a document of its own.
+        head = cu[1:] if int(cu[-1]) == length else cu
+        return torch.cat(
+            [cu if int(cu[-1]) == length else torch.cat([cu, cu.new_tensor([length])])]
+            + [head + j * length for j in range(1, paths)]
+        )
+
+    fields = ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded")
+    return dataclasses.replace(params, **{name: stacked(getattr(params, name)) for name in fields})

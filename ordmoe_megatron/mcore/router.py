@@ -66,6 +66,9 @@ class TierRouter(TopKRouter):
         # Rows each lower path has in a stacked batch (sub-sampled lower paths); None: as many as
         # path 1. The model sets it per micro-batch.
         self.lower_path_rows: Optional[int] = None
+        # Packed sequences (THD): the paths are stacked along the tokens, [C*t, 1, h], not the
+        # batch; the model sets it per forward.
+        self.token_stacked = False
         self._tier_load: dict[int, torch.Tensor] = {}  # tier -> tokens per expert; see pop_tier_load
         self.count_tier_load = True  # off while a forward must not count (mcore.metrics.tier_load_paused)
         # (token, expert) pairs the last call routed, known on the host: what the all-to-all
@@ -90,6 +93,19 @@ class TierRouter(TopKRouter):
         return self.layer_number is None or self.ordmoe.in_scope(self.layer_number)
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        paths = len(self.path_tiers)
+        if not (self.token_stacked and paths > 1):
+            return self._forward(input, padding_mask)
+        # Paths stacked along the tokens (THD): view them as stacked on the batch, [t, C, h],
+        # route, and give the routing back in the tokens' order (path-major).
+        hidden = input.shape[-1]
+        by_batch = input.reshape(paths, -1, hidden).transpose(0, 1).contiguous()
+        mask = None if padding_mask is None else padding_mask.reshape(paths, -1).transpose(0, 1)
+        probs, routing_map = self._forward(by_batch, mask)
+        n = probs.shape[-1]
+        return tuple(t.view(-1, paths, n).transpose(0, 1).reshape(-1, n) for t in (probs, routing_map))
+
+    def _forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         seq, stacked = input.shape[:2]
         if self.path_tiers == [0] and not self._tracks_means():  # Megatron's router, untouched
             self._record_slots(seq * stacked, seq * stacked * self.topk)

@@ -24,6 +24,9 @@ rank, step, micro-batch): tensor- and pipeline-parallel ranks agree, data-parall
 independently, a resumed run draws what the uninterrupted one did. Evaluation runs every path on
 every sequence.
 
+Packed sequences (THD): the model stacks the fused paths along the tokens (``mcore.model``)
+and records each micro-batch's document boundaries, which the loss takes (Eq. 7 per response).
+
 Works for every schedule ``get_forward_backward_func()`` returns (no pipelining, 1F1B,
 interleaved), with and without ``calculate_per_token_loss``. With one path (``C = 1``) Megatron's
 own function is returned: the user's loss function runs unchanged.
@@ -159,7 +162,8 @@ class PathSchedule:
             rows = draw(micro_batch)
             models[id(chunk)].set_path_rows(rows)
             output, loss_func = forward_step_func(data, chunk, *args, **kwargs)
-            return output, functools.partial(bind, _loss_mask(loss_func), lower_rows=rows)
+            cu_seqlens = models[id(chunk)].packed_cu_seqlens  # packed sequences: Eq. 7 per document
+            return output, functools.partial(bind, _loss_mask(loss_func), lower_rows=rows, cu_seqlens=cu_seqlens)
 
         return forward_backward(
             forward_step_func=functools.wraps(forward_step_func)(forward_step),
@@ -257,7 +261,12 @@ class PathSchedule:
                 MicroBatchPaths(weight_logprobs=None if weight_logprobs is None else weight_logprobs.get(micro_batch)),
             )
             return output, functools.partial(
-                bind, _loss_mask(loss_func), path=path, paths_of_micro_batch=state, lower_rows=rows
+                bind,
+                _loss_mask(loss_func),
+                path=path,
+                paths_of_micro_batch=state,
+                lower_rows=rows,
+                cu_seqlens=models[id(chunk)].packed_cu_seqlens,
             )
 
         reports = forward_backward(

@@ -50,6 +50,7 @@ from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.flags import add_ordmoe_args, ordmoe_config_from_args
 from ordmoe_megatron.megatron_lm import dry_run, hooks
 from ordmoe_megatron.method import OrdMoEConfig
+from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.bridges import assumed_gpu_capability
 from ordmoe_megatron.runtime.checkpointing import checkpoint_dir, has_checkpoint, inspect_checkpoint, latest_iteration
 
@@ -188,11 +189,6 @@ def validate(args, need_model_config: bool):
                 "OrdMoE paths; remove it with --ordmoe",
             ),
             (
-                bool(getattr(args, "sft", False) or getattr(args, "dataloader_inter_document_masking", False)),
-                "--sft / --dataloader-inter-document-masking pack many documents into one row (THD "
-                "packed_seq_params); OrdMoE's rank loss needs one document per row: remove them with --ordmoe",
-            ),
-            (
                 bool(getattr(args, "tp_comm_overlap", False)),
                 "--tp-comm-overlap sizes Transformer Engine's buffers for seq x micro-batch, not the stacked or "
                 "sub-sampled OrdMoE paths: remove it with --ordmoe",
@@ -217,6 +213,8 @@ def validate(args, need_model_config: bool):
         ):
             if refused:
                 raise OrdMoEError(message)
+        if getattr(args, "sft", False):
+            check_sft(args, ordmoe)
     try:
         validated = megatron_validated_args(args)
         config = transformer_config(validated)
@@ -227,6 +225,49 @@ def validate(args, need_model_config: bool):
     if ordmoe is not None:
         ordmoe.validate_for_model(config)
     return ordmoe, config, validated
+
+
+# Megatron-LM's SFT prompt formats (SFTTokenizer) that mask the system and user turns: the rank
+# loss is per response over the answer tokens. "default" and "identity" mask nothing.
+SFT_ANSWER_ONLY_FORMATS = ("nemotron-h-aligned", "nemotron-nano-v2")
+
+
+def check_sft(args, ordmoe: OrdMoEConfig) -> None:
+    """``--sft`` (Megatron-LM's SFTDataset: each micro-batch packed into one THD row) with
+    ``--ordmoe``: an answer-only prompt format, and what the packed paths cannot run."""
+    prompt_format = getattr(args, "sft_tokenizer_prompt_format", "nemotron-h-aligned")
+    if prompt_format not in SFT_ANSWER_ONLY_FORMATS:
+        raise OrdMoEError(
+            f"--sft-tokenizer-prompt-format {prompt_format} masks no prompt token, so Eq. 7 would average over "
+            f"whole conversations; use one that masks system and user turns: {', '.join(SFT_ANSWER_ONLY_FORMATS)}"
+        )
+    if (getattr(args, "micro_batch_size", 1) or 1) > 1 and not compat.sft_flattens_micro_batches():
+        raise OrdMoEError(
+            "--sft with --micro-batch-size > 1 on this Megatron-LM (before core_v0.19.0): it does not pack a "
+            "micro-batch into one THD row; use --micro-batch-size 1 (and --global-batch-size for the batch)"
+        )
+    if ordmoe.lower_path_fraction < 1:
+        raise OrdMoEError(
+            "--sft with --ordmoe-lower-path-fraction below 1: an SFT micro-batch is one packed row, with no rows "
+            "to sub-sample; use a fraction of 1"
+        )
+    if (getattr(args, "context_parallel_size", 1) or 1) > 1:
+        raise OrdMoEError(
+            "--sft with --ordmoe and --context-parallel-size > 1: packed tier paths are not split "
+            "over context-parallel ranks; use --context-parallel-size 1"
+        )
+    if ordmoe.path_schedule == "fused":
+        for refused, what in (
+            ((getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1, "--pipeline-model-parallel-size > 1"),
+            (getattr(args, "sequence_parallel", False), "--sequence-parallel"),
+            (bool(getattr(args, "mtp_num_layers", None)), "--mtp-num-layers"),
+        ):
+            if refused:
+                raise OrdMoEError(
+                    f"--sft with the fused path schedule and {what}: the paths of a packed row are stacked along "
+                    "the tokens, which pipeline exchanges, sequence-parallel splits and MTP do not expect; use "
+                    "--ordmoe-path-schedule sequential"
+                )
 
 
 def megatron_validated_args(args: argparse.Namespace, defaults: Optional[dict] = None) -> argparse.Namespace:

@@ -53,6 +53,7 @@ from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
 from ordmoe_megatron.method import OrdMoEConfig, moe_layer_pattern
 from ordmoe_megatron.runtime import bridges, compat
+from ordmoe_megatron.runtime.packed_attention import packed_attention_spec
 
 SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py's: a loss 10x the largest seen is "spiky"
 REBOUND = (
@@ -87,7 +88,8 @@ def ordmoe_builder(builder: Callable) -> Callable:
                 "constructs GPTModel (such as Megatron-LM's gpt_builders.gpt_builder), or build "
                 "ordmoe_megatron.mcore.model.OrdMoEGPTModel(config, spec, ..., ordmoe=cfg) yourself"
             )
-        with gpt_model_bound_to_ordmoe(module, ordmoe_config_from_args(args)):
+        packed = bool(getattr(args, "sft", False))  # SFT batches are packed (THD)
+        with gpt_model_bound_to_ordmoe(module, ordmoe_config_from_args(args), packed):
             model = builder(args, *rest, **kwargs)
         if not isinstance(model, OrdMoEGPTModel):
             raise OrdMoEError(
@@ -100,11 +102,16 @@ def ordmoe_builder(builder: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def gpt_model_bound_to_ordmoe(module, ordmoe: OrdMoEConfig):
-    """``module.GPTModel`` builds ``OrdMoEGPTModel(..., ordmoe=ordmoe)`` for the duration."""
+def gpt_model_bound_to_ordmoe(module, ordmoe: OrdMoEConfig, packed: bool = False):
+    """``module.GPTModel`` builds ``OrdMoEGPTModel(..., ordmoe=ordmoe)`` for the duration.
+    ``packed`` (``--sft``): a local spec's attention also runs THD rows (a TE spec is kept)."""
     original = module.GPTModel
 
     def build_ordmoe_gpt_model(*args, **kwargs):
+        if packed and "transformer_layer_spec" in kwargs:
+            kwargs["transformer_layer_spec"] = packed_attention_spec(kwargs["transformer_layer_spec"])
+        elif packed and len(args) > 1:
+            args = (args[0], packed_attention_spec(args[1]), *args[2:])
         return OrdMoEGPTModel(*args, ordmoe=ordmoe, **kwargs)
 
     module.GPTModel = build_ordmoe_gpt_model

@@ -13,6 +13,7 @@ from ordmoe_megatron.method.objective import (
     rank_advantages,
     rank_loss,
     rank_loss_weights,
+    response_logprobs,
     sequence_logprobs,
     tier_order_correct,
 )

@@ -174,6 +174,40 @@ def sequence_logprobs(token_nll: torch.Tensor, loss_mask: torch.Tensor) -> torch
     return -(token_nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def response_logprobs(
+    token_logprobs: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7 per response, for documents packed into one row (the THD layout of fine-tuning).
+
+    ``token_logprobs`` ``[C, T]`` (or ``[C, 1, T]``): each path's log-likelihood of every target
+    of the row; ``loss_mask`` ``[T]`` (or ``[1, T]``): 1 on answer tokens; ``cu_seqlens``
+    ``[D + 1]``: document ``d`` owns positions ``cu_seqlens[d] .. cu_seqlens[d+1] - 1`` (tokens
+    past ``cu_seqlens[-1]`` belong to no document). Returns ``(logprobs [C, D'], answer_tokens
+    [D'])``: the mean over each document's answer tokens, for the ``D'`` documents that have any.
+    A document without answer tokens is left out (it is no response: it neither counts in the
+    mean over responses nor gets a rank loss), as a row without loss tokens is in
+    ``sequence_logprobs``'s callers."""
+    paths = token_logprobs.shape[0]
+    values = token_logprobs.reshape(paths, -1)
+    mask = loss_mask.reshape(-1).to(values.dtype)
+    total = values.shape[1]
+    if mask.shape[0] != total:
+        raise ValueError(f"loss mask of {mask.shape[0]} tokens for a row of {total}")
+    bounds = cu_seqlens.reshape(-1).to(torch.long).to(values.device)
+    if bounds.numel() < 2 or bounds[0] != 0 or (bounds[1:] < bounds[:-1]).any() or bounds[-1] > total:
+        raise ValueError(f"cu_seqlens {bounds.tolist()} must rise from 0 to at most the row's {total} tokens")
+    docs = bounds.numel() - 1
+    # The document of every position (docs = none: past the last document).
+    owner = torch.bucketize(torch.arange(total, device=values.device), bounds[1:], right=True)
+    inside = (owner < docs).to(values.dtype)
+    mask = mask * inside
+    owner = owner.clamp(max=docs - 1)
+    sums = torch.zeros(paths, docs, dtype=values.dtype, device=values.device).index_add(1, owner, values * mask)
+    counts = torch.zeros(docs, dtype=values.dtype, device=values.device).index_add(0, owner, mask)
+    answered = counts > 0
+    return sums[:, answered] / counts[answered], counts[answered]
+
+
 def tier_order_correct(path_logprobs: torch.Tensor) -> torch.Tensor:
     """Per sequence: 1.0 where ``L_1 > L_2 > ... > L_C`` holds strictly, else 0.0."""
     if path_logprobs.shape[0] == 1:

@@ -247,3 +247,12 @@ def megatron_lm_pretrain_style() -> str:
     if "cfg_container" not in params:
         return "provider"
     return "model_config" if "model_provider" in params and params["model_provider"].default is None else "container"
+
+
+def sft_flattens_micro_batches() -> bool:
+    """Whether Megatron-LM's ``--sft`` packs a micro-batch of several samples into one THD row
+    (core_v0.19: ``flatten_batch_for_packed_sequences``); core_v0.16 hands THD rows of each
+    sample as a batch, which THD attention cannot take, so it runs ``--micro-batch-size 1``."""
+    from megatron.core import utils
+
+    return hasattr(utils, "flatten_batch_for_packed_sequences")

@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.layers import has_dense_layers, parse_moe_layer_freq
 from ordmoe_megatron.runtime import bridges, compat
+from ordmoe_megatron.runtime.packed_attention import packed_attention_spec
 
 __all__ = [
     "MODEL_FLAGS",
@@ -315,7 +316,9 @@ def transformer_config_from_flags(flags: Dict[str, Any], **overrides):
         raise OrdMoEError(f"megatron-core refuses this model configuration: {err or type(err).__name__}") from None
 
 
-def gpt_model_from_flags(flags: Dict[str, Any], config, layer_spec=None, model_class=None, **model_kwargs):
+def gpt_model_from_flags(
+    flags: Dict[str, Any], config, layer_spec=None, model_class=None, packed_sequences: bool = False, **model_kwargs
+):
     """Build ``megatron.core.models.gpt.GPTModel``. Default spec: the local (non-TE) layer spec, or,
     when ``moe_layer_freq`` puts dense layers in, the local decoder block spec. Pass ``layer_spec``
     to swap modules (state-dict keys must stay those of the local spec). ``model_kwargs`` go to
@@ -323,7 +326,9 @@ def gpt_model_from_flags(flags: Dict[str, Any], config, layer_spec=None, model_c
     pipeline stage. ``model_class`` builds a GPTModel subclass instead (e.g. ``OrdMoEGPTModel``,
     whose extra keyword arguments go in ``model_kwargs``). With ``mtp_num_layers`` the MTP block's
     layer is the decoder's last layer spec, as Megatron-LM's ``gpt_builder`` makes it (built from
-    the spec as given: ``OrdMoEGPTModel`` swaps the routers of the decoder's layers only)."""
+    the spec as given: ``OrdMoEGPTModel`` swaps the routers of the decoder's layers only).
+    ``packed_sequences``: the default spec's local attention also runs THD packed sequences
+    (``runtime.packed_attention``)."""
 
     f = normalize_flags(flags)
     if layer_spec is None:
@@ -347,6 +352,8 @@ def gpt_model_from_flags(flags: Dict[str, Any], config, layer_spec=None, model_c
         if config.sequence_parallel and not torch.cuda.is_available():
             # torch's LayerNorm refuses sequence parallelism; the CPU stand-in does not.
             layer_spec = bridges.sequence_parallel_layer_spec(layer_spec)
+        if packed_sequences:
+            layer_spec = packed_attention_spec(layer_spec)
     if "pre_process" not in model_kwargs or "post_process" not in model_kwargs:
         vp = model_kwargs.get("vp_stage")
         try:

@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--setting",
         choices=SETTINGS,
         default="pretrain",
-        help="pretrain every cell from scratch, or finetune every cell from one base checkpoint "
-        "per seed (the paper's setting).",
+        help="pretrain every cell from scratch, finetune every cell from one base checkpoint "
+        "per seed (the paper's setting), or sft: fine-tune every cell on the tiny-sft chat tasks "
+        "(held-out exact match per task; docs/sft.md).",
     )
     parser.add_argument("--steps", type=int, default=200, help="Steps of every OrdMoE cell and same-steps baseline.")
     parser.add_argument(

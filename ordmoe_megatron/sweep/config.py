@@ -8,7 +8,9 @@ from typing import Optional
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.sweep.grids import Grid
 
-SETTINGS = ("pretrain", "finetune")
+# pretrain: every cell from scratch on the tiny corpus; finetune: every cell from one base
+# checkpoint per seed; sft: every cell fine-tunes on the tiny-sft chat tasks (from scratch, docs/sft.md).
+SETTINGS = ("pretrain", "finetune", "sft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +18,7 @@ class SweepConfig:
     grid: Grid
     out: str  # the sweep's directory: cells/, base/, data/, results.*
     seeds: tuple = (1, 2, 3)
-    setting: str = "pretrain"  # pretrain from scratch, or finetune every cell from one base checkpoint
+    setting: str = "pretrain"  # one of SETTINGS
     steps: int = 200  # training steps of every OrdMoE cell and of the same-steps baseline
     base_steps: int = 600  # finetune: plain top-K steps of the base checkpoint the sweep trains per seed
     base: Optional[str] = None  # finetune: the user's base checkpoint (shared by every seed) instead

@@ -83,7 +83,8 @@ def cell_command(config: SweepConfig, cell: Cell) -> list[str]:
     """The cell's ``ordmoe-pretrain`` command; its outputs all in its directory."""
     where = cell.directory(config.out)
     argv = [sys.executable, "-m", "ordmoe_megatron.train"]
-    argv += ["--preset", "tiny"] if config.uses_preset and "--preset" not in config.run_flags else []
+    preset = "tiny-sft" if config.setting == "sft" else "tiny"
+    argv += ["--preset", preset] if config.uses_preset and "--preset" not in config.run_flags else []
     argv += [
         *config.run_flags,
         *cell.flags,

@@ -21,7 +21,9 @@ from ordmoe_megatron.data import (
     check_tokenizer_matches_data,
     load_tokenizer,
     prepare_tiny_data,
+    sft,
 )
+from ordmoe_megatron.data.documents import load_any_tokenizer
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.runtime import bridges
@@ -35,6 +37,9 @@ MicroBatchStream = Callable[[str, int], Iterator[dict]]  # (split, first micro-b
 class DataSources:
     tokenizer: object = None  # None with --mock-data
     heldout_tasks: Optional[str] = None  # the preset's held-out task file
+    # --sft-data: the encoded conversations per split; the held-out tasks (prompt, answer, kind)
+    sft_examples: Optional[dict] = None
+    sft_tasks: Optional[list] = None
 
 
 def prepare_data(config: RunConfig) -> tuple[RunConfig, DataSources]:
@@ -42,6 +47,8 @@ def prepare_data(config: RunConfig) -> tuple[RunConfig, DataSources]:
     if config.mock_data:
         return config, DataSources()
     sources = DataSources()
+    if config.preset == "tiny-sft" or config.sft_data:
+        return _prepare_sft(config, sources)
     if config.preset:
         paths = prepare_tiny_data(config.preset_data_dir or os.path.join(config.work_dir, "data"), seed=config.seed)
         config = config.replace(
@@ -57,6 +64,32 @@ def prepare_data(config: RunConfig) -> tuple[RunConfig, DataSources]:
         if prefix:
             check_data_files(prefix, flag)
             check_tokenizer_matches_data(sources.tokenizer, prefix)
+    return config.with_model_flags(vocab_size=sources.tokenizer.vocab_size), sources
+
+
+def _prepare_sft(config: RunConfig, sources: DataSources) -> tuple[RunConfig, DataSources]:
+    """Chat data: the preset's tasks (built here) or --sft-data; any tokenizer; encoded once."""
+    heldout = None
+    if config.preset == "tiny-sft":
+        paths = sft.prepare_tiny_sft_data(config.preset_data_dir or os.path.join(config.work_dir, "data"), config.seed)
+        config = config.replace(
+            sft_data=paths["train"], sft_valid_data=paths["valid"], tokenizer_model=paths["tokenizer_model"]
+        )
+        heldout = sft.read_conversations(paths["heldout"], "the preset's held-out split")
+    sources.tokenizer = load_any_tokenizer(config.tokenizer_model)
+    train = sft.read_conversations(config.sft_data, "--sft-data")
+    if config.sft_valid_data:
+        valid = sft.read_conversations(config.sft_valid_data, "--sft-valid-data")
+    else:
+        cut = max(1, len(train) // 20)
+        if len(train) <= cut:
+            raise OrdMoEError(f"--sft-data {config.sft_data}: too few conversations to keep 5% for validation")
+        train, valid = train[:-cut], train[-cut:]
+    sources.sft_examples = {
+        "train": sft.encode_all(sources.tokenizer, train),
+        "valid": sft.encode_all(sources.tokenizer, valid),
+    }
+    sources.sft_tasks = sft.heldout_tasks(heldout if heldout is not None else valid)
     return config.with_model_flags(vocab_size=sources.tokenizer.vocab_size), sources
 
 
@@ -93,6 +126,7 @@ def transformer_config(config: RunConfig):
 def model_chunks(config: RunConfig, tconfig) -> list[GPTModel]:
     """One model per virtual pipeline stage on this rank (one without virtual stages)."""
     extra = {} if config.ordmoe is None else dict(model_class=OrdMoEGPTModel, ordmoe=config.ordmoe)
+    extra["packed_sequences"] = config.sft_pack
     stages = config.layout.virtual_pipeline
     if not stages:
         return [gpt_model_from_flags(config.model_flags, tconfig, **extra)]
@@ -101,6 +135,17 @@ def model_chunks(config: RunConfig, tconfig) -> list[GPTModel]:
 
 def stream_factory(config: RunConfig, sources: DataSources) -> MicroBatchStream:
     """``(split, first micro-batch) -> micro-batch stream`` for the trainer."""
+    if sources.sft_examples is not None:
+        pad = getattr(sources.tokenizer, "eod", 0)
+        return lambda split, start: sft.sft_micro_batches(
+            sources.sft_examples[split],
+            config.seq_length,
+            config.micro_batch_size,
+            config.sft_pack,
+            config.seed + (0 if split == "train" else 1),
+            start,
+            pad_id=pad,
+        )
     if config.mock_data:
         return lambda split, start: batches.synthetic_micro_batches(
             config.seed + (0 if split == "train" else 1),

@@ -88,6 +88,8 @@ def check_values(config: RunConfig) -> None:
         raise OrdMoEError(
             f"--min-lr={config.min_lr} is above --lr={config.lr}; the schedule decays from --lr down to --min-lr"
         )
+    if config.sft_pack:
+        check_packing(config)
     if config.micro_batch_size > config.global_batch_size:
         raise OrdMoEError(
             f"--micro-batch-size={config.micro_batch_size} is larger than "
@@ -242,6 +244,23 @@ def check_run(
     check_outputs(config, plan, world)
     check_data(config)
     return plan
+
+
+def check_packing(config: RunConfig) -> None:
+    """--sft-pack: chat data, one process per model replica, every path on every conversation."""
+    if not (config.sft_data or config.preset == "tiny-sft"):
+        raise OrdMoEError("--sft-pack packs chat conversations: give --sft-data (or --no-sft-pack)")
+    layout = config.layout
+    if layout.tensor > 1 or layout.pipeline > 1 or layout.sequence_parallel:
+        raise OrdMoEError(
+            "--sft-pack with tensor or pipeline parallelism: packed rows are tested on data parallelism only "
+            "(their length varies per micro-batch); use --no-sft-pack"
+        )
+    if config.ordmoe is not None and config.ordmoe.lower_path_fraction < 1:
+        raise OrdMoEError(
+            "--sft-pack with --ordmoe-lower-path-fraction below 1: a packed micro-batch is one row, with no "
+            "rows to sub-sample; use a fraction of 1 or --no-sft-pack"
+        )
 
 
 def check_outputs(config: RunConfig, plan: ResumePlan, world: int) -> None:

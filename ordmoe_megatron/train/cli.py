@@ -55,6 +55,26 @@ PRESETS = {
         ordmoe_logprob_floor="vocab",
     ),
 }
+# Fine-tuning on the checkable tiny-sft tasks (data/sft.py), from scratch: its own tokenizer and
+# data; sized so that plain SFT gets some held-out answers right and not all (docs/sft.md).
+PRESETS["tiny-sft"] = dict(
+    PRESETS["tiny"],
+    num_layers=2,
+    hidden_size=96,
+    ffn_hidden_size=192,
+    moe_ffn_hidden_size=96,
+    seq_length=32,
+    max_position_embeddings=32,
+    micro_batch_size=16,
+    global_batch_size=32,
+    train_iters=300,
+    lr=3e-3,
+    min_lr=3e-4,
+    eval_interval=None,
+    eval_iters=2,
+    work_dir="runs/tiny-sft",
+    sft_pack=False,  # rows of 32 hold one conversation with little padding; packing costs more on the CPU
+)
 # The paper's second model (Ling-mini-2.0) and DeepSeek-V3 in miniature: 16 experts in 4 groups
 # (each token's top-2 from 2 groups), sigmoid scores with the expert bias (aux-loss-free
 # balancing) and a scaling factor, one shared expert, a first dense layer, one
@@ -148,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="A complete embedded run; 'tiny' is the default when no data is named; 'tiny-deepseek' is "
         "the DeepSeek-V3 / Ling-2.0 style (group-limited sigmoid routing with expert bias, a shared "
-        "expert, a first dense layer, MTP, MLA).",
+        "expert, a first dense layer, MTP, MLA); 'tiny-sft' fine-tunes on checkable instruction / answer "
+        "tasks (docs/sft.md).",
     )
     parser.add_argument("--work-dir", default=None, help="Where a preset keeps its data, checkpoints and outputs.")
     parser.add_argument(
@@ -177,8 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--valid-data-path", default=None, help="Prefix of validation data (else --split of --data-path)."
     )
     data.add_argument("--split", default="969,30,1")
-    data.add_argument("--tokenizer-model", default=None, help="SentencePiece model that made the data files.")
+    data.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="SentencePiece model that made the data files; with --sft-data also a Hugging Face tokenizer directory.",
+    )
     data.add_argument("--mock-data", action="store_true", help="Synthetic token streams, no files.")
+    data.add_argument(
+        "--sft-data",
+        default=None,
+        help="Fine-tune on chat data: JSONL with 'messages' (system/user/assistant); loss on the answers only.",
+    )
+    data.add_argument("--sft-valid-data", default=None, help="Validation chats (else the last 5%% of --sft-data).")
+    data.add_argument(
+        "--sft-pack",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Pack each micro-batch's conversations into one row (THD, cu_seqlens), as Megatron-LM's --sft does.",
+    )
     train = parser.add_argument_group("training")
     train.add_argument("--train-iters", type=NON_NEGATIVE, default=200)
     train.add_argument("--micro-batch-size", type=POSITIVE, default=4)
@@ -250,7 +287,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The flags with the preset's and the checkpoint's defaults under them."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    preset = known.preset or (None if known.data_path or known.mock_data else "tiny")
+    preset = known.preset or (None if known.data_path or known.mock_data or known.sft_data else "tiny")
     if preset:
         parser.set_defaults(**PRESETS[preset])
     load = known.load or (preset_load(known.save, known.work_dir or PRESETS[preset]["work_dir"]) if preset else None)
@@ -274,6 +311,12 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
                 setattr(args, name, os.path.join(work, default))
     elif args.data_path and not args.tokenizer_model:
         raise OrdMoEError("--data-path needs --tokenizer-model (the SentencePiece model that made it)")
+    elif args.sft_data and not args.tokenizer_model:
+        raise OrdMoEError(
+            "--sft-data needs --tokenizer-model (a SentencePiece model or a Hugging Face tokenizer directory)"
+        )
+    if args.sft_data and (args.data_path or args.mock_data):
+        raise OrdMoEError("--sft-data is the training data: drop --data-path / --mock-data")
     vstage = args.num_layers_per_virtual_pipeline_stage
     pp = args.pipeline_model_parallel_size
     ordmoe = ordmoe_config_from_args(args)

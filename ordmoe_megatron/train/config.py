@@ -33,6 +33,10 @@ class RunConfig:
     split: str = "969,30,1"
     tokenizer_model: Optional[str] = None
     mock_data: bool = False
+    # supervised fine-tuning on chat data (data/sft.py): JSONL with "messages", answer-only loss
+    sft_data: Optional[str] = None
+    sft_valid_data: Optional[str] = None  # else the last 5% of --sft-data
+    sft_pack: bool = False  # pack each micro-batch's conversations into one THD row
     # optimizer and schedule
     train_iters: int = 200
     micro_batch_size: int = 4
@@ -109,6 +113,9 @@ RUN_FIELDS = (
     "split",
     "tokenizer_model",
     "mock_data",
+    "sft_data",
+    "sft_valid_data",
+    "sft_pack",
     "micro_batch_size",
     "global_batch_size",
     "weight_decay",
@@ -121,7 +128,7 @@ SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_iters", "train_iters")
 # to the sequential schedule when memory runs short.
 ORDMOE_EXECUTION_FIELDS = ("path_schedule", "lazy_fanout")
 # Data paths are compared once known (the preset resolves its own when it builds its data).
-DATA_FIELDS = ("data_path", "valid_data_path", "tokenizer_model")
+DATA_FIELDS = ("data_path", "valid_data_path", "tokenizer_model", "sft_data", "sft_valid_data")
 
 
 def run_record(config: RunConfig) -> dict:

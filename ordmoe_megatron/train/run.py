@@ -92,7 +92,7 @@ def run(config: RunConfig, sources: build.DataSources, plan: ResumePlan) -> None
     trainer = run_training(config, sources, plan, "OrdMoE" if config.ordmoe else "top-K")
     if trainer.stopped_by_signal or not config.eval_out:
         return
-    tasks = list(read_jsonl(sources.heldout_tasks)) if sources.heldout_tasks else []
+    tasks = list(read_jsonl(sources.heldout_tasks)) if sources.heldout_tasks else (sources.sft_tasks or [])
     label = f"OrdMoE (C={config.num_paths})" if config.ordmoe else "top-K"
     rows = {label: evaluate_run(config, sources, trainer, tasks)}
     if config.compare_baseline:

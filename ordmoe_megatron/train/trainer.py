@@ -25,6 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
@@ -95,8 +96,22 @@ def forward_step(data_iterator, model):
     """Megatron ``forward_step``: one micro-batch through the model, the LM loss bound to its mask
     (the OrdMoE schedules put the OrdMoE loss in its place)."""
     batch = {k: v.to(device()) for k, v in next(data_iterator).items()}
+    packed = None
+    if "cu_seqlens" in batch:  # --sft-pack: the micro-batch's conversations in one THD row
+        cu = batch["cu_seqlens"]
+        longest = int((cu[1:] - cu[:-1]).max())
+        packed = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+        )
     # The loss mask goes in as Megatron-LM's pretrain_gpt passes it: the MTP loss is masked by it.
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"])
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+        packed_seq_params=packed,
+    )
     return output, functools.partial(lm_loss, batch["loss_mask"])
 
 

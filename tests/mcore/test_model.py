@@ -41,13 +41,16 @@ def test_precomputed_decoder_input_gives_the_same_paths(megatron_single_process)
     assert torch.equal(from_ids, from_embeddings)
 
 
-def test_packed_sequences_are_refused(megatron_single_process):
+def test_packed_sequences_with_sub_sampled_lower_paths_are_refused(megatron_single_process):
+    # Packed sequences run (tests/mcore/test_packed.py); a packed row has no rows to sub-sample.
     from ordmoe_megatron.errors import OrdMoEError
+    from tests.support import packed_batch
 
-    model = tiny_model(OrdMoEConfig(num_tiers=3))
-    b = tiny_batch(1)
-    with pytest.raises(OrdMoEError, match="packed sequences .* not supported with OrdMoE yet"):
-        model(b["tokens"], b["position_ids"], None, labels=b["labels"], packed_seq_params=object())
+    model = tiny_model(OrdMoEConfig(num_tiers=3), packed=True)
+    b = packed_batch(tiny_batch(1))
+    model.set_path_rows(torch.tensor([0]))
+    with pytest.raises(OrdMoEError, match="--ordmoe-lower-path-fraction below 1 with packed sequences"):
+        model(b["tokens"], b["position_ids"], None, labels=b["labels"], packed_seq_params=b["packed_seq_params"])
 
 
 def test_partial_layer_scope_leaves_paths_identical_before_the_first_scoped_layer(megatron_single_process):

@@ -258,8 +258,11 @@ def _ordmoe_args(*argv, **extra):
         (["--ordmoe"], {"use_legacy_models": True}, "--use-legacy-models"),
         (["--ordmoe"], {"overlap_moe_expert_parallel_comm": True}, "--overlap-moe-expert-parallel-comm"),
         (["--ordmoe"], {"yaml_cfg": "model.yaml"}, "--yaml-cfg"),
-        (["--ordmoe"], {"sft": True}, "--sft / --dataloader-inter-document-masking pack many documents"),
-        (["--ordmoe"], {"dataloader_inter_document_masking": True}, "--sft / --dataloader-inter-document-masking"),
+        (["--ordmoe"], {"sft": True, "sft_tokenizer_prompt_format": "default"}, "--sft-tokenizer-prompt-format"),
+        (["--ordmoe", "--ordmoe-lower-path-fraction", "0.5"], {"sft": True}, "--sft with --ordmoe-lower-path"),
+        (["--ordmoe"], {"sft": True, "pipeline_model_parallel_size": 2}, "--sft with the fused path schedule"),
+        (["--ordmoe"], {"sft": True, "mtp_num_layers": 1}, "--sft with the fused path schedule and --mtp"),
+        (["--ordmoe"], {"sft": True, "context_parallel_size": 2}, "--sft with --ordmoe and --context-parallel"),
         (["--ordmoe"], {"tp_comm_overlap": True}, "--tp-comm-overlap sizes"),
         (["--ordmoe"], {"cuda_graph_impl": "local"}, "--cuda-graph-impl / --enable-cuda-graph"),
         (["--ordmoe"], {"enable_cuda_graph": True}, "--cuda-graph-impl / --enable-cuda-graph"),
@@ -277,6 +280,39 @@ def _ordmoe_args(*argv, **extra):
 def test_validation_errors_name_the_flag(argv, extra, message):
     with pytest.raises(OrdMoEError, match="^" + message.replace("[", r"\[").replace("+", r"\+")):
         megatron_lm.validate_ordmoe_args(_ordmoe_args(*argv, **extra))
+
+
+def test_sft_with_a_masking_prompt_format_and_the_sequential_schedule_is_accepted():
+    args = _ordmoe_args("--ordmoe", "--ordmoe-path-schedule", "sequential")
+    args.sft, args.sft_tokenizer_prompt_format, args.pipeline_model_parallel_size = True, "nemotron-h-aligned", 2
+    assert megatron_lm.validate_ordmoe_args(args).path_schedule == "sequential"
+
+
+def test_sft_micro_batches_of_several_need_core_v0_19(monkeypatch):
+    args = _ordmoe_args("--ordmoe")
+    args.sft, args.micro_batch_size = True, 4
+    monkeypatch.setattr(compat, "sft_flattens_micro_batches", lambda: False)
+    with pytest.raises(OrdMoEError, match="--sft with --micro-batch-size > 1 on this Megatron-LM"):
+        megatron_lm.validate_ordmoe_args(args)
+    monkeypatch.setattr(compat, "sft_flattens_micro_batches", lambda: True)
+    assert megatron_lm.validate_ordmoe_args(args) is not None
+
+
+def test_sft_builds_attention_that_runs_packed_rows(megatron_single_process):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from ordmoe_megatron import OrdMoEConfig
+    from ordmoe_megatron.megatron_lm import hooks
+    from ordmoe_megatron.runtime.packed_attention import PackedDotProductAttention
+    from tests.support import tiny_config
+
+    module = types.SimpleNamespace(GPTModel=None)
+    spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False, normalization="RMSNorm")
+    with hooks.gpt_model_bound_to_ordmoe(module, OrdMoEConfig(num_tiers=3), packed=True):
+        model = module.GPTModel(tiny_config(), transformer_layer_spec=spec, vocab_size=64, max_sequence_length=12)
+    assert all(
+        isinstance(layer.self_attention.core_attention, PackedDotProductAttention) for layer in model.decoder.layers
+    )
 
 
 def test_the_module_checks_the_ordmoe_flags_it_is_given(capsys):

@@ -89,6 +89,8 @@ def test_cell_commands_keep_every_output_in_the_cell(tmp_path):
     deepseek = plan.cell_command(_config(tmp_path, run_flags=("--preset", "tiny-deepseek")), cell)
     assert [i for i, flag in enumerate(deepseek) if flag == "--preset"] == [3] and deepseek[4] == "tiny-deepseek"
     assert "--preset-data-dir" in deepseek
+    sft = plan.cell_command(_config(tmp_path, setting="sft"), cell)  # fine-tuning on the chat tasks
+    assert sft[3:5] == ["--preset", "tiny-sft"] and "--finetune" not in sft and not plan.base_cells(_config(tmp_path))
 
 
 @pytest.mark.parametrize(
