@@ -206,6 +206,11 @@ def validate(args, need_model_config: bool):
                 "here: install it (pip install transformer-engine) or drop --fp8-format",
             ),
             (
+                bool(getattr(args, "dataloader_inter_document_masking", False)) and not getattr(args, "sft", False),
+                "--dataloader-inter-document-masking packs pretraining documents in a way the OrdMoE paths are "
+                "not tested with: remove it with --ordmoe (--sft packs chat data and is supported)",
+            ),
+            (
                 getattr(args, "yaml_cfg", None) is not None,
                 "--yaml-cfg replaces the command-line arguments after OrdMoE has read them; pass the model "
                 "flags on the command line with --ordmoe",

@@ -263,6 +263,7 @@ def _ordmoe_args(*argv, **extra):
         (["--ordmoe"], {"sft": True, "pipeline_model_parallel_size": 2}, "--sft with the fused path schedule"),
         (["--ordmoe"], {"sft": True, "mtp_num_layers": 1}, "--sft with the fused path schedule and --mtp"),
         (["--ordmoe"], {"sft": True, "context_parallel_size": 2}, "--sft with --ordmoe and --context-parallel"),
+        (["--ordmoe"], {"dataloader_inter_document_masking": True}, "--dataloader-inter-document-masking packs"),
         (["--ordmoe"], {"tp_comm_overlap": True}, "--tp-comm-overlap sizes"),
         (["--ordmoe"], {"cuda_graph_impl": "local"}, "--cuda-graph-impl / --enable-cuda-graph"),
         (["--ordmoe"], {"enable_cuda_graph": True}, "--cuda-graph-impl / --enable-cuda-graph"),
