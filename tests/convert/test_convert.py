@@ -364,9 +364,13 @@ def test_megatron_lm_args_are_read_without_running_code(work, tmp_path):
 
     src = _megatron_lm_variant(work, "mixtral", "unsafe")
     ran = tmp_path / "ran"
-    common = torch.load(os.path.join(src, "iter_0000004", "common.pt"), weights_only=False)
+    common_pt = os.path.join(src, "iter_0000004", "common.pt")
+    from ordmoe_megatron.convert.megatron_lm_args import _allowed_globals  # the reader's own rule
+
+    with torch.serialization.safe_globals(_allowed_globals(common_pt, common_pt)):
+        common = torch.load(common_pt, weights_only=True)
     common["args"].hook = _Trap(str(ran))
-    torch.save(common, os.path.join(src, "iter_0000004", "common.pt"))
+    torch.save(common, common_pt)
     with pytest.raises(OrdMoEError, match=r"common.pt holds io.open, which is not read without running code"):
         mcore_to_hf(src, str(work / "unsafe-hf"))
     assert not ran.exists() and not os.path.exists(work / "unsafe-hf")
