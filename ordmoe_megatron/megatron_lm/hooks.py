@@ -296,19 +296,20 @@ def ordmoe_num_floating_point_operations(args, batch_size, base: Optional[Callab
         return base(args, batch_size, **token_counts)
     shared = shared_prefix_layers(args, ordmoe)
     shared_flops = _layer_flops(base, args, batch_size, list(range(shared)), **token_counts) if shared else 0.0
-    return ordmoe_step_flops(
-        base(copy.copy(args), batch_size, **token_counts),
-        shared_flops,
-        ordmoe.num_tiers,
-        lower_path_share(args, ordmoe),
-    )
+    plain = base(copy.copy(args), batch_size, **token_counts)
+    path_one_only = 0.0  # the MTP block runs on path 1 only
+    if getattr(args, "mtp_num_layers", None):
+        without_mtp = copy.copy(args)
+        without_mtp.mtp_num_layers = None
+        path_one_only = plain - base(without_mtp, batch_size, **token_counts)
+    return ordmoe_step_flops(plain, shared_flops, ordmoe.num_tiers, lower_path_share(args, ordmoe), path_one_only)
 
 
 def flops_factor(args, ordmoe: Optional[OrdMoEConfig], base: Optional[Callable] = None) -> float:
     """FLOPs of an OrdMoE step over FLOPs of the plain step (``C`` without a shared prefix)."""
     if ordmoe is None or not ordmoe.enabled:
         return 1.0
-    if not shared_prefix_layers(args, ordmoe):
+    if not shared_prefix_layers(args, ordmoe) and not getattr(args, "mtp_num_layers", None):
         return ordmoe_step_flops(1.0, 0.0, ordmoe.num_tiers, lower_path_share(args, ordmoe))
     if base is None:
         from megatron.training.training import num_floating_point_operations as base

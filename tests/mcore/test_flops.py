@@ -6,8 +6,8 @@ from ordmoe_megatron import OrdMoEConfig
 from ordmoe_megatron.mcore.flops import gpt_step_flops, ordmoe_run_step_flops, ordmoe_step_flops
 
 
-def _config(**extra):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def _config(mla=False, **extra):
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     kwargs = dict(
         num_layers=2,
@@ -21,7 +21,7 @@ def _config(**extra):
         use_cpu_initialization=True,
     )
     kwargs.update(extra)
-    return TransformerConfig(**kwargs)
+    return (MLATransformerConfig if mla else TransformerConfig)(**kwargs)
 
 
 def test_gpt_step_flops_by_hand():
@@ -52,3 +52,32 @@ def test_ordmoe_step_flops():
         cfg, 32, 4, 10, OrdMoEConfig(num_tiers=3, lower_path_fraction=0.25), micro_batch_size=8
     ) == pytest.approx(1.5 * plain)
     assert ordmoe_step_flops(10.0, 2.0, 3, 0.5) == pytest.approx(10 + 2 * 0.5 * 8)
+
+
+def test_mla_and_mtp_flops_by_hand():
+    h, s, vocab, heads = 8, 10, 32, 2
+    mla = dict(q_lora_rank=4, kv_lora_rank=3, qk_head_dim=5, qk_pos_emb_head_dim=2, v_head_dim=6)
+    cfg = _config(mla=True, multi_latent_attention=True, **mla)
+    q = 4 * (h + heads * 7 + 1)  # down, up, the norm between
+    kv = 3 * (h + heads * (5 + 6) + 1) + h * 2  # down, up, norm; the shared RoPE key
+    attention = 2 * (q + kv + heads * 6 * h) + s * heads * (7 + 6)  # projections, causal scores
+    dense, moe = 2 * h * 16 * 2, 2 * h * 4 + 2 * h * (2 * 6) * 2
+    per_token = 2 * attention + dense + moe + 2 * h * vocab
+    assert gpt_step_flops(cfg, vocab, 3, s) == pytest.approx(3 * per_token * 3 * s)
+    # One MTP layer: norms, the [embedding, hidden] projection, a layer like the last (MoE), its
+    # output layer; not counted for a subset of layers or without the output layer.
+    with_mtp = _config(mtp_num_layers=1)
+    mtp_layer = 3 * h + 4 * h * h + (2 * h * (3 * h) + 2 * h * h + 2 * s * h) + moe + 2 * h * vocab
+    assert gpt_step_flops(with_mtp, vocab, 3, s) - gpt_step_flops(_config(), vocab, 3, s) == pytest.approx(
+        3 * mtp_layer * 3 * s
+    )
+    assert gpt_step_flops(with_mtp, vocab, 3, s, mtp=False) == gpt_step_flops(_config(), vocab, 3, s)
+    assert gpt_step_flops(with_mtp, vocab, 3, s, layers=[0], output_layer=False) == gpt_step_flops(
+        _config(), vocab, 3, s, layers=[0], output_layer=False
+    )
+    # The lower paths skip the MTP block (path 1's alone).
+    plain = gpt_step_flops(with_mtp, vocab, 4, s)
+    mtp = plain - gpt_step_flops(_config(), vocab, 4, s)
+    assert ordmoe_run_step_flops(with_mtp, vocab, 4, s, OrdMoEConfig(num_tiers=3)) == pytest.approx(
+        plain + 2 * (plain - mtp)
+    )

@@ -377,16 +377,19 @@ def test_validation_leaves_megatron_lm_errors_to_megatron_lm(monkeypatch):
 # ---- FLOPs ---------------------------------------------------------------------------------
 LAYER_FLOPS = {0: 10.0, 1: 7.0}  # dense, MoE layer (per sample)
 OUTPUT_FLOPS = 100.0
+MTP_LAYER_FLOPS = 40.0  # a layer, its projection and its own output layer
 
 
 def _linear_flops(args, batch_size):
-    """Stand-in for Megatron-LM's formula: a sum over layers plus the output layer."""
+    """Stand-in for Megatron-LM's formula: a sum over layers plus the output layer and the MTP
+    layers."""
     pattern = args.moe_layer_freq if isinstance(args.moe_layer_freq, list) else [1] * args.num_layers
     assert len(pattern) == args.num_layers
-    return batch_size * (sum(LAYER_FLOPS[p] for p in pattern) + OUTPUT_FLOPS)
+    mtp = MTP_LAYER_FLOPS * (args.mtp_num_layers or 0)
+    return batch_size * (sum(LAYER_FLOPS[p] for p in pattern) + OUTPUT_FLOPS + mtp)
 
 
-def _flops_args(*argv, pp=1, freq=None, recompute=None, micro_batch_size=2):
+def _flops_args(*argv, pp=1, freq=None, recompute=None, micro_batch_size=2, mtp=None):
     return _ordmoe_args(
         *argv,
         num_layers=6,
@@ -394,7 +397,7 @@ def _flops_args(*argv, pp=1, freq=None, recompute=None, micro_batch_size=2):
         num_experts=8,
         pipeline_model_parallel_size=pp,
         recompute_granularity=recompute,
-        mtp_num_layers=None,
+        mtp_num_layers=mtp,
         micro_batch_size=micro_batch_size,
     )
 
@@ -441,6 +444,22 @@ def test_flops_subtract_the_layers_run_once():
     assert megatron_lm.ordmoe_num_floating_point_operations(scoped, 2, _linear_flops) == pytest.approx(expected)
     assert megatron_lm.flops_factor(scoped, ordmoe_config_from_args(scoped), _linear_flops) == pytest.approx(
         expected / plain
+    )
+
+
+def test_flops_count_mtp_on_path_1_only():
+    # The MTP block runs on path 1 only: the lower paths cost the plain step without it.
+    args = _flops_args("--ordmoe", "--no-ordmoe-lazy-fanout", mtp=1)
+    plain = _linear_flops(_flops_args(mtp=1), 2)
+    expected = plain + 2 * (plain - 2 * MTP_LAYER_FLOPS)
+    assert megatron_lm.ordmoe_num_floating_point_operations(args, 2, _linear_flops) == pytest.approx(expected)
+    assert megatron_lm.flops_factor(args, ordmoe_config_from_args(args), _linear_flops) == pytest.approx(
+        expected / plain
+    )
+    # With the lazy fan-out as well (layer 1 is dense and runs once).
+    lazy = _flops_args("--ordmoe", mtp=1)
+    assert megatron_lm.ordmoe_num_floating_point_operations(lazy, 2, _linear_flops) == pytest.approx(
+        expected - 2 * 2 * LAYER_FLOPS[0]
     )
 
 
