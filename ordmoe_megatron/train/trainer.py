@@ -221,7 +221,7 @@ def train_step(trainer: Trainer, data, before_optimizer_step=None) -> dict:
         "iteration": trainer.iteration,
         "lm_loss": reduced["lm loss"],
         "rank_loss": reduced.get("rank loss"),
-        "aux_loss": moe.get("load_balancing_loss", 0.0),
+        "aux_loss": _balancing_loss(moe),
         "path_logprob": [reduced[f"path{j + 1} logprob"] for j in range(paths)] if paths > 1 else [],
         "tier_order_acc": reduced.get("tier order acc"),
         "tier_load_max_over_mean": moe.get("tier_load_max_over_mean"),
@@ -263,6 +263,17 @@ def _reduced(reports: list[dict]) -> dict:
     return broadcast_from_last_stage(reduce_reports(reports, parallel_state.get_data_parallel_group()))
 
 
+# Megatron's names of its load-balancing losses (compat.moe_aux_loss_names); a model may use several.
+_BALANCING_LOSSES = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss")
+
+
+def _balancing_loss(moe: dict) -> Optional[float]:
+    """The step's load-balancing losses summed (aux_loss, seq_aux_loss, global_aux_loss as the
+    model uses them); None for a model without one (aux-loss-free balancing, sinkhorn)."""
+    present = [moe[name] for name in _BALANCING_LOSSES if name in moe]
+    return sum(present) if present else None
+
+
 def format_log_line(iteration: int, train_iters: int, values: dict, elapsed_ms: float, tokens_per_s: float) -> str:
     parts = [
         f" iteration {iteration:8d}/{train_iters:8d}",
@@ -273,7 +284,8 @@ def format_log_line(iteration: int, train_iters: int, values: dict, elapsed_ms: 
     ]
     if values.get("rank_loss") is not None:
         parts.append(f"rank loss: {values['rank_loss']:.6E}")
-    parts.append(f"aux loss: {values['aux_loss']:.6E}")
+    if values.get("aux_loss") is not None:
+        parts.append(f"aux loss: {values['aux_loss']:.6E}")
     if values.get("path_logprob"):
         parts.append("path logprob: " + " / ".join(f"{v:.4f}" for v in values["path_logprob"]))
         parts.append(f"tier order acc: {values['tier_order_acc']:.3f}")

@@ -248,3 +248,14 @@ def test_exact_match_is_keyed_by_the_corpus_task_name_not_the_prompt_text():
         {"task": "sort", "prompt": "sort: 2 1 ->", "answer": " 1 2"},
     ]
     assert exact_match_accuracy(Newline(), Chars(), tasks) == {"add": 0.0, "sort": 0.5}
+
+
+def test_the_logged_aux_loss_is_whichever_balancing_loss_the_model_uses():
+    from ordmoe_megatron.train.trainer import _balancing_loss, format_log_line
+
+    assert _balancing_loss({"seq_load_balancing_loss": 0.25, "z_loss": 3.0}) == 0.25
+    assert _balancing_loss({"load_balancing_loss": 0.5, "global_load_balancing_loss": 0.25}) == 0.75
+    assert _balancing_loss({"z_loss": 3.0}) is None  # aux-loss-free: nothing to show, not a 0
+    values = dict(lr=1e-3, lm_loss=2.0, aux_loss=None)
+    assert "aux loss" not in format_log_line(1, 2, values, 10.0, 100.0)
+    assert "aux loss: 2.500000E-01" in format_log_line(1, 2, dict(values, aux_loss=0.25), 10.0, 100.0)
