@@ -56,8 +56,9 @@ setup(
         "test": ["pytest", "transformers", "safetensors", "ruff==0.17.6"],
         "te": ["transformer-engine[pytorch]"],
         # What Megatron-LM's pretrain_gpt.py imports beyond megatron-core (core_v0.16 to core_v0.19;
-        # checked by importing it in a fresh venv), and pybind11 for the dataset helpers it compiles.
-        "megatron-lm": ["triton", "pybind11", "six", "regex", "pyyaml", "pydantic"],
+        # checked by importing it in a fresh venv), pybind11 for the dataset helpers it compiles, and
+        # datasets, with which --sft's SFTLowLevelDataset reads JSONL (load_dataset).
+        "megatron-lm": ["triton", "pybind11", "six", "regex", "pyyaml", "pydantic", "datasets"],
     },
     entry_points={
         "console_scripts": [
