@@ -14,8 +14,12 @@ from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 
 
 @torch.no_grad()
-def greedy_complete(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
-    """Greedy continuation of equal-length token prompts with the model's path 1."""
+def greedy_complete(
+    model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], vocab_size: int
+) -> list[list[int]]:
+    """Greedy continuation of equal-length token prompts with the model's path 1, over the
+    tokenizer's ``vocab_size`` ids only (the output layer's padding to a multiple of
+    ``--make-vocab-size-divisible-by`` is no token: detokenizing one fails)."""
     device = next(model.parameters()).device
     tokens = torch.tensor(prompts, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -23,7 +27,7 @@ def greedy_complete(model, prompts: list[list[int]], max_new_tokens: int, stop_i
     for _ in range(max_new_tokens):
         positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
         logits = model(tokens, positions, None)
-        next_ids = logits[:, -1].argmax(-1)
+        next_ids = logits[:, -1, :vocab_size].argmax(-1)
         generated.append(next_ids)
         done |= torch.isin(next_ids, torch.tensor(sorted(stop_ids), device=device))
         tokens = torch.cat([tokens, next_ids.unsqueeze(1)], dim=1)
@@ -52,7 +56,9 @@ def exact_match_accuracy(model, tokenizer, tasks: list[dict], max_new_tokens: in
         for _, group in sorted(by_length.items()):
             for start in range(0, len(group), 64):
                 chunk = group[start : start + 64]
-                outputs = greedy_complete(model, [ids for _, ids in chunk], max_new_tokens, newline_ids)
+                outputs = greedy_complete(
+                    model, [ids for _, ids in chunk], max_new_tokens, newline_ids, tokenizer.vocab_size
+                )
                 for (task, _), out in zip(chunk, outputs):
                     kind = task["task"]  # the corpus's name of the task (data.corpus.DEFAULT_TASKS)
                     total[kind] += 1

@@ -259,3 +259,34 @@ def test_the_logged_aux_loss_is_whichever_balancing_loss_the_model_uses():
     values = dict(lr=1e-3, lm_loss=2.0, aux_loss=None)
     assert "aux loss" not in format_log_line(1, 2, values, 10.0, 100.0)
     assert "aux loss: 2.500000E-01" in format_log_line(1, 2, dict(values, aux_loss=0.25), 10.0, 100.0)
+
+
+def test_exact_match_never_emits_the_output_layers_padding_ids():
+    """The output layer is padded past the tokenizer's vocabulary; an untrained padding logit
+    that wins must not be emitted (the tokenizer cannot detokenize it)."""
+
+    class Chars:
+        vocab_size, eod = 128, 0
+
+        def tokenize(self, text):
+            return [ord(c) for c in text]
+
+        def detokenize(self, ids):
+            assert all(i < self.vocab_size for i in ids), ids
+            return "".join(chr(i) for i in ids)
+
+    class PaddingWins(torch.nn.Module):  # a padding id scores highest; then "7", then a newline
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, tokens, positions, mask):
+            logits = torch.zeros(*tokens.shape, 256)
+            logits[..., 200] = 9.0
+            last = tokens[:, -1:]
+            logits[..., ord("7")] = torch.where(last == ord("7"), 0.0, 2.0)
+            logits[..., ord("\n")] = 1.0
+            return logits
+
+    tasks = [{"task": "add", "prompt": "3+4=", "answer": "7"}]
+    assert exact_match_accuracy(PaddingWins(), Chars(), tasks) == {"add": 1.0}
