@@ -170,10 +170,12 @@ class PlannedTensor:
 @dataclass
 class TensorTable:
     """A family's tensor table. ``tied_output`` names the HF output-projection tensor and the
-    tensor it equals when embeddings are tied (HF may or may not store it)."""
+    tensor it equals when embeddings are tied (HF may or may not store it). ``refused``: (regex,
+    reason) pairs for HF tensors the family knows and does not map (the refusal says why)."""
 
     rules: Sequence[TensorRule]
     tied_output: Optional[Tuple[str, str]] = None
+    refused: Tuple[Tuple[str, str], ...] = ()
     _compiled: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
@@ -237,6 +239,10 @@ def check_hf_tensors(
                     f"{list(available[out_name][0])}, expected "
                     f"{list(available[src][0])}"
                 )
+    for pattern, reason in table.refused:
+        known = [n for n in extra if re.match(pattern, n)]
+        if known:
+            raise ConversionError(f"tensor(s) {_preview(known, 3)}: {reason}")
     if extra:
         raise ConversionError(
             "tensor(s) in the Hugging Face checkpoint not covered by the mapping table: " + _preview(extra)

@@ -269,6 +269,7 @@ def _common_rules() -> list:
             disable_bias_linear=True,
             moe_router_score_function="softmax",
             moe_router_topk_scaling_factor=None,
+            multi_latent_attention=False,
         ),
     ]
 
@@ -625,7 +626,7 @@ GLM4_MOE = Family(
             *_deepseek_routing("n_routed_experts"),
             same("attention_bias", "add_qkv_bias"),  # q/k/v only: o_proj has none
             same("use_qk_norm", "qk_layernorm"),  # per head
-            fixed_flags(normalization="RMSNorm", swiglu=True, disable_bias_linear=True),
+            fixed_flags(normalization="RMSNorm", swiglu=True, disable_bias_linear=True, multi_latent_attention=False),
         ],
         # num_nextn_predict_layers: the MTP layers, which transformers' model neither builds nor
         # loads; a checkpoint holding their weights is refused (tensors not in the table).
@@ -633,11 +634,154 @@ GLM4_MOE = Family(
     ),
 )
 
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-V3 (deepseek_v3): multi-latent attention, and the routing, shared experts and first
+# dense layers of glm4_moe (one owner: _deepseek_routing, _deepseek_mlp_tensors)
+# ----------------------------------------------------------------------------------------------
+# HF's q_a_layernorm and kv_a_layernorm are built with DeepseekV3RMSNorm's default eps, Megatron's
+# q_layernorm and kv_layernorm with the model's norm epsilon: exact only when the two agree.
+_DEEPSEEK_LATENT_NORM_EPS = 1e-6
+
+
+def _deepseek_norm_eps() -> ConfigRule:
+    def to_flags(v):
+        eps = v.get("rms_norm_eps")
+        if eps is None:
+            raise ConversionError("config.json lacks required field 'rms_norm_eps'")
+        if eps != _DEEPSEEK_LATENT_NORM_EPS:
+            raise ConversionError(
+                f"config.json field rms_norm_eps={eps!r} is not supported: DeepSeek-V3's q_a_layernorm and "
+                f"kv_a_layernorm always use eps={_DEEPSEEK_LATENT_NORM_EPS}, Megatron-Core's MLA norms use "
+                "rms_norm_eps; only rms_norm_eps=1e-06 maps exactly"
+            )
+        return {"norm_epsilon": eps}
+
+    def to_hf(f):
+        if f["norm_epsilon"] != _DEEPSEEK_LATENT_NORM_EPS:
+            raise ConversionError(
+                f"model flag norm_epsilon={f['norm_epsilon']!r} cannot be expressed by deepseek_v3 (its latent "
+                f"norms use eps={_DEEPSEEK_LATENT_NORM_EPS})"
+            )
+        return {"rms_norm_eps": f["norm_epsilon"]}
+
+    return ConfigRule(("rms_norm_eps",), to_flags, to_hf)
+
+
+def _mla_heads() -> ConfigRule:
+    """MLA expands its latent keys to every head: HF's num_key_value_heads must be the head count."""
+
+    def to_flags(v):
+        heads, kv = v["num_attention_heads"], v.get("num_key_value_heads") or v["num_attention_heads"]
+        if kv != heads:
+            raise ConversionError(
+                f"config.json num_key_value_heads={kv} is not supported: multi-latent attention has one key "
+                f"and value per head (num_key_value_heads = num_attention_heads = {heads})"
+            )
+        return {"group_query_attention": False, "num_query_groups": 1}
+
+    def to_hf(f):
+        if f["group_query_attention"]:
+            raise ConversionError("model flag group_query_attention cannot be expressed by deepseek_v3 (MLA)")
+        return {"num_key_value_heads": f["num_attention_heads"]}
+
+    return ConfigRule(("num_key_value_heads",), to_flags, to_hf)
+
+
+def _mla_sizes() -> list:
+    """HF's MLA sizes == megatron-core's MLATransformerConfig sizes; q_lora_rank None == a full
+    query projection (linear_q_proj). HF's apply_rotary_pos_emb_interleave de-interleaves the RoPE
+    part of q and k and rotates halves, as megatron-core's MLA always does: rope_interleave=True
+    maps with the weights unchanged. Unscaled RoPE only (megatron-core's rope_type 'rope'); the
+    softmax scale is then 1/sqrt(qk_nope_head_dim + qk_rope_head_dim) on both sides."""
+
+    def q_to_flags(v):
+        return {"q_lora_rank": v.get("q_lora_rank")}
+
+    return [
+        ConfigRule(("q_lora_rank",), q_to_flags, lambda f: {"q_lora_rank": f["q_lora_rank"]}),
+        same("kv_lora_rank"),
+        same("qk_nope_head_dim", "qk_head_dim"),
+        same("qk_rope_head_dim", "qk_pos_emb_head_dim"),
+        same("v_head_dim"),
+        check(
+            "rope_interleave",
+            lambda r: r,
+            "megatron-core's MLA de-interleaves the RoPE dimensions (HF rope_interleave=True); "
+            "only rope_interleave=True maps with the weights as they are",
+            default=True,
+        ),
+        check(
+            "attention_bias",
+            lambda b: not b,
+            "megatron-core's MLA projections take a bias only with add_bias_linear (every linear, not "
+            "allowed with MoE)",
+            default=False,
+        ),
+        # derived by DeepseekV3Config from the sizes above (qk_head_dim = nope + rope, head_dim = rope)
+        ConfigRule(("qk_head_dim", "head_dim"), lambda v: {}, lambda f: {}, carried=True),
+        fixed_flags(multi_latent_attention=True, rope_type="rope", qk_layernorm=True, kv_channels=None),
+    ]
+
+
+def _mla_tensors() -> list:
+    a, x = "model.layers.{L}.self_attn", "decoder.layers.{L}.self_attention"
+    return [
+        TensorRule(f"{x}.linear_q_down_proj.weight", f"{a}.q_a_proj.weight"),
+        TensorRule(f"{x}.q_layernorm.weight", f"{a}.q_a_layernorm.weight"),
+        TensorRule(f"{x}.linear_q_up_proj.weight", f"{a}.q_b_proj.weight"),
+        TensorRule(f"{x}.linear_q_proj.weight", f"{a}.q_proj.weight"),
+        TensorRule(f"{x}.linear_kv_down_proj.weight", f"{a}.kv_a_proj_with_mqa.weight"),
+        TensorRule(f"{x}.kv_layernorm.weight", f"{a}.kv_a_layernorm.weight"),
+        TensorRule(f"{x}.linear_kv_up_proj.weight", f"{a}.kv_b_proj.weight"),
+        TensorRule(f"{x}.linear_proj.weight", f"{a}.o_proj.weight"),
+    ]
+
+
+# HF DeepSeek-V3 checkpoints keep their MTP modules as layers num_hidden_layers.. (enorm, hnorm,
+# eh_proj, shared_head, a decoder layer); transformers builds none of them.
+_MTP_TENSORS = (
+    r"model\.layers\.\d+\.(enorm|hnorm|eh_proj|shared_head)\.",
+    "the checkpoint holds multi-token-prediction layers (num_nextn_predict_layers), which transformers does "
+    "not build and the mapping does not cover yet; remove those tensors to convert the main model",
+)
+
+DEEPSEEK_V3 = Family(
+    model_type="deepseek_v3",
+    architecture="DeepseekV3ForCausalLM",
+    tensors=TensorTable(
+        [
+            *_mla_tensors(),
+            *[
+                r
+                for r in _common_tensors("self_attn", mlp_rules=_deepseek_mlp_tensors())
+                if ".self_attention." not in r.mcore
+            ],
+        ],
+        tied_output=TIED,
+        refused=(_MTP_TENSORS,),
+    ),
+    config=ConfigTable(
+        rules=[
+            *[r for r in _common_rules() if r.hf and r.hf[0] not in ("num_key_value_heads", "rms_norm_eps")],
+            _deepseek_norm_eps(),
+            _mla_heads(),
+            *_mla_sizes(),
+            _dense_ffn(),
+            *_deepseek_routing("n_routed_experts"),
+            fixed_flags(normalization="RMSNorm", swiglu=True, disable_bias_linear=True),
+        ],
+        # pretraining_tp: unused by transformers' DeepSeek-V3 forward; num_mtp_layers (alias
+        # num_nextn_predict_layers): the MTP modules transformers neither builds nor loads.
+        carry=COMMON_CARRY + ("pretraining_tp", "num_mtp_layers", "num_nextn_predict_layers"),
+    ),
+)
+
 # The Hugging Face families: the one table ``get_family`` validates a model type against and
 # dispatches by, and ``infer_family`` tries in order (their flags do not overlap: Qwen2-MoE has
 # the gated shared expert, Qwen3-MoE the per-head q/k norms, Mixtral neither, GLM-4.5 MoE the
-# sigmoid router the others refuse).
-FAMILIES: Dict[str, Family] = {f.model_type: f for f in (QWEN2_MOE, QWEN3_MOE, MIXTRAL, GLM4_MOE)}
+# sigmoid router the others refuse, DeepSeek-V3 the multi-latent attention the others refuse).
+FAMILIES: Dict[str, Family] = {f.model_type: f for f in (QWEN2_MOE, QWEN3_MOE, MIXTRAL, GLM4_MOE, DEEPSEEK_V3)}
 
 # Families we know and refuse, with the reason (Megatron-Core 0.16.1 cannot express them exactly,
 # or the mapping is not clear enough to ship).
@@ -651,13 +795,6 @@ REFUSED: Dict[str, str] = {
     "deepseek_v2": (
         "DeepSeek-V2 uses multi-latent attention with interleaved/YaRN RoPE and group-limited "
         "routing; no mapping table is shipped for it"
-    ),
-    "deepseek_v3": (
-        "DeepSeek-V3's multi-latent attention runs in Megatron-Core only with Transformer Engine's "
-        "attention (its local DotProductAttention takes no separate key and value head sizes), so the "
-        "mapping cannot be checked against transformers on the CPU and none is shipped; its routing "
-        "(sigmoid, e_score_correction_bias, group-limited top-k, routed_scaling_factor), shared experts "
-        "and first dense layers map as glm4_moe's do"
     ),
     "bailing_moe": (
         "Ling/Bailing-MoE is not part of transformers (remote code), so no tiny model can check a "

@@ -309,6 +309,8 @@ def transformer_config_from_flags(flags: Dict[str, Any], **overrides):
         config_class = MLATransformerConfig
         kw["multi_latent_attention"] = True
         kw.update({name: f[name] for name in _MLA_SIZES if f[name] is not None or name == "q_lora_rank"})
+        # MLA builds its own rotary embedding from these config fields (GPTModel's arguments are unused)
+        kw.update(rotary_base=f["rotary_base"], rotary_percent=f["rotary_percent"])
     kw.update(overrides)
     try:
         return config_class(**kw)

@@ -33,7 +33,7 @@ VOCAB, SEQ, BATCH = 96, 12, 2
 
 
 def _configs():
-    from transformers import Glm4MoeConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import DeepseekV3Config, Glm4MoeConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     common = dict(
         vocab_size=VOCAB,
@@ -90,7 +90,37 @@ def _configs():
             head_dim=24,
             num_nextn_predict_layers=0,
         ),
+        # multi-latent attention (query and key-value latents with their norms, interleaved RoPE on
+        # part of each head, a rope_theta that is not the default) with the glm4_moe routing
+        "deepseek_v3": lambda: DeepseekV3Config(**_deepseek_v3_fields()),
     }
+
+
+def _deepseek_v3_fields(**edits):
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        num_experts_per_tok=2,
+        intermediate_size=40,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=12,
+        qk_rope_head_dim=8,
+        v_head_dim=10,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+    )
+    return {**fields, **edits}
 
 
 FAMILIES = list(_configs())  # one tiny random model per family of convert.FAMILIES
@@ -213,6 +243,68 @@ def test_export_loads_with_from_pretrained(work, family):
     ref = _hf_logits(_hf_dir(work, family), tokens)
     got = _hf_logits(_export_dir(work, family), tokens)
     assert torch.equal(got, ref)
+
+
+def _mean_loglik(logits, tokens):
+    logp = torch.log_softmax(logits.double(), dim=-1)[:, :-1]
+    return logp.gather(-1, tokens[:, 1:, None]).mean().item()
+
+
+def _deepseek_v3_q_proj_dir(work):
+    """DeepSeek-V3 with q_lora_rank=None: a full query projection (q_proj <-> linear_q_proj)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    path = str(work / "hf-deepseek_v3-q-proj")
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        config = DeepseekV3Config(**_deepseek_v3_fields(q_lora_rank=None, rope_parameters=None))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _randomize(model, seed=11)
+        model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["q-lora", "q-proj"])
+def test_deepseek_v3_loglik_matches_hf_in_float64(work, variant):
+    """Multi-latent attention through the converted megatron-core model (the project's local MLA
+    core attention): the log-likelihood equals transformers' in float64 within 1e-4, with the
+    query latent (q_a_proj, q_a_layernorm, q_b_proj) and without it (q_proj); export gives back
+    the same tensors."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from transformers import AutoModelForCausalLM
+
+    if variant == "q-lora":
+        hf, mcore = _hf_dir(work, "deepseek_v3"), _mcore_dir(work, "deepseek_v3")
+    else:
+        hf, mcore = _deepseek_v3_q_proj_dir(work), str(work / "mcore-deepseek_v3-q-proj")
+        if not os.path.exists(mcore):
+            hf_to_mcore(hf, mcore)
+    flags = mcore_io.read_model_args(mcore)
+    assert flags["multi_latent_attention"] and flags["qk_layernorm"] and flags["rope_type"] == "rope"
+    assert flags["q_lora_rank"] == (24 if variant == "q-lora" else None)
+    assert flags["moe_router_num_groups"] == 2 and flags["moe_router_enable_expert_bias"]
+    assert flags["rotary_base"] == (50000 if variant == "q-lora" else 10000)
+    tokens = _tokens(4)
+    ref_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float64, experts_implementation="eager").eval()
+    with torch.no_grad():
+        ref = ref_model(tokens).logits
+    model_parallel_cuda_manual_seed(1234, force_reset_rng=True)
+    model = mcore_io.build_model(flags, device="cpu")
+    mcore_io.load_model_weights(model, mcore)
+    model = model.double().eval()
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        got = model(tokens, pos, None)
+    assert got.dtype == torch.float64 and got.shape == ref.shape
+    assert abs(_mean_loglik(got, tokens) - _mean_loglik(ref, tokens)) < 1e-4
+    assert (got - ref).abs().max().item() < 1e-4
+    if variant == "q-proj":
+        back = str(work / "back-deepseek_v3-q-proj")
+        mcore_to_hf(mcore, back)
+        assert _config(back) == _config(hf)
+        a, b = _tensors(hf), _tensors(back)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert "model.layers.0.self_attn.q_proj.weight" in a
 
 
 def test_model_args_and_flags(work):
@@ -585,6 +677,70 @@ BAD_HF = {
     ),
     "activation": ("qwen2_moe", dict(config_edit=lambda c: c.update(hidden_act="gelu")), None, "hidden_act='gelu'"),
     "olmoe": ("mixtral", dict(config_edit=lambda c: c.update(model_type="olmoe")), None, "olmoe.*refused.*each head"),
+    "deepseek-v3-gqa": (
+        "deepseek_v3",
+        dict(config_edit=lambda c: c.update(num_key_value_heads=2)),
+        None,
+        "num_key_value_heads=2 is not supported: multi-latent attention",
+    ),
+    "deepseek-v3-rope-not-interleaved": (
+        "deepseek_v3",
+        dict(config_edit=lambda c: c.update(rope_interleave=False)),
+        None,
+        "rope_interleave=False is not supported",
+    ),
+    "deepseek-v3-yarn": (
+        "deepseek_v3",
+        dict(
+            config_edit=lambda c: c.update(
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "factor": 40.0,
+                    "rope_theta": 10000.0,
+                    "original_max_position_embeddings": 4096,
+                }
+            )
+        ),
+        None,
+        "rope_type='yarn' is not supported",
+    ),
+    "deepseek-v3-attention-bias": (
+        "deepseek_v3",
+        dict(config_edit=lambda c: c.update(attention_bias=True)),
+        None,
+        "attention_bias=True is not supported",
+    ),
+    "deepseek-v3-norm-eps": (
+        "deepseek_v3",
+        dict(config_edit=lambda c: c.update(rms_norm_eps=1e-5)),
+        None,
+        "rms_norm_eps=1e-05 is not supported: DeepSeek-V3's q_a_layernorm",
+    ),
+    "deepseek-v3-group-scores": (
+        "deepseek_v3",
+        dict(config_edit=lambda c: c.update(n_group=4, topk_group=2, num_experts_per_tok=2)),
+        None,
+        "n_group=4, topk_group=2, num_experts_per_tok=2: HF ranks groups by their top-2",
+    ),
+    "deepseek-v3-unnormalised": (
+        "deepseek_v3",
+        dict(config_edit=lambda c: c.update(norm_topk_prob=False)),
+        None,
+        "norm_topk_prob=False is not supported",
+    ),
+    "deepseek-v3-mtp-tensors": (
+        "deepseek_v3",
+        dict(
+            tensor_edit=lambda t: t.update(
+                {
+                    "model.layers.3.eh_proj.weight": torch.zeros(64, 128),
+                    "model.layers.3.enorm.weight": torch.ones(64),
+                }
+            )
+        ),
+        None,
+        r"model\.layers\.3\.eh_proj\.weight.*multi-token-prediction layers .*does not cover",
+    ),
     "not-in-table": (
         "mixtral",
         dict(config_edit=lambda c: c.update(model_type="llama")),
@@ -840,6 +996,7 @@ def test_one_table_of_families_validates_and_dispatches():
             get_family(model_type)
         assert reason in str(refused.value)
     with pytest.raises(
-        ConversionError, match="not in the mapping tables .supported: glm4_moe, mixtral, qwen2_moe, qwen3_moe"
+        ConversionError,
+        match="not in the mapping tables .supported: deepseek_v3, glm4_moe, mixtral, qwen2_moe, qwen3_moe",
     ):
         get_family("llama")
