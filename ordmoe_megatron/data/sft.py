@@ -169,14 +169,13 @@ def _digits(rng: random.Random, low: int, high: int) -> str:
 
 
 def _task(kind: str, rng: random.Random, max_digits: int) -> tuple[str, str]:
-    if kind == "add":
-        a, b = _digits(rng, 1, max_digits - 1).lstrip("0") or "0", _digits(rng, 1, max_digits - 1).lstrip("0") or "0"
-        return f"add {a} {b}", str(int(a) + int(b))
     s = _digits(rng, 2, max_digits)
     return f"{kind} {s}", {"copy": s, "reverse": s[::-1], "sort": "".join(sorted(s))}[kind]
 
 
-TINY_SFT_TASKS = ("add", "copy", "reverse", "sort")
+# No addition: the most significant digit first needs the carry from the last, and no model the
+# CPU trains in minutes learned it (held-out exact match 0.00-0.11 with 1-3 digit operands).
+TINY_SFT_TASKS = ("copy", "reverse", "sort")
 TINY_SFT_SYSTEM = "Answer with digits only."
 
 
@@ -210,7 +209,7 @@ def prepare_tiny_sft_data(out_dir: str, seed: int = 1234, sizes=(2000, 100, 100)
     SentencePiece tokenizer on them, in ``out_dir`` (reused when its manifest matches)."""
     os.makedirs(out_dir, exist_ok=True)
     # No system prompt: it would double the rows' length (the template's system turn is tested).
-    params = {"seed": seed, "sizes": list(sizes), "max_digits": max_digits, "tasks": list(TINY_SFT_TASKS), "v": 2}
+    params = {"seed": seed, "sizes": list(sizes), "max_digits": max_digits, "tasks": list(TINY_SFT_TASKS), "v": 3}
     paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "valid", "heldout")}
     paths["tokenizer_model"] = os.path.join(out_dir, "tokenizer.model")
     manifest = os.path.join(out_dir, "manifest.json")
