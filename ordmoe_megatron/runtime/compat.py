@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import typing
 from typing import Any, Optional
@@ -123,6 +124,23 @@ def score_function_problem(name: str) -> Optional[str]:
             "upgrade, or use one of those"
         )
     return f"--moe-router-score-function {name!r} is not a router score function ({offered}): use one of those"
+
+
+# 0.19: MLA resolves its query/key-value norms itself (``mla_qk_norm_config``); without a query
+# down-projection (``q_lora_rank`` unset) it wants the query norm fused into ``linear_q_proj``, a
+# Transformer Engine layer with no local counterpart, so the local spec cannot build it.
+_MLA_NEEDS_FUSED_QUERY_NORM = importlib.util.find_spec("megatron.core.transformer.mla_qk_norm_config") is not None
+
+
+def mla_query_projection_problem(q_lora_rank: Optional[int]) -> Optional[str]:
+    """Why multi-latent attention with this ``q_lora_rank`` cannot be built here (None if it can)."""
+    if q_lora_rank is not None or not _MLA_NEEDS_FUSED_QUERY_NORM:
+        return None
+    return (
+        f"--multi-latent-attention without --q-lora-rank: megatron-core {megatron.core.__version__} "
+        "builds that attention only with Transformer Engine's fused norm+linear query projection; "
+        "use megatron-core 0.16.1, or a model with a query down-projection (--q-lora-rank)"
+    )
 
 
 # --------------------------------------------------------------------------------------------

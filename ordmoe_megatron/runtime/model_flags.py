@@ -306,6 +306,9 @@ def transformer_config_from_flags(flags: Dict[str, Any], **overrides):
             kw["mtp_loss_scaling_factor"] = f["mtp_loss_scaling_factor"]
     config_class = TransformerConfig
     if f["multi_latent_attention"]:
+        problem = compat.mla_query_projection_problem(f["q_lora_rank"])
+        if problem:
+            raise OrdMoEError(problem)
         config_class = MLATransformerConfig
         kw["multi_latent_attention"] = True
         kw.update({name: f[name] for name in _MLA_SIZES if f[name] is not None or name == "q_lora_rank"})
