@@ -72,11 +72,16 @@ def hf_to_mcore(
     ckpt = hf_io.HFCheckpoint(hf_dir)
     table = family.tensors
     tied = not flags["untie_embeddings_and_output_weights"]
+    if flags.get("mtp_num_layers") and not table.has_mtp_layers(ckpt.tensors, flags):
+        # transformers' save_pretrained drops the MTP layers it does not build: the main model
+        log(f"config.json has {flags['mtp_num_layers']} MTP layer(s), the checkpoint none: importing without MTP")
+        flags = dict(flags, mtp_num_layers=None)
+    copies = table.copy_names(flags)
 
     mcore_io.ensure_single_process()
     model = mcore_io.build_model(flags, device="meta")
     plan = table.plan(mcore_io.tensor_shapes(model), flags)
-    check_hf_tensors(plan, ckpt.tensors, table, tied)
+    check_hf_tensors(plan, ckpt.tensors, table, tied, copies)
     for p in plan:
         dtypes = {ckpt.tensors[n][1] for n in p.hf_names}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
@@ -99,6 +104,12 @@ def hf_to_mcore(
             out_name, src = table.tied_output
             if not torch.equal(ckpt.get(out_name), ckpt.get(src)):
                 raise ConversionError(f"tie_word_embeddings is true but tensor {out_name} differs from {src}")
+        for name, src in copies.items():
+            src = src if src in ckpt.tensors else table.tied_output[1]
+            if not torch.equal(ckpt.get(name), ckpt.get(src)):
+                raise ConversionError(
+                    f"tensor {name} differs from {src}: megatron-core's MTP layer shares {src}, so only equal copies map"
+                )
         ckpt.close()
         mcore_io.save_checkpoint(sharded, tmp)
         mcore_io.write_model_args(tmp, flags)
@@ -155,6 +166,12 @@ def _regions(plan, sharded, md) -> Dict[str, tuple]:
     return out
 
 
+def tied_written(family: Family, flags: Dict[str, Any], name: str) -> bool:
+    """Whether export writes ``name`` itself (a tied output layer is written as the embedding)."""
+    tied = not flags["untie_embeddings_and_output_weights"]
+    return not (tied and family.tensors.tied_output and name == family.tensors.tied_output[0])
+
+
 def mcore_to_hf(
     mcore_dir: str,
     out_dir: str,
@@ -190,6 +207,9 @@ def mcore_to_hf(
     if "dtype" not in hf_values and "torch_dtype" not in hf_values:
         hf_values["dtype"] = str(regions["embedding.word_embeddings.weight"][3]).replace("torch.", "")
 
+    copies: Dict[str, list] = {}
+    for name, src in family.tensors.copy_names(flags).items():
+        copies.setdefault(src if tied_written(family, flags, src) else family.tensors.tied_output[1], []).append(name)
     max_bytes = hf_io.parse_size(max_shard_size)
     with staged_output(out_dir, force) as tmp:
         writer = hf_io.ShardWriter(tmp, max_bytes)
@@ -202,6 +222,8 @@ def mcore_to_hf(
                     if tuple(t.shape) != tuple(shape):
                         raise ConversionError(f"{name}: built shape {list(t.shape)}, expected {list(shape)}")
                     writer.add(name, t)
+                    for copy in copies.get(name, ()):  # an MTP layer's copy of a shared tensor
+                        writer.add(copy, t.clone())
         files = writer.finish()
         hf_io.write_hf_config(tmp, family.model_type, hf_values)
     log(f"wrote {out_dir} ({family.model_type}, {len(files)} safetensors file(s))")

@@ -8,7 +8,8 @@ A family is described by two declarative tables:
   flags (see :mod:`ordmoe_megatron.runtime.model_flags`), plus fields that are only checked or carried.
 
 Patterns use ``{L}`` (layer index) and ``{E}`` (expert index) placeholders; both sides use the
-same (global) indices. The engine plans a conversion from the set of state-dict keys a Megatron
+same (global) indices. ``{M}`` (a multi-token-prediction layer) binds ``{N}`` = ``num_layers + M``
+on the Hugging Face side, where HF checkpoints keep their MTP layers after the decoder's. The engine plans a conversion from the set of state-dict keys a Megatron
 model has (so which optional rows apply -- biases, shared experts, dense layers -- is decided by
 the model built from the flags, not by the table), validates names and shapes before any tensor
 data is read, and applies transforms in either direction.
@@ -171,11 +172,17 @@ class PlannedTensor:
 class TensorTable:
     """A family's tensor table. ``tied_output`` names the HF output-projection tensor and the
     tensor it equals when embeddings are tied (HF may or may not store it). ``refused``: (regex,
-    reason) pairs for HF tensors the family knows and does not map (the refusal says why)."""
+    reason) pairs for HF tensors the family knows and does not map (the refusal says why).
+    ``copies``: (HF pattern with ``{N}``, HF tensor) pairs: per MTP layer, HF tensors that must
+    equal a main-model tensor (megatron-core's MTP shares it); import checks them, export writes
+    them. ``mtp_layer``: the HF prefix of an MTP layer (``{N}``): a config with MTP layers whose
+    checkpoint holds none of them imports without them."""
 
     rules: Sequence[TensorRule]
     tied_output: Optional[Tuple[str, str]] = None
     refused: Tuple[Tuple[str, str], ...] = ()
+    copies: Tuple[Tuple[str, str], ...] = ()
+    mtp_layer: Optional[str] = None
     _compiled: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
@@ -197,6 +204,8 @@ class TensorTable:
                 unmapped.append(key)
                 continue
             rule, binding = hit
+            if "M" in binding:
+                binding["N"] = str(int(ctx["num_layers"]) + int(binding["M"]))
             names = [p.format(**binding) for p in rule.hf]
             out.append(
                 PlannedTensor(key, tuple(shape), rule, names, rule.transform.hf_shapes(tuple(shape), len(names), ctx))
@@ -206,6 +215,17 @@ class TensorTable:
         return out
 
 
+    def copy_names(self, ctx: Dict[str, Any]) -> Dict[str, str]:
+        """Each MTP layer's copies of main-model tensors: {copy name: the tensor it equals}."""
+        n, mtp = int(ctx["num_layers"]), int(ctx.get("mtp_num_layers") or 0)
+        return {pattern.format(N=n + i): src for i in range(mtp) for pattern, src in self.copies}
+
+    def has_mtp_layers(self, names: Iterable[str], ctx: Dict[str, Any]) -> bool:
+        """Whether a checkpoint's tensor ``names`` hold the first MTP layer."""
+        prefix = (self.mtp_layer or "").format(N=int(ctx["num_layers"]))
+        return bool(self.mtp_layer) and any(name.startswith(prefix) for name in names)
+
+
 def _preview(items: Sequence[str], n: int = 8) -> str:
     items = list(items)
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
@@ -213,7 +233,11 @@ def _preview(items: Sequence[str], n: int = 8) -> str:
 
 
 def check_hf_tensors(
-    plan: List[PlannedTensor], available: Dict[str, Tuple[Shape, Any]], table: TensorTable, tied: bool
+    plan: List[PlannedTensor],
+    available: Dict[str, Tuple[Shape, Any]],
+    table: TensorTable,
+    tied: bool,
+    copies: Optional[Dict[str, str]] = None,
 ) -> None:
     """Before reading data: every HF tensor the plan needs exists with the right shape, and every
     HF tensor present is used (a stray tensor means the table does not describe this model)."""
@@ -239,6 +263,13 @@ def check_hf_tensors(
                     f"{list(available[out_name][0])}, expected "
                     f"{list(available[src][0])}"
                 )
+    for name, src in (copies or {}).items():
+        if name not in available:
+            raise ConversionError(f"missing tensor {name} (the MTP layer's copy of {src}) in the Hugging Face checkpoint")
+        extra.remove(name)
+        src = src if src in available else table.tied_output[1]
+        if tuple(available[name][0]) != tuple(available[src][0]):
+            raise ConversionError(f"tensor {name} has shape {list(available[name][0])}, {src} has {list(available[src][0])}")
     for pattern, reason in table.refused:
         known = [n for n in extra if re.match(pattern, n)]
         if known:
@@ -382,10 +413,13 @@ def iter_layer_groups(plan: Iterable[PlannedTensor]) -> List[List[PlannedTensor]
     """Group planned tensors by decoder layer (non-layer tensors form their own groups), in
     model order, so export can load and write one layer at a time."""
     groups: Dict[Any, List[PlannedTensor]] = {}
-    rx = re.compile(r"decoder\.layers\.(\d+)\.")
+    rx = re.compile(r"(decoder|mtp)\.layers\.(\d+)\.")
     for p in plan:
         m = rx.match(p.mcore_key)
-        key = ("layer", int(m.group(1))) if m else (("pre", 0) if p.mcore_key.startswith("embedding") else ("post", 0))
+        if m:
+            key = ("layer" if m.group(1) == "decoder" else "mtp", int(m.group(2)))
+        else:
+            key = ("pre", 0) if p.mcore_key.startswith("embedding") else ("post", 0)
         groups.setdefault(key, []).append(p)
-    order = sorted(groups, key=lambda k: ({"pre": 0, "layer": 1, "post": 2}[k[0]], k[1]))
+    order = sorted(groups, key=lambda k: ({"pre": 0, "layer": 1, "mtp": 2, "post": 3}[k[0]], k[1]))
     return [groups[k] for k in order]

@@ -738,28 +738,60 @@ def _mla_tensors() -> list:
     ]
 
 
-# HF DeepSeek-V3 checkpoints keep their MTP modules as layers num_hidden_layers.. (enorm, hnorm,
-# eh_proj, shared_head, a decoder layer); transformers builds none of them.
-_MTP_TENSORS = (
-    r"model\.layers\.\d+\.(enorm|hnorm|eh_proj|shared_head)\.",
-    "the checkpoint holds multi-token-prediction layers (num_nextn_predict_layers), which transformers does "
-    "not build and the mapping does not cover yet; remove those tensors to convert the main model",
-)
+# HF DeepSeek-V3 checkpoints keep their MTP modules as layers num_hidden_layers + i (enorm, hnorm,
+# eh_proj, shared_head.norm, a decoder layer, and copies of embed_tokens and lm_head); transformers
+# builds none of them. megatron-core's MultiTokenPredictionLayer has the same pieces and the same
+# order (eh_proj over [enorm(embedding), hnorm(hidden)], the hidden after the final norm) and
+# shares the embedding and output layer; its decoder layer is transformer_layer in 0.16,
+# mtp_model_layer in 0.19 (the plan takes the rows the built model has).
+_MTP_LAYER_NAMES = ("transformer_layer", "mtp_model_layer")
+
+
+def _mtp_tensors(layer_rules: list) -> list:
+    m, x = "model.layers.{N}", "mtp.layers.{M}"
+    rules = [
+        TensorRule(f"{x}.enorm.weight", f"{m}.enorm.weight"),
+        TensorRule(f"{x}.hnorm.weight", f"{m}.hnorm.weight"),
+        TensorRule(f"{x}.eh_proj.weight", f"{m}.eh_proj.weight"),
+        TensorRule(f"{x}.final_layernorm.weight", f"{m}.shared_head.norm.weight"),
+    ]
+    for r in layer_rules:
+        if r.mcore.startswith("decoder.layers.{L}."):
+            for name in _MTP_LAYER_NAMES:
+                mcore = r.mcore.replace("decoder.layers.{L}.", f"{x}.{name}.")
+                rules.append(TensorRule(mcore, tuple(h.replace("model.layers.{L}.", f"{m}.") for h in r.hf), r.transform))
+    return rules
+
+
+def _mtp_layers() -> ConfigRule:
+    """num_nextn_predict_layers == mtp_num_layers. A checkpoint without MTP tensors imports with
+    none (hf_to_mcore), and export then keeps the recorded field as transformers' save does."""
+
+    def to_flags(v):
+        return {"mtp_num_layers": v.get("num_nextn_predict_layers") or None}
+
+    def to_hf(f):
+        return {"num_nextn_predict_layers": f["mtp_num_layers"]} if f["mtp_num_layers"] else {}
+
+    return ConfigRule(("num_nextn_predict_layers",), to_flags, to_hf, carried=True)
+
+
+_DEEPSEEK_V3_LAYER_TENSORS = [
+    *_mla_tensors(),
+    *[r for r in _common_tensors("self_attn", mlp_rules=_deepseek_mlp_tensors()) if ".self_attention." not in r.mcore],
+]
 
 DEEPSEEK_V3 = Family(
     model_type="deepseek_v3",
     architecture="DeepseekV3ForCausalLM",
     tensors=TensorTable(
-        [
-            *_mla_tensors(),
-            *[
-                r
-                for r in _common_tensors("self_attn", mlp_rules=_deepseek_mlp_tensors())
-                if ".self_attention." not in r.mcore
-            ],
-        ],
+        [*_DEEPSEEK_V3_LAYER_TENSORS, *_mtp_tensors(_DEEPSEEK_V3_LAYER_TENSORS)],
         tied_output=TIED,
-        refused=(_MTP_TENSORS,),
+        copies=(
+            ("model.layers.{N}.embed_tokens.weight", "model.embed_tokens.weight"),
+            ("model.layers.{N}.shared_head.head.weight", "lm_head.weight"),
+        ),
+        mtp_layer="model.layers.{N}.",
     ),
     config=ConfigTable(
         rules=[
@@ -769,11 +801,12 @@ DEEPSEEK_V3 = Family(
             *_mla_sizes(),
             _dense_ffn(),
             *_deepseek_routing("n_routed_experts"),
+            _mtp_layers(),
             fixed_flags(normalization="RMSNorm", swiglu=True, disable_bias_linear=True),
         ],
-        # pretraining_tp: unused by transformers' DeepSeek-V3 forward; num_mtp_layers (alias
-        # num_nextn_predict_layers): the MTP modules transformers neither builds nor loads.
-        carry=COMMON_CARRY + ("pretraining_tp", "num_mtp_layers", "num_nextn_predict_layers"),
+        # pretraining_tp: unused by transformers' DeepSeek-V3 forward; num_mtp_layers: the alias
+        # of num_nextn_predict_layers.
+        carry=COMMON_CARRY + ("pretraining_tp", "num_mtp_layers"),
     ),
 )
 

@@ -734,19 +734,6 @@ BAD_HF = {
         None,
         "norm_topk_prob=False is not supported",
     ),
-    "deepseek-v3-mtp-tensors": (
-        "deepseek_v3",
-        dict(
-            tensor_edit=lambda t: t.update(
-                {
-                    "model.layers.3.eh_proj.weight": torch.zeros(64, 128),
-                    "model.layers.3.enorm.weight": torch.ones(64),
-                }
-            )
-        ),
-        None,
-        r"model\.layers\.3\.eh_proj\.weight.*multi-token-prediction layers .*does not cover",
-    ),
     "not-in-table": (
         "mixtral",
         dict(config_edit=lambda c: c.update(model_type="llama")),
@@ -1006,3 +993,135 @@ def test_one_table_of_families_validates_and_dispatches():
         match="not in the mapping tables .supported: deepseek_v3, glm4_moe, mixtral, qwen2_moe, qwen3_moe",
     ):
         get_family("llama")
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-V3 multi-token prediction (num_nextn_predict_layers)
+# ----------------------------------------------------------------------------------------------
+def _mtp_layer_tensors(hf_dir, seed=21):
+    """An MTP layer (model.layers.3) for the tiny DeepSeek-V3: a random MoE decoder layer shaped
+    like layer 2, enorm/hnorm/eh_proj/shared_head.norm, and the copies of embed_tokens and lm_head."""
+    main = _tensors(hf_dir)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in main.items():
+        if name.startswith("model.layers.2."):
+            noise = torch.randn(t.shape, generator=gen)
+            out[name.replace("model.layers.2.", "model.layers.3.")] = (
+                1.0 + 0.2 * noise if "norm" in name else 0.1 * noise if "bias" in name else 0.15 * noise
+            )
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        out[f"model.layers.3.{norm}.weight"] = 1.0 + 0.2 * torch.randn(64, generator=gen)
+    out["model.layers.3.eh_proj.weight"] = 0.15 * torch.randn(64, 128, generator=gen)
+    out["model.layers.3.embed_tokens.weight"] = main["model.embed_tokens.weight"].clone()
+    out["model.layers.3.shared_head.head.weight"] = main["lm_head.weight"].clone()
+    return out
+
+
+def _deepseek_v3_mtp_dir(work):
+    path = str(work / "hf-deepseek_v3-mtp")
+    if not os.path.exists(path):
+        src = _hf_dir(work, "deepseek_v3")
+        shutil.copytree(src, path)
+        tensors = {**_tensors(src), **_mtp_layer_tensors(src)}
+        for fname in os.listdir(path):
+            if fname.endswith(".safetensors") or fname.endswith(".index.json"):
+                os.remove(os.path.join(path, fname))
+        safetensors_torch.save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def _mtp_reference_logits(hf_dir, tokens):
+    """DeepSeek-V3's MTP from transformers' own pieces in float64: the layer is loaded as the 4th
+    decoder layer of a 4-layer model; its input is eh_proj([enorm(embed(t_{i+1})), hnorm(h_i)])
+    with h_i the main model's last hidden state (after its final norm, as megatron-core and
+    DeepSeek-V3's serving code feed it), then shared_head.norm and lm_head."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    mtp = {k: v.double() for k, v in _mtp_layer_tensors(_hf_dir_cache["deepseek_v3"]).items()}
+    main = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, experts_implementation="eager").eval()
+    big_dir = hf_dir + "-as-4-layers"
+    if not os.path.exists(big_dir):
+        shutil.copytree(hf_dir, big_dir)
+        cfg = _config(big_dir)
+        cfg["num_hidden_layers"] = 4
+        with open(os.path.join(big_dir, "config.json"), "w") as fh:
+            json.dump(cfg, fh)
+        layer = {k: v for k, v in _tensors(hf_dir).items() if not k.startswith("model.layers.3.")}
+        layer.update({k: v for k, v in _mtp_layer_tensors(_hf_dir_cache["deepseek_v3"]).items()
+                      if not any(s in k for s in ("enorm", "hnorm", "eh_proj", "shared_head", "embed_tokens"))})
+        for fname in os.listdir(big_dir):
+            if fname.endswith(".safetensors"):
+                os.remove(os.path.join(big_dir, fname))
+        safetensors_torch.save_file(layer, os.path.join(big_dir, "model.safetensors"), metadata={"format": "pt"})
+    big = AutoModelForCausalLM.from_pretrained(big_dir, dtype=torch.float64, experts_implementation="eager").eval()
+
+    def norm(name):
+        n = DeepseekV3RMSNorm(64, eps=main.config.rms_norm_eps).double()
+        n.weight.data.copy_(mtp[f"model.layers.3.{name}.weight"])
+        return n
+
+    with torch.no_grad():
+        h = main.model(tokens).last_hidden_state
+        emb = main.model.embed_tokens(tokens.roll(-1, dims=1))
+        x = torch.cat([norm("enorm")(emb), norm("hnorm")(h)], -1) @ mtp["model.layers.3.eh_proj.weight"].T
+        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        cos_sin = big.model.rotary_emb(x, pos)
+        x = big.model.layers[3](x, attention_mask=None, position_embeddings=cos_sin, position_ids=pos)
+        x = x[0] if isinstance(x, tuple) else x
+        return main.lm_head(norm("shared_head.norm")(x))
+
+
+_hf_dir_cache = {}
+
+
+def test_deepseek_v3_mtp_layers_import_export_and_match_a_reference(work):
+    """A DeepSeek-V3 checkpoint with its MTP layer: import gives mtp_num_layers=1 and the
+    megatron-core MTP block loads it; MTP logits equal a reference from transformers' own layers
+    in float64 within 1e-4; export gives back the same config and tensors bit for bit."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    _hf_dir_cache["deepseek_v3"] = _hf_dir(work, "deepseek_v3")
+    hf, mcore, back = _deepseek_v3_mtp_dir(work), str(work / "mcore-deepseek_v3-mtp"), str(work / "back-deepseek_v3-mtp")
+    flags = hf_to_mcore(hf, mcore)
+    assert flags["mtp_num_layers"] == 1
+    # the plain checkpoint (config num_nextn_predict_layers=1, no MTP tensors) imports without MTP
+    assert _config(_hf_dir(work, "deepseek_v3"))["num_nextn_predict_layers"] == 1
+    assert not mcore_io.read_model_args(_mcore_dir(work, "deepseek_v3"))["mtp_num_layers"]
+
+    tokens = _tokens(5)
+    ref = _mtp_reference_logits(hf, tokens)
+    model_parallel_cuda_manual_seed(1234, force_reset_rng=True)
+    model = mcore_io.build_model(mcore_io.read_model_args(mcore), device="cpu")
+    mcore_io.load_model_weights(model, mcore)
+    model = model.double().eval()
+    captured = {}
+    model.mtp.register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        model(tokens, pos, None, labels=tokens)
+        mtp_hidden = torch.chunk(captured["h"], 2, dim=0)[1]
+        got = model.output_layer(mtp_hidden)[0].transpose(0, 1)
+    assert got.shape == ref.shape
+    # the last position has no next token (megatron-core rolls it out of the loss)
+    err = (got[:, :-1] - ref[:, :-1]).abs().max().item()
+    assert err < 1e-4, err
+    assert (ref[:, :-1] - ref[:, :-1].roll(1, dims=-1)).abs().max().item() > 1e-2
+
+    mcore_to_hf(mcore, back)
+    assert _config(back) == _config(hf)
+    a, b = _tensors(hf), _tensors(back)
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deepseek_v3_mtp_copy_that_differs_is_refused(work, tmp_path):
+    src = _deepseek_v3_mtp_dir(work)
+    path = str(tmp_path / "hf")
+    shutil.copytree(src, path)
+    tensors = _tensors(path)
+    tensors["model.layers.3.shared_head.head.weight"] = tensors["model.layers.3.shared_head.head.weight"] + 1
+    safetensors_torch.save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"model\.layers\.3\.shared_head\.head\.weight differs from lm_head"):
+        hf_to_mcore(path, str(tmp_path / "out"))
