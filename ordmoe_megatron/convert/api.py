@@ -108,7 +108,8 @@ def hf_to_mcore(
             src = src if src in ckpt.tensors else table.tied_output[1]
             if not torch.equal(ckpt.get(name), ckpt.get(src)):
                 raise ConversionError(
-                    f"tensor {name} differs from {src}: megatron-core's MTP layer shares {src}, so only equal copies map"
+                    f"tensor {name} differs from {src}: megatron-core's MTP layer shares {src}, "
+                    "so only equal copies map"
                 )
         ckpt.close()
         mcore_io.save_checkpoint(sharded, tmp)

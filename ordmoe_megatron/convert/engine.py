@@ -9,9 +9,10 @@ A family is described by two declarative tables:
 
 Patterns use ``{L}`` (layer index) and ``{E}`` (expert index) placeholders; both sides use the
 same (global) indices. ``{M}`` (a multi-token-prediction layer) binds ``{N}`` = ``num_layers + M``
-on the Hugging Face side, where HF checkpoints keep their MTP layers after the decoder's. The engine plans a conversion from the set of state-dict keys a Megatron
-model has (so which optional rows apply -- biases, shared experts, dense layers -- is decided by
-the model built from the flags, not by the table), validates names and shapes before any tensor
+on the Hugging Face side, where HF checkpoints keep their MTP layers after the decoder's. The
+engine plans a conversion from the set of state-dict keys a Megatron model has (so which
+optional rows apply -- biases, shared experts, dense layers -- is decided by the model built
+from the flags, not by the table), validates names and shapes before any tensor
 data is read, and applies transforms in either direction.
 """
 
@@ -214,7 +215,6 @@ class TensorTable:
             raise ConversionError("Megatron model tensor(s) not covered by the mapping table: " + _preview(unmapped))
         return out
 
-
     def copy_names(self, ctx: Dict[str, Any]) -> Dict[str, str]:
         """Each MTP layer's copies of main-model tensors: {copy name: the tensor it equals}."""
         n, mtp = int(ctx["num_layers"]), int(ctx.get("mtp_num_layers") or 0)
@@ -265,11 +265,15 @@ def check_hf_tensors(
                 )
     for name, src in (copies or {}).items():
         if name not in available:
-            raise ConversionError(f"missing tensor {name} (the MTP layer's copy of {src}) in the Hugging Face checkpoint")
+            raise ConversionError(
+                f"missing tensor {name} (the MTP layer's copy of {src}) in the Hugging Face checkpoint"
+            )
         extra.remove(name)
         src = src if src in available else table.tied_output[1]
         if tuple(available[name][0]) != tuple(available[src][0]):
-            raise ConversionError(f"tensor {name} has shape {list(available[name][0])}, {src} has {list(available[src][0])}")
+            raise ConversionError(
+                f"tensor {name} has shape {list(available[name][0])}, {src} has {list(available[src][0])}"
+            )
     for pattern, reason in table.refused:
         known = [n for n in extra if re.match(pattern, n)]
         if known:

@@ -759,7 +759,9 @@ def _mtp_tensors(layer_rules: list) -> list:
         if r.mcore.startswith("decoder.layers.{L}."):
             for name in _MTP_LAYER_NAMES:
                 mcore = r.mcore.replace("decoder.layers.{L}.", f"{x}.{name}.")
-                rules.append(TensorRule(mcore, tuple(h.replace("model.layers.{L}.", f"{m}.") for h in r.hf), r.transform))
+                rules.append(
+                    TensorRule(mcore, tuple(h.replace("model.layers.{L}.", f"{m}.") for h in r.hf), r.transform)
+                )
     return rules
 
 

@@ -1039,7 +1039,7 @@ def _mtp_reference_logits(hf_dir, tokens):
     from transformers import AutoModelForCausalLM
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
-    mtp = {k: v.double() for k, v in _mtp_layer_tensors(_hf_dir_cache["deepseek_v3"]).items()}
+    mtp = {k: v for k, v in _tensors(hf_dir).items() if k.startswith("model.layers.3.")}
     main = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, experts_implementation="eager").eval()
     big_dir = hf_dir + "-as-4-layers"
     if not os.path.exists(big_dir):
@@ -1049,8 +1049,13 @@ def _mtp_reference_logits(hf_dir, tokens):
         with open(os.path.join(big_dir, "config.json"), "w") as fh:
             json.dump(cfg, fh)
         layer = {k: v for k, v in _tensors(hf_dir).items() if not k.startswith("model.layers.3.")}
-        layer.update({k: v for k, v in _mtp_layer_tensors(_hf_dir_cache["deepseek_v3"]).items()
-                      if not any(s in k for s in ("enorm", "hnorm", "eh_proj", "shared_head", "embed_tokens"))})
+        layer.update(
+            {
+                k: v
+                for k, v in mtp.items()
+                if not any(s in k for s in ("enorm", "hnorm", "eh_proj", "shared_head", "embed_tokens"))
+            }
+        )
         for fname in os.listdir(big_dir):
             if fname.endswith(".safetensors"):
                 os.remove(os.path.join(big_dir, fname))
@@ -1059,21 +1064,18 @@ def _mtp_reference_logits(hf_dir, tokens):
 
     def norm(name):
         n = DeepseekV3RMSNorm(64, eps=main.config.rms_norm_eps).double()
-        n.weight.data.copy_(mtp[f"model.layers.3.{name}.weight"])
+        n.weight.data.copy_(mtp[f"model.layers.3.{name}.weight"].double())
         return n
 
     with torch.no_grad():
         h = main.model(tokens).last_hidden_state
         emb = main.model.embed_tokens(tokens.roll(-1, dims=1))
-        x = torch.cat([norm("enorm")(emb), norm("hnorm")(h)], -1) @ mtp["model.layers.3.eh_proj.weight"].T
+        x = torch.cat([norm("enorm")(emb), norm("hnorm")(h)], -1) @ mtp["model.layers.3.eh_proj.weight"].double().T
         pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
         cos_sin = big.model.rotary_emb(x, pos)
         x = big.model.layers[3](x, attention_mask=None, position_embeddings=cos_sin, position_ids=pos)
         x = x[0] if isinstance(x, tuple) else x
         return main.lm_head(norm("shared_head.norm")(x))
-
-
-_hf_dir_cache = {}
 
 
 def test_deepseek_v3_mtp_layers_import_export_and_match_a_reference(work):
@@ -1082,8 +1084,11 @@ def test_deepseek_v3_mtp_layers_import_export_and_match_a_reference(work):
     in float64 within 1e-4; export gives back the same config and tensors bit for bit."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    _hf_dir_cache["deepseek_v3"] = _hf_dir(work, "deepseek_v3")
-    hf, mcore, back = _deepseek_v3_mtp_dir(work), str(work / "mcore-deepseek_v3-mtp"), str(work / "back-deepseek_v3-mtp")
+    hf, mcore, back = (
+        _deepseek_v3_mtp_dir(work),
+        str(work / "mcore-deepseek_v3-mtp"),
+        str(work / "back-deepseek_v3-mtp"),
+    )
     flags = hf_to_mcore(hf, mcore)
     assert flags["mtp_num_layers"] == 1
     # the plain checkpoint (config num_nextn_predict_layers=1, no MTP tensors) imports without MTP
