@@ -48,4 +48,5 @@ def ordmoe_model_config(args, model_config):
     # Imported here: model_config subclasses megatron.training.models, which core_v0.19 has first.
     from ordmoe_megatron.megatron_lm.model_config import ordmoe_gpt_model_config
 
-    return ordmoe_gpt_model_config(model_config, ordmoe_config_from_args(args))
+    packed = bool(getattr(args, "sft", False))  # SFT batches are packed (THD), as hooks' provider says
+    return ordmoe_gpt_model_config(model_config, ordmoe_config_from_args(args), packed=packed)

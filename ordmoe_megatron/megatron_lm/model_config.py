@@ -26,19 +26,24 @@ from ordmoe_megatron.method import OrdMoEConfig
 class OrdMoEGPTModelConfig(GPTModelConfig):
     builder: ClassVar[str] = "ordmoe_megatron.megatron_lm.model_config.OrdMoEGPTModelBuilder"
     ordmoe: Optional[OrdMoEConfig] = None
+    # --sft: micro-batches arrive packed (THD), so a local spec's attention must run them.
+    ordmoe_packed: bool = False
 
 
 class OrdMoEGPTModelBuilder(GPTModelBuilder):
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
-        with gpt_model_bound_to_ordmoe(megatron_lm_gpt, self._model_config.ordmoe):
+        config = self._model_config
+        with gpt_model_bound_to_ordmoe(megatron_lm_gpt, config.ordmoe, packed=config.ordmoe_packed):
             return super().build_model(pg_collection, pre_process, post_process, vp_stage)
 
 
-def ordmoe_gpt_model_config(model_config: GPTModelConfig, ordmoe: OrdMoEConfig) -> OrdMoEGPTModelConfig:
+def ordmoe_gpt_model_config(
+    model_config: GPTModelConfig, ordmoe: OrdMoEConfig, packed: bool = False
+) -> OrdMoEGPTModelConfig:
     if type(model_config) is not GPTModelConfig:
         raise OrdMoEError(
             f"--ordmoe builds from Megatron-LM's GPTModelConfig, not {type(model_config).__name__} "
             "(ModelOpt's model configuration is not supported with --ordmoe)"
         )
     fields = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config) if f.init}
-    return OrdMoEGPTModelConfig(**fields, ordmoe=ordmoe)
+    return OrdMoEGPTModelConfig(**fields, ordmoe=ordmoe, ordmoe_packed=packed)

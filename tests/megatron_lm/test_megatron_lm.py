@@ -260,9 +260,12 @@ def _ordmoe_args(*argv, **extra):
         (["--ordmoe"], {"yaml_cfg": "model.yaml"}, "--yaml-cfg"),
         (["--ordmoe"], {"sft": True, "sft_tokenizer_prompt_format": "default"}, "--sft-tokenizer-prompt-format"),
         (["--ordmoe", "--ordmoe-lower-path-fraction", "0.5"], {"sft": True}, "--sft with --ordmoe-lower-path"),
-        (["--ordmoe"], {"sft": True, "pipeline_model_parallel_size": 2}, "--sft with the fused path schedule"),
-        (["--ordmoe"], {"sft": True, "mtp_num_layers": 1}, "--sft with the fused path schedule and --mtp"),
-        (["--ordmoe"], {"sft": True, "context_parallel_size": 2}, "--sft with --ordmoe and --context-parallel"),
+        (["--ordmoe"], {"sft": True}, "--sft with the fused path schedule: on Megatron-LM's packed SFT batches"),
+        (
+            ["--ordmoe", "--ordmoe-path-schedule", "sequential"],
+            {"sft": True, "context_parallel_size": 2},
+            "--sft with --ordmoe and --context-parallel",
+        ),
         (["--ordmoe"], {"dataloader_inter_document_masking": True}, "--dataloader-inter-document-masking packs"),
         (["--ordmoe"], {"tp_comm_overlap": True}, "--tp-comm-overlap sizes"),
         (["--ordmoe"], {"cuda_graph_impl": "local"}, "--cuda-graph-impl / --enable-cuda-graph"),
@@ -290,7 +293,7 @@ def test_sft_with_a_masking_prompt_format_and_the_sequential_schedule_is_accepte
 
 
 def test_sft_micro_batches_of_several_need_core_v0_19(monkeypatch):
-    args = _ordmoe_args("--ordmoe")
+    args = _ordmoe_args("--ordmoe", "--ordmoe-path-schedule", "sequential")
     args.sft, args.micro_batch_size = True, 4
     monkeypatch.setattr(compat, "sft_flattens_micro_batches", lambda: False)
     with pytest.raises(OrdMoEError, match="--sft with --micro-batch-size > 1 on this Megatron-LM"):
@@ -935,6 +938,70 @@ def test_cpu_training_plain_patched_equals_unpatched_and_ordmoe_adds_paths(patch
     expect = dict(hidden_size=64, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2)
     expect.update(intermediate_size=64, vocab_size=384, tie_word_embeddings=False, model_type="mixtral")
     assert {k: config[k] for k in expect} == expect  # the flags of common.pt's args
+
+
+def _sft_data(where):
+    """A character-level Hugging Face tokenizer with the special tokens the nemotron-h-aligned
+    template uses, and 16 two-turn chats (system, user, assistant) of additions."""
+    import json
+    import random
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_233>"]
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:\n"
+    chars = ["<eos>", "<unk>", *specials, *sorted(set(letters))]
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(where / "tok")
+    rng = random.Random(0)
+    with open(where / "chats.jsonl", "w") as f:
+        for _ in range(16):
+            messages = []
+            for _ in range(2):
+                a, b = rng.randint(1, 999), rng.randint(1, 99)
+                messages += [
+                    {"role": "system", "content": "Sum."},
+                    {"role": "user", "content": f"add {a} {b}"},
+                    {"role": "assistant", "content": str(a + b)},
+                ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return where / "tok", where / "chats.jsonl"
+
+
+@needs_megatron_lm
+def test_cpu_sft_training_with_ordmoe_path_one_is_plain_sft(patched, can_train, tmp_path):
+    """pretrain_gpt.py --sft (SFTDataset, SFTTokenizer, each micro-batch packed into one THD row)
+    with --ordmoe at either tag: the packed rows reach the local attention through the plugin's
+    packed spec (core_v0.19 builds through OrdMoEGPTModelConfig), every path is logged, and before
+    any update path 1's answer loss and the balancing loss equal a one-tier run's (the sequential
+    schedule: the fused one is refused with --sft, which this measured). (Plain --sft cannot be the reference
+    here: Megatron-LM's local attention refuses packed rows; it needs Transformer Engine's.)"""
+    tokenizer, chats = _sft_data(tmp_path)
+    small = list(SMALL)  # without the mock data, its tokenizer and evaluation
+    small.remove("--mock-data")
+    for flag in ("--tokenizer-type", "--vocab-size", "--eval-iters", "--seq-length", "--max-position-embeddings"):
+        del small[small.index(flag) : small.index(flag) + 2]
+    sft = ["--seq-length", "128", "--max-position-embeddings", "128", "--eval-iters", "0", "--split", "100,0,0"]
+    sft += ["--sft", "--sft-tokenizer-prompt-format", "nemotron-h-aligned", "--tokenizer-type", "SFTTokenizer"]
+    sft += ["--tokenizer-model", str(tokenizer), "--data-path", str(chats), "--no-create-attention-mask-in-dataloader"]
+    launcher = [sys.executable, "-m", "ordmoe_megatron.megatron_lm.cpu_launch", "--nproc-per-node", "1"]
+    runs = {}
+    for name, tiers in (("one tier", "1"), ("ordmoe", "3")):
+        extra = ["--ordmoe", "--ordmoe-num-tiers", tiers, "--ordmoe-path-schedule", "sequential"]
+        argv = [*launcher, "--megatron-lm", CHECKOUT["path"], patched, *small, *sft, *extra]
+        proc = _run(argv, cwd=tmp_path, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        runs[name] = _losses(proc.stdout)
+    plain, ordmoe = runs["one tier"], runs["ordmoe"]
+    assert sorted(plain) == sorted(ordmoe) == [1, 2]
+    assert ordmoe[1]["lm loss"] == pytest.approx(plain[1]["lm loss"], rel=1e-6)
+    assert ordmoe[1]["load_balancing_loss"] == pytest.approx(plain[1]["load_balancing_loss"], rel=1e-6)
+    for it in (1, 2):
+        assert {"path1 nll", "path2 nll", "path3 nll"} <= ordmoe[it].keys()
+        assert len({"rank loss", "-rank loss"} & ordmoe[it].keys()) == 1
 
 
 @needs_megatron_lm
