@@ -119,6 +119,7 @@ def test_a_new_schedule_on_purpose_is_said_in_the_log(run_a, tmp_path):
     assert records[2]["lr"] <= 0.001 + 1e-12  # the new peak holds from the resumed step on
 
 
+@pytest.mark.one_version  # process and file handling, not megatron-core's
 def test_overwrite_starts_a_new_run_and_nothing_of_the_old_comes_back(run_a, tmp_path):
     save, metrics = _copy(run_a, tmp_path)
     old = read_metrics(metrics)
@@ -273,6 +274,7 @@ def test_an_unwritable_save_is_refused_before_any_work(tmp_path):
     assert "is a file, not a directory" in refused(*SMALL, "--save", str(blocker / "ckpt"))
 
 
+@pytest.mark.one_version  # process and file handling, not megatron-core's
 def test_a_second_run_on_the_same_save_is_refused_with_the_first_ones_pid(tmp_path):
     save = tmp_path / "ckpt"
     first = subprocess.Popen(
@@ -294,6 +296,7 @@ def test_a_second_run_on_the_same_save_is_refused_with_the_first_ones_pid(tmp_pa
 
 
 # ---- 6. signals ------------------------------------------------------------------------
+@pytest.mark.one_version  # process and file handling, not megatron-core's
 def test_sigterm_saves_and_the_run_resumes(tmp_path):
     save, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
     args = [*SMALL, "--train-iters", "200", "--save", str(save), "--metrics-out", str(metrics)]
@@ -328,6 +331,7 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path):
     assert [r["iteration"] for r in read_metrics(metrics)] == list(range(1, stopped + 2))
 
 
+@pytest.mark.one_version  # process and file handling, not megatron-core's
 def test_checkpoint_writers_die_with_a_killed_run(tmp_path):
     args = [*SMALL, "--train-iters", "200", "--save", str(tmp_path / "ckpt"), "--save-interval", "1"]
     proc = subprocess.Popen(
@@ -483,6 +487,7 @@ def test_a_non_finite_loss_or_grad_norm_is_named():
 
 
 # ---- 10. Ctrl-C and a full disk ---------------------------------------------------------
+@pytest.mark.one_version  # process and file handling, not megatron-core's
 def test_ctrl_c_saves_and_exits_like_sigterm_and_a_planted_tracker_link_is_not_followed(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious")
@@ -521,6 +526,7 @@ sys.exit(pretrain(sys.argv[1:]))
 """
 
 
+@pytest.mark.one_version  # process and file handling, not megatron-core's
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_survives(tmp_path):
     save = tmp_path / "ckpt"
     args = [*SMALL, "--train-iters", "4", "--save-interval", "2", "--save", str(save)]
