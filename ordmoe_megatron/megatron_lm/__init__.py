@@ -33,6 +33,7 @@ from ordmoe_megatron.megatron_lm.hooks import (
     is_installed,
     ordmoe_builder,
     ordmoe_num_floating_point_operations,
+    sft_batches_are_packed,
     shared_prefix_layers,
     uninstall,
 )
@@ -48,5 +49,5 @@ def ordmoe_model_config(args, model_config):
     # Imported here: model_config subclasses megatron.training.models, which core_v0.19 has first.
     from ordmoe_megatron.megatron_lm.model_config import ordmoe_gpt_model_config
 
-    packed = bool(getattr(args, "sft", False))  # SFT batches are packed (THD), as hooks' provider says
+    packed = sft_batches_are_packed(args)
     return ordmoe_gpt_model_config(model_config, ordmoe_config_from_args(args), packed=packed)

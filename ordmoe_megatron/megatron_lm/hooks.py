@@ -88,8 +88,7 @@ def ordmoe_builder(builder: Callable) -> Callable:
                 "constructs GPTModel (such as Megatron-LM's gpt_builders.gpt_builder), or build "
                 "ordmoe_megatron.mcore.model.OrdMoEGPTModel(config, spec, ..., ordmoe=cfg) yourself"
             )
-        packed = bool(getattr(args, "sft", False))  # SFT batches are packed (THD)
-        with gpt_model_bound_to_ordmoe(module, ordmoe_config_from_args(args), packed):
+        with gpt_model_bound_to_ordmoe(module, ordmoe_config_from_args(args), sft_batches_are_packed(args)):
             model = builder(args, *rest, **kwargs)
         if not isinstance(model, OrdMoEGPTModel):
             raise OrdMoEError(
@@ -99,6 +98,11 @@ def ordmoe_builder(builder: Callable) -> Callable:
         return model
 
     return build
+
+
+def sft_batches_are_packed(args) -> bool:
+    """Whether Megatron-LM hands the model packed (THD) micro-batches: with ``--sft``."""
+    return bool(getattr(args, "sft", False))
 
 
 @contextlib.contextmanager
