@@ -251,6 +251,13 @@ def check_sft(args, ordmoe: OrdMoEConfig) -> None:
             "--sft with --micro-batch-size > 1 on this Megatron-LM (before core_v0.19.0): it does not pack a "
             "micro-batch into one THD row; use --micro-batch-size 1 (and --global-batch-size for the batch)"
         )
+    legacy = bool(getattr(args, "legacy_tokenizer", False))
+    if getattr(args, "tokenizer_type", None) == "SFTTokenizer" and not legacy and not compat.sft_tokenizer_in_core():
+        # Megatron-LM's own failure is "Tokenizer path must be specified."
+        raise OrdMoEError(
+            "--sft --tokenizer-type SFTTokenizer on this Megatron-LM (before core_v0.19.0): only its legacy "
+            "tokenizer system builds SFTTokenizer; add --legacy-tokenizer"
+        )
     if ordmoe.lower_path_fraction < 1:
         raise OrdMoEError(
             "--sft with --ordmoe-lower-path-fraction below 1: an SFT micro-batch is one packed row, with no rows "

@@ -302,6 +302,19 @@ def test_sft_micro_batches_of_several_need_core_v0_19(monkeypatch):
     assert megatron_lm.validate_ordmoe_args(args) is not None
 
 
+def test_sft_tokenizer_before_core_v0_19_needs_the_legacy_tokenizer_system(monkeypatch):
+    args = _ordmoe_args("--ordmoe", "--ordmoe-path-schedule", "sequential")
+    args.sft, args.micro_batch_size, args.tokenizer_type, args.legacy_tokenizer = True, 1, "SFTTokenizer", False
+    monkeypatch.setattr(compat, "sft_tokenizer_in_core", lambda: False)
+    with pytest.raises(OrdMoEError, match="only its legacy tokenizer system builds SFTTokenizer; add --legacy-tokenizer"):
+        megatron_lm.validate_ordmoe_args(args)
+    args.legacy_tokenizer = True
+    assert megatron_lm.validate_ordmoe_args(args) is not None
+    args.legacy_tokenizer = False
+    monkeypatch.setattr(compat, "sft_tokenizer_in_core", lambda: True)
+    assert megatron_lm.validate_ordmoe_args(args) is not None
+
+
 def test_sft_builds_attention_that_runs_packed_rows(megatron_single_process):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -1009,6 +1022,17 @@ def test_cpu_sft_training_with_ordmoe_path_one_is_plain_sft(patched, can_train, 
     sft = ["--seq-length", "128", "--max-position-embeddings", "128", "--eval-iters", "0", "--split", "100,0,0"]
     sft += ["--sft", "--sft-tokenizer-prompt-format", "nemotron-h-aligned", "--tokenizer-type", "SFTTokenizer"]
     sft += ["--tokenizer-model", str(tokenizer), "--data-path", str(chats), "--no-create-attention-mask-in-dataloader"]
+    if not compat.sft_flattens_micro_batches():  # before core_v0.19 a micro-batch is one conversation
+        small[small.index("--micro-batch-size") + 1] = "1"
+    if not compat.sft_tokenizer_in_core():  # and only the legacy tokenizer system builds SFTTokenizer
+        import transformers
+
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            pytest.skip(
+                "Megatron-LM's legacy SFTTokenizer (before core_v0.19) calls .copy() on what transformers 5's "
+                "apply_chat_template returns (a tokenizers.Encoding) and fails before the model runs"
+            )
+        sft.append("--legacy-tokenizer")
     launcher = [sys.executable, "-m", "ordmoe_megatron.megatron_lm.cpu_launch", "--nproc-per-node", "1"]
     runs = {}
     for name, tiers in (("one tier", "1"), ("ordmoe", "3")):
