@@ -94,7 +94,11 @@ class TierRouter(TopKRouter):
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         paths = len(self.path_tiers)
-        if not (self.token_stacked and paths > 1):
+        # Megatron's TransformerLayer may un-flatten the packed row before the MoE layer
+        # (megatron-core 0.19: ``packed_seq_params.tokens_per_sample``, the samples of the row on
+        # the batch, ``[tokens_per_sample, C * samples, h]``): the stack is path-major in whole
+        # samples, so the paths are then stacked on the batch already.
+        if not (self.token_stacked and paths > 1) or input.shape[1] > 1:
             return self._forward(input, padding_mask)
         # Paths stacked along the tokens (THD): view them as stacked on the batch, [t, C, h],
         # route, and give the routing back in the tokens' order (path-major).

@@ -269,13 +269,18 @@ def check_sft(args, ordmoe: OrdMoEConfig) -> None:
             "over context-parallel ranks; use --context-parallel-size 1"
         )
     if ordmoe.path_schedule == "fused" and ordmoe.num_tiers > 1:
-        # Measured at core_v0.19.0 (tests/megatron_lm): with Megatron-LM's packed SFT batches the
-        # fused stack's path 1 and balancing loss differ from the one-tier run, the sequential
-        # schedule's equal it exactly. Refused until the fused packed path is made to match.
-        raise OrdMoEError(
-            "--sft with the fused path schedule: on Megatron-LM's packed SFT batches the fused paths do not "
-            "reproduce a one-tier run; use --ordmoe-path-schedule sequential"
-        )
+        # The fused stack of packed rows (mcore.model: the paths along the tokens) on one stage only.
+        for flag, on in (
+            ("--pipeline-model-parallel-size > 1", (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1),
+            ("--sequence-parallel", bool(getattr(args, "sequence_parallel", False))),
+            ("--mtp-num-layers", bool(getattr(args, "mtp_num_layers", None))),
+        ):
+            if on:
+                raise OrdMoEError(
+                    f"--sft with the fused path schedule and {flag}: the paths of a packed row are stacked along "
+                    "its tokens, which the stages' exchanges, the sequence split and the MTP block do not "
+                    "expect; use --ordmoe-path-schedule sequential"
+                )
 
 
 def megatron_validated_args(args: argparse.Namespace, defaults: Optional[dict] = None) -> argparse.Namespace:

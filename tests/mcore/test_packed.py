@@ -2,6 +2,7 @@
 micro-batch gives the loss, reports and gradients of its documents unpacked (one per row), fused
 and sequential; one tier is plain Megatron on the same packed batch."""
 
+import dataclasses
 import functools
 
 import pytest
@@ -11,7 +12,15 @@ from ordmoe_megatron import OrdMoEConfig
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.loss import lm_loss
 from ordmoe_megatron.runtime.packed_attention import block_causal_mask
-from tests.support import ordmoe_schedule_step, packed_batch, tiny_batches, tiny_model
+from tests.support import (
+    SEQ,
+    moe_aux_loss_values,
+    ordmoe_schedule_step,
+    packed_batch,
+    reset_moe_aux_losses,
+    tiny_batches,
+    tiny_model,
+)
 
 
 def _documents(count=2, seed=3):
@@ -90,6 +99,56 @@ def test_one_tier_is_plain_megatron_on_a_packed_batch(megatron_single_process):
     )
     plain_grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
     _assert_same(plain_reports, plain_grads, reports, grads)
+
+
+def megatron_lm_sft_batch(batch: dict) -> dict:
+    """``batch``'s rows as Megatron-LM core_v0.19's ``--sft`` micro-batch: each row a sample of two
+    conversations (the first 5 tokens, the next 4), the last one extended over the row's padding
+    (``SFTDataset``: padding masked, its positions counting on), the prompt's first tokens masked;
+    the samples flattened into one THD row (``flatten_batch_for_packed_sequences``) with
+    ``tokens_per_sample`` where megatron-core has it (0.19: ``TransformerLayer`` then un-flattens
+    the row to ``[tokens_per_sample, samples, h]`` before each MoE layer)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    rows, seq = batch["tokens"].shape
+    first, second = 5, 4
+    loss_mask = batch["loss_mask"].clone()
+    loss_mask[:, first + second :] = 0.0  # padding
+    loss_mask[:, [0, first]] = 0.0  # a prompt token of each conversation
+    positions = torch.cat([torch.arange(first), torch.arange(seq - first)]).to(batch["tokens"].device)
+    per_sample = torch.tensor([first, seq], dtype=torch.int32, device=batch["tokens"].device)
+    cu = torch.cat([per_sample.new_zeros(1)] + [per_sample + r * seq for r in range(rows)])
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq, max_seqlen_kv=seq)
+    if "tokens_per_sample" in {f.name for f in dataclasses.fields(PackedSeqParams)}:
+        params.tokens_per_sample = seq
+    sample = dict(batch, loss_mask=loss_mask, position_ids=positions.expand(rows, -1))
+    return dict({k: v.reshape(1, -1) for k, v in sample.items()}, packed_seq_params=params)
+
+
+@pytest.mark.parametrize("extra", [{}, {"moe_layer_freq": [0, 1, 1]}])  # lazy fan-out before layer 2
+def test_megatron_lm_sft_batches_fused_equal_sequential_and_one_tier(megatron_single_process, extra):
+    """Megatron-LM's --sft micro-batch (several samples in one row, ``tokens_per_sample``): the
+    fused stack gives the sequential schedule's reports and gradients, and its path 1 the one-tier
+    run's LM loss and load-balancing loss (measured before the fix: the routers split the paths
+    by token ranges of the un-flattened ``[tokens_per_sample, C * samples, h]``, mixing them)."""
+    documents = [megatron_lm_sft_batch(b) for b in _documents(seed=11)]
+    assert documents[0]["tokens"].shape == (1, 4 * SEQ)
+    runs = {}
+    for name, cfg in {
+        "fused": OrdMoEConfig(num_tiers=3),
+        "sequential": OrdMoEConfig(num_tiers=3, path_schedule="sequential"),
+        "one tier": OrdMoEConfig(num_tiers=1),
+    }.items():
+        reset_moe_aux_losses()
+        model = tiny_model(OrdMoEConfig(num_tiers=cfg.num_tiers), packed=True, **extra)
+        reports, grads = ordmoe_schedule_step(model, cfg, documents)
+        runs[name] = reports, grads, moe_aux_loss_values()["load_balancing_loss"].clone()
+    _assert_same(*runs["fused"][:2], *runs["sequential"][:2])
+    fused, one = _summed(runs["fused"][0]), _summed(runs["one tier"][0])
+    torch.testing.assert_close(fused["lm loss"], one["lm loss"], rtol=1e-6, atol=1e-7)
+    for name in ("fused", "sequential"):
+        torch.testing.assert_close(runs[name][2], runs["one tier"][2], rtol=1e-6, atol=1e-7)
+    assert runs["one tier"][2].sum() > 0
 
 
 def test_sub_sampled_lower_paths_are_refused_with_packing(megatron_single_process):

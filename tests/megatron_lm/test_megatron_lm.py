@@ -260,12 +260,18 @@ def _ordmoe_args(*argv, **extra):
         (["--ordmoe"], {"yaml_cfg": "model.yaml"}, "--yaml-cfg"),
         (["--ordmoe"], {"sft": True, "sft_tokenizer_prompt_format": "default"}, "--sft-tokenizer-prompt-format"),
         (["--ordmoe", "--ordmoe-lower-path-fraction", "0.5"], {"sft": True}, "--sft with --ordmoe-lower-path"),
-        (["--ordmoe"], {"sft": True}, "--sft with the fused path schedule: on Megatron-LM's packed SFT batches"),
         (
             ["--ordmoe", "--ordmoe-path-schedule", "sequential"],
             {"sft": True, "context_parallel_size": 2},
             "--sft with --ordmoe and --context-parallel",
         ),
+        (
+            ["--ordmoe"],
+            {"sft": True, "pipeline_model_parallel_size": 2},
+            "--sft with the fused path schedule and --pipe",
+        ),
+        (["--ordmoe"], {"sft": True, "sequence_parallel": True}, "--sft with the fused path schedule and --sequence-p"),
+        (["--ordmoe"], {"sft": True, "mtp_num_layers": 1}, "--sft with the fused path schedule and --mtp-num-layers"),
         (["--ordmoe"], {"dataloader_inter_document_masking": True}, "--dataloader-inter-document-masking packs"),
         (["--ordmoe"], {"tp_comm_overlap": True}, "--tp-comm-overlap sizes"),
         (["--ordmoe"], {"cuda_graph_impl": "local"}, "--cuda-graph-impl / --enable-cuda-graph"),
@@ -286,10 +292,14 @@ def test_validation_errors_name_the_flag(argv, extra, message):
         megatron_lm.validate_ordmoe_args(_ordmoe_args(*argv, **extra))
 
 
-def test_sft_with_a_masking_prompt_format_and_the_sequential_schedule_is_accepted():
-    args = _ordmoe_args("--ordmoe", "--ordmoe-path-schedule", "sequential")
-    args.sft, args.sft_tokenizer_prompt_format, args.pipeline_model_parallel_size = True, "nemotron-h-aligned", 2
-    assert megatron_lm.validate_ordmoe_args(args).path_schedule == "sequential"
+@pytest.mark.parametrize("schedule", ["fused", "sequential"])
+def test_sft_with_a_masking_prompt_format_is_accepted_with_either_schedule(schedule):
+    args = _ordmoe_args("--ordmoe", "--ordmoe-path-schedule", schedule)
+    args.sft, args.sft_tokenizer_prompt_format = True, "nemotron-h-aligned"
+    assert megatron_lm.validate_ordmoe_args(args).path_schedule == schedule
+    if schedule == "sequential":  # runs each path alone: pipeline parallelism as Megatron runs it
+        args.pipeline_model_parallel_size = 2
+        assert megatron_lm.validate_ordmoe_args(args).path_schedule == schedule
 
 
 def test_sft_micro_batches_of_several_need_core_v0_19(monkeypatch):
@@ -1010,10 +1020,12 @@ def _sft_data(where):
 def test_cpu_sft_training_with_ordmoe_path_one_is_plain_sft(patched, can_train, tmp_path):
     """pretrain_gpt.py --sft (SFTDataset, SFTTokenizer, each micro-batch packed into one THD row)
     with --ordmoe at either tag: the packed rows reach the local attention through the plugin's
-    packed spec (core_v0.19 builds through OrdMoEGPTModelConfig), every path is logged, and before
-    any update path 1's answer loss and the balancing loss equal a one-tier run's (the sequential
-    schedule: the fused one is refused with --sft, which this measured). (Plain --sft cannot be the reference
-    here: Megatron-LM's local attention refuses packed rows; it needs Transformer Engine's.)"""
+    packed spec (core_v0.19 builds through OrdMoEGPTModelConfig), every path is logged, before any
+    update path 1's answer loss and the balancing loss equal a one-tier run's, with either path
+    schedule, and the fused schedule trains as the sequential one does (two samples per packed row:
+    core_v0.19's MoE layers see them un-flattened, ``tokens_per_sample``). (Plain --sft cannot be
+    the reference here: Megatron-LM's local attention refuses packed rows; it needs Transformer
+    Engine's.)"""
     tokenizer, chats = _sft_data(tmp_path)
     small = list(SMALL)  # without the mock data, its tokenizer and evaluation
     small.remove("--mock-data")
@@ -1035,19 +1047,24 @@ def test_cpu_sft_training_with_ordmoe_path_one_is_plain_sft(patched, can_train, 
         sft.append("--legacy-tokenizer")
     launcher = [sys.executable, "-m", "ordmoe_megatron.megatron_lm.cpu_launch", "--nproc-per-node", "1"]
     runs = {}
-    for name, tiers in (("one tier", "1"), ("ordmoe", "3")):
-        extra = ["--ordmoe", "--ordmoe-num-tiers", tiers, "--ordmoe-path-schedule", "sequential"]
+    three = (("one tier", "1", "fused"), ("fused", "3", "fused"), ("sequential", "3", "sequential"))
+    for name, tiers, schedule in three:
+        extra = ["--ordmoe", "--ordmoe-num-tiers", tiers, "--ordmoe-path-schedule", schedule]
         argv = [*launcher, "--megatron-lm", CHECKOUT["path"], patched, *small, *sft, *extra]
         proc = _run(argv, cwd=tmp_path, timeout=400)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         runs[name] = _losses(proc.stdout)
-    plain, ordmoe = runs["one tier"], runs["ordmoe"]
-    assert sorted(plain) == sorted(ordmoe) == [1, 2]
-    assert ordmoe[1]["lm loss"] == pytest.approx(plain[1]["lm loss"], rel=1e-6)
-    assert ordmoe[1]["load_balancing_loss"] == pytest.approx(plain[1]["load_balancing_loss"], rel=1e-6)
+    plain = runs["one tier"]
+    for ordmoe in (runs["fused"], runs["sequential"]):
+        assert sorted(plain) == sorted(ordmoe) == [1, 2]
+        assert ordmoe[1]["lm loss"] == pytest.approx(plain[1]["lm loss"], rel=1e-6)
+        assert ordmoe[1]["load_balancing_loss"] == pytest.approx(plain[1]["load_balancing_loss"], rel=1e-6)
+        for it in (1, 2):
+            assert {"path1 nll", "path2 nll", "path3 nll"} <= ordmoe[it].keys()
+            assert len({"rank loss", "-rank loss"} & ordmoe[it].keys()) == 1
     for it in (1, 2):
-        assert {"path1 nll", "path2 nll", "path3 nll"} <= ordmoe[it].keys()
-        assert len({"rank loss", "-rank loss"} & ordmoe[it].keys()) == 1
+        for key in ("lm loss", "path1 nll", "path2 nll", "path3 nll", "load_balancing_loss", "grad norm"):
+            assert runs["fused"][it][key] == pytest.approx(runs["sequential"][it][key], rel=1e-5), (it, key)
 
 
 @needs_megatron_lm
