@@ -887,9 +887,7 @@ OLMOE = Family(
 # the gated shared expert, Qwen3-MoE the per-head q/k norms, Mixtral neither, GLM-4.5 MoE the
 # sigmoid router the others refuse, DeepSeek-V3 the multi-latent attention the others refuse,
 # OLMoE the q/k norm over the whole projection the others refuse).
-FAMILIES: Dict[str, Family] = {
-    f.model_type: f for f in (QWEN2_MOE, QWEN3_MOE, MIXTRAL, GLM4_MOE, DEEPSEEK_V3, OLMOE)
-}
+FAMILIES: Dict[str, Family] = {f.model_type: f for f in (QWEN2_MOE, QWEN3_MOE, MIXTRAL, GLM4_MOE, DEEPSEEK_V3, OLMOE)}
 
 # Families we know and refuse, with the reason (Megatron-Core 0.16.1 cannot express them exactly,
 # or the mapping is not clear enough to ship).
