@@ -278,6 +278,9 @@ def transformer_config_from_flags(flags: Dict[str, Any], **overrides):
     for required in ("num_layers", "hidden_size", "num_attention_heads"):
         if f[required] is None:
             raise OrdMoEError(f"model flag {required} is required: pass --{required.replace('_', '-')}")
+    problem = qk_norm.projection_scope_problem(f, overrides.get("tensor_model_parallel_size", 1))
+    if problem:
+        raise OrdMoEError(problem)
     moe = f["num_experts"] is not None
     kw: Dict[str, Any] = dict(
         num_layers=f["num_layers"],
@@ -326,9 +329,6 @@ def transformer_config_from_flags(flags: Dict[str, Any], **overrides):
         # MLA builds its own rotary embedding from these config fields (GPTModel's arguments are unused)
         kw.update(rotary_base=f["rotary_base"], rotary_percent=f["rotary_percent"])
     kw.update(overrides)
-    problem = qk_norm.projection_scope_problem(f, kw.get("tensor_model_parallel_size", 1))
-    if problem:
-        raise OrdMoEError(problem)
     try:
         return config_class(**kw)
     except (AssertionError, TypeError, ValueError) as err:  # Megatron's own checks of the model
