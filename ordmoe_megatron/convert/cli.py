@@ -75,6 +75,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             flags = hf_to_mcore(args.hf_dir, args.out, force=args.force, log=log)
             print("# Megatron-LM model flags for this checkpoint:")
             print(" ".join(shlex.quote(a) for a in flags_to_argv(flags)))
+            if flags.get("qk_layernorm_scope", "head") != "head":
+                print(
+                    "# --qk-layernorm-scope projection is ordmoe-pretrain's: pretrain_gpt.py builds per-head q/k "
+                    "norms and refuses this checkpoint"
+                )
         else:
             mcore_to_hf(
                 args.mcore_dir,

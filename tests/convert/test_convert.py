@@ -977,6 +977,16 @@ def test_ordmoe_convert_both_ways(work, capsys):
     assert main(["mcore-to-hf", "--mcore-dir", out, "--out", back]) == 0
     a, b = _tensors(hf), _tensors(back)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert "--qk-layernorm-scope" not in printed
+
+
+def test_ordmoe_convert_says_an_olmoe_checkpoint_is_ordmoe_pretrains(work, capsys):
+    from ordmoe_megatron.convert.cli import main
+
+    assert main(["hf-to-mcore", "--hf-dir", _hf_dir(work, "olmoe"), "--out", str(work / "cli-olmoe")]) == 0
+    printed = capsys.readouterr().out
+    assert "--qk-layernorm --qk-layernorm-scope projection" in printed
+    assert "pretrain_gpt.py builds per-head q/k norms and refuses this checkpoint" in printed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1112,7 +1122,7 @@ def test_one_table_of_families_validates_and_dispatches():
         assert reason in str(refused.value)
     with pytest.raises(
         ConversionError,
-        match="not in the mapping tables .supported: deepseek_v3, glm4_moe, mixtral, qwen2_moe, qwen3_moe",
+        match="not in the mapping tables .supported: deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe",
     ):
         get_family("llama")
 
