@@ -23,7 +23,9 @@ without a GPU (a login node, CI).
 Refused with ``--ordmoe`` (besides what ``OrdMoEConfig.validate_for_model`` refuses):
 ``--use-legacy-models`` (not a Megatron-Core model), ``--overlap-moe-expert-parallel-comm``
 (``forward_step`` then builds a schedule plan that bypasses the fan-out), ``--yaml-cfg``
-(arguments come from the YAML file after the hook has run).
+(arguments come from the YAML file after the hook has run), a ``--load`` checkpoint with
+``qk_layernorm_scope='projection'`` (an imported OLMoE: Megatron-LM's layer spec has per-head q/k
+norms).
 
 ``megatron.training`` is Megatron-LM's, not megatron-core's: it is imported where it is used, so
 this module imports (and its tests run) without a Megatron-LM checkout.
