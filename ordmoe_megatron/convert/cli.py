@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     to_mcore = commands.add_parser(
         "hf-to-mcore",
-        help="Hugging Face MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE) -> Megatron-LM release checkpoint",
+        help="Hugging Face MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5 MoE, DeepSeek-V3, OLMoE) -> "
+        "Megatron-LM release checkpoint",
     )
     to_mcore.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json + safetensors)")
     to_mcore.add_argument(
