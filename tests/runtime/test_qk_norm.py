@@ -128,3 +128,26 @@ def test_the_built_model_has_the_projection_norm_in_every_layer(megatron_single_
         out = gpt(tokens, pos, None, labels=tokens)
         out.float().mean().backward()
         assert all(a.q_layernorm.weight.grad.abs().sum() > 0 for a in attentions)
+
+
+SMOKE = (
+    "--mock-data --num-layers 2 --hidden-size 64 --num-attention-heads 4 --group-query-attention "
+    "--num-query-groups 2 --num-experts 8 --moe-router-topk 2 --ffn-hidden-size 64 --moe-ffn-hidden-size 32 "
+    "--normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope --qk-layernorm "
+    "--qk-layernorm-scope projection --seq-length 32 --max-position-embeddings 32 --micro-batch-size 2 "
+    "--global-batch-size 2 --train-iters 3 --log-interval 1"
+).split()
+
+
+@pytest.mark.one_version
+def test_ordmoe_pretrain_trains_with_the_projection_scope(tmp_path):
+    """A few ordmoe-pretrain steps with --qk-layernorm-scope projection (OrdMoE's three paths);
+    the scope is recorded with the run's model flags."""
+    import json
+
+    from tests.support import run_pretrain
+
+    proc = run_pretrain(*SMOKE, "--work-dir", str(tmp_path / "w"), "--save", str(tmp_path / "ckpt"))
+    assert " iteration        3/       3" in proc.stdout and "path logprob" in proc.stdout
+    run = json.loads((tmp_path / "ckpt" / "iter_0000003" / "run.json").read_text())
+    assert run["model_flags"]["qk_layernorm_scope"] == "projection"
