@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     to_mcore = commands.add_parser(
         "hf-to-mcore",
-        help="Hugging Face MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE) -> Megatron-LM release checkpoint",
+        help="Hugging Face MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5 MoE, DeepSeek-V3, OLMoE) -> "
+        "Megatron-LM release checkpoint",
     )
     to_mcore.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json + safetensors)")
     to_mcore.add_argument(
@@ -75,6 +76,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             flags = hf_to_mcore(args.hf_dir, args.out, force=args.force, log=log)
             print("# Megatron-LM model flags for this checkpoint:")
             print(" ".join(shlex.quote(a) for a in flags_to_argv(flags)))
+            if flags.get("qk_layernorm_scope", "head") != "head":
+                print(
+                    "# --qk-layernorm-scope projection is ordmoe-pretrain's: pretrain_gpt.py builds per-head q/k "
+                    "norms and refuses this checkpoint"
+                )
         else:
             mcore_to_hf(
                 args.mcore_dir,

@@ -9,7 +9,8 @@ Semantics matched exactly (and checked by the tests on tiny random models):
 * RoPE: HF ``rotate_half`` (non-interleaved) == Megatron's default; ``rope_type`` must be
   "default" (no scaling) and the whole head is rotated.
 * RMSNorm with ``rms_norm_eps`` == ``--normalization RMSNorm --norm-epsilon``; Qwen3's q/k norms
-  are per head == Megatron ``qk_layernorm``.
+  are per head == Megatron ``qk_layernorm``; OLMoE's are one RMSNorm over the whole q (k)
+  projection == ``qk_layernorm`` with ``qk_layernorm_scope='projection'`` (``runtime.qk_norm``).
 * Qwen2-MoE's shared expert and its sigmoid gate == ``moe_shared_expert_intermediate_size`` +
   ``moe_shared_expert_gate``.
 * GLM-4.5 MoE's router (sigmoid scores, ``e_score_correction_bias`` == the router's
@@ -250,7 +251,7 @@ def _silu() -> ConfigRule:
     )
 
 
-def _common_rules() -> list:
+def _common_rules(qk_layernorm_scope: str = "head") -> list:
     return [
         _vocab(),
         same("hidden_size"),
@@ -270,6 +271,7 @@ def _common_rules() -> list:
             moe_router_score_function="softmax",
             moe_router_topk_scaling_factor=None,
             multi_latent_attention=False,
+            qk_layernorm_scope=qk_layernorm_scope,
         ),
     ]
 
@@ -626,7 +628,13 @@ GLM4_MOE = Family(
             *_deepseek_routing("n_routed_experts"),
             same("attention_bias", "add_qkv_bias"),  # q/k/v only: o_proj has none
             same("use_qk_norm", "qk_layernorm"),  # per head
-            fixed_flags(normalization="RMSNorm", swiglu=True, disable_bias_linear=True, multi_latent_attention=False),
+            fixed_flags(
+                normalization="RMSNorm",
+                swiglu=True,
+                disable_bias_linear=True,
+                multi_latent_attention=False,
+                qk_layernorm_scope="head",
+            ),
         ],
         # num_nextn_predict_layers: the MTP layers, which transformers' model neither builds nor
         # loads; a checkpoint holding their weights is refused (tensors not in the table).
@@ -804,7 +812,7 @@ DEEPSEEK_V3 = Family(
             _dense_ffn(),
             *_deepseek_routing("n_routed_experts"),
             _mtp_layers(),
-            fixed_flags(normalization="RMSNorm", swiglu=True, disable_bias_linear=True),
+            fixed_flags(normalization="RMSNorm", swiglu=True, disable_bias_linear=True, qk_layernorm_scope="head"),
         ],
         # pretraining_tp: unused by transformers' DeepSeek-V3 forward; num_mtp_layers: the alias
         # of num_nextn_predict_layers.
@@ -812,21 +820,78 @@ DEEPSEEK_V3 = Family(
     ),
 )
 
+# ----------------------------------------------------------------------------------------------
+# OLMoE (olmoe): q_norm/k_norm over the whole q/k projection (qk_layernorm_scope='projection'),
+# softmax top-k with or without renormalisation (norm_topk_prob, as Qwen's), no shared expert
+# ----------------------------------------------------------------------------------------------
+OLMOE = Family(
+    model_type="olmoe",
+    architecture="OlmoeForCausalLM",
+    tensors=TensorTable(
+        _common_tensors(
+            "self_attn",
+            mlp_rules=[
+                TensorRule("decoder.layers.{L}.mlp.router.weight", "model.layers.{L}.mlp.gate.weight"),
+                TensorRule(
+                    "decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.weight",
+                    (
+                        "model.layers.{L}.mlp.experts.{E}.gate_proj.weight",
+                        "model.layers.{L}.mlp.experts.{E}.up_proj.weight",
+                    ),
+                    GLU,
+                ),
+                TensorRule(
+                    "decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight",
+                    "model.layers.{L}.mlp.experts.{E}.down_proj.weight",
+                ),
+            ],
+        ),
+        tied_output=TIED,
+    ),
+    config=ConfigTable(
+        rules=[
+            *_common_rules(qk_layernorm_scope="projection"),
+            # OLMoE sizes q_norm and k_norm by hidden_size/num_attention_heads: no head_dim field
+            _head_dim(has_field=False),
+            _mixtral_ffn(),
+            _experts("num_experts"),
+            _all_moe_layers(),
+            negated("norm_topk_prob", "moe_router_pre_softmax", hf_default=False),
+            check(
+                "attention_bias",
+                lambda b: not b,
+                "OLMoE puts the bias on q/k/v *and* o_proj; Megatron-Core has add_qkv_bias (q/k/v only) or "
+                "add_bias_linear (every linear, not allowed with MoE)",
+                default=False,
+            ),
+            check(
+                "clip_qkv",
+                lambda c: c is None,
+                "OLMoE then clamps q, k and v after the projection (and the q/k norm); Megatron-Core's "
+                "attention has no such clamp",
+                default=None,
+            ),
+            fixed_flags(
+                qk_layernorm=True,
+                add_qkv_bias=False,
+                moe_shared_expert_intermediate_size=None,
+                moe_shared_expert_gate=False,
+            ),
+        ],
+        carry=COMMON_CARRY,
+    ),
+)
+
 # The Hugging Face families: the one table ``get_family`` validates a model type against and
 # dispatches by, and ``infer_family`` tries in order (their flags do not overlap: Qwen2-MoE has
 # the gated shared expert, Qwen3-MoE the per-head q/k norms, Mixtral neither, GLM-4.5 MoE the
-# sigmoid router the others refuse, DeepSeek-V3 the multi-latent attention the others refuse).
-FAMILIES: Dict[str, Family] = {f.model_type: f for f in (QWEN2_MOE, QWEN3_MOE, MIXTRAL, GLM4_MOE, DEEPSEEK_V3)}
+# sigmoid router the others refuse, DeepSeek-V3 the multi-latent attention the others refuse,
+# OLMoE the q/k norm over the whole projection the others refuse).
+FAMILIES: Dict[str, Family] = {f.model_type: f for f in (QWEN2_MOE, QWEN3_MOE, MIXTRAL, GLM4_MOE, DEEPSEEK_V3, OLMOE)}
 
 # Families we know and refuse, with the reason (Megatron-Core 0.16.1 cannot express them exactly,
 # or the mapping is not clear enough to ship).
 REFUSED: Dict[str, str] = {
-    "olmoe": (
-        "OLMoE applies q_norm/k_norm as one RMSNorm over the whole q/k projection "
-        "(num_heads*head_dim features); Megatron-Core 0.16.1's qk_layernorm normalises each head "
-        "separately (kv_channels features), which is a different function, so no exact mapping "
-        "exists"
-    ),
     "deepseek_v2": (
         "DeepSeek-V2 uses multi-latent attention with interleaved/YaRN RoPE and group-limited "
         "routing; no mapping table is shipped for it"

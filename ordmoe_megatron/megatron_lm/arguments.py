@@ -23,7 +23,9 @@ without a GPU (a login node, CI).
 Refused with ``--ordmoe`` (besides what ``OrdMoEConfig.validate_for_model`` refuses):
 ``--use-legacy-models`` (not a Megatron-Core model), ``--overlap-moe-expert-parallel-comm``
 (``forward_step`` then builds a schedule plan that bypasses the fan-out), ``--yaml-cfg``
-(arguments come from the YAML file after the hook has run).
+(arguments come from the YAML file after the hook has run), a ``--load`` checkpoint with
+``qk_layernorm_scope='projection'`` (an imported OLMoE: Megatron-LM's layer spec has per-head q/k
+norms).
 
 ``megatron.training`` is Megatron-LM's, not megatron-core's: it is imported where it is used, so
 this module imports (and its tests run) without a Megatron-LM checkout.
@@ -52,7 +54,13 @@ from ordmoe_megatron.megatron_lm import dry_run, hooks
 from ordmoe_megatron.method import OrdMoEConfig
 from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.bridges import assumed_gpu_capability
-from ordmoe_megatron.runtime.checkpointing import checkpoint_dir, has_checkpoint, inspect_checkpoint, latest_iteration
+from ordmoe_megatron.runtime.checkpointing import (
+    checkpoint_dir,
+    checkpoint_model_flags,
+    has_checkpoint,
+    inspect_checkpoint,
+    latest_iteration,
+)
 
 
 def add_ordmoe_megatron_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -141,7 +149,9 @@ def _after_parse(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
 def check_load(args: argparse.Namespace) -> None:
     """The checkpoint ``--load`` names is whole (the check every front end makes), before
     Megatron-LM builds anything. Megatron-LM's legacy ``torch`` format (``mp_rank_*`` folders)
-    is Megatron-LM's own to check."""
+    is Megatron-LM's own to check. A checkpoint whose q/k norms span the whole projection
+    (``qk_layernorm_scope='projection'``, an imported OLMoE) is refused: ``pretrain_gpt.py``
+    builds megatron-core's own layer spec, whose q/k norms are per head."""
     load = getattr(args, "load", None)
     if not load or not has_checkpoint(load):
         return
@@ -149,6 +159,13 @@ def check_load(args: argparse.Namespace) -> None:
     if os.path.isdir(path) and any(name.startswith("mp_rank_") for name in os.listdir(path)):
         return
     inspect_checkpoint(load, "--load")
+    scope = (checkpoint_model_flags(load, "--load") or {}).get("qk_layernorm_scope", "head")
+    if scope != "head":
+        raise OrdMoEError(
+            f"--load {load}: its model normalises q and k over the whole projection (qk_layernorm_scope="
+            f"{scope!r}, OLMoE's q/k norm); pretrain_gpt.py builds megatron-core's per-head q/k norm: train "
+            "it with ordmoe-pretrain --load"
+        )
 
 
 def validate_ordmoe_args(args: argparse.Namespace) -> Optional[OrdMoEConfig]:

@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.method.layers import has_dense_layers, parse_moe_layer_freq
-from ordmoe_megatron.runtime import bridges, compat
+from ordmoe_megatron.runtime import bridges, compat, qk_norm
 from ordmoe_megatron.runtime.packed_attention import packed_attention_spec
 
 __all__ = [
@@ -139,6 +139,14 @@ MODEL_FLAGS: tuple = (
     Flag("disable_bias_linear", "bool", False, "No biases in linear layers."),
     Flag("add_qkv_bias", "bool", False, "Bias on the QKV projection only."),
     Flag("qk_layernorm", "bool", False, "Per-head norm on queries and keys."),
+    Flag(
+        "qk_layernorm_scope",
+        "str",
+        "head",
+        "What --qk-layernorm normalises over: each head (megatron-core's) or the whole q/k projection "
+        "(OLMoE's; RMSNorm, tensor parallelism 1). Not a Megatron-LM flag: ordmoe-pretrain only.",
+        choices=("head", "projection"),
+    ),
     Flag("vocab_size", "int", None, "Vocabulary size (before padding)."),
     Flag("make_vocab_size_divisible_by", "int", 128, "Pad the vocab to a multiple of this (x TP)."),
     Flag(
@@ -212,7 +220,8 @@ def flags_to_argv(flags: Dict[str, Any]) -> List[str]:
     """The Megatron-LM command-line flags equivalent to ``flags``. Every valued flag is spelled
     out, defaults included, so a launcher with other defaults reads the same model; boolean
     flags appear when true; flags that do not apply (MoE flags without experts, query groups
-    without GQA) are left out."""
+    without GQA) are left out, and so is ``--qk-layernorm-scope head`` (the default, and not a
+    Megatron-LM flag: pretrain_gpt.py refuses a checkpoint with the projection scope)."""
     flags = normalize_flags(flags)
     argv: List[str] = []
     for f in MODEL_FLAGS:
@@ -226,6 +235,8 @@ def flags_to_argv(flags: Dict[str, Any]) -> List[str]:
         if f.name in _MLA_SIZES and not flags["multi_latent_attention"]:
             continue
         if f.name == "num_query_groups" and not flags["group_query_attention"]:
+            continue
+        if f.name == "qk_layernorm_scope" and v == "head":
             continue
         if f.kind == "bool":
             if v:
@@ -267,6 +278,9 @@ def transformer_config_from_flags(flags: Dict[str, Any], **overrides):
     for required in ("num_layers", "hidden_size", "num_attention_heads"):
         if f[required] is None:
             raise OrdMoEError(f"model flag {required} is required: pass --{required.replace('_', '-')}")
+    problem = qk_norm.projection_scope_problem(f, overrides.get("tensor_model_parallel_size", 1))
+    if problem:
+        raise OrdMoEError(problem)
     moe = f["num_experts"] is not None
     kw: Dict[str, Any] = dict(
         num_layers=f["num_layers"],
@@ -359,6 +373,11 @@ def gpt_model_from_flags(
             layer_spec = bridges.sequence_parallel_layer_spec(layer_spec)
         if packed_sequences:
             layer_spec = packed_attention_spec(layer_spec)
+    if f["qk_layernorm_scope"] == "projection":  # before the MTP block copies the last layer's spec
+        problem = qk_norm.projection_scope_problem(f, config.tensor_model_parallel_size)
+        if problem:
+            raise OrdMoEError(problem)
+        layer_spec = qk_norm.projection_qk_norm_spec(layer_spec)
     if "pre_process" not in model_kwargs or "post_process" not in model_kwargs:
         vp = model_kwargs.get("vp_stage")
         try:

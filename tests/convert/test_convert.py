@@ -33,7 +33,14 @@ VOCAB, SEQ, BATCH = 96, 12, 2
 
 
 def _configs():
-    from transformers import DeepseekV3Config, Glm4MoeConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV3Config,
+        Glm4MoeConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=VOCAB,
@@ -93,7 +100,25 @@ def _configs():
         # multi-latent attention (query and key-value latents with their norms, interleaved RoPE on
         # part of each head, a rope_theta that is not the default) with the glm4_moe routing
         "deepseek_v3": lambda: DeepseekV3Config(**_deepseek_v3_fields()),
+        # q/k norms over the whole projection (k: the 2 key heads), softmax-then-top-k
+        "olmoe": lambda: OlmoeConfig(**_olmoe_fields()),
     }
+
+
+def _olmoe_fields(**edits):
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_experts_per_tok=2,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_experts=8,
+        norm_topk_prob=False,
+    )
+    return {**fields, **edits}
 
 
 def _deepseek_v3_fields(**edits):
@@ -311,6 +336,85 @@ def test_deepseek_v3_loglik_matches_hf_in_float64(work, variant):
         a, b = _tensors(hf), _tensors(back)
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
         assert "model.layers.0.self_attn.q_proj.weight" in a
+
+
+def _olmoe_renormalised_dir(work):
+    """OLMoE with norm_topk_prob=True (top-k then softmax in Megatron) and tied embeddings."""
+    from transformers import AutoModelForCausalLM, OlmoeConfig
+
+    path = str(work / "hf-olmoe-renormalised")
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        config = OlmoeConfig(**_olmoe_fields(norm_topk_prob=True, tie_word_embeddings=True, num_key_value_heads=4))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _randomize(model, seed=12)
+        model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["unnormalised", "renormalised"])
+def test_olmoe_loglik_matches_hf_in_float64(work, variant):
+    """OLMoE's q_norm/k_norm over the whole projection (qk_layernorm_scope='projection'), with
+    norm_topk_prob False (softmax over all, top-k == moe_router_pre_softmax) and True (renormalised
+    == top-k then softmax), GQA and not, tied embeddings and not: the converted model's
+    log-likelihood equals transformers' in float64 within 1e-4; export gives back the same tensors."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from transformers import AutoModelForCausalLM
+
+    from ordmoe_megatron.runtime.qk_norm import ProjectionKNorm, ProjectionQNorm
+
+    if variant == "unnormalised":
+        hf, mcore = _hf_dir(work, "olmoe"), _mcore_dir(work, "olmoe")
+    else:
+        hf, mcore = _olmoe_renormalised_dir(work), str(work / "mcore-olmoe-renormalised")
+        if not os.path.exists(mcore):
+            hf_to_mcore(hf, mcore)
+    flags = mcore_io.read_model_args(mcore)
+    assert flags["qk_layernorm"] and flags["qk_layernorm_scope"] == "projection"
+    assert flags["moe_router_pre_softmax"] == (variant == "unnormalised")
+    assert flags["untie_embeddings_and_output_weights"] == (variant == "unnormalised")
+    tokens = _tokens(5)
+    ref_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float64, experts_implementation="eager").eval()
+    with torch.no_grad():
+        ref = ref_model(tokens).logits
+    model_parallel_cuda_manual_seed(1234, force_reset_rng=True)
+    model = mcore_io.build_model(flags, device="cpu")
+    attn = model.decoder.layers[0].self_attention
+    assert type(attn.q_layernorm) is ProjectionQNorm and type(attn.k_layernorm) is ProjectionKNorm
+    kv_heads = 2 if variant == "unnormalised" else 4
+    assert attn.q_layernorm.weight.shape == (64,) and attn.k_layernorm.weight.shape == (kv_heads * 16,)
+    mcore_io.load_model_weights(model, mcore)
+    model = model.double().eval()
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        got = model(tokens, pos, None)
+    assert got.dtype == torch.float64 and got.shape == ref.shape
+    assert abs(_mean_loglik(got, tokens) - _mean_loglik(ref, tokens)) < 1e-4
+    assert (got - ref).abs().max().item() < 1e-4
+    back = str(work / f"back-olmoe-{variant}")
+    if not os.path.exists(back):
+        mcore_to_hf(mcore, back)
+    assert _config(back) == _config(hf)
+    a, b = _tensors(hf), _tensors(back)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_olmoe_flags_belong_to_olmoe_only(work):
+    """Export without HF metadata infers OLMoE from the projection scope; the per-head families
+    refuse it, and OLMoE refuses the per-head scope."""
+    from ordmoe_megatron.convert.families import FAMILIES, infer_family
+
+    flags = mcore_io.read_model_args(_mcore_dir(work, "olmoe"))
+    assert infer_family(flags).model_type == "olmoe"
+    for name, fam in FAMILIES.items():
+        if name != "olmoe":
+            with pytest.raises(ConversionError):
+                fam.config.to_hf(flags)
+    # Qwen3-MoE has per-head q/k norms and the same routing: only the scope tells the two apart
+    with pytest.raises(ConversionError, match="qk_layernorm_scope='projection'.*it needs qk_layernorm_scope='head'"):
+        FAMILIES["qwen3_moe"].config.to_hf({**flags, "kv_channels": None})
+    with pytest.raises(ConversionError, match="it needs qk_layernorm_scope='projection'"):
+        FAMILIES["olmoe"].config.to_hf({**flags, "qk_layernorm_scope": "head"})
 
 
 def test_model_args_and_flags(work):
@@ -682,7 +786,25 @@ BAD_HF = {
         "attention_bias=True",
     ),
     "activation": ("qwen2_moe", dict(config_edit=lambda c: c.update(hidden_act="gelu")), None, "hidden_act='gelu'"),
-    "olmoe": ("mixtral", dict(config_edit=lambda c: c.update(model_type="olmoe")), None, "olmoe.*refused.*each head"),
+    "deepseek-v2": (
+        "mixtral",
+        dict(config_edit=lambda c: c.update(model_type="deepseek_v2")),
+        None,
+        "'deepseek_v2' is refused: DeepSeek-V2 uses multi-latent attention",
+    ),
+    "olmoe-clip-qkv": (
+        "olmoe",
+        dict(config_edit=lambda c: c.update(clip_qkv=8.0)),
+        None,
+        "clip_qkv=8.0 is not supported: OLMoE then clamps q, k and v",
+    ),
+    "olmoe-attention-bias": (
+        "olmoe",
+        dict(config_edit=lambda c: c.update(attention_bias=True)),
+        None,
+        "attention_bias=True is not supported: OLMoE puts the bias on q/k/v",
+    ),
+    "olmoe-head-dim": ("olmoe", dict(config_edit=lambda c: c.update(head_dim=24)), None, "not covered.*head_dim"),
     "deepseek-v3-gqa": (
         "deepseek_v3",
         dict(config_edit=lambda c: c.update(num_key_value_heads=2)),
@@ -855,6 +977,16 @@ def test_ordmoe_convert_both_ways(work, capsys):
     assert main(["mcore-to-hf", "--mcore-dir", out, "--out", back]) == 0
     a, b = _tensors(hf), _tensors(back)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert "--qk-layernorm-scope" not in printed
+
+
+def test_ordmoe_convert_says_an_olmoe_checkpoint_is_ordmoe_pretrains(work, capsys):
+    from ordmoe_megatron.convert.cli import main
+
+    assert main(["hf-to-mcore", "--hf-dir", _hf_dir(work, "olmoe"), "--out", str(work / "cli-olmoe")]) == 0
+    printed = capsys.readouterr().out
+    assert "--qk-layernorm --qk-layernorm-scope projection" in printed
+    assert "pretrain_gpt.py builds per-head q/k norms and refuses this checkpoint" in printed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -990,7 +1122,7 @@ def test_one_table_of_families_validates_and_dispatches():
         assert reason in str(refused.value)
     with pytest.raises(
         ConversionError,
-        match="not in the mapping tables .supported: deepseek_v3, glm4_moe, mixtral, qwen2_moe, qwen3_moe",
+        match="not in the mapping tables .supported: deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe",
     ):
         get_family("llama")
 

@@ -23,6 +23,7 @@ of MEGATRON_LM_PATH that the tests make themselves (a checkout the user patched 
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -222,6 +223,29 @@ def test_rewards_that_are_not_finite_end_the_parse(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--ordmoe", "--ordmoe-rewards", "nan", "0.5", "0"])
     assert exit_info.value.code == 2 and "must be finite numbers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scope", ["projection", "head"])
+def test_a_checkpoint_with_projection_qk_norms_ends_the_parse(tmp_path, capsys, monkeypatch, scope):
+    """An imported OLMoE (model_args.json: qk_layernorm_scope='projection') cannot be built by
+    pretrain_gpt.py's per-head layer spec: refused by name, after the checkpoint check."""
+    checked = []
+    monkeypatch.setattr(arguments, "inspect_checkpoint", lambda root, flag: checked.append(root))
+    monkeypatch.setattr(hooks, "install", lambda args: None)
+    load = tmp_path / "olmoe-mcore"
+    (load / "release").mkdir(parents=True)
+    (load / "latest_checkpointed_iteration.txt").write_text("release")
+    (load / "model_args.json").write_text(json.dumps({"qk_layernorm": True, "qk_layernorm_scope": scope}))
+    parser = megatron_lm.extra_args_provider(check_now=False)(_parser())
+    if scope == "head":
+        assert parser.parse_args(["--ordmoe", "--load", str(load)]).load == str(load)
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--ordmoe", "--load", str(load)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and checked == [str(load)]
+    assert f"pretrain_gpt.py: error: --load {load}: its model normalises q and k over the whole projection" in err
+    assert "train it with ordmoe-pretrain --load" in err
 
 
 def test_a_damaged_checkpoint_to_load_ends_the_parse_naming_the_file(tmp_path, capsys):
