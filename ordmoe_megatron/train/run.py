@@ -18,6 +18,7 @@ from ordmoe_megatron.train.checks import ResumePlan
 from ordmoe_megatron.train.config import RunConfig, baseline_config, run_record
 from ordmoe_megatron.train.evaluation import exact_match_accuracy, format_eval_table
 from ordmoe_megatron.train.plotting import plot_metrics
+from ordmoe_megatron.train.vision_language import answer_accuracy
 from ordmoe_megatron.train.trainer import Trainer, evaluate_paths, setup, train
 
 
@@ -81,6 +82,8 @@ def evaluate_run(config: RunConfig, sources: build.DataSources, trainer: Trainer
     result = evaluate_paths(trainer, trainer.data("valid"), max(config.eval_iters, 1))
     result.update(iteration=trainer.iteration, step_flops=trainer.step_flops)
     layout = config.layout
+    if sources.vl is not None:
+        result["answer_accuracy"] = answer_accuracy(trainer.chunks[0], sources.vl)
     if tasks and layout.tensor == layout.pipeline == layout.expert == 1:
         result["exact_match"] = exact_match_accuracy(trainer.chunks[0], sources.tokenizer, tasks)
     return result

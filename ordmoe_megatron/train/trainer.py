@@ -103,6 +103,16 @@ def forward_step(data_iterator, model):
         packed = PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
         )
+    if "images" in batch:  # --preset tiny-vl: LLaVAModel returns the mask over its combined positions
+        output, loss_mask = model(
+            batch["images"],
+            batch["tokens"],
+            batch["position_ids"],
+            None,
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
+        return output, functools.partial(lm_loss, loss_mask)
     # The loss mask goes in as Megatron-LM's pretrain_gpt passes it: the MTP loss is masked by it.
     output = model(
         batch["tokens"],
@@ -122,7 +132,7 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePla
     if torch.cuda.is_available():
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
-    vocab_size = chunks[0].vocab_size
+    vocab_size = getattr(chunks[0], "language_model", chunks[0]).vocab_size  # a LLaVAModel's is inside
     wrapped = [Float16Module(tconfig, chunk) for chunk in chunks] if tconfig.bf16 else chunks
     model = [
         DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=tconfig.bf16), chunk)
