@@ -2,7 +2,7 @@
 
 An image (``IMAGE_SIZE`` square, 3 channels, values in [0, 1]) is a black 4 x 4 grid of
 ``CELL``-pixel cells; ``count`` of them (1 to 4, distinct cells) hold one shape (a square, a
-circle or a cross) in one colour (red, green, blue or yellow), with a little Gaussian noise over
+circle or a diagonal cross) in one colour (red, green, blue or yellow), with a little Gaussian noise over
 the whole image. A cell is a ViT patch when the patch size is ``CELL``.
 
 - the caption says what is there: ``"two red squares"``;
@@ -72,16 +72,17 @@ QUESTIONS = {
 
 
 def _shape_mask(shape: str) -> torch.Tensor:
-    """The ``CELL x CELL`` pixels a shape covers (a one-pixel margin)."""
+    """The ``CELL x CELL`` pixels a shape covers, inside a one-pixel margin: a filled square, a
+    disc (an octagon at this size) and a diagonal cross (an X, one pixel thick), each at least
+    8 pixels from the others."""
     y, x = torch.meshgrid(torch.arange(CELL), torch.arange(CELL), indexing="ij")
     inside = (y >= 1) & (y < CELL - 1) & (x >= 1) & (x < CELL - 1)
     if shape == "square":
         return inside
     centre = (CELL - 1) / 2
     if shape == "circle":
-        return ((y - centre) ** 2 + (x - centre) ** 2) <= (centre - 0.5) ** 2
-    bar = 1  # the cross's arms: the two middle rows and columns
-    return inside & (((y - centre).abs() < bar) | ((x - centre).abs() < bar))
+        return ((y - centre) ** 2 + (x - centre) ** 2) <= (centre - 0.5) ** 2 - 2
+    return inside & ((y == x) | (y + x == CELL - 1))
 
 
 def render(scene: Scene, generator: torch.Generator) -> torch.Tensor:

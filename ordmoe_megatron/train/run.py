@@ -18,8 +18,8 @@ from ordmoe_megatron.train.checks import ResumePlan
 from ordmoe_megatron.train.config import RunConfig, baseline_config, run_record
 from ordmoe_megatron.train.evaluation import exact_match_accuracy, format_eval_table
 from ordmoe_megatron.train.plotting import plot_metrics
-from ordmoe_megatron.train.vision_language import answer_accuracy
 from ordmoe_megatron.train.trainer import Trainer, evaluate_paths, setup, train
+from ordmoe_megatron.train.vision_language import answer_accuracy
 
 
 def run_meta(config: RunConfig) -> dict:
