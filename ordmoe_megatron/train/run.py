@@ -37,7 +37,12 @@ def run_meta(config: RunConfig) -> dict:
 
 def build_trainer(config: RunConfig, sources: build.DataSources, plan: ResumePlan) -> Trainer:
     tconfig = build.transformer_config(config)  # a fresh one per model: the trainer stores hooks in it
-    return setup(config, tconfig, build.model_chunks(config, tconfig), build.stream_factory(config, sources), plan)
+    trainer = setup(config, tconfig, build.model_chunks(config, tconfig), build.stream_factory(config, sources), plan)
+    if sources.vl is not None:
+        trainer.extra_eval = lambda t: {
+            f"{kind} acc": value for kind, value in answer_accuracy(t.chunks[0], sources.vl).items()
+        }
+    return trainer
 
 
 def start_afresh(config: RunConfig) -> None:
@@ -113,7 +118,14 @@ def run(config: RunConfig, sources: build.DataSources, plan: ResumePlan) -> None
     if distributed.is_last_rank():
         print(
             "\nheld-out evaluation (valid split"
-            + ("; exact match of path 1 on held-out synthetic tasks)" if tasks else ")")
+            + (
+                "; exact match of path 1 on held-out synthetic tasks)"
+                if tasks
+                else "; path 1's answers on held-out images, argmax over each question's answer set, "
+                "and caption perplexity per path)"
+                if sources.vl is not None
+                else ")"
+            )
             + "\n"
             + format_eval_table(rows)
         )

@@ -62,6 +62,9 @@ class Trainer:
     run_id: str = ""  # the run's identity: in its checkpoints and in every metrics line
     stopped_by_signal: bool = False
     step_flops: float = 0.0  # training FLOPs of one step, all paths (mcore.flops)
+    # more held-out scores for the validation lines: (trainer) -> {name: value} (--preset tiny-vl's
+    # answer accuracy per question kind)
+    extra_eval: Optional[Callable[["Trainer"], dict]] = None
 
     @property
     def num_paths(self) -> int:
@@ -461,11 +464,13 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
                 break
             if config.eval_interval and config.eval_iters and it % config.eval_interval == 0 and trainer.make_stream:
                 result = evaluate_paths(trainer, trainer.data("valid"), config.eval_iters)
+                extra = trainer.extra_eval(trainer) if trainer.extra_eval else {}
                 if logging:
                     print(
                         f" validation at iteration {it:8d} | lm loss: {result['lm_loss']:.6E} | path ppl: "
                         + " / ".join(f"{p:.2f}" for p in result["path_perplexity"])
-                        + " |",
+                        + " |"
+                        + "".join(f" {name}: {value:.3f} |" for name, value in extra.items()),
                         flush=True,
                     )
             if config.save and config.save_interval and it % config.save_interval == 0:

@@ -36,7 +36,8 @@ def test_image_positions_are_out_of_the_loss_and_text_positions_keep_theirs(mega
     model, b = _model_and_batch(tmp_path, "--train-iters", "2", "--vl-caption-fraction", "0.5")
     loss, mask = model(b["images"], b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
     n = image_embeddings()
-    assert mask.shape == loss.shape == (b["tokens"].shape[0], b["tokens"].shape[1] - 1 + n)
+    rows, length = b["tokens"].shape
+    assert mask.shape == (rows, length - 1 + n) and loss.shape == (3 * rows, length - 1 + n)  # 3 paths
     assert mask[:, :n].sum() == 0
     # Text token i (after the image) sits at combined position n - 1 + i; its target keeps its mask.
     assert torch.equal(mask[:, n:], b["loss_mask"][:, 1:])
@@ -93,7 +94,9 @@ def test_a_short_run_evaluates_and_resume_equals_an_uninterrupted_run(tmp_path):
     import shutil
 
     straight = tmp_path / "straight"
-    run_pretrain(*SMALL, "--work-dir", str(straight), "--train-iters", "4")
+    proc = run_pretrain(*SMALL, "--work-dir", str(straight), "--train-iters", "4", "--eval-interval", "2")
+    validation = [line for line in proc.stdout.splitlines() if line.startswith(" validation at iteration")]
+    assert len(validation) == 2 and all(f"{kind} acc: " in validation[0] for kind in vision.QUESTIONS)
     metrics = read_metrics(straight / "metrics.jsonl")
     keys = ("lm_loss", "rank_loss", "aux_loss", "path_logprob", "tier_order_acc", "grad_norm")
     assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
@@ -104,10 +107,10 @@ def test_a_short_run_evaluates_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert len(result["path_perplexity"]) == 3 and all(1 < p < 100 for p in result["path_perplexity"])
 
     parts = tmp_path / "parts"
-    run_pretrain(*SMALL, "--work-dir", str(parts), "--train-iters", "4", "--save-interval", "2")
+    run_pretrain(*SMALL, "--work-dir", str(parts), "--train-iters", "4", "--eval-interval", "2", "--save-interval", "2")
     shutil.rmtree(parts / "checkpoints" / "iter_0000004")
     (parts / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("2")
-    proc = run_pretrain(*SMALL, "--work-dir", str(parts), "--train-iters", "4")
+    proc = run_pretrain(*SMALL, "--work-dir", str(parts), "--train-iters", "4", "--eval-interval", "2")
     assert "resuming at iteration 2" in proc.stdout
     resumed = read_metrics(parts / "metrics.jsonl")
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in metrics]
