@@ -222,7 +222,7 @@ def validate(args, need_model_config: bool):
             check_sft(args, ordmoe)
     try:
         validated = megatron_validated_args(args)
-        config = transformer_config(validated)
+        config = transformer_config(hooks.language_model_args(validated))
     except Exception as err:  # Megatron-LM's own validation: it reports this itself later
         if need_model_config:
             raise OrdMoEError(f"Megatron-LM rejects these arguments: {type(err).__name__}: {err}") from None

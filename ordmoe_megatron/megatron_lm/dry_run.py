@@ -27,7 +27,7 @@ def describe_run(args: argparse.Namespace, ordmoe: Optional[OrdMoEConfig], confi
     lines = [
         "OrdMoE dry run (Megatron-LM): arguments parsed and validated; nothing was built.",
         "configuration:",
-        f"  model: {a.num_layers} layers, hidden {a.hidden_size}, ffn {a.ffn_hidden_size}, "
+        f"  model: {config.num_layers} layers, hidden {a.hidden_size}, ffn {a.ffn_hidden_size}, "
         f"{a.num_attention_heads} heads"
         + (f" ({a.num_query_groups} query groups)" if a.group_query_attention else "")
         + f", seq length {a.seq_length}, max positions {a.max_position_embeddings}",
@@ -50,7 +50,7 @@ def describe_run(args: argparse.Namespace, ordmoe: Optional[OrdMoEConfig], confi
         f"  experts: EP {ep} x expert TP {etp} x expert DP {world // (pp * ep * etp)} "
         f"({(config.num_moe_experts or 0) // ep} experts per EP rank)",
         f"  sequence parallel {bool(a.sequence_parallel)}, virtual pipeline stages "
-        f"{a.virtual_pipeline_model_parallel_size or 1}, layers per pipeline stage {a.num_layers // pp}, "
+        f"{a.virtual_pipeline_model_parallel_size or 1}, layers per pipeline stage {config.num_layers // pp}, "
         f"distributed optimizer {bool(a.use_distributed_optimizer)}",
         f"  activations between pipeline stages: [{a.seq_length // (tp if a.sequence_parallel else 1)}, "
         f"{ordmoe.stage_batch_rows(a.micro_batch_size) if ordmoe is not None else a.micro_batch_size}, "

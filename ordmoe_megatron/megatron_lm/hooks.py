@@ -273,10 +273,24 @@ def _check_losses(args, ordmoe: OrdMoEConfig, reports) -> None:
             )
 
 
+def language_model_args(args):
+    """Megatron-LM's arguments as the language model reads them. ``pretrain_vlm.py``'s
+    ``--num-layers`` is the vision encoder's depth (Megatron-LM sets it from
+    ``--encoder-num-layers``) and its language model has ``--decoder-num-layers``:
+    ``megatron_lm.vlm`` marks its parser's arguments ``ordmoe_vlm``, and this gives a copy with
+    ``num_layers`` the language model's. ``pretrain_gpt.py``'s arguments come back unchanged."""
+    if getattr(args, "ordmoe_vlm", False) and getattr(args, "decoder_num_layers", None):
+        language = copy.copy(args)
+        language.num_layers = args.decoder_num_layers
+        language.ordmoe_vlm = False  # already the language model's
+        return language
+    return args
+
+
 def shared_prefix_layers(args, ordmoe: Optional[OrdMoEConfig]) -> int:
     """How many leading layers the OrdMoE model runs once for all paths, for Megatron-LM's
     arguments (``OrdMoEConfig.shared_prefix_layers``)."""
-    return 0 if ordmoe is None else ordmoe.shared_prefix_layers_of(args)
+    return 0 if ordmoe is None else ordmoe.shared_prefix_layers_of(language_model_args(args))
 
 
 def lower_path_share(args, ordmoe: OrdMoEConfig) -> float:
@@ -298,6 +312,13 @@ def ordmoe_num_floating_point_operations(args, batch_size, base: Optional[Callab
     ordmoe = ordmoe_config_from_args(args) if getattr(args, "ordmoe", False) else None
     if ordmoe is None or not ordmoe.enabled:
         return base(args, batch_size, **token_counts)
+    language = language_model_args(args)
+    if language is not args:
+        # pretrain_vlm.py: Megatron-LM's count, scaled by the language model's OrdMoE factor
+        factor = ordmoe_num_floating_point_operations(language, batch_size, base, **token_counts) / base(
+            copy.copy(language), batch_size, **token_counts
+        )
+        return factor * base(args, batch_size, **token_counts)
     shared = shared_prefix_layers(args, ordmoe)
     shared_flops = _layer_flops(base, args, batch_size, list(range(shared)), **token_counts) if shared else 0.0
     plain = base(copy.copy(args), batch_size, **token_counts)

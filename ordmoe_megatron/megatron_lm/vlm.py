@@ -135,6 +135,7 @@ def _hook_vlm_checks(parser: argparse.ArgumentParser) -> None:
     if getattr(parser, "_ordmoe_vlm_hooked", False):
         return
     parser._ordmoe_vlm_hooked = True
+    parser.set_defaults(ordmoe_vlm=True)  # hooks.language_model_args: the language model's depth
     parse_known_args = parser.parse_known_args
 
     def checked_parse_known_args(*a, **kw):

@@ -450,6 +450,28 @@ def test_flops_subtract_the_layers_run_once():
     )
 
 
+def test_vlm_arguments_count_the_language_models_layers():
+    # pretrain_vlm.py: --num-layers is the vision encoder's depth (1), the language model has
+    # --decoder-num-layers (6, all MoE). The layer scope, the shared prefix and the FLOPs factor are
+    # the language model's; the count scales Megatron-LM's own.
+    args = _flops_args("--ordmoe", "--ordmoe-layer-scope", "4-6", freq=1)
+    args.num_layers, args.decoder_num_layers, args.ordmoe_vlm = 1, 6, True
+    language = megatron_lm.hooks.language_model_args(args)
+    assert (language.num_layers, args.num_layers) == (6, 1)
+    assert megatron_lm.shared_prefix_layers(args, ordmoe_config_from_args(args)) == 3
+    language_plain = 2 * (6 * LAYER_FLOPS[1] + OUTPUT_FLOPS)
+    language_ordmoe = 3 * language_plain - 2 * 2 * 3 * LAYER_FLOPS[1]
+    factor = language_ordmoe / language_plain
+    assert megatron_lm.flops_factor(args, ordmoe_config_from_args(args), _linear_flops) == pytest.approx(factor)
+    megatron_count = _linear_flops(args, 2)
+    assert megatron_lm.ordmoe_num_floating_point_operations(args, 2, _linear_flops) == pytest.approx(
+        factor * megatron_count
+    )
+    # pretrain_gpt.py's arguments (no ordmoe_vlm mark) are the language model's as they are.
+    args.ordmoe_vlm = False
+    assert megatron_lm.hooks.language_model_args(args) is args
+
+
 def test_flops_count_mtp_on_path_1_only():
     # The MTP block runs on path 1 only: the lower paths cost the plain step without it.
     args = _flops_args("--ordmoe", "--no-ordmoe-lazy-fanout", mtp=1)

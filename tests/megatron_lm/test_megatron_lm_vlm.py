@@ -189,6 +189,26 @@ def test_vlm_patched_refuses_pipeline_parallelism_before_building(checkout, tmp_
 
 
 @needs_megatron_lm
+def test_vlm_layer_scope_and_dry_run_read_the_language_models_depth(checkout, tmp_path):
+    """--num-layers is the vision encoder's depth (1 here, from --encoder-num-layers); the layer
+    scope names the language model's layers (2 of them): layer 2 is accepted, layer 3 refused."""
+    launcher = [sys.executable, "-m", "ordmoe_megatron.megatron_lm.cpu_launch", "--megatron-lm", checkout]
+    script = os.path.join(checkout, "pretrain_vlm.py")
+
+    def dry_run(scope):
+        argv = [*launcher, script, *TINY, "--ordmoe", "--ordmoe-layer-scope", scope, "--ordmoe-dry-run"]
+        return subprocess.run(argv, cwd=tmp_path, env=_env(checkout), capture_output=True, text=True, timeout=300)
+
+    proc = dry_run("2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "model: 2 layers" in proc.stdout and "tier-routed MoE layers: 2" in proc.stdout
+    assert "fan-out before layer 2 (layer 1 runs once)" in proc.stdout
+    proc = dry_run("3")
+    assert proc.returncode != 0
+    assert "--ordmoe-layer-scope names layers [3]; the model has layers 1-2" in proc.stdout + proc.stderr
+
+
+@needs_megatron_lm
 def test_vlm_cpu_training_logs_the_ordmoe_metrics(checkout, tmp_path):
     """The patched pretrain_vlm.py, C = 3: rank loss (with either sign), the three paths'
     log-likelihoods, path 1's equal to the LM loss, all finite."""

@@ -170,10 +170,10 @@ def read_metrics(path):
 
 
 # CI's megatron-core 0.19.2 run takes the layouts that exchange the most (pipelined with
-# interleaving, expert parallel across pipeline stages, tensor+sequence+expert parallel) and the
-# per-token loss under interleaving; the others run on 0.16.1: two full suites must fit CI's time.
+# interleaving, expert parallel across pipeline stages, tensor+sequence+expert parallel); the
+# others, and the per-token loss, run on 0.16.1: two full suites must fit CI's time.
 LAYOUT_ONE_VERSION = {("dp2", False), ("tp2-sp", False), ("ep2", False), ("pp2-1f1b", False), ("dp2", True)}
-LAYOUT_ONE_VERSION |= {("pp2-1f1b", True)}
+LAYOUT_ONE_VERSION |= {("pp2-1f1b", True), ("pp2-vpp2", True)}
 
 
 @pytest.mark.parametrize(
@@ -234,10 +234,12 @@ SEQUENTIAL_CASES = [
 ]
 
 
-# CI's megatron-core 0.19.2 run takes the others (interleaved pipelines, tensor+sequence+expert
-# parallel, both kinds of objective, sub-sampled rows on three interleaved stages): two full
+# CI's megatron-core 0.19.2 run takes the others (interleaved pipelines on two and three stages,
+# a preference objective's pre-pass and sub-sampled rows on three interleaved stages): two full
 # suites must fit in CI's time.
 ONE_VERSION = {
+    ("tp2-sp-ep2", False, ""),
+    ("ep2", False, "-pairwise-logistic"),
     ("dp2", False, ""),
     ("dp2", True, ""),
     ("tp2-sp", False, ""),
