@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ordmoe_megatron.data import vision
 from ordmoe_megatron.errors import OrdMoEError
-from ordmoe_megatron.mcore.multimodal import OrdMoELLaVAModel
+from ordmoe_megatron.mcore.multimodal import OrdMoELLaVAModel, language_model_of
 from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.model_flags import normalize_flags, padded_vocab_size
 
@@ -180,8 +180,6 @@ def answer_accuracy(model, data: vision.TinyVLData, batch: int = 64) -> dict:
     """Per question kind (count, colour, shape), the share of held-out questions whose answer
     path 1 ranks first among that kind's closed answer set (``QUESTIONS``' answers), read from the
     logits at the position after ``Assistant:`` (each answer is one word, one token)."""
-    from ordmoe_megatron.mcore.multimodal import language_model_of
-
     tokenizer = data.tokenizer
     was_training = model.training
     model.eval()
