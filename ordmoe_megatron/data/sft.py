@@ -117,7 +117,7 @@ def _example(ids: list[int], answer: list[bool], seq_length: int) -> dict:
     )
 
 
-def _order(count: int, seed: int, epoch: int) -> list[int]:
+def shuffled_order(count: int, seed: int, epoch: int) -> list[int]:
     order = list(range(count))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
@@ -141,7 +141,7 @@ def sft_micro_batches(
         for i in range(micro_batch_size):
             epoch, index = divmod(k * micro_batch_size + i, count)
             if epoch not in orders:
-                orders = {epoch: _order(count, seed, epoch)}
+                orders = {epoch: shuffled_order(count, seed, epoch)}
             items.append(_example(*examples[orders[epoch][index]], seq_length))
         if pack:
             lengths = [len(item["tokens"]) for item in items]

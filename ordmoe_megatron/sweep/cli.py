@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="pretrain",
         help="pretrain every cell from scratch, finetune every cell from one base checkpoint "
         "per seed (the paper's setting), or sft: fine-tune every cell on the tiny-sft chat tasks "
-        "(held-out exact match per task; docs/sft.md).",
+        "(held-out exact match per task; docs/sft.md), or vl: train every cell's tiny-vl "
+        "vision-language model, captions then questions (held-out answer accuracy; docs/multimodal.md).",
     )
     parser.add_argument("--steps", type=int, default=200, help="Steps of every OrdMoE cell and same-steps baseline.")
     parser.add_argument(

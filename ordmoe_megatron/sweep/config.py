@@ -9,8 +9,11 @@ from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.sweep.grids import Grid
 
 # pretrain: every cell from scratch on the tiny corpus; finetune: every cell from one base
-# checkpoint per seed; sft: every cell fine-tunes on the tiny-sft chat tasks (from scratch, docs/sft.md).
-SETTINGS = ("pretrain", "finetune", "sft")
+# checkpoint per seed; sft: every cell fine-tunes on the tiny-sft chat tasks (from scratch, docs/sft.md);
+# vl: every cell trains the tiny-vl vision-language model, captions then questions (docs/multimodal.md).
+SETTINGS = ("pretrain", "finetune", "sft", "vl")
+# The preset each setting's cells run (the user's run flags may name another).
+SETTING_PRESETS = {"pretrain": "tiny", "finetune": "tiny", "sft": "tiny-sft", "vl": "tiny-vl"}
 
 
 @dataclasses.dataclass(frozen=True)

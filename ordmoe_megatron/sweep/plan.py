@@ -19,7 +19,7 @@ import re
 import sys
 from typing import Optional
 
-from ordmoe_megatron.sweep.config import SweepConfig
+from ordmoe_megatron.sweep.config import SETTING_PRESETS, SweepConfig
 
 KINDS = ("base", "ordmoe", "baseline", "matched")
 BASELINE = "baseline, same steps"
@@ -83,7 +83,7 @@ def cell_command(config: SweepConfig, cell: Cell) -> list[str]:
     """The cell's ``ordmoe-pretrain`` command; its outputs all in its directory."""
     where = cell.directory(config.out)
     argv = [sys.executable, "-m", "ordmoe_megatron.train"]
-    preset = "tiny-sft" if config.setting == "sft" else "tiny"
+    preset = SETTING_PRESETS[config.setting]
     argv += ["--preset", preset] if config.uses_preset and "--preset" not in config.run_flags else []
     argv += [
         *config.run_flags,

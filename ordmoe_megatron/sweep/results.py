@@ -33,7 +33,14 @@ METRICS = (
         lambda r: statistics.mean(r["exact_match"].values()) if r.get("exact_match") else None,
         ".3f",
     ),
+    (  # --setting vl: held-out answer accuracy, the mean over the question kinds
+        "answer_accuracy",
+        "answer acc",
+        lambda r: statistics.mean(r["answer_accuracy"].values()) if r.get("answer_accuracy") else None,
+        ".3f",
+    ),
 )
+OPTIONAL = ("answer_accuracy",)
 # Path-1 perplexity over the same seed's same-steps baseline's: seeds differ far more from each
 # other (each builds its own corpus) than settings do within a seed, so the paired ratio is the
 # comparison to read.
@@ -113,6 +120,12 @@ def _flat(result: dict) -> dict:
 def markdown(summary: dict) -> str:
     """The table: per setting, steps, compute, then each metric's per-seed values and mean ± std."""
     columns = [METRICS[0][:2] + METRICS[0][3:], PAIRED] + [m[:2] + m[3:] for m in METRICS[1:]]
+    # A column only some settings have (answer accuracy: --setting vl) is left out where no row has it.
+    columns = [
+        c
+        for c in columns
+        if c[0] not in OPTIONAL or any((row.get(c[0]) or {}).get("mean") is not None for row in summary["rows"])
+    ]
     header = ["setting", "steps", "compute"]
     for _, title, _ in columns:
         header += [f"{title} per seed", f"{title} mean ± std"]

@@ -22,12 +22,14 @@ from ordmoe_megatron.data import (
     load_tokenizer,
     prepare_tiny_data,
     sft,
+    vision,
 )
 from ordmoe_megatron.data.documents import load_any_tokenizer
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.runtime import bridges
 from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, transformer_config_from_flags
+from ordmoe_megatron.train import vision_language
 from ordmoe_megatron.train.config import RunConfig
 
 MicroBatchStream = Callable[[str, int], Iterator[dict]]  # (split, first micro-batch) -> micro-batches
@@ -40,6 +42,7 @@ class DataSources:
     # --sft-data: the encoded conversations per split; the held-out tasks (prompt, answer, kind)
     sft_examples: Optional[dict] = None
     sft_tasks: Optional[list] = None
+    vl: Optional[object] = None  # --preset tiny-vl: data.vision.TinyVLData
 
 
 def prepare_data(config: RunConfig) -> tuple[RunConfig, DataSources]:
@@ -47,6 +50,10 @@ def prepare_data(config: RunConfig) -> tuple[RunConfig, DataSources]:
     if config.mock_data:
         return config, DataSources()
     sources = DataSources()
+    if config.preset == "tiny-vl":  # images and text made in memory, from the seed
+        sources.vl = vision.prepare_tiny_vl_data(config.seed)
+        sources.tokenizer = sources.vl.tokenizer
+        return config.with_model_flags(vocab_size=sources.tokenizer.vocab_size), sources
     if config.preset == "tiny-sft" or config.sft_data:
         return _prepare_sft(config, sources)
     if config.preset:
@@ -125,6 +132,8 @@ def transformer_config(config: RunConfig):
 
 def model_chunks(config: RunConfig, tconfig) -> list[GPTModel]:
     """One model per virtual pipeline stage on this rank (one without virtual stages)."""
+    if config.preset == "tiny-vl":
+        return [vision_language.vl_model(config, tconfig)]
     extra = {} if config.ordmoe is None else dict(model_class=OrdMoEGPTModel, ordmoe=config.ordmoe)
     extra["packed_sequences"] = config.sft_pack
     stages = config.layout.virtual_pipeline
@@ -135,6 +144,8 @@ def model_chunks(config: RunConfig, tconfig) -> list[GPTModel]:
 
 def stream_factory(config: RunConfig, sources: DataSources) -> MicroBatchStream:
     """``(split, first micro-batch) -> micro-batch stream`` for the trainer."""
+    if sources.vl is not None:
+        return lambda split, start: vision_language.vl_stream(config, sources.vl, split, start)
     if sources.sft_examples is not None:
         pad = getattr(sources.tokenizer, "eod", 0)
         return lambda split, start: sft.sft_micro_batches(

@@ -20,6 +20,7 @@ from ordmoe_megatron.mcore.router import TierRouter
 from ordmoe_megatron.runtime import checkpointing
 from ordmoe_megatron.runtime.checkpointing import has_checkpoint
 from ordmoe_megatron.runtime.outputs import check_output, check_writable, read_json_lines
+from ordmoe_megatron.train import vision_language
 from ordmoe_megatron.train.build import transformer_config
 from ordmoe_megatron.train.config import SCHEDULE_FIELDS, RunConfig, baseline_config, flag_name, run_differences
 
@@ -234,6 +235,8 @@ def check_run(
 ) -> ResumePlan:
     """Every check a run makes before any work (``--dry-run`` makes the same, but leaves the
     checkpoint's pickled ``.metadata`` unread); what it will do with ``--load``."""
+    if config.preset == "tiny-vl":
+        vision_language.check_tiny_vl(config, world)
     problems = layout_problems(config, world, layers_per_virtual_stage)
     if problems:
         raise OrdMoEError("impossible parallel layout: " + "; ".join(problems))

@@ -75,6 +75,29 @@ PRESETS["tiny-sft"] = dict(
     work_dir="runs/tiny-sft",
     sft_pack=False,  # rows of 32 hold one conversation with little padding; packing costs more on the CPU
 )
+# The embedded vision-language default (train/vision_language.py, data/vision.py): a one-layer
+# CLIP ViT, a projector and a tiny MoE language model in megatron-core's LLaVAModel; the first
+# half of the steps on captions, the rest on the questions; sized so that the plain baseline gets
+# some held-out answers right and not all (docs/multimodal.md).
+PRESETS["tiny-vl"] = dict(
+    PRESETS["tiny"],
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    moe_ffn_hidden_size=64,
+    seq_length=16,  # text tokens per sample (the image token included); the image adds 15 positions
+    max_position_embeddings=32,
+    micro_batch_size=16,
+    global_batch_size=32,
+    train_iters=200,
+    lr=2e-3,
+    min_lr=2e-4,
+    eval_interval=None,
+    eval_iters=6,
+    work_dir="runs/tiny-vl",
+    make_vocab_size_divisible_by=8,  # the closed vocabulary has 32 words: no padded logits
+    vl_caption_fraction=0.5,
+)
 # The paper's second model (Ling-mini-2.0) and DeepSeek-V3 in miniature: 16 experts in 4 groups
 # (each token's top-2 from 2 groups), sigmoid scores with the expert bias (aux-loss-free
 # balancing) and a scaling factor, one shared expert, a first dense layer, one
@@ -169,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="A complete embedded run; 'tiny' is the default when no data is named; 'tiny-deepseek' is "
         "the DeepSeek-V3 / Ling-2.0 style (group-limited sigmoid routing with expert bias, a shared "
         "expert, a first dense layer, MTP, MLA); 'tiny-sft' fine-tunes on checkable instruction / answer "
-        "tasks (docs/sft.md).",
+        "tasks (docs/sft.md); 'tiny-vl' trains a small vision-language model (a megatron-core ViT "
+        "and the MoE language model in LLaVAModel) on images it draws, captions then questions "
+        "(docs/multimodal.md).",
     )
     parser.add_argument("--work-dir", default=None, help="Where a preset keeps its data, checkpoints and outputs.")
     parser.add_argument(
@@ -215,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="Pack each micro-batch's conversations into one row (THD, cu_seqlens), as Megatron-LM's --sft does.",
+    )
+    data.add_argument(
+        "--vl-caption-fraction",
+        type=NON_NEGATIVE_FLOAT,
+        default=0.5,
+        help="--preset tiny-vl: the share of the steps on captions (continued pretraining) before the "
+        "questions (fine-tuning, answer-only loss).",
     )
     train = parser.add_argument_group("training")
     train.add_argument("--train-iters", type=NON_NEGATIVE, default=200)

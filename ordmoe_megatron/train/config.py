@@ -37,6 +37,8 @@ class RunConfig:
     sft_data: Optional[str] = None
     sft_valid_data: Optional[str] = None  # else the last 5% of --sft-data
     sft_pack: bool = False  # pack each micro-batch's conversations into one THD row
+    # --preset tiny-vl: the share of the steps on captions before the questions (train/vision_language.py)
+    vl_caption_fraction: float = 0.5
     # optimizer and schedule
     train_iters: int = 200
     micro_batch_size: int = 4
@@ -116,6 +118,7 @@ RUN_FIELDS = (
     "sft_data",
     "sft_valid_data",
     "sft_pack",
+    "vl_caption_fraction",
     "micro_batch_size",
     "global_batch_size",
     "weight_decay",

@@ -71,15 +71,19 @@ def exact_match_accuracy(model, tokenizer, tasks: list[dict], max_new_tokens: in
 
 
 def format_eval_table(rows: dict[str, dict]) -> str:
-    """Rows keyed by model name, each from ``evaluate_paths`` plus ``exact_match``."""
+    """Rows keyed by model name, each from ``evaluate_paths`` plus ``exact_match`` (or, for
+    ``--preset tiny-vl``, ``answer_accuracy``)."""
     first = next(iter(rows.values()))
     paths = len(first["path_perplexity"])
     kinds = sorted(first.get("exact_match", {}))
+    answers = sorted(first.get("answer_accuracy", {}))  # --preset tiny-vl
     header = ["model"] + [f"path {j + 1} ppl" for j in range(paths)] + ["tier order acc"] + [f"{k} EM" for k in kinds]
+    header += [f"{k} acc" for k in answers]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for name, r in rows.items():
         acc = r.get("tier_order_acc")
         cells = [name] + [f"{p:.4g}" for p in r["path_perplexity"]] + ["-" if acc is None else f"{acc:.3f}"]
         cells += [f"{r['exact_match'][k]:.3f}" for k in kinds]
+        cells += [f"{r['answer_accuracy'][k]:.3f}" for k in answers]
         lines.append(" | ".join(cells))
     return "\n".join(lines)

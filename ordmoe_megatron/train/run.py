@@ -19,6 +19,7 @@ from ordmoe_megatron.train.config import RunConfig, baseline_config, run_record
 from ordmoe_megatron.train.evaluation import exact_match_accuracy, format_eval_table
 from ordmoe_megatron.train.plotting import plot_metrics
 from ordmoe_megatron.train.trainer import Trainer, evaluate_paths, setup, train
+from ordmoe_megatron.train.vision_language import answer_accuracy
 
 
 def run_meta(config: RunConfig) -> dict:
@@ -36,7 +37,12 @@ def run_meta(config: RunConfig) -> dict:
 
 def build_trainer(config: RunConfig, sources: build.DataSources, plan: ResumePlan) -> Trainer:
     tconfig = build.transformer_config(config)  # a fresh one per model: the trainer stores hooks in it
-    return setup(config, tconfig, build.model_chunks(config, tconfig), build.stream_factory(config, sources), plan)
+    trainer = setup(config, tconfig, build.model_chunks(config, tconfig), build.stream_factory(config, sources), plan)
+    if sources.vl is not None:
+        trainer.extra_eval = lambda t: {
+            f"{kind} acc": value for kind, value in answer_accuracy(t.chunks[0], sources.vl).items()
+        }
+    return trainer
 
 
 def start_afresh(config: RunConfig) -> None:
@@ -81,6 +87,8 @@ def evaluate_run(config: RunConfig, sources: build.DataSources, trainer: Trainer
     result = evaluate_paths(trainer, trainer.data("valid"), max(config.eval_iters, 1))
     result.update(iteration=trainer.iteration, step_flops=trainer.step_flops)
     layout = config.layout
+    if sources.vl is not None:
+        result["answer_accuracy"] = answer_accuracy(trainer.chunks[0], sources.vl)
     if tasks and layout.tensor == layout.pipeline == layout.expert == 1:
         result["exact_match"] = exact_match_accuracy(trainer.chunks[0], sources.tokenizer, tasks)
     return result
@@ -110,7 +118,14 @@ def run(config: RunConfig, sources: build.DataSources, plan: ResumePlan) -> None
     if distributed.is_last_rank():
         print(
             "\nheld-out evaluation (valid split"
-            + ("; exact match of path 1 on held-out synthetic tasks)" if tasks else ")")
+            + (
+                "; exact match of path 1 on held-out synthetic tasks)"
+                if tasks
+                else "; path 1's answers on held-out images, argmax over each question's answer set, "
+                "and caption perplexity per path)"
+                if sources.vl is not None
+                else ")"
+            )
             + "\n"
             + format_eval_table(rows)
         )

@@ -62,6 +62,9 @@ class Trainer:
     run_id: str = ""  # the run's identity: in its checkpoints and in every metrics line
     stopped_by_signal: bool = False
     step_flops: float = 0.0  # training FLOPs of one step, all paths (mcore.flops)
+    # more held-out scores for the validation lines: (trainer) -> {name: value} (--preset tiny-vl's
+    # answer accuracy per question kind)
+    extra_eval: Optional[Callable[["Trainer"], dict]] = None
 
     @property
     def num_paths(self) -> int:
@@ -103,6 +106,16 @@ def forward_step(data_iterator, model):
         packed = PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
         )
+    if "images" in batch:  # --preset tiny-vl: LLaVAModel returns the mask over its combined positions
+        output, loss_mask = model(
+            batch["images"],
+            batch["tokens"],
+            batch["position_ids"],
+            None,
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
+        return output, functools.partial(lm_loss, loss_mask)
     # The loss mask goes in as Megatron-LM's pretrain_gpt passes it: the MTP loss is masked by it.
     output = model(
         batch["tokens"],
@@ -122,7 +135,7 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePla
     if torch.cuda.is_available():
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
-    vocab_size = chunks[0].vocab_size
+    vocab_size = getattr(chunks[0], "language_model", chunks[0]).vocab_size  # a LLaVAModel's is inside
     wrapped = [Float16Module(tconfig, chunk) for chunk in chunks] if tconfig.bf16 else chunks
     model = [
         DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=tconfig.bf16), chunk)
@@ -451,11 +464,13 @@ def train(trainer: Trainer, run_meta: dict) -> list[dict]:
                 break
             if config.eval_interval and config.eval_iters and it % config.eval_interval == 0 and trainer.make_stream:
                 result = evaluate_paths(trainer, trainer.data("valid"), config.eval_iters)
+                extra = trainer.extra_eval(trainer) if trainer.extra_eval else {}
                 if logging:
                     print(
                         f" validation at iteration {it:8d} | lm loss: {result['lm_loss']:.6E} | path ppl: "
                         + " / ".join(f"{p:.2f}" for p in result["path_perplexity"])
-                        + " |",
+                        + " |"
+                        + "".join(f" {name}: {value:.3f} |" for name, value in extra.items()),
                         flush=True,
                     )
             if config.save and config.save_interval and it % config.save_interval == 0:

@@ -284,3 +284,31 @@ def test_a_full_disk_writing_the_results_is_one_line(tmp_path, monkeypatch, caps
     assert cli.main([*argv, "--steps", "2", "--", *MOCK]) == 2
     err = capsys.readouterr().err
     assert "cannot write the sweep's results (No space left on device)" in err and "Traceback" not in err
+
+
+def test_the_vl_setting_runs_tiny_vl_cells_and_reports_answer_accuracy(tmp_path):
+    config = _config(tmp_path, setting="vl")
+    cell = plan.first_cells(config)[0]
+    argv = plan.cell_command(config, cell)
+    assert argv[3:5] == ["--preset", "tiny-vl"] and "--finetune" not in argv and not plan.base_cells(config)
+    proc = _sweep(tmp_path / "out", "--grid", "tiers", "--setting", "vl", "--seeds", "1", "--steps", "4", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cells = [line for line in proc.stdout.splitlines() if "ordmoe_megatron.train" in line]
+    assert cells and all("--preset tiny-vl" in line for line in cells)
+    assert any("--no-ordmoe" in line for line in cells)  # the same-steps baseline
+
+    def result(ppl, accuracy):
+        out = {"path_perplexity": [ppl], "tier_order_acc": None, "step_flops": 1.0, "train_lm_loss": 1.0}
+        return {**out, "seconds": 1.0, "answer_accuracy": accuracy}
+
+    cells = plan.first_cells(config)
+    done = {c: result(10.0 + i, {"count": 0.5, "colour": 1.0, "shape": 0.3 + 0.1 * i}) for i, c in enumerate(cells)}
+    summary = results.summarize(config, done)
+    baseline = next(r for r in summary["rows"] if r["setting"] == plan.BASELINE)
+    assert baseline["answer_accuracy"]["values"] == pytest.approx([0.6, 0.7])
+    table = results.markdown(summary)
+    assert "answer acc per seed" in table and "0.600 / 0.700" in table
+    # Without answer accuracy (every other setting) the column is not there: recorded tables stay.
+    for r in done.values():
+        del r["answer_accuracy"]
+    assert "answer acc" not in results.markdown(results.summarize(config, done))
