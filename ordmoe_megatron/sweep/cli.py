@@ -25,7 +25,7 @@ from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.runtime.checkpointing import has_checkpoint
 from ordmoe_megatron.runtime.outputs import RunLock, check_writable, read_json_file, staged_file
 from ordmoe_megatron.sweep import plan, results
-from ordmoe_megatron.sweep.config import SETTINGS, SweepConfig
+from ordmoe_megatron.sweep.config import SETTING_PRESETS, SETTINGS, SweepConfig
 from ordmoe_megatron.sweep.grids import GRID_NAMES, Grid, Setting, ready_grids
 from ordmoe_megatron.sweep.runner import run_cells
 from ordmoe_megatron.train import build
@@ -93,7 +93,7 @@ def _grid(args) -> Grid:
     if args.grid != "custom":
         if args.tries:
             raise OrdMoEError("--try is for --grid custom")
-        layers = _num_layers(args.run_flags)
+        layers = _num_layers(args.run_flags, SETTING_PRESETS[args.setting])
         return ready_grids(layers)[args.grid]
     if not args.tries:
         raise OrdMoEError("--grid custom needs at least one --try 'NAME=FLAGS'")
@@ -106,13 +106,14 @@ def _grid(args) -> Grid:
     return Grid("custom", "custom settings", tuple(settings))
 
 
-def _num_layers(run_flags: Sequence[str]) -> int:
+def _num_layers(run_flags: Sequence[str], preset: str) -> int:
     """``--num-layers`` as ordmoe-pretrain reads it (``--num-layers 8`` and ``--num-layers=8``
-    alike), else the tiny preset's."""
+    alike), else that of the setting's preset (``tiny`` has 4 layers, ``tiny-sft`` and
+    ``tiny-vl`` 2)."""
     parser = train_cli.build_parser()
     parser.set_defaults(num_layers=None)
     given = parser.parse_known_args(list(run_flags))[0].num_layers
-    return given if given is not None else train_cli.PRESETS["tiny"]["num_layers"]
+    return given if given is not None else train_cli.PRESETS[preset]["num_layers"]
 
 
 def sweep_config_from_args(args) -> SweepConfig:

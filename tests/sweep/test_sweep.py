@@ -245,6 +245,19 @@ def test_the_scope_grid_reads_num_layers_in_either_spelling():
         assert [s.flags[1] for s in grid.settings if s.flags] == ["1-4", "5-8", "2,4,6,8"]
 
 
+def test_the_scope_grid_takes_the_depth_of_the_settings_preset():
+    # tiny has 4 layers, tiny-sft and tiny-vl 2: their scopes must name layers they have.
+    from ordmoe_megatron.sweep import cli
+
+    for setting, scopes in (
+        ("pretrain", ["1-2", "3-4", "2,4"]),
+        ("sft", ["1-1", "2-2", "2"]),
+        ("vl", ["1-1", "2-2", "2"]),
+    ):
+        grid = cli._grid(cli.build_parser().parse_args(["--grid", "scope", "--setting", setting]))
+        assert [s.flags[1] for s in grid.settings if s.flags] == scopes
+
+
 def test_torn_files_of_a_killed_sweep_are_tolerated_on_resume(tmp_path, capsys):
     from ordmoe_megatron.sweep import cli, runner
 
