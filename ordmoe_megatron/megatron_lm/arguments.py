@@ -263,18 +263,6 @@ def check_sft(args, ordmoe: OrdMoEConfig) -> None:
             f"--sft-tokenizer-prompt-format {prompt_format} masks no prompt token, so Eq. 7 would average over "
             f"whole conversations; use one that masks system and user turns: {', '.join(SFT_ANSWER_ONLY_FORMATS)}"
         )
-    if (getattr(args, "micro_batch_size", 1) or 1) > 1 and not compat.sft_flattens_micro_batches():
-        raise OrdMoEError(
-            "--sft with --micro-batch-size > 1 on this Megatron-LM (before core_v0.19.0): it does not pack a "
-            "micro-batch into one THD row; use --micro-batch-size 1 (and --global-batch-size for the batch)"
-        )
-    legacy = bool(getattr(args, "legacy_tokenizer", False))
-    if getattr(args, "tokenizer_type", None) == "SFTTokenizer" and not legacy and not compat.sft_tokenizer_in_core():
-        # Megatron-LM's own failure is "Tokenizer path must be specified."
-        raise OrdMoEError(
-            "--sft --tokenizer-type SFTTokenizer on this Megatron-LM (before core_v0.19.0): only its legacy "
-            "tokenizer system builds SFTTokenizer; add --legacy-tokenizer"
-        )
     if ordmoe.lower_path_fraction < 1:
         raise OrdMoEError(
             "--sft with --ordmoe-lower-path-fraction below 1: an SFT micro-batch is one packed row, with no rows "
@@ -298,6 +286,13 @@ def check_sft(args, ordmoe: OrdMoEConfig) -> None:
                     "its tokens, which the stages' exchanges, the sequence split and the MTP block do not "
                     "expect; use --ordmoe-path-schedule sequential"
                 )
+    if not compat.sft_flattens_micro_batches():
+        # Measured at core_v0.16.1 on the CPU: with --micro-batch-size 1 and --legacy-tokenizer (its
+        # only SFTTokenizer) the first forward fails in megatron-core's THD RoPE, one tier or three.
+        raise OrdMoEError(
+            "--sft with --ordmoe needs Megatron-LM core_v0.19.0 or later: before it, its packed SFT batches were "
+            "never run with tier paths; upgrade Megatron-LM, or fine-tune with ordmoe-pretrain --sft-data"
+        )
 
 
 def megatron_validated_args(args: argparse.Namespace, defaults: Optional[dict] = None) -> argparse.Namespace:

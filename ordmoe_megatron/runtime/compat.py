@@ -267,12 +267,6 @@ def megatron_lm_pretrain_style() -> str:
     return "model_config" if "model_provider" in params and params["model_provider"].default is None else "container"
 
 
-def sft_tokenizer_in_core() -> bool:
-    """Whether megatron-core's tokenizer system builds Megatron-LM's ``SFTTokenizer``
-    (core_v0.19); before, only ``--legacy-tokenizer`` (``megatron.training.tokenizer``) does."""
-    return importlib.util.find_spec("megatron.core.tokenizers.text.libraries.sft_tokenizer") is not None
-
-
 def sft_flattens_micro_batches() -> bool:
     """Whether Megatron-LM's ``--sft`` packs a micro-batch of several samples into one THD row
     (core_v0.19: ``flatten_batch_for_packed_sequences``); core_v0.16 hands THD rows of each

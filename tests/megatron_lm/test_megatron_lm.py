@@ -317,7 +317,8 @@ def test_validation_errors_name_the_flag(argv, extra, message):
 
 
 @pytest.mark.parametrize("schedule", ["fused", "sequential"])
-def test_sft_with_a_masking_prompt_format_is_accepted_with_either_schedule(schedule):
+def test_sft_with_a_masking_prompt_format_is_accepted_with_either_schedule(schedule, monkeypatch):
+    monkeypatch.setattr(compat, "sft_flattens_micro_batches", lambda: True)  # core_v0.19's --sft
     args = _ordmoe_args("--ordmoe", "--ordmoe-path-schedule", schedule)
     args.sft, args.sft_tokenizer_prompt_format = True, "nemotron-h-aligned"
     assert megatron_lm.validate_ordmoe_args(args).path_schedule == schedule
@@ -326,26 +327,13 @@ def test_sft_with_a_masking_prompt_format_is_accepted_with_either_schedule(sched
         assert megatron_lm.validate_ordmoe_args(args).path_schedule == schedule
 
 
-def test_sft_micro_batches_of_several_need_core_v0_19(monkeypatch):
+def test_sft_needs_core_v0_19(monkeypatch):
     args = _ordmoe_args("--ordmoe", "--ordmoe-path-schedule", "sequential")
     args.sft, args.micro_batch_size = True, 4
     monkeypatch.setattr(compat, "sft_flattens_micro_batches", lambda: False)
-    with pytest.raises(OrdMoEError, match="--sft with --micro-batch-size > 1 on this Megatron-LM"):
+    with pytest.raises(OrdMoEError, match="^--sft with --ordmoe needs Megatron-LM core_v0.19.0 or later"):
         megatron_lm.validate_ordmoe_args(args)
     monkeypatch.setattr(compat, "sft_flattens_micro_batches", lambda: True)
-    assert megatron_lm.validate_ordmoe_args(args) is not None
-
-
-def test_sft_tokenizer_before_core_v0_19_needs_the_legacy_tokenizer_system(monkeypatch):
-    args = _ordmoe_args("--ordmoe", "--ordmoe-path-schedule", "sequential")
-    args.sft, args.micro_batch_size, args.tokenizer_type, args.legacy_tokenizer = True, 1, "SFTTokenizer", False
-    monkeypatch.setattr(compat, "sft_tokenizer_in_core", lambda: False)
-    with pytest.raises(OrdMoEError, match="legacy tokenizer system builds SFTTokenizer; add --legacy-tokenizer"):
-        megatron_lm.validate_ordmoe_args(args)
-    args.legacy_tokenizer = True
-    assert megatron_lm.validate_ordmoe_args(args) is not None
-    args.legacy_tokenizer = False
-    monkeypatch.setattr(compat, "sft_tokenizer_in_core", lambda: True)
     assert megatron_lm.validate_ordmoe_args(args) is not None
 
 
@@ -1058,17 +1046,14 @@ def test_cpu_sft_training_with_ordmoe_path_one_is_plain_sft(patched, can_train, 
     sft = ["--seq-length", "128", "--max-position-embeddings", "128", "--eval-iters", "0", "--split", "100,0,0"]
     sft += ["--sft", "--sft-tokenizer-prompt-format", "nemotron-h-aligned", "--tokenizer-type", "SFTTokenizer"]
     sft += ["--tokenizer-model", str(tokenizer), "--data-path", str(chats), "--no-create-attention-mask-in-dataloader"]
-    if not compat.sft_flattens_micro_batches():  # before core_v0.19 a micro-batch is one conversation
-        small[small.index("--micro-batch-size") + 1] = "1"
-    if not compat.sft_tokenizer_in_core():  # and only the legacy tokenizer system builds SFTTokenizer
-        import transformers
-
-        if int(transformers.__version__.split(".")[0]) >= 5:
-            pytest.skip(
-                "Megatron-LM's legacy SFTTokenizer (before core_v0.19) calls .copy() on what transformers 5's "
-                "apply_chat_template returns (a tokenizers.Encoding) and fails before the model runs"
-            )
-        sft.append("--legacy-tokenizer")
+    launcher = [sys.executable, "-m", "ordmoe_megatron.megatron_lm.cpu_launch", "--nproc-per-node", "1"]
+    if not compat.sft_flattens_micro_batches():  # core_v0.16: refused before anything is built
+        argv = [*launcher, "--megatron-lm", CHECKOUT["path"], patched, *small, *sft, "--ordmoe", "--legacy-tokenizer"]
+        proc = _run(argv, cwd=tmp_path, timeout=400)
+        assert proc.returncode != 0
+        assert "--sft with --ordmoe needs Megatron-LM core_v0.19.0 or later" in proc.stdout + proc.stderr
+        assert " iteration " not in proc.stdout
+        return
     launcher = [sys.executable, "-m", "ordmoe_megatron.megatron_lm.cpu_launch", "--nproc-per-node", "1"]
     runs = {}
     three = (("one tier", "1", "fused"), ("fused", "3", "fused"), ("sequential", "3", "sequential"))
