@@ -269,8 +269,8 @@ def megatron_lm_pretrain_style() -> str:
 
 def sft_flattens_micro_batches() -> bool:
     """Whether Megatron-LM's ``--sft`` packs a micro-batch of several samples into one THD row
-    (core_v0.19: ``flatten_batch_for_packed_sequences``); core_v0.16 hands THD rows of each
-    sample as a batch, which THD attention cannot take, so it runs ``--micro-batch-size 1``."""
+    (core_v0.19: ``flatten_batch_for_packed_sequences``); ``--sft --ordmoe`` is refused before
+    it (``megatron_lm.arguments.check_sft``)."""
     from megatron.core import utils
 
     return hasattr(utils, "flatten_batch_for_packed_sequences")

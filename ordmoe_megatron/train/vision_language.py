@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ordmoe_megatron.data import vision
 from ordmoe_megatron.errors import OrdMoEError
+from ordmoe_megatron.mcore.metrics import tier_load_paused
 from ordmoe_megatron.mcore.multimodal import OrdMoELLaVAModel, language_model_of
 from ordmoe_megatron.runtime import compat
 from ordmoe_megatron.runtime.model_flags import normalize_flags, padded_vocab_size
@@ -167,6 +168,17 @@ def check_tiny_vl(config, world: int) -> None:
             "--ordmoe-lower-path-fraction below 1",
             "untested with the vision-language model; use 1",
         ),
+        # vl_model builds its own language spec and LLaVA's RoPE: these model flags would be ignored
+        (
+            f.get("qk_layernorm_scope", "head") != "head",
+            "--qk-layernorm-scope projection",
+            "its language spec has per-head q/k norms; drop it",
+        ),
+        (
+            f.get("rotary_percent", 1.0) not in (None, 1.0),
+            "--rotary-percent",
+            "its RoPE covers every head dim; drop it",
+        ),
     ]
     for refused, what, fix in refusals:
         if refused:
@@ -200,7 +212,8 @@ def answer_accuracy(model, data: vision.TinyVLData, batch: int = 64) -> dict:
                 chunk = tasks[start : start + batch]
                 tokens = torch.tensor([prompt] * len(chunk), device=device)
                 positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-                logits, _ = model(images[[t["image"] for t in chunk]].to(device), tokens, positions, None)
+                with tier_load_paused([model]):  # evaluation forwards stay out of the training's tier load
+                    logits, _ = model(images[[t["image"] for t in chunk]].to(device), tokens, positions, None)
                 picked = logits[:, -1, choice_ids].argmax(-1).tolist()
                 hits = sum(choices[p] == t["answer"] for p, t in zip(picked, chunk))
                 correct[kind] = correct.get(kind, 0) + hits

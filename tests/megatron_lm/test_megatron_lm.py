@@ -1054,7 +1054,6 @@ def test_cpu_sft_training_with_ordmoe_path_one_is_plain_sft(patched, can_train, 
         assert "--sft with --ordmoe needs Megatron-LM core_v0.19.0 or later" in proc.stdout + proc.stderr
         assert " iteration " not in proc.stdout
         return
-    launcher = [sys.executable, "-m", "ordmoe_megatron.megatron_lm.cpu_launch", "--nproc-per-node", "1"]
     runs = {}
     three = (("one tier", "1", "fused"), ("fused", "3", "fused"), ("sequential", "3", "sequential"))
     for name, tiers, schedule in three:

@@ -70,6 +70,11 @@ def test_one_tier_equals_the_plain_llava_model(megatron_single_process, tmp_path
         (["--mtp-num-layers", "1"], "--mtp-num-layers"),
         (["--ordmoe-lower-path-fraction", "0.5"], "--ordmoe-lower-path-fraction"),
         (["--vl-caption-fraction", "1.5"], "--vl-caption-fraction"),
+        (
+            ["--qk-layernorm", "--normalization", "RMSNorm", "--qk-layernorm-scope", "projection"],
+            "--qk-layernorm-scope",
+        ),
+        (["--rotary-percent", "0.5"], "--rotary-percent"),
     ],
 )
 def test_what_tiny_vl_cannot_honour_is_refused_naming_the_flag(tmp_path, args, message):
