@@ -1,7 +1,8 @@
 """What the tests share; nothing in the package imports it (tests/test_layout.py).
 
 - processes: ``run_on_ranks`` (a test body on 1, 2 or 4 gloo processes), ``cpu_env``,
-  ``run_pretrain`` (``ordmoe-pretrain`` as a user runs it), ``read_metrics``;
+  ``run_pretrain`` (``ordmoe-pretrain`` as a user runs it), ``check_pretrain`` (its dry runs and
+  refusals, in this process), ``read_metrics``;
 - devices: ``on_device``;
 - megatron-core's MoE auxiliary-loss tracker: ``moe_aux_loss_values``, ``reset_moe_aux_losses``;
 - a tiny GPT-MoE: ``tiny_config``, ``tiny_model`` (MLA: ``multi_latent_attention=True``),
@@ -65,6 +66,36 @@ def run_pretrain(*args, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"ordmoe-pretrain {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def check_pretrain(*args, **env) -> subprocess.CompletedProcess:
+    """``ordmoe-pretrain``'s dry run or refusal, in this process (a subprocess would spend most
+    of its time importing torch and megatron-core), as ``run_pretrain`` would return it. Its
+    checks must settle it: a run that gets past them to training fails the test."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    from ordmoe_megatron.train import cli
+
+    def past_the_checks(*_):
+        raise AssertionError(f"ordmoe-pretrain {' '.join(args)} got past its checks to the run")
+
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        mock.patch.dict(os.environ, env),
+        mock.patch.object(cli.run, "main", past_the_checks),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit:
+            code = exit.code
+    if isinstance(code, str):  # SystemExit(message): the interpreter would print it and exit 1
+        err.write(code + "\n")
+        code = 1
+    return subprocess.CompletedProcess(list(args), code or 0, out.getvalue(), err.getvalue())
 
 
 def read_metrics(path):

@@ -2,8 +2,10 @@
 
 A cell is finished when its ``result.json`` exists (written after its run succeeded and its
 evaluation was read); a later sweep skips it. An unfinished cell (the sweep was stopped while it
-ran, or it failed) starts over: its directory is cleared first. Each cell's process dies with
-the sweep (Linux), so a stopped sweep leaves no run behind to hold a cell's directory.
+ran, or it failed) starts over: its directory is cleared first. A SIGTERM or SIGINT to the sweep
+goes on to every running cell, and the sweep ends only after they have saved and ended; a sweep
+killed outright takes its cells with it (Linux). Either way no run is left behind writing into a
+cell's directory when a resumed sweep clears it.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Optional
 
-from ordmoe_megatron.runtime.outputs import read_json_file, read_json_lines, staged_file
+from ordmoe_megatron.runtime.outputs import RunLock, read_json_file, read_json_lines, staged_file
 from ordmoe_megatron.sweep.config import SweepConfig
 from ordmoe_megatron.sweep.plan import Cell, cell_command
 
@@ -38,6 +42,57 @@ def read_result(config: SweepConfig, cell: Cell) -> Optional[dict]:
     return read_json_file(path, "the cell runs again")
 
 
+class _CellProcesses:
+    """The running cells' processes. A stop signal to the sweep is passed on to each of them, and
+    the sweep waits for them before it ends the way the signal would have ended it; no cell starts
+    after that."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopped = False
+        self.previous: dict = {}
+
+    def __enter__(self) -> "_CellProcesses":
+        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+            self.previous = {signum: signal.signal(signum, self._stop) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+
+    def start(self, command: list, **kwargs) -> Optional[subprocess.Popen]:
+        """The cell's process, or None once the sweep is stopping."""
+        with self.lock:
+            if self.stopped:
+                return None
+            process = subprocess.Popen(command, **kwargs)
+            self.running.add(process)
+            return process
+
+    def wait(self, process: subprocess.Popen) -> int:
+        code = process.wait()
+        with self.lock:
+            self.running.discard(process)
+        return code
+
+    def _stop(self, signum, frame) -> None:
+        with self.lock:
+            self.stopped = True
+            running = list(self.running)
+        self.log(f"{signal.Signals(signum).name}: waiting for {len(running)} running cell(s) to save and end")
+        for process in running:
+            process.send_signal(signum)
+        for process in running:
+            process.wait()
+        self.__exit__()
+        signal.raise_signal(signum)  # now end as the signal would have
+
+
 def run_cells(config: SweepConfig, cells: list[Cell], log: Callable[[str], None]) -> dict[Cell, dict]:
     """Run the unfinished ``cells`` (``config.jobs`` at a time); every cell's result, finished
     before or now. A failed cell's result has ``"failed"``: the log's last lines."""
@@ -52,8 +107,8 @@ def run_cells(config: SweepConfig, cells: list[Cell], log: Callable[[str], None]
     for slot in range(config.jobs):
         gpus.put(slot % config.gpus if config.gpus else None)
     started, durations = time.time(), []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=config.jobs) as pool:
-        futures = {pool.submit(_run_cell, config, cell, gpus): cell for cell in todo}
+    with _CellProcesses(log) as processes, concurrent.futures.ThreadPoolExecutor(max_workers=config.jobs) as pool:
+        futures = {pool.submit(_run_cell, config, cell, gpus, processes): cell for cell in todo}
         for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
             cell = futures[future]
             result = future.result()
@@ -73,9 +128,12 @@ def run_cells(config: SweepConfig, cells: list[Cell], log: Callable[[str], None]
     return results
 
 
-def _run_cell(config: SweepConfig, cell: Cell, gpus: "queue.Queue") -> dict:
+def _run_cell(config: SweepConfig, cell: Cell, gpus: "queue.Queue", processes: _CellProcesses) -> dict:
     where = cell.directory(config.out)
     if os.path.isdir(where):
+        checkpoints = os.path.join(where, "checkpoints")
+        if os.path.isdir(checkpoints):  # a run another sweep left running still holds it: refused, not cleared
+            RunLock(checkpoints, f"cell {cell.key}: --save").release()
         shutil.rmtree(where)  # an unfinished cell starts over
     os.makedirs(where)
     gpu = gpus.get()
@@ -88,13 +146,21 @@ def _run_cell(config: SweepConfig, cell: Cell, gpus: "queue.Queue") -> dict:
         with open(os.path.join(where, "log.txt"), "w") as out:
             out.write(" ".join(command) + "\n\n")
             out.flush()
-            code = subprocess.call(
+            process = processes.start(
                 [sys.executable, "-c", _DIE_WITH_SWEEP, *command[1:]], stdout=out, stderr=subprocess.STDOUT, env=env
             )
+            code = processes.wait(process) if process is not None else None
     finally:
         gpus.put(gpu)
     seconds = time.time() - start
     log_path = os.path.join(where, "log.txt")
+    if code is None:
+        return {
+            "failed": "the sweep was stopped before this cell started",
+            "exit_code": None,
+            "log": log_path,
+            "seconds": 0.0,
+        }
     if code != 0:
         with open(log_path) as f:
             tail = f.read()[-2000:]

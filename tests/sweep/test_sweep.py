@@ -11,6 +11,7 @@ import time
 import pytest
 
 from ordmoe_megatron.errors import OrdMoEError
+from ordmoe_megatron.runtime.outputs import RunLock
 from ordmoe_megatron.sweep import plan, results
 from ordmoe_megatron.sweep.config import SweepConfig
 from ordmoe_megatron.sweep.grids import Grid, Setting, ready_grids
@@ -185,7 +186,11 @@ def test_a_stopped_sweep_resumes_without_redoing_finished_cells(tmp_path):
         time.sleep(0.5)
     assert base_result.exists(), proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGTERM)  # stopped halfway: the base run is finished, the cells are not
-    proc.wait(timeout=180)
+    stopped_log = proc.communicate(timeout=300)[0]
+    assert "SIGTERM: waiting for" in stopped_log, stopped_log[-3000:]
+    # The cells it ran have ended with it: nothing holds their outputs when the resumed sweep clears them.
+    for checkpoints in (out / "cells").glob("*/seed1/checkpoints"):
+        RunLock(str(checkpoints), "--save").release()
     kept = base_result.read_text()
     finished_at = base_result.stat().st_mtime_ns
 
@@ -256,6 +261,50 @@ def test_the_scope_grid_takes_the_depth_of_the_settings_preset():
     ):
         grid = cli._grid(cli.build_parser().parse_args(["--grid", "scope", "--setting", setting]))
         assert [s.flags[1] for s in grid.settings if s.flags] == scopes
+
+
+def test_a_cell_still_held_by_a_run_is_refused_not_cleared(tmp_path):
+    from ordmoe_megatron.sweep import runner
+
+    config = _config(tmp_path)
+    cell = plan.first_cells(config)[1]
+    checkpoints = os.path.join(cell.directory(config.out), "checkpoints")
+    held = RunLock(checkpoints, "--save")  # as the cell's ordmoe-pretrain of another sweep would
+    try:
+        with pytest.raises(OrdMoEError, match=f"cell {cell.key}: --save .* is in use by another run"):
+            runner._run_cell(config, cell, None, None)
+        assert os.path.isdir(checkpoints)
+    finally:
+        held.release()
+
+
+def test_a_stop_signal_reaches_the_running_cells_and_the_sweep_waits_for_them(tmp_path):
+    # A sweep's cell process stands in: it takes a while to end after SIGTERM, as a saving run does.
+    child = (
+        "import signal, sys, time\n"
+        "def stop(signum, frame):\n    time.sleep(1.0)\n    open(sys.argv[1], 'w').write('saved')\n    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\nopen(sys.argv[2], 'w').close()\ntime.sleep(60)\n"
+    )
+    sweep = (  # as run_cells does: the cell waited for in a worker thread, the main thread takes the signal
+        "import subprocess, sys, threading, time\n"
+        "from ordmoe_megatron.sweep.runner import _CellProcesses\n"
+        "with _CellProcesses(print) as processes:\n"
+        f"    p = processes.start([sys.executable, '-c', {child!r}, sys.argv[1], sys.argv[2]])\n"
+        "    threading.Thread(target=processes.wait, args=(p,), daemon=True).start()\n"
+        "    time.sleep(60)\n"
+    )
+    saved, ready = tmp_path / "saved", tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", sweep, str(saved), str(ready)], stdout=subprocess.PIPE, text=True, env=cpu_env()
+    )
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGTERM  # it ends the way the signal ends it
+    assert saved.read_text() == "saved"  # but only after its cell had saved
+    assert "SIGTERM: waiting for 1 running cell(s) to save and end" in stdout
 
 
 def test_torn_files_of_a_killed_sweep_are_tolerated_on_resume(tmp_path, capsys):

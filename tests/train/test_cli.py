@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.support import read_metrics, run_pretrain
+from tests.support import check_pretrain, read_metrics, run_pretrain
 
 SMALL = [
     "--num-layers",
@@ -111,7 +111,7 @@ def test_single_tier_prints_the_same_lm_loss_as_no_ordmoe(tmp_path):
     ],
 )
 def test_bad_flags_fail_before_training(args, message):
-    proc = run_cli("--ordmoe", *args, check=False)
+    proc = check_pretrain(*SMALL, "--ordmoe", *args)
     assert proc.returncode != 0 and message in proc.stderr
     assert " iteration" not in proc.stdout
 
@@ -141,7 +141,8 @@ def test_existing_metrics_file_is_not_overwritten(tmp_path):
 
 
 def test_dry_run_prints_the_layouts_and_builds_nothing(tmp_path):
-    proc = run_cli(
+    proc = check_pretrain(
+        *SMALL,
         "--ordmoe",
         "--num-experts",
         "64",
@@ -163,18 +164,15 @@ def test_dry_run_prints_the_layouts_and_builds_nothing(tmp_path):
 
 
 def test_dry_run_shows_the_path_schedule_and_refuses_what_it_cannot_run():
-    from tests.support import cpu_env
-
     pp2 = ["--pipeline-model-parallel-size", "2", "--dry-run"]
-    two = cpu_env(WORLD_SIZE="2")
-    sequential = run_pretrain(
-        *SMALL, "--ordmoe-path-schedule", "sequential", "--ordmoe-lower-path-fraction", "0.5", *pp2, env=two
+    sequential = check_pretrain(
+        *SMALL, "--ordmoe-path-schedule", "sequential", "--ordmoe-lower-path-fraction", "0.5", *pp2, WORLD_SIZE="2"
     )
     assert "activations between pipeline stages: [32, 2 or 1 (one path at a time), 32]" in sequential.stdout
-    fused = run_pretrain(*SMALL, "--ordmoe-lower-path-fraction", "0.5", *pp2, env=two)
+    fused = check_pretrain(*SMALL, "--ordmoe-lower-path-fraction", "0.5", *pp2, WORLD_SIZE="2")
     assert "activations between pipeline stages: [32, 2 + 2 x 1, 32]" in fused.stdout
     vpp = ["--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "8"]
-    refused = run_pretrain(
+    refused = check_pretrain(
         *SMALL,
         "--ordmoe-path-schedule",
         "sequential",
@@ -182,12 +180,11 @@ def test_dry_run_shows_the_path_schedule_and_refuses_what_it_cannot_run():
         "0.5",
         *pp2,
         *vpp,
-        env=two,
-        check=False,
+        WORLD_SIZE="2",
     )
     assert refused.returncode != 0 and "mis-pairs its messages with 2 pipeline stages" in refused.stderr
-    uneven = run_pretrain(
-        *SMALL, *pp2, "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "6", env=two, check=False
+    uneven = check_pretrain(
+        *SMALL, *pp2, "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "6", WORLD_SIZE="2"
     )
     assert uneven.returncode != 0 and "must be a multiple of --pipeline-model-parallel-size=2" in uneven.stderr
 
@@ -201,6 +198,6 @@ def test_bf16_trains(tmp_path):
 
 def test_fp8_is_refused_with_the_reason():
     # ordmoe-pretrain builds no Transformer Engine layers: with or without TE it cannot do FP8.
-    fp8 = run_cli("--ordmoe", "--bf16", "--fp8-format", "hybrid", "--dry-run", check=False)
+    fp8 = check_pretrain(*SMALL, "--ordmoe", "--bf16", "--fp8-format", "hybrid", "--dry-run")
     assert fp8.returncode != 0 and "builds no Transformer Engine layers" in fp8.stderr
     assert "configuration:" not in fp8.stdout

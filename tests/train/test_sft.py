@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ordmoe_megatron.data import sft
-from tests.support import cpu_env, hf_char_tokenizer, read_metrics, run_pretrain
+from tests.support import check_pretrain, hf_char_tokenizer, read_metrics, run_pretrain
 
 SMALL = [
     "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--moe-ffn-hidden-size", "32",
@@ -55,5 +55,5 @@ def test_fine_tuning_from_a_checkpoint_on_packed_chats(tmp_path):
 )
 def test_packing_refusals(tmp_path, args, message):
     data = ["--sft-data", _chats(tmp_path / "train.jsonl", 2, 1), "--tokenizer-model", str(tmp_path / "none")]
-    proc = run_pretrain(*SMALL, *data, *args, "--dry-run", check=False, env=cpu_env(WORLD_SIZE="2"))
+    proc = check_pretrain(*SMALL, *data, *args, "--dry-run", WORLD_SIZE="2")
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

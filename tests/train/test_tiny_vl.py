@@ -85,9 +85,9 @@ def test_what_tiny_vl_cannot_honour_is_refused_naming_the_flag(tmp_path, args, m
 
 
 def test_more_than_one_process_is_refused_in_one_line(tmp_path):
-    from tests.support import cpu_env
+    from tests.support import check_pretrain
 
-    proc = run_pretrain(*SMALL, "--work-dir", str(tmp_path), "--dry-run", check=False, env=cpu_env(WORLD_SIZE="2"))
+    proc = check_pretrain(*SMALL, "--work-dir", str(tmp_path), "--dry-run", WORLD_SIZE="2")
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("ordmoe-pretrain: --preset tiny-vl with 2 processes")
 
