@@ -26,13 +26,20 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.method import OrdMoEConfig
+from ordmoe_megatron.runtime import compat
 
 
 def ordmoe_language_model_spec(ordmoe: OrdMoEConfig, **gpt_model_params) -> ModuleSpec:
     """``MimoModelConfig.language_model_spec`` for an ``OrdMoEGPTModel`` (``gpt_model_params``
-    are ``GPTModel``'s: ``config``, ``transformer_layer_spec``, ``vocab_size``, ...)."""
-    _check_language_config(gpt_model_params["config"])
-    return ModuleSpec(module=OrdMoEGPTModel, params={**gpt_model_params, "ordmoe": ordmoe})
+    are ``GPTModel``'s: ``config``, ``transformer_layer_spec``, ``vocab_size``, ...). With
+    sequence parallelism MIMO scatters the combined embeddings itself (megatron-core 0.19 on), so
+    the language model's embedding must not scatter its text embeddings again."""
+    config = gpt_model_params["config"]
+    _check_language_config(config, sequence_parallel=compat.mimo_shards_sequence_parallel())
+    params = {**gpt_model_params, "ordmoe": ordmoe}
+    if config.sequence_parallel:
+        params["scatter_embedding_sequence_parallel"] = False
+    return ModuleSpec(module=OrdMoEGPTModel, params=params)
 
 
 class OrdMoELLaVAModel(LLaVAModel):
@@ -90,19 +97,22 @@ class OrdMoELLaVAModel(LLaVAModel):
         del plain
 
 
-def _check_language_config(config) -> None:
-    """What the multimodal wrappers cannot run with tier paths, refused before the build."""
+def _check_language_config(config, sequence_parallel: bool = False) -> None:
+    """What the multimodal wrappers cannot run with tier paths, refused before the build
+    (``sequence_parallel``: whether this wrapper runs it, tested)."""
     if config.pipeline_model_parallel_size > 1:
         raise OrdMoEError(
             "OrdMoE: a vision-language model with --pipeline-model-parallel-size > 1 is not supported "
             "(the vision encoder's stage runs no tier paths); use tensor, expert or data parallelism"
         )
-    if config.sequence_parallel:
+    if config.sequence_parallel and not sequence_parallel:
         # megatron-core's LLaVAModel runs sequence parallelism only with Transformer Engine's
-        # attention, which no machine this project is tested on has: untested, so refused.
+        # attention, which no machine this project is tested on has: untested, so refused. MIMO
+        # before 0.19 does not scatter its combined embeddings.
         raise OrdMoEError(
-            "OrdMoE: a vision-language model with --sequence-parallel (and so --tensor-model-parallel-size > 1 "
-            "for MoE) is not supported yet (untested: it needs Transformer Engine); use expert or data parallelism"
+            "OrdMoE: this vision-language model with --sequence-parallel (and so --tensor-model-parallel-size > 1 "
+            "for MoE) is not supported (LLaVAModel needs Transformer Engine's attention for it, MimoModel "
+            "megatron-core 0.19 or later); use expert or data parallelism"
         )
     if config.context_parallel_size > 1:
         raise OrdMoEError(

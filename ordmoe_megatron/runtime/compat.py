@@ -274,3 +274,10 @@ def sft_flattens_micro_batches() -> bool:
     from megatron.core import utils
 
     return hasattr(utils, "flatten_batch_for_packed_sequences")
+
+
+def mimo_shards_sequence_parallel() -> bool:
+    """Whether megatron-core's ``MimoModel`` scatters the combined embeddings for sequence
+    parallelism itself (its partition adapter, from 0.19); before, it handed the language model
+    the whole sequence, so a MIMO model with ``sequence_parallel`` is refused there."""
+    return importlib.util.find_spec("megatron.core.models.mimo.partition") is not None

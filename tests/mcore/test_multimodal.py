@@ -7,6 +7,7 @@ import torch
 
 from ordmoe_megatron import OrdMoEConfig
 from ordmoe_megatron.errors import OrdMoEError
+from ordmoe_megatron.runtime import compat
 from tests.support import BATCH, IMAGE_SEQ, SEQ, llava_forward, run_on_ranks, tiny_image_batch, tiny_llava
 
 COMBINED = SEQ - 1 + IMAGE_SEQ  # the image token becomes IMAGE_SEQ embeddings
@@ -88,33 +89,38 @@ def test_llava_sequential_schedule_equals_fused(megatron_single_process):
         torch.testing.assert_close(seq_grads[name], fused_grads[name], rtol=1e-4, atol=1e-6)
 
 
-def test_mimo_with_an_ordmoe_language_model_spec(megatron_single_process):
-    """MimoModel builds the language model from its spec; the schedule finds it there and takes
-    MIMO's keyword loss mask."""
+def _tiny_mimo(cfg: OrdMoEConfig, **extra):
+    """``MimoModel`` whose language model is built from ``ordmoe_language_model_spec`` over
+    ``tiny_config(**extra)``."""
     from megatron.core.enums import ModelType
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.mimo import MimoModel, MimoModelConfig
 
-    from ordmoe_megatron.mcore.loss import lm_loss
     from ordmoe_megatron.mcore.multimodal import ordmoe_language_model_spec
-    from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
-    from tests.support import VOCAB, tiny_batch, tiny_config, tiny_model
+    from tests.support import VOCAB, tiny_config
 
-    cfg = OrdMoEConfig(num_tiers=3)
-    config = tiny_config()
     spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False, normalization="RMSNorm")
+    if extra.get("sequence_parallel"):
+        from ordmoe_megatron.runtime.bridges.cpu_emulation import sequence_parallel_layer_spec
+
+        spec = sequence_parallel_layer_spec(spec)
     torch.manual_seed(7)
     mimo = MimoModel(
         MimoModelConfig(
             language_model_spec=ordmoe_language_model_spec(
-                cfg, config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ
+                cfg, config=tiny_config(**extra), transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ
             )
         )
     )
     mimo.model_type = ModelType.encoder_or_decoder  # as Megatron-LM's get_model sets it
-    alone = tiny_model(cfg)
-    mimo.language_model.load_state_dict(alone.state_dict())
-    b = tiny_batch(4)
+    return mimo
+
+
+def _mimo_step(model, cfg, batches):
+    """One OrdMoE schedule step of a MIMO model, with MIMO's keyword loss mask: the reports."""
+    from ordmoe_megatron.mcore.loss import lm_loss
+    from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
+    from tests.support import VOCAB
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -123,18 +129,31 @@ def test_mimo_with_an_ordmoe_language_model_spec(megatron_single_process):
         )
         return output, functools.partial(lm_loss, loss_mask=loss_mask)
 
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        model.config.grad_scale_func = lambda loss: loss * 1.0
-        return get_ordmoe_forward_backward_func(cfg, VOCAB, seed=5, step_fn=lambda: 0)(
-            forward_step_func=forward_step,
-            data_iterator=iter([b]),
-            model=[model],
-            num_microbatches=1,
-            seq_length=SEQ,
-            micro_batch_size=BATCH,
-            forward_only=False,
-        )
+    model.zero_grad(set_to_none=True)
+    model.config.grad_scale_func = lambda loss: loss * 1.0
+    return get_ordmoe_forward_backward_func(cfg, VOCAB, seed=5, step_fn=lambda: 0)(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=BATCH,
+        forward_only=False,
+    )
+
+
+def test_mimo_with_an_ordmoe_language_model_spec(megatron_single_process):
+    """MimoModel builds the language model from its spec; the schedule finds it there and takes
+    MIMO's keyword loss mask."""
+    from ordmoe_megatron.mcore.loss import lm_loss
+    from ordmoe_megatron.mcore.schedules import get_ordmoe_forward_backward_func
+    from tests.support import VOCAB, tiny_batch, tiny_model
+
+    cfg = OrdMoEConfig(num_tiers=3)
+    mimo = _tiny_mimo(cfg)
+    alone = tiny_model(cfg)
+    mimo.language_model.load_state_dict(alone.state_dict())
+    b = tiny_batch(4)
 
     def gpt_forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -142,7 +161,7 @@ def test_mimo_with_an_ordmoe_language_model_spec(megatron_single_process):
             lm_loss, batch["loss_mask"]
         )
 
-    mimo_reports = step(mimo)
+    mimo_reports = _mimo_step(mimo, cfg, [b])
     alone.zero_grad(set_to_none=True)
     alone.config.grad_scale_func = lambda loss: loss * 1.0
     gpt_reports = get_ordmoe_forward_backward_func(cfg, VOCAB, seed=5, step_fn=lambda: 0)(
@@ -175,8 +194,12 @@ def test_untested_vision_language_layouts_are_refused(megatron_single_process, f
 
     config = tiny_config()
     setattr(config, field, True if field == "sequence_parallel" else 2)
-    with pytest.raises(OrdMoEError, match=flag):
-        ordmoe_language_model_spec(OrdMoEConfig(num_tiers=3), config=config)
+    if field == "sequence_parallel" and compat.mimo_shards_sequence_parallel():  # run and tested (below)
+        spec = ordmoe_language_model_spec(OrdMoEConfig(num_tiers=3), config=config)
+        assert spec.params["scatter_embedding_sequence_parallel"] is False  # MIMO scatters the combined ones
+    else:
+        with pytest.raises(OrdMoEError, match=flag):
+            ordmoe_language_model_spec(OrdMoEConfig(num_tiers=3), config=config)
     with pytest.raises(OrdMoEError, match=flag):  # before LLaVAModel builds anything
         OrdMoELLaVAModel(config, None, ordmoe=OrdMoEConfig(num_tiers=3))
 
@@ -234,3 +257,54 @@ def test_llava_checkpoint_saves_and_resumes_the_running_means(megatron_single_pr
     resumed.eval()
     with torch.no_grad():
         assert torch.equal(llava_forward(model, b)[0], llava_forward(resumed, b)[0])
+
+
+def mimo_layout_losses(rank, world_size, layout: dict, checkpoint: str):
+    """An OrdMoE MIMO step in ``layout`` from the weights in ``checkpoint`` (one process writes
+    them first), every rank seeing the same micro-batches: the reports."""
+    from megatron.core import dist_checkpointing
+
+    from ordmoe_megatron.runtime.distributed import ParallelLayout, init_model_parallel
+    from tests.support import tiny_batch
+
+    init_model_parallel(ParallelLayout(**layout), seed=1234)
+    cfg = OrdMoEConfig(num_tiers=3)
+    model = _tiny_mimo(
+        cfg,
+        expert_model_parallel_size=layout.get("expert", 1),
+        tensor_model_parallel_size=layout.get("tensor", 1),
+        sequence_parallel=layout.get("sequence_parallel", False),
+    )
+    if world_size == 1:
+        dist_checkpointing.save(model.sharded_state_dict(), checkpoint)
+    else:
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), checkpoint))
+    reports = _mimo_step(model, cfg, [tiny_batch(30 + i) for i in range(2)])
+    return [{k: v.detach().cpu() for k, v in r.items()} for r in reports]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(dict(expert=2), id="EP2"),
+        pytest.param(
+            dict(tensor=2, sequence_parallel=True),
+            id="TP2-SP",
+            marks=pytest.mark.skipif(
+                not compat.mimo_shards_sequence_parallel(),
+                reason="MimoModel scatters for sequence parallelism from megatron-core 0.19 (refused before)",
+            ),
+        ),
+    ],
+)
+def test_mimo_layouts_reproduce_one_process(layout, tmp_path):
+    checkpoint = tmp_path / "start"
+    checkpoint.mkdir()
+    checkpoint = str(checkpoint)
+    (reference,) = run_on_ranks(mimo_layout_losses, 1, {}, checkpoint)
+    got_all = run_on_ranks(mimo_layout_losses, 2, layout, checkpoint)
+    for got in got_all:
+        assert len(got) == len(reference) == 2
+        for ref_report, report in zip(reference, got):
+            for key, value in ref_report.items():
+                torch.testing.assert_close(report[key], value, rtol=1e-5, atol=1e-5)
