@@ -44,6 +44,7 @@ from ordmoe_megatron.runtime.distributed import (
     is_last_rank,
 )
 from ordmoe_megatron.runtime.outputs import read_json_lines
+from ordmoe_megatron.train import vision_language
 from ordmoe_megatron.train.checks import ResumePlan
 from ordmoe_megatron.train.config import RunConfig
 
@@ -195,7 +196,7 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePla
         config.global_batch_size // (config.micro_batch_size * dp_size),
         make_stream=make_stream,
         run_id=plan.run_id or uuid.uuid4().hex,
-        step_flops=ordmoe_run_step_flops(
+        step_flops=(vision_language.vl_step_flops if config.preset == "tiny-vl" else ordmoe_run_step_flops)(
             tconfig,
             vocab_size,
             config.global_batch_size,

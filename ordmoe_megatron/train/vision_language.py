@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ordmoe_megatron.data import vision
 from ordmoe_megatron.errors import OrdMoEError
+from ordmoe_megatron.mcore.flops import gpt_step_flops, ordmoe_run_step_flops
 from ordmoe_megatron.mcore.metrics import tier_load_paused
 from ordmoe_megatron.mcore.multimodal import OrdMoELLaVAModel, language_model_of
 from ordmoe_megatron.runtime import compat
@@ -58,9 +59,7 @@ def combined_length(seq_length: int) -> int:
     return seq_length - 1 + image_embeddings()
 
 
-def vl_model(config, tconfig) -> LLaVAModel:
-    """The preset's LLaVA model on this rank: OrdMoE's (``config.ordmoe``) or the plain one."""
-    f = normalize_flags(config.model_flags)
+def _vit_config(tconfig) -> TransformerConfig:
     vit = TransformerConfig(
         num_layers=VISION.num_layers,
         hidden_size=VISION.hidden_size,
@@ -73,7 +72,40 @@ def vl_model(config, tconfig) -> LLaVAModel:
         sequence_parallel=False,
     )
     vit.vision_model_type = "clip"  # as Megatron-LM sets it from --vision-model-type
-    projection = dataclasses.replace(vit, hidden_size=tconfig.hidden_size, ffn_hidden_size=2 * tconfig.hidden_size)
+    return vit
+
+
+def _projection_config(vit: TransformerConfig, tconfig) -> TransformerConfig:
+    return dataclasses.replace(vit, hidden_size=tconfig.hidden_size, ffn_hidden_size=2 * tconfig.hidden_size)
+
+
+def encoder_step_flops(tconfig, sequences: int) -> float:
+    """Training FLOPs of the ViT and the projector on ``sequences`` images, with the terms
+    ``mcore.flops`` counts a GPT layer with; they run once for all tier paths."""
+    vit = _vit_config(tconfig)
+    patches = image_embeddings()
+    encoder = gpt_step_flops(vit, 0, sequences, patches + 1, output_layer=False)  # + the class token
+    projection = _projection_config(vit, tconfig)
+    per_token = 2 * projection.ffn_hidden_size * (vit.hidden_size + projection.hidden_size)
+    return encoder + 3.0 * per_token * sequences * patches
+
+
+def vl_step_flops(
+    tconfig, vocab_size: int, sequences: int, seq_length: int, ordmoe, shared_prefix_layers: int, micro_batch_size: int
+) -> float:
+    """A training step of the preset: the language model's paths on the text and image positions,
+    and the encoder once."""
+    language = ordmoe_run_step_flops(
+        tconfig, vocab_size, sequences, combined_length(seq_length), ordmoe, shared_prefix_layers, micro_batch_size
+    )
+    return language + encoder_step_flops(tconfig, sequences)
+
+
+def vl_model(config, tconfig) -> LLaVAModel:
+    """The preset's LLaVA model on this rank: OrdMoE's (``config.ordmoe``) or the plain one."""
+    f = normalize_flags(config.model_flags)
+    vit = _vit_config(tconfig)
+    projection = _projection_config(vit, tconfig)
     args = dict(
         language_transformer_config=tconfig,
         language_transformer_layer_spec=get_gpt_layer_local_spec(

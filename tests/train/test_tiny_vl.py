@@ -10,7 +10,7 @@ import torch
 from ordmoe_megatron.data import vision
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.train import build, checks, cli
-from ordmoe_megatron.train.vision_language import image_embeddings, vl_model
+from ordmoe_megatron.train.vision_language import VISION, encoder_step_flops, image_embeddings, vl_model, vl_step_flops
 from tests.support import read_metrics, run_pretrain
 
 SMALL = [
@@ -58,6 +58,24 @@ def test_one_tier_equals_the_plain_llava_model(megatron_single_process, tmp_path
         assert torch.equal(p.grad, q.grad), name
 
 
+def test_the_flops_count_the_image_positions_and_the_encoder_once(tmp_path):
+    from ordmoe_megatron import OrdMoEConfig
+    from ordmoe_megatron.mcore.flops import ordmoe_run_step_flops
+
+    tconfig = build.transformer_config(_config(tmp_path, "--train-iters", "2"))
+    n, h, w = image_embeddings(), VISION.hidden_size, tconfig.hidden_size
+    # By hand: the ViT layer on n patches and the class token (projections, scores, its 4h MLP),
+    # then the projector's two matmuls on the n image embeddings; forward and backward: x3.
+    vit = (2 * h * 3 * h + 2 * h * h + 2 * (n + 1) * h + 2 * h * 4 * h * 2) * (n + 1) * VISION.num_layers
+    projector = 2 * (h * 2 * w + 2 * w * w) * n
+    assert encoder_step_flops(tconfig, 4) == pytest.approx(3 * 4 * (vit + projector))
+    c3 = OrdMoEConfig(num_tiers=3)
+    language = ordmoe_run_step_flops(tconfig, 40, 4, 20 - 1 + n)  # the image token becomes n positions
+    encoder = encoder_step_flops(tconfig, 4)
+    assert vl_step_flops(tconfig, 40, 4, 20, None, 0, 2) == pytest.approx(language + encoder)
+    assert vl_step_flops(tconfig, 40, 4, 20, c3, 0, 2) == pytest.approx(3 * language + encoder)  # encoder once
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -98,6 +116,8 @@ def test_a_short_run_evaluates_and_resume_equals_an_uninterrupted_run(tmp_path):
     same run saved at 2 and resumed gives the same metrics."""
     import shutil
 
+    from ordmoe_megatron.runtime.model_flags import normalize_flags, padded_vocab_size
+
     straight = tmp_path / "straight"
     proc = run_pretrain(*SMALL, "--work-dir", str(straight), "--train-iters", "4", "--eval-interval", "2")
     validation = [line for line in proc.stdout.splitlines() if line.startswith(" validation at iteration")]
@@ -105,6 +125,10 @@ def test_a_short_run_evaluates_and_resume_equals_an_uninterrupted_run(tmp_path):
     metrics = read_metrics(straight / "metrics.jsonl")
     keys = ("lm_loss", "rank_loss", "aux_loss", "path_logprob", "tier_order_acc", "grad_norm")
     assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
+    config, sources = build.prepare_data(_config(tmp_path / "again", "--train-iters", "4"))
+    vocab = padded_vocab_size(normalize_flags(config.model_flags), 1)  # as vl_model pads it
+    counted = vl_step_flops(build.transformer_config(config), vocab, 4, config.seq_length, config.ordmoe, 0, 2)
+    assert all(m["flops"] == pytest.approx(counted) for m in metrics)  # the image positions and the encoder
     assert all(torch.isfinite(torch.tensor([m["lm_loss"], m["rank_loss"], m["grad_norm"]])).all() for m in metrics)
     result = json.loads((straight / "eval.json").read_text())["OrdMoE (C=3)"]
     assert sorted(result["answer_accuracy"]) == sorted(vision.QUESTIONS)
