@@ -76,6 +76,11 @@ def inspect(root: str, model_args: Optional[str] = None) -> CheckpointInfo:
         raise OrdMoEError(
             f"--load {root}: not a MoE model (no num_experts in its model flags); a tier report needs routed experts"
         )
+    if "language_model.embedding.word_embeddings.weight" in info.tensors:
+        raise OrdMoEError(
+            f"--load {root}: a vision-language checkpoint (ordmoe-pretrain --preset tiny-vl); "
+            "the tier report reads GPT checkpoints only: evaluate it with ordmoe-pretrain's eval.json"
+        )
     embedding = info.tensors.get("embedding.word_embeddings.weight")
     if embedding is None:
         raise OrdMoEError(f"--load {root}: {info.path} holds no embedding.word_embeddings.weight: not a GPT checkpoint")
