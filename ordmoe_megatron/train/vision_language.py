@@ -94,11 +94,12 @@ def vl_step_flops(
     tconfig, vocab_size: int, sequences: int, seq_length: int, ordmoe, shared_prefix_layers: int, micro_batch_size: int
 ) -> float:
     """A training step of the preset: the language model's paths on the text and image positions,
-    and the encoder once."""
+    and the encoder once (the fused paths share its output) or once per path (sequential)."""
     language = ordmoe_run_step_flops(
         tconfig, vocab_size, sequences, combined_length(seq_length), ordmoe, shared_prefix_layers, micro_batch_size
     )
-    return language + encoder_step_flops(tconfig, sequences)
+    sequential = ordmoe is not None and ordmoe.enabled and ordmoe.path_schedule == "sequential"
+    return language + (ordmoe.num_tiers if sequential else 1) * encoder_step_flops(tconfig, sequences)
 
 
 def vl_model(config, tconfig) -> LLaVAModel:

@@ -74,6 +74,8 @@ def test_the_flops_count_the_image_positions_and_the_encoder_once(tmp_path):
     encoder = encoder_step_flops(tconfig, 4)
     assert vl_step_flops(tconfig, 40, 4, 20, None, 0, 2) == pytest.approx(language + encoder)
     assert vl_step_flops(tconfig, 40, 4, 20, c3, 0, 2) == pytest.approx(3 * language + encoder)  # encoder once
+    sequential = OrdMoEConfig(num_tiers=3, path_schedule="sequential")  # the whole model once per path
+    assert vl_step_flops(tconfig, 40, 4, 20, sequential, 0, 2) == pytest.approx(3 * (language + encoder))
 
 
 @pytest.mark.parametrize(
