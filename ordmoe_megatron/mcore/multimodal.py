@@ -110,7 +110,7 @@ def _check_language_config(config, sequence_parallel: bool = False) -> None:
         # attention, which no machine this project is tested on has: untested, so refused. MIMO
         # before 0.19 does not scatter its combined embeddings.
         raise OrdMoEError(
-            "OrdMoE: this vision-language model with --sequence-parallel (and so --tensor-model-parallel-size > 1 "
+            "OrdMoE: a vision-language model with --sequence-parallel (and so --tensor-model-parallel-size > 1 "
             "for MoE) is not supported (LLaVAModel needs Transformer Engine's attention for it, MimoModel "
             "megatron-core 0.19 or later); use expert or data parallelism"
         )

@@ -30,15 +30,26 @@ class ReportConfig:
     model_args: Optional[str] = None  # a JSON file of model flags, for a checkpoint that records none
 
 
-def check_sources(config: ReportConfig) -> None:
-    """Flag combinations (cheap, before anything is read)."""
-    sources = [name for name in ("token_ids", "text_file", "data_path") if getattr(config, name)]
-    if len(sources) != 1:
+def given_sources(config: ReportConfig) -> list[str]:
+    """The evaluation data flags given (``token_ids``, ``text_file``, ``data_path``)."""
+    return [name for name in ("token_ids", "text_file", "data_path") if getattr(config, name)]
+
+
+def check_sources(config: ReportConfig, vision_language: bool = False) -> None:
+    """Flag combinations (cheap, before anything is read); a vision-language checkpoint takes no
+    data source (its held-out scenes are drawn from its run's seed)."""
+    sources = given_sources(config)
+    if vision_language and sources:
+        raise OrdMoEError(
+            f"--load {config.load}: a vision-language checkpoint (--preset tiny-vl) is evaluated on its run's own "
+            f"held-out scenes; drop --{sources[0].replace('_', '-')}"
+        )
+    if not vision_language and len(sources) != 1:
         raise OrdMoEError(
             "give exactly one evaluation data source: --token-ids F, --text-file F --tokenizer-model M, "
             f"or --data-path PREFIX --tokenizer-model M (got {len(sources)})"
         )
-    if sources[0] in ("text_file", "data_path") and not config.tokenizer_model:
+    if sources and sources[0] in ("text_file", "data_path") and not config.tokenizer_model:
         raise OrdMoEError(f"--{sources[0].replace('_', '-')} needs --tokenizer-model (the checkpoint's tokenizer)")
     for name in ("max_sequences", "micro_batch_size"):
         if getattr(config, name) < 1:

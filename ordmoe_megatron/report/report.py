@@ -9,6 +9,10 @@ parameters), runs the evaluation data through all paths at once and reports, per
 - the tier-ordering accuracy: the fraction of sequences with ``L_1 > L_2 > ... > L_C``,
 - the per-tier expert load: tokens per expert per path in every MoE layer, and max/mean.
 
+A vision-language checkpoint (``--preset tiny-vl``) is rebuilt as its LLaVA model
+(``mcore.tiny_vl``) and evaluated on its run's held-out scenes, drawn again from the run's seed,
+with each path's answer accuracy besides.
+
 Conventions (also written into the JSON): see ``CONVENTION``. Runs in one process (gloo on CPU
 through the CPU emulation, or one GPU). The checkpoint, the data and the flags are checked
 before the model is built.
@@ -21,16 +25,19 @@ import math
 import os
 import sys
 import time
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
+from ordmoe_megatron.data import vision
 from ordmoe_megatron.data.documents import load_samples, micro_batches
 from ordmoe_megatron.errors import OrdMoEError
+from ordmoe_megatron.mcore import tiny_vl
 from ordmoe_megatron.mcore.metrics import pop_tier_load_by_layer, tier_routers
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
+from ordmoe_megatron.mcore.multimodal import language_model_of
 from ordmoe_megatron.method import OrdMoEConfig, format_tiers, sequence_logprobs, tier_order_correct
-from ordmoe_megatron.report.config import DEFAULT_MAX_SEQ_LENGTH, ReportConfig, check_sources
+from ordmoe_megatron.report.config import DEFAULT_MAX_SEQ_LENGTH, ReportConfig, check_sources, given_sources
 from ordmoe_megatron.runtime import bridges, distributed
 from ordmoe_megatron.runtime.checkpointing import (
     CheckpointInfo,
@@ -45,6 +52,7 @@ from ordmoe_megatron.runtime.model_flags import (
     transformer_config_from_flags,
 )
 
+VL_EMBEDDING = "language_model.embedding.word_embeddings.weight"
 CONVENTION = (
     "mean_logprob: per sequence (one evaluation window), the mean log-likelihood of its target "
     "tokens; then the plain mean over sequences. perplexity = exp(-mean_logprob). "
@@ -76,12 +84,12 @@ def inspect(root: str, model_args: Optional[str] = None) -> CheckpointInfo:
         raise OrdMoEError(
             f"--load {root}: not a MoE model (no num_experts in its model flags); a tier report needs routed experts"
         )
-    if "language_model.embedding.word_embeddings.weight" in info.tensors:
+    if is_vision_language(info) and "seed" not in info.run.get("run", {}):
         raise OrdMoEError(
-            f"--load {root}: a vision-language checkpoint (ordmoe-pretrain --preset tiny-vl); "
-            "the tier report reads GPT checkpoints only: evaluate it with ordmoe-pretrain's eval.json"
+            f"--load {root}: a vision-language checkpoint whose run.json records no seed: its held-out "
+            "scenes cannot be drawn again; load a checkpoint that ordmoe-pretrain --preset tiny-vl saved"
         )
-    embedding = info.tensors.get("embedding.word_embeddings.weight")
+    embedding = info.tensors.get(VL_EMBEDDING if is_vision_language(info) else "embedding.word_embeddings.weight")
     if embedding is None:
         raise OrdMoEError(f"--load {root}: {info.path} holds no embedding.word_embeddings.weight: not a GPT checkpoint")
     try:
@@ -97,6 +105,11 @@ def inspect(root: str, model_args: Optional[str] = None) -> CheckpointInfo:
             f"{rows}: the model flags do not describe this checkpoint"
         )
     return info
+
+
+def is_vision_language(info: CheckpointInfo) -> bool:
+    """A ``--preset tiny-vl`` checkpoint: the language model inside megatron-core's LLaVAModel."""
+    return VL_EMBEDDING in info.tensors
 
 
 def read_model_args(path: str) -> dict:
@@ -169,16 +182,35 @@ def check_finite(model, path: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------
+def gpt_forward(model, batch: dict):
+    """The per-token NLL of every path ``[C * b, s]`` and the loss mask ``[b, s]``; the padding
+    mask goes to the routers, which count only real tokens in the load."""
+    mask = batch["loss_mask"]
+    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], padding_mask=mask == 0), mask
+
+
+def vision_language_forward(model, batch: dict):
+    """``gpt_forward`` for the tiny-vl LLaVA model, over its combined (image and text) positions.
+    LLaVAModel passes the language model no padding mask: the load counts every position."""
+    return model(
+        batch["images"],
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+
+
 @torch.no_grad()
-def evaluate_tiers(model: OrdMoEGPTModel, batches: Iterable[dict]) -> dict:
+def evaluate_tiers(model, batches: Iterable[dict], forward: Callable = gpt_forward) -> dict:
     """Run every micro-batch through all of ``model``'s paths (in eval mode, one process); return
-    per-path sums and the per-layer expert load (real tokens only: the padding mask goes to the
-    routers, which count the load).
+    per-path sums and the per-layer expert load (``forward`` says which positions it counts).
 
     Returns ``{"sequences", "tokens", "logprob_sum" [C], "nll_sum" [C], "order_correct",
     "load": {layer: [C, n] tensor}, "tier_routed": {layer: bool}}``.
     """
-    paths = model.num_paths
+    paths = (language_model_of(model) or model).num_paths
     device = next(model.parameters()).device
     pop_tier_load_by_layer([model])  # start from zero
     load: dict = {}
@@ -191,9 +223,8 @@ def evaluate_tiers(model: OrdMoEGPTModel, batches: Iterable[dict]) -> dict:
     }
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        mask = batch["loss_mask"]
+        nll, mask = forward(model, batch)
         b, s = mask.shape
-        nll = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], padding_mask=mask == 0)
         nll = nll.float().view(paths, b, s)
         per_seq = sequence_logprobs(nll, mask).double()  # [C, b]
         sums["sequences"] += b
@@ -259,9 +290,12 @@ def _exp(x: float) -> float:
 def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Check everything, build and load the model, evaluate; the report as a dict."""
     start = time.perf_counter()
-    check_sources(config)
+    if given_sources(config):  # the data flags before the checkpoint is read; none: it may take none
+        check_sources(config)
     ordmoe = config.ordmoe
     info = inspect(config.load, config.model_args)
+    vl = is_vision_language(info)
+    check_sources(config, vision_language=vl)
     flags = info.flags
     tconfig = report_config(flags, ordmoe)  # C x K > n, layer scope, ...: before any work
     if ordmoe.ranking == "average" and not any(k.endswith("router.score_sum") for k in info.tensors):
@@ -269,30 +303,39 @@ def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, fl
             f"--ordmoe-ranking average ranks by the running mean scores a checkpoint trained with "
             f"--ordmoe-ranking average saves; {config.load} has none: use --ordmoe-ranking token"
         )
-    seq_length = resolve_seq_length(config.seq_length, flags)
-    samples, data = load_samples(
-        seq_length,
-        flags["vocab_size"] or flags["padded_vocab_size"],
-        config.max_sequences,
-        config.seed,
-        token_ids=config.token_ids,
-        text_file=config.text_file,
-        data_path=config.data_path,
-        tokenizer_model=config.tokenizer_model,
-        documents=config.documents,
-        append_eod=config.append_eod,
-    )
+    if vl:
+        scenes, batches, data = _held_out_scenes(config, info)
+        seq_length = flags["seq_length"]
+    else:
+        seq_length = resolve_seq_length(config.seq_length, flags)
+        samples, data = load_samples(
+            seq_length,
+            flags["vocab_size"] or flags["padded_vocab_size"],
+            config.max_sequences,
+            config.seed,
+            token_ids=config.token_ids,
+            text_file=config.text_file,
+            data_path=config.data_path,
+            tokenizer_model=config.tokenizer_model,
+            documents=config.documents,
+            append_eod=config.append_eod,
+        )
+        batches = micro_batches(samples, config.micro_batch_size)
     distributed.init_single_process(config.seed)
-    model = build_report_model(flags, tconfig, ordmoe)
+    if vl:
+        model = tiny_vl.vl_model(flags, tconfig, ordmoe).to(distributed.device()).eval()
+    else:
+        model = build_report_model(flags, tconfig, ordmoe)
     load_weights(model, info)
     tag = "release" if info.iteration is None else f"iteration {info.iteration}"
     log(
-        f"tier report: {config.load} ({info.kind}, {tag}); {len(samples)} sequences of at most {seq_length} "
-        f"targets; {ordmoe.describe(flags['num_experts'], flags['moe_router_topk'])}"
+        f"tier report: {config.load} ({info.kind}, {tag}{', vision-language' if vl else ''}); "
+        f"{len(batches) * config.micro_batch_size if vl else len(samples)} sequences of at most {seq_length} "
+        f"{'text ' if vl else ''}targets; {ordmoe.describe(flags['num_experts'], flags['moe_router_topk'])}"
     )
     # Random grouping draws from the default generator: the same draws for the same seed.
     torch.manual_seed(config.seed)
-    sums = evaluate_tiers(model, micro_batches(samples, config.micro_batch_size))
+    sums = evaluate_tiers(model, batches, vision_language_forward if vl else gpt_forward)
     report = {
         "checkpoint": {
             "load": os.path.abspath(config.load),
@@ -320,5 +363,40 @@ def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, fl
         "convention": CONVENTION,
         **summarize(sums, ordmoe, flags["num_experts"], flags["moe_router_topk"]),
     }
+    if vl:  # each path's held-out answers (count, colour, shape), as ordmoe-pretrain's eval.json gives path 1's
+        for j, row in enumerate(report["paths"]):
+            row["answer_accuracy"] = tiny_vl.answer_accuracy(model, scenes, path=j)
     report["seconds"] = time.perf_counter() - start
     return report
+
+
+def _held_out_scenes(config: ReportConfig, info: CheckpointInfo):
+    """A tiny-vl run's held-out scenes, drawn again from its seed, and their caption micro-batches
+    (the trainer's held-out stream, at most ``--max-sequences`` captions)."""
+    flags, seed = info.flags, info.run["run"]["seed"]
+    if config.seq_length not in (None, flags["seq_length"]):
+        raise OrdMoEError(
+            f"--seq-length={config.seq_length}: a vision-language checkpoint is evaluated at its run's text "
+            f"length ({flags['seq_length']}); drop --seq-length"
+        )
+    scenes = vision.prepare_tiny_vl_data(seed)
+    captions = scenes.captions["valid"]
+    count = max(1, min(config.max_sequences, len(captions)) // config.micro_batch_size)
+    stream = vision.vl_micro_batches(
+        scenes.images["valid"],
+        captions,
+        scenes.questions["valid"],
+        flags["seq_length"],
+        config.micro_batch_size,
+        seed + 1,  # as the trainer's held-out stream (train.vision_language.vl_stream)
+        None,
+        pad_id=scenes.tokenizer.pad,
+    )
+    batches = [next(stream) for _ in range(count)]
+    data = {
+        "source": "tiny-vl held-out scenes",
+        "seed": seed,
+        "documents": "one caption per image",
+        "load_counts": "every language position, image positions and padding included",
+    }
+    return scenes, batches, data

@@ -26,6 +26,7 @@ from ordmoe_megatron.data import (
 )
 from ordmoe_megatron.data.documents import load_any_tokenizer
 from ordmoe_megatron.errors import OrdMoEError
+from ordmoe_megatron.mcore import tiny_vl
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.runtime import bridges
 from ordmoe_megatron.runtime.model_flags import gpt_model_from_flags, transformer_config_from_flags
@@ -133,7 +134,7 @@ def transformer_config(config: RunConfig):
 def model_chunks(config: RunConfig, tconfig) -> list[GPTModel]:
     """One model per virtual pipeline stage on this rank (one without virtual stages)."""
     if config.preset == "tiny-vl":
-        return [vision_language.vl_model(config, tconfig)]
+        return [tiny_vl.vl_model(config.model_flags, tconfig, config.ordmoe)]
     extra = {} if config.ordmoe is None else dict(model_class=OrdMoEGPTModel, ordmoe=config.ordmoe)
     extra["packed_sequences"] = config.sft_pack
     stages = config.layout.virtual_pipeline

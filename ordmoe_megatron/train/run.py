@@ -11,6 +11,7 @@ import megatron.core
 import torch
 
 from ordmoe_megatron.data import read_jsonl
+from ordmoe_megatron.mcore.tiny_vl import answer_accuracy
 from ordmoe_megatron.runtime import checkpointing, distributed
 from ordmoe_megatron.runtime.outputs import RunLock
 from ordmoe_megatron.train import build, checks
@@ -19,7 +20,6 @@ from ordmoe_megatron.train.config import RunConfig, baseline_config, run_record
 from ordmoe_megatron.train.evaluation import exact_match_accuracy, format_eval_table
 from ordmoe_megatron.train.plotting import plot_metrics
 from ordmoe_megatron.train.trainer import Trainer, evaluate_paths, setup, train
-from ordmoe_megatron.train.vision_language import answer_accuracy
 
 
 def run_meta(config: RunConfig) -> dict:

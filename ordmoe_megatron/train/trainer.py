@@ -31,6 +31,7 @@ from megatron.core.transformer.module import Float16Module
 
 from ordmoe_megatron.data.batches import shard_micro_batches
 from ordmoe_megatron.errors import OrdMoEError
+from ordmoe_megatron.mcore import tiny_vl
 from ordmoe_megatron.mcore.flops import ordmoe_run_step_flops
 from ordmoe_megatron.mcore.loss import lm_loss, reduce_reports
 from ordmoe_megatron.mcore.metrics import pop_moe_metrics, tier_load_paused
@@ -44,7 +45,6 @@ from ordmoe_megatron.runtime.distributed import (
     is_last_rank,
 )
 from ordmoe_megatron.runtime.outputs import read_json_lines
-from ordmoe_megatron.train import vision_language
 from ordmoe_megatron.train.checks import ResumePlan
 from ordmoe_megatron.train.config import RunConfig
 
@@ -196,7 +196,7 @@ def setup(config: RunConfig, tconfig, chunks: list, make_stream, plan: ResumePla
         config.global_batch_size // (config.micro_batch_size * dp_size),
         make_stream=make_stream,
         run_id=plan.run_id or uuid.uuid4().hex,
-        step_flops=(vision_language.vl_step_flops if config.preset == "tiny-vl" else ordmoe_run_step_flops)(
+        step_flops=(tiny_vl.vl_step_flops if config.preset == "tiny-vl" else ordmoe_run_step_flops)(
             tconfig,
             vocab_size,
             config.global_batch_size,

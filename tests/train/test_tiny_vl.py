@@ -9,8 +9,8 @@ import torch
 
 from ordmoe_megatron.data import vision
 from ordmoe_megatron.errors import OrdMoEError
+from ordmoe_megatron.mcore.tiny_vl import VISION, encoder_step_flops, image_embeddings, vl_model, vl_step_flops
 from ordmoe_megatron.train import build, checks, cli
-from ordmoe_megatron.train.vision_language import VISION, encoder_step_flops, image_embeddings, vl_model, vl_step_flops
 from tests.support import read_metrics, run_pretrain
 
 SMALL = [
@@ -27,7 +27,7 @@ def _config(tmp_path, *args):
 def _model_and_batch(tmp_path, *args, seed=11):
     config, sources = build.prepare_data(_config(tmp_path, *args))
     torch.manual_seed(seed)
-    model = vl_model(config, build.transformer_config(config))
+    model = vl_model(config.model_flags, build.transformer_config(config), config.ordmoe)
     batch = next(build.stream_factory(config, sources)("train", 0))
     return model, batch
 
