@@ -71,7 +71,8 @@ def run_pretrain(*args, check=True, env=None):
 def check_pretrain(*args, **env) -> subprocess.CompletedProcess:
     """``ordmoe-pretrain``'s dry run or refusal, in this process (a subprocess would spend most
     of its time importing torch and megatron-core), as ``run_pretrain`` would return it. Its
-    checks must settle it: a run that gets past them to training fails the test."""
+    checks must settle it: a run that gets past them to training fails the test. Unlike
+    ``run_pretrain`` it sees this process's devices (the checks build nothing on them)."""
     import contextlib
     import io
     from unittest import mock

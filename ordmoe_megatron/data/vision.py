@@ -256,6 +256,24 @@ def vl_micro_batches(
         yield batch
 
 
+def held_out_captions(
+    data: "TinyVLData", seq_length: int, micro_batch_size: int, seed: int, start: int = 0
+) -> Iterator[dict]:
+    """The held-out stream of a run with ``seed``, from micro-batch ``start``: the held-out images'
+    captions (the trainer's evaluation and the tier report's)."""
+    return vl_micro_batches(
+        data.images["valid"],
+        data.captions["valid"],
+        data.questions["valid"],
+        seq_length,
+        micro_batch_size,
+        seed + 1,
+        None,
+        start,
+        pad_id=data.tokenizer.pad,
+    )
+
+
 @dataclasses.dataclass
 class TinyVLData:
     tokenizer: WordTokenizer

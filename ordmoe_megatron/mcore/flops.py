@@ -4,7 +4,8 @@ The paths share nothing but weights: every path is a full forward and backward o
 and of the output layer, except the leading layers the model runs once for all paths (the lazy
 fan-out, ``OrdMoEConfig.shared_prefix_layers``) and the multi-token-prediction block, which
 runs on path 1 only. Sub-sampled lower paths run on a share ``m / b`` of the sequences. The path
-schedule (fused or sequential) does not change the count.
+schedule (fused or sequential) does not change a GPT model's count (a vision-language model's
+encoder runs once per path in the sequential schedule: ``mcore.tiny_vl.vl_step_flops``).
 
 ``gpt_step_flops`` counts a GPT step's matrix multiplications from a ``TransformerConfig`` with
 the terms of Megatron-LM's ``num_floating_point_operations`` (which lives in Megatron-LM, not in

@@ -77,8 +77,9 @@ def _projection_config(vit: TransformerConfig, tconfig) -> TransformerConfig:
 
 
 def encoder_step_flops(tconfig, sequences: int) -> float:
-    """Training FLOPs of the ViT and the projector on ``sequences`` images, with the terms
-    ``mcore.flops`` counts a GPT layer with; they run once for all tier paths."""
+    """Training FLOPs of the ViT and the projector on ``sequences`` images, one pass, with the
+    terms ``mcore.flops`` counts a GPT layer with (its causal score term, so the ViT's
+    bidirectional scores count half; the patch embedding is left out: small at this size)."""
     vit = _vit_config(tconfig)
     patches = image_embeddings()
     encoder = gpt_step_flops(vit, 0, sequences, patches + 1, output_layer=False)  # + the class token

@@ -75,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--max-sequences", type=int, default=256, help="Evaluate at most this many sequences (windows).")
     run.add_argument("--micro-batch-size", type=int, default=4, help="Sequences per forward (times C paths).")
-    run.add_argument("--seed", type=int, default=1234, help="GPTDataset shuffle and the random grouping's draws.")
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="GPTDataset shuffle and the random grouping's draws (a vision-language checkpoint's scenes "
+        "come from its run's seed).",
+    )
     add_ordmoe_args(parser, tier_flags_only=True)
     out = parser.add_argument_group("outputs")
     out.add_argument("--out-json", default=None, help="Write the report as JSON here.")

@@ -13,7 +13,8 @@ DEFAULT_MAX_SEQ_LENGTH = 1024
 
 @dataclasses.dataclass(frozen=True)
 class ReportConfig:
-    """What the report evaluates: the checkpoint, exactly one data source, the tier paths."""
+    """What the report evaluates: the checkpoint, exactly one data source (none for a
+    vision-language checkpoint: its run's held-out scenes), the tier paths."""
 
     load: str
     ordmoe: OrdMoEConfig
@@ -39,10 +40,11 @@ def check_sources(config: ReportConfig, vision_language: bool = False) -> None:
     """Flag combinations (cheap, before anything is read); a vision-language checkpoint takes no
     data source (its held-out scenes are drawn from its run's seed)."""
     sources = given_sources(config)
-    if vision_language and sources:
+    if vision_language and (sources or config.tokenizer_model):
+        flag = sources[0] if sources else "tokenizer_model"
         raise OrdMoEError(
             f"--load {config.load}: a vision-language checkpoint (--preset tiny-vl) is evaluated on its run's own "
-            f"held-out scenes; drop --{sources[0].replace('_', '-')}"
+            f"held-out scenes; drop --{flag.replace('_', '-')}"
         )
     if not vision_language and len(sources) != 1:
         raise OrdMoEError(

@@ -37,7 +37,7 @@ from ordmoe_megatron.mcore.metrics import pop_tier_load_by_layer, tier_routers
 from ordmoe_megatron.mcore.model import OrdMoEGPTModel
 from ordmoe_megatron.mcore.multimodal import language_model_of
 from ordmoe_megatron.method import OrdMoEConfig, format_tiers, sequence_logprobs, tier_order_correct
-from ordmoe_megatron.report.config import DEFAULT_MAX_SEQ_LENGTH, ReportConfig, check_sources, given_sources
+from ordmoe_megatron.report.config import DEFAULT_MAX_SEQ_LENGTH, ReportConfig, check_sources
 from ordmoe_megatron.runtime import bridges, distributed
 from ordmoe_megatron.runtime.checkpointing import (
     CheckpointInfo,
@@ -59,7 +59,8 @@ CONVENTION = (
     "token_mean_logprob pools all target tokens; token_perplexity = exp(-token_mean_logprob). "
     "tier_order_acc: fraction of sequences whose per-sequence log-likelihoods satisfy "
     "L1 > L2 > ... > LC (null for one path). expert_load.tokens_per_expert[path][expert]: real "
-    "tokens routed to the expert on that path (a token counts once per expert it uses)."
+    "tokens routed to the expert on that path (a token counts once per expert it uses); for a "
+    "vision-language checkpoint every language position, see data.load_counts."
 )
 
 
@@ -290,10 +291,8 @@ def _exp(x: float) -> float:
 def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Check everything, build and load the model, evaluate; the report as a dict."""
     start = time.perf_counter()
-    if given_sources(config):  # the data flags before the checkpoint is read; none: it may take none
-        check_sources(config)
     ordmoe = config.ordmoe
-    info = inspect(config.load, config.model_args)
+    info = inspect(config.load, config.model_args)  # cheap (no weights): it says which data to take
     vl = is_vision_language(info)
     check_sources(config, vision_language=vl)
     flags = info.flags
@@ -330,7 +329,7 @@ def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, fl
     tag = "release" if info.iteration is None else f"iteration {info.iteration}"
     log(
         f"tier report: {config.load} ({info.kind}, {tag}{', vision-language' if vl else ''}); "
-        f"{len(batches) * config.micro_batch_size if vl else len(samples)} sequences of at most {seq_length} "
+        f"{sum(len(b['tokens']) for b in batches) if vl else len(samples)} sequences of at most {seq_length} "
         f"{'text ' if vl else ''}targets; {ordmoe.describe(flags['num_experts'], flags['moe_router_topk'])}"
     )
     # Random grouping draws from the default generator: the same draws for the same seed.
@@ -380,19 +379,13 @@ def _held_out_scenes(config: ReportConfig, info: CheckpointInfo):
             f"length ({flags['seq_length']}); drop --seq-length"
         )
     scenes = vision.prepare_tiny_vl_data(seed)
-    captions = scenes.captions["valid"]
-    count = max(1, min(config.max_sequences, len(captions)) // config.micro_batch_size)
-    stream = vision.vl_micro_batches(
-        scenes.images["valid"],
-        captions,
-        scenes.questions["valid"],
-        flags["seq_length"],
-        config.micro_batch_size,
-        seed + 1,  # as the trainer's held-out stream (train.vision_language.vl_stream)
-        None,
-        pad_id=scenes.tokenizer.pad,
-    )
-    batches = [next(stream) for _ in range(count)]
+    rows = min(config.max_sequences, len(scenes.captions["valid"]))
+    stream = vision.held_out_captions(scenes, flags["seq_length"], config.micro_batch_size, seed)
+    batches = []
+    while rows > 0:  # the last micro-batch keeps only the rows left
+        batch = next(stream)
+        batches.append({k: v[:rows] for k, v in batch.items()})
+        rows -= config.micro_batch_size
     data = {
         "source": "tiny-vl held-out scenes",
         "seed": seed,

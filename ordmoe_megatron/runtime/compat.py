@@ -277,7 +277,8 @@ def sft_flattens_micro_batches() -> bool:
 
 
 def mimo_shards_sequence_parallel() -> bool:
-    """Whether megatron-core's ``MimoModel`` scatters the combined embeddings for sequence
-    parallelism itself (its partition adapter, from 0.19); before, it handed the language model
-    the whole sequence, so a MIMO model with ``sequence_parallel`` is refused there."""
-    return importlib.util.find_spec("megatron.core.models.mimo.partition") is not None
+    """Whether megatron-core's ``MimoModel`` scatters the combined embeddings along the sequence
+    for sequence parallelism itself (0.19 on). 0.16 hands the language model the whole sequence;
+    0.17 and 0.18 have the partition adapter but scatter the batch dimension (they transpose to
+    ``[b, s, h]`` first). A MIMO model with ``sequence_parallel`` is refused before 0.19."""
+    return VERSION >= (0, 19, 0)

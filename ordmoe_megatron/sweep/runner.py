@@ -49,8 +49,7 @@ class _CellProcesses:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, log: Callable[[str], None]):
-        self.log = log
+    def __init__(self):
         self.lock = threading.Lock()
         self.running: set[subprocess.Popen] = set()
         self.stopped = False
@@ -58,7 +57,11 @@ class _CellProcesses:
 
     def __enter__(self) -> "_CellProcesses":
         if threading.current_thread() is threading.main_thread():  # only there can Python take signals
-            self.previous = {signum: signal.signal(signum, self._stop) for signum in self.SIGNALS}
+            for signum in self.SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous in (signal.SIG_IGN, None):  # ignored (nohup), or a handler outside Python: left as is
+                    continue
+                self.previous[signum] = signal.signal(signum, self._stop)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -70,7 +73,9 @@ class _CellProcesses:
         with self.lock:
             if self.stopped:
                 return None
-            process = subprocess.Popen(command, **kwargs)
+            # Its own session: a Ctrl-C at the terminal reaches the cell once, from the sweep (a
+            # second signal would end its save at once).
+            process = subprocess.Popen(command, start_new_session=True, **kwargs)
             self.running.add(process)
             return process
 
@@ -84,13 +89,16 @@ class _CellProcesses:
         with self.lock:
             self.stopped = True
             running = list(self.running)
-        self.log(f"{signal.Signals(signum).name}: waiting for {len(running)} running cell(s) to save and end")
+        # os.write, not print: the signal may have landed inside a print of the main thread.
+        message = f"{signal.Signals(signum).name}: waiting for {len(running)} running cell(s) to save and end"
+        os.write(sys.stdout.fileno(), f" sweep | {message}\n".encode())
         for process in running:
             process.send_signal(signum)
         for process in running:
             process.wait()
         self.__exit__()
         signal.raise_signal(signum)  # now end as the signal would have
+        raise SystemExit(128 + signum)  # its restored handler returned
 
 
 def run_cells(config: SweepConfig, cells: list[Cell], log: Callable[[str], None]) -> dict[Cell, dict]:
@@ -107,7 +115,9 @@ def run_cells(config: SweepConfig, cells: list[Cell], log: Callable[[str], None]
     for slot in range(config.jobs):
         gpus.put(slot % config.gpus if config.gpus else None)
     started, durations = time.time(), []
-    with _CellProcesses(log) as processes, concurrent.futures.ThreadPoolExecutor(max_workers=config.jobs) as pool:
+    for cell in todo:  # a cell another sweep's run still holds: refused before any cell runs
+        _check_not_held(cell.directory(config.out), cell)
+    with _CellProcesses() as processes, concurrent.futures.ThreadPoolExecutor(max_workers=config.jobs) as pool:
         futures = {pool.submit(_run_cell, config, cell, gpus, processes): cell for cell in todo}
         for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
             cell = futures[future]
@@ -128,12 +138,18 @@ def run_cells(config: SweepConfig, cells: list[Cell], log: Callable[[str], None]
     return results
 
 
+def _check_not_held(where: str, cell: Cell) -> None:
+    """A cell whose run (of another sweep on the same --out) still holds its checkpoints is
+    refused, not cleared. A run that has not made its checkpoint directory yet is not seen."""
+    checkpoints = os.path.join(where, "checkpoints")
+    if os.path.isdir(checkpoints):
+        RunLock(checkpoints, f"cell {cell.key}: --save").release()
+
+
 def _run_cell(config: SweepConfig, cell: Cell, gpus: "queue.Queue", processes: _CellProcesses) -> dict:
     where = cell.directory(config.out)
     if os.path.isdir(where):
-        checkpoints = os.path.join(where, "checkpoints")
-        if os.path.isdir(checkpoints):  # a run another sweep left running still holds it: refused, not cleared
-            RunLock(checkpoints, f"cell {cell.key}: --save").release()
+        _check_not_held(where, cell)
         shutil.rmtree(where)  # an unfinished cell starts over
     os.makedirs(where)
     gpu = gpus.get()

@@ -20,16 +20,17 @@ def caption_micro_batches(config) -> int:
 
 def vl_stream(config, data: vision.TinyVLData, split: str, start: int):
     """The preset's micro-batches: training as ``vl_micro_batches`` switches at
-    ``caption_micro_batches``; held-out: the held-out captions."""
-    train = split == "train"
+    ``caption_micro_batches``; held-out: ``vision.held_out_captions``."""
+    if split != "train":
+        return vision.held_out_captions(data, config.seq_length, config.micro_batch_size, config.seed, start)
     return vision.vl_micro_batches(
         data.images[split],
         data.captions[split],
         data.questions[split],
         config.seq_length,
         config.micro_batch_size,
-        config.seed + (0 if train else 1),
-        caption_micro_batches(config) if train else None,
+        config.seed,
+        caption_micro_batches(config),
         start,
         pad_id=data.tokenizer.pad,
     )

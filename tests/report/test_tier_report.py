@@ -293,6 +293,7 @@ def _corrupt_tracker(path):
     "case,message",
     [
         ("missing checkpoint", "no such checkpoint directory"),
+        ("no data source", "give exactly one evaluation data source"),
         ("truncated checkpoint", "truncated checkpoint file"),
         ("corrupt tracker", "is corrupt"),
         ("missing token file", "no such file"),
@@ -310,6 +311,8 @@ def test_bad_inputs_fail_clearly_before_work(work, case, message, monkeypatch, c
     load, data = work["mcore"], ["--token-ids", work["ids"]]
     if case == "missing checkpoint":
         load = str(root / "nowhere")
+    elif case == "no data source":
+        data = []
     elif case in ("truncated checkpoint", "corrupt tracker"):
         load = str(root / "mcore")
         shutil.copytree(work["mcore"], load)

@@ -272,35 +272,42 @@ def test_a_cell_still_held_by_a_run_is_refused_not_cleared(tmp_path):
     held = RunLock(checkpoints, "--save")  # as the cell's ordmoe-pretrain of another sweep would
     try:
         with pytest.raises(OrdMoEError, match=f"cell {cell.key}: --save .* is in use by another run"):
-            runner._run_cell(config, cell, None, None)
+            runner.run_cells(config, plan.first_cells(config), print)  # before any cell runs
         assert os.path.isdir(checkpoints)
+        assert not any(os.path.exists(c.directory(config.out)) for c in plan.first_cells(config) if c != cell)
     finally:
         held.release()
 
 
 def test_a_stop_signal_reaches_the_running_cells_and_the_sweep_waits_for_them(tmp_path):
-    # A sweep's cell process stands in: it takes a while to end after SIGTERM, as a saving run does.
+    # A sweep's cell process stands in: it takes a while to end after SIGTERM, as a saving run does,
+    # and a second SIGTERM ends it at once, unsaved (as ordmoe-pretrain's does).
     child = (
-        "import signal, sys, time\n"
-        "def stop(signum, frame):\n    time.sleep(1.0)\n    open(sys.argv[1], 'w').write('saved')\n    sys.exit(0)\n"
+        "import os, signal, sys, time\n"
+        "def stop(signum, frame):\n    signal.signal(signal.SIGTERM, lambda *a: os._exit(3))\n"
+        "    time.sleep(1.0)\n    open(sys.argv[1], 'w').write('saved')\n    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, stop)\nopen(sys.argv[2], 'w').close()\ntime.sleep(60)\n"
     )
     sweep = (  # as run_cells does: the cell waited for in a worker thread, the main thread takes the signal
         "import subprocess, sys, threading, time\n"
         "from ordmoe_megatron.sweep.runner import _CellProcesses\n"
-        "with _CellProcesses(print) as processes:\n"
+        "with _CellProcesses() as processes:\n"
         f"    p = processes.start([sys.executable, '-c', {child!r}, sys.argv[1], sys.argv[2]])\n"
         "    threading.Thread(target=processes.wait, args=(p,), daemon=True).start()\n"
         "    time.sleep(60)\n"
     )
     saved, ready = tmp_path / "saved", tmp_path / "ready"
     proc = subprocess.Popen(
-        [sys.executable, "-c", sweep, str(saved), str(ready)], stdout=subprocess.PIPE, text=True, env=cpu_env()
+        [sys.executable, "-c", sweep, str(saved), str(ready)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cpu_env(),
+        start_new_session=True,
     )
     deadline = time.time() + 120
     while not ready.exists() and time.time() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # to the sweep's process group, as a terminal or a scheduler does
     stdout = proc.communicate(timeout=60)[0]
     assert proc.returncode == -signal.SIGTERM  # it ends the way the signal ends it
     assert saved.read_text() == "saved"  # but only after its cell had saved
