@@ -133,6 +133,20 @@ def vl_model(model_flags: dict, tconfig, ordmoe: Optional[OrdMoEConfig]) -> LLaV
     return model
 
 
+def vl_forward(model, batch: dict):
+    """One micro-batch of the preset through ``model``: the per-token loss of every path and the
+    loss mask over the combined (image and text) positions, as ``LLaVAModel`` returns them. It
+    gives its language model no padding mask: the routers count every position in the load."""
+    return model(
+        batch["images"],
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+
+
 @torch.no_grad()
 def answer_accuracy(model, data: vision.TinyVLData, batch: int = 64, path: int = 0) -> dict:
     """Per question kind (count, colour, shape), the share of held-out questions whose answer

@@ -190,19 +190,6 @@ def gpt_forward(model, batch: dict):
     return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], padding_mask=mask == 0), mask
 
 
-def vision_language_forward(model, batch: dict):
-    """``gpt_forward`` for the tiny-vl LLaVA model, over its combined (image and text) positions.
-    LLaVAModel passes the language model no padding mask: the load counts every position."""
-    return model(
-        batch["images"],
-        batch["tokens"],
-        batch["position_ids"],
-        None,
-        labels=batch["labels"],
-        loss_mask=batch["loss_mask"],
-    )
-
-
 @torch.no_grad()
 def evaluate_tiers(model, batches: Iterable[dict], forward: Callable = gpt_forward) -> dict:
     """Run every micro-batch through all of ``model``'s paths (in eval mode, one process); return
@@ -334,7 +321,7 @@ def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, fl
     )
     # Random grouping draws from the default generator: the same draws for the same seed.
     torch.manual_seed(config.seed)
-    sums = evaluate_tiers(model, batches, vision_language_forward if vl else gpt_forward)
+    sums = evaluate_tiers(model, batches, tiny_vl.vl_forward if vl else gpt_forward)
     report = {
         "checkpoint": {
             "load": os.path.abspath(config.load),

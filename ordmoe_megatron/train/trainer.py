@@ -108,14 +108,7 @@ def forward_step(data_iterator, model):
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
         )
     if "images" in batch:  # --preset tiny-vl: LLaVAModel returns the mask over its combined positions
-        output, loss_mask = model(
-            batch["images"],
-            batch["tokens"],
-            batch["position_ids"],
-            None,
-            labels=batch["labels"],
-            loss_mask=batch["loss_mask"],
-        )
+        output, loss_mask = tiny_vl.vl_forward(model, batch)
         return output, functools.partial(lm_loss, loss_mask)
     # The loss mask goes in as Megatron-LM's pretrain_gpt passes it: the MTP loss is masked by it.
     output = model(

@@ -11,7 +11,7 @@ import torch
 from ordmoe_megatron.data import vision
 from ordmoe_megatron.errors import OrdMoEError
 from ordmoe_megatron.mcore.router import TierRouter
-from ordmoe_megatron.mcore.tiny_vl import image_embeddings, vl_model
+from ordmoe_megatron.mcore.tiny_vl import image_embeddings, vl_forward, vl_model
 from ordmoe_megatron.method import OrdMoEConfig
 from ordmoe_megatron.report import cli as report_cli
 from ordmoe_megatron.report import report
@@ -68,7 +68,7 @@ def test_the_report_reads_a_vision_language_checkpoint(checkpoint, tmp_path):
     per_sequence = []
     with torch.no_grad():
         for b in batches:
-            nll, mask = report.vision_language_forward(plain, b)
+            nll, mask = vl_forward(plain, b)
             per_sequence += (-(nll * mask).sum(1) / mask.sum(1)).tolist()
     assert got["paths"][0]["mean_logprob"] == pytest.approx(sum(per_sequence) / len(per_sequence), abs=1e-5)
     assert got["paths"][2]["mean_logprob"] != pytest.approx(got["paths"][0]["mean_logprob"], abs=1e-6)
