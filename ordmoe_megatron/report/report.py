@@ -156,11 +156,15 @@ def report_config(flags: dict, ordmoe: OrdMoEConfig):
     return config
 
 
-def build_report_model(flags: dict, config, ordmoe: OrdMoEConfig) -> OrdMoEGPTModel:
-    """``OrdMoEGPTModel`` for the checkpoint's flags, in eval mode, weights not loaded yet."""
-    model = gpt_model_from_flags(
-        flags, config, model_class=OrdMoEGPTModel, ordmoe=ordmoe, pre_process=True, post_process=True
-    )
+def build_report_model(flags: dict, config, ordmoe: OrdMoEConfig, vision_language: bool = False):
+    """``OrdMoEGPTModel`` for the checkpoint's flags (the tiny-vl LLaVA model holding one, for a
+    vision-language checkpoint), in eval mode, weights not loaded yet."""
+    if vision_language:
+        model = tiny_vl.vl_model(flags, config, ordmoe)
+    else:
+        model = gpt_model_from_flags(
+            flags, config, model_class=OrdMoEGPTModel, ordmoe=ordmoe, pre_process=True, post_process=True
+        )
     return model.to(distributed.device()).eval()
 
 
@@ -308,10 +312,7 @@ def make_report(config: ReportConfig, log=lambda s: print(s, file=sys.stderr, fl
         )
         batches = micro_batches(samples, config.micro_batch_size)
     distributed.init_single_process(config.seed)
-    if vl:
-        model = tiny_vl.vl_model(flags, tconfig, ordmoe).to(distributed.device()).eval()
-    else:
-        model = build_report_model(flags, tconfig, ordmoe)
+    model = build_report_model(flags, tconfig, ordmoe, vision_language=vl)
     load_weights(model, info)
     tag = "release" if info.iteration is None else f"iteration {info.iteration}"
     log(
