@@ -256,11 +256,17 @@ def test_the_scope_grid_takes_the_depth_of_the_settings_preset():
 
     for setting, scopes in (
         ("pretrain", ["1-2", "3-4", "2,4"]),
-        ("sft", ["1-1", "2-2", "2"]),
-        ("vl", ["1-1", "2-2", "2"]),
+        ("sft", ["1-1", "2-2"]),  # "even" would be "deep" again: one cell, not two
+        ("vl", ["1-1", "2-2"]),
     ):
         grid = cli._grid(cli.build_parser().parse_args(["--grid", "scope", "--setting", setting]))
         assert [s.flags[1] for s in grid.settings if s.flags] == scopes
+
+
+def test_the_scope_grid_names_each_set_of_layers_once():
+    assert [s.name for s in ready_grids(num_layers=1)["scope"].settings] == ["scope all"]
+    assert [s.flags[1] for s in ready_grids(num_layers=3)["scope"].settings if s.flags] == ["1-1", "2-3", "2"]
+    assert [s.flags[1] for s in ready_grids(num_layers=6)["scope"].settings if s.flags] == ["1-3", "4-6", "2,4,6"]
 
 
 def test_a_cell_still_held_by_a_run_is_refused_not_cleared(tmp_path):
