@@ -108,12 +108,12 @@ def _grid(args) -> Grid:
 
 def _num_layers(run_flags: Sequence[str], preset: str) -> int:
     """``--num-layers`` as ordmoe-pretrain reads it (``--num-layers 8`` and ``--num-layers=8``
-    alike), else that of the setting's preset (``tiny`` has 4 layers, ``tiny-sft`` and
-    ``tiny-vl`` 2)."""
+    alike), else that of the ``--preset`` after ``--``, else of the setting's preset (``tiny`` has
+    4 layers, ``tiny-sft`` and ``tiny-vl`` 2)."""
     parser = train_cli.build_parser()
     parser.set_defaults(num_layers=None)
-    given = parser.parse_known_args(list(run_flags))[0].num_layers
-    return given if given is not None else train_cli.PRESETS[preset]["num_layers"]
+    given = parser.parse_known_args(list(run_flags))[0]
+    return given.num_layers if given.num_layers is not None else train_cli.PRESETS[given.preset or preset]["num_layers"]
 
 
 def sweep_config_from_args(args) -> SweepConfig:

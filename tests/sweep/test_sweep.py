@@ -261,6 +261,9 @@ def test_the_scope_grid_takes_the_depth_of_the_settings_preset():
     ):
         grid = cli._grid(cli.build_parser().parse_args(["--grid", "scope", "--setting", setting]))
         assert [s.flags[1] for s in grid.settings if s.flags] == scopes
+    # A --preset after '--' is the cells' model: tiny-vl's 2 layers, not the setting's tiny's 4.
+    grid = cli._grid(cli.build_parser().parse_args(["--grid", "scope", "--", "--preset", "tiny-vl"]))
+    assert [s.flags[1] for s in grid.settings if s.flags] == ["1-1", "2-2"]
 
 
 def test_the_scope_grid_names_each_set_of_layers_once():
