@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import statistics
+from typing import Optional
 
 import matplotlib
 
@@ -180,22 +181,35 @@ def write(summary: dict, out: str) -> list[str]:
     return list(paths.values())
 
 
+def task_metric(rows: list) -> Optional[str]:
+    """The score of the task the rows were trained for: held-out answer accuracy (vl), else
+    exact match (a preset with exact-answer tasks), else None."""
+    for key in ("answer_accuracy", "exact_match"):
+        if any(r.get(key, {}).get("mean") is not None for r in rows):
+            return key
+    return None
+
+
 def plot(summary: dict, path: str) -> None:
     """Per setting: path-1 perplexity (mean ± std, each seed a dot), the paired ratio to the
-    same-steps baseline, and tier-ordering accuracy."""
+    same-steps baseline, tier-ordering accuracy, and the task score where the cells have one
+    (held-out answer accuracy, else exact match: what a reader of a vl or sft sweep looks for)."""
     rows = [r for r in summary["rows"] if r["path1_ppl"]["mean"] is not None]
-    fig, (ax, paired, acc) = plt.subplots(
-        1, 3, figsize=(15, 0.5 * len(rows) + 2), gridspec_kw={"width_ratios": [3, 2, 1]}
+    task = task_metric(rows)
+    ratios = [3, 2, 1] + ([1.5] if task else [])
+    fig, axes = plt.subplots(
+        1, len(ratios), figsize=(15 + (3 if task else 0), 0.5 * len(rows) + 2), gridspec_kw={"width_ratios": ratios}
     )
+    ax, paired, acc = axes[:3]
     y = list(range(len(rows)))
     colors = ["#888888" if r["setting"].startswith("baseline") else "#3b75af" for r in rows]
-    for axis, key in ((ax, "path1_ppl"), (paired, PAIRED[0])):
+    for axis, key in ((ax, "path1_ppl"), (paired, PAIRED[0])) + (((axes[3], task),) if task else ()):
         means = [r[key]["mean"] if r[key]["mean"] is not None else 0 for r in rows]
         axis.barh(y, means, xerr=[r[key]["std"] or 0 for r in rows], color=colors, alpha=0.7, capsize=3)
         for i, r in enumerate(rows):
             axis.plot(r[key]["values"], [i] * len(r[key]["values"]), "k.", ms=5)
         values = [v for r in rows for v in r[key]["values"]]
-        if values:
+        if values and key != task:
             axis.set_xlim(left=0.8 * min(values))  # the differences, not the distance from zero
         axis.invert_yaxis()
     ax.set_yticks(
@@ -211,6 +225,10 @@ def plot(summary: dict, path: str) -> None:
     acc.invert_yaxis()
     acc.set_xlim(0, 1)
     acc.set_xlabel("tier order acc")
+    if task:
+        axes[3].set_yticks(y, [""] * len(rows))
+        axes[3].set_xlim(0, 1.05)
+        axes[3].set_xlabel(f"path-1 {'answer acc' if task == 'answer_accuracy' else 'exact match'} (higher is better)")
     fig.suptitle(f"{summary['title']} ({summary['setting']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")

@@ -154,6 +154,12 @@ def test_summary_means_standard_deviations_and_compute(tmp_path):
     assert len(open(os.path.join(tmp_path, "results.csv")).readlines()) == 1 + 6
 
 
+def _png_width(path) -> int:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big")
+
+
 def _sweep(out, *extra, wait=True):
     cmd = [sys.executable, "-m", "ordmoe_megatron.sweep", "--out", str(out), "--jobs", "1", *extra]
     if not wait:
@@ -386,6 +392,14 @@ def test_the_vl_setting_runs_tiny_vl_cells_and_reports_answer_accuracy(tmp_path)
     assert baseline["answer_accuracy"]["values"] == pytest.approx([0.6, 0.7])
     table = results.markdown(summary)
     assert "answer acc per seed" in table and "0.600 / 0.700" in table
+    # The plot gets a fourth panel for the task score: answer accuracy here, none without one.
+    assert results.task_metric(summary["rows"]) == "answer_accuracy"
+    with_task, without_task = tmp_path / "with.png", tmp_path / "without.png"
+    results.plot(summary, str(with_task))
+    bare = {**summary, "rows": [{k: v for k, v in r.items() if k != "answer_accuracy"} for r in summary["rows"]]}
+    assert results.task_metric(bare["rows"]) is None
+    results.plot(bare, str(without_task))
+    assert _png_width(with_task) > _png_width(without_task)
     # Without answer accuracy (every other setting) the column is not there: recorded tables stay.
     for r in done.values():
         del r["answer_accuracy"]
