@@ -40,13 +40,13 @@ def _scope_grid(num_layers: int) -> tuple:
     """All layers, the shallow half, the deep half, the even layers; a scope that names no layer
     or the same layers as one before it is left out (at 2 layers "even" is "deep")."""
     half = max(num_layers // 2, 1)
+    even = range(2, num_layers + 1, 2)
     candidates = (
         ("scope all", None, range(1, num_layers + 1)),
         (f"scope shallow (1-{half})", f"1-{half}", range(1, half + 1)),
         (f"scope deep ({half + 1}-{num_layers})", f"{half + 1}-{num_layers}", range(half + 1, num_layers + 1)),
+        (f"scope even ({','.join(map(str, even))})", ",".join(map(str, even)), even),
     )
-    even = range(2, num_layers + 1, 2)
-    candidates += ((f"scope even ({','.join(map(str, even))})", ",".join(map(str, even)), even),)
     settings, seen = [], []
     for name, scope, layers in candidates:
         if not layers or set(layers) in seen:
