@@ -228,7 +228,8 @@ def plot(summary: dict, path: str) -> None:
     if task:
         axes[3].set_yticks(y, [""] * len(rows))
         axes[3].set_xlim(0, 1.05)
-        axes[3].set_xlabel(f"path-1 {'answer acc' if task == 'answer_accuracy' else 'exact match'} (higher is better)")
+        title = next(title for key, title, *_ in METRICS if key == task)
+        axes[3].set_xlabel(f"path-1 {title} (higher is better)")
     fig.suptitle(f"{summary['title']} ({summary['setting']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
